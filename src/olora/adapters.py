@@ -1,0 +1,124 @@
+"""PEFT glue for OLoRA and LoRA adapters: build, initialise, save, reload for training, export.
+
+OLoRA (Büyükakyüz 2024): for a target weight W (out x in) with W = QR, B0 = Q[:, :r], A0 = R[:r, :]
+and the frozen base becomes W - s*B0*A0 (s = alpha / r), so the model is unchanged at step 0.
+
+Only adapters are versioned, never base weights. The initial adapter (A0, B0) is saved with
+`init_lora_weights=True` so that loading it never re-runs the decomposition; the residual base is
+rebuilt from the untouched base by subtracting each layer's s*B0*A0 (`load_for_training`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from olora.config import AdapterConfig
+from olora.errors import OloraError
+
+INIT_META = "olora_init.json"
+
+
+def lora_config(cfg: AdapterConfig, init_lora_weights):
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        init_lora_weights=init_lora_weights,
+        task_type=TaskType.CAUSAL_LM,
+        bias="none",
+    )
+
+
+def lora_layers(model) -> dict[str, torch.nn.Module]:
+    """Qualified name -> PEFT LoRA layer, for every adapted layer of the model."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+
+
+def initialise(base, cfg: AdapterConfig):
+    """Wrap `base` with LoRA adapters initialised by OLoRA (base mutated in place) or PEFT's LoRA init."""
+    from peft import get_peft_model
+
+    torch.manual_seed(cfg.seed)
+    init = "olora" if cfg.init == "olora" else True
+    return get_peft_model(base, lora_config(cfg, init))
+
+
+def orthonormality_errors(model, adapter: str = "default") -> dict[str, float]:
+    """Per layer max |B^T B - I| (float64): zero up to rounding for an OLoRA init."""
+    out = {}
+    for name, layer in lora_layers(model).items():
+        b = layer.lora_B[adapter].weight.detach().to(torch.float64)
+        eye = torch.eye(b.shape[1], dtype=torch.float64, device=b.device)
+        out[name] = float((b.T @ b - eye).abs().max())
+    return out
+
+
+def save_initial(model, out_dir: Path) -> None:
+    """Save the initial adapter (A0, B0) so that loading it does not initialise anything again."""
+    cfg = model.peft_config["default"]
+    original = cfg.init_lora_weights
+    cfg.init_lora_weights = True
+    try:
+        model.save_pretrained(str(out_dir))
+    finally:
+        cfg.init_lora_weights = original
+
+
+def apply_residual(model, adapter: str = "default") -> None:
+    """Turn each adapted base weight W into W - s*B0*A0 using the adapter's current (initial) weights."""
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            base = layer.get_base_layer()
+            delta = layer.get_delta_weight(adapter)  # s * B @ A, transposed for fan_in_fan_out layers
+            base.weight.data = (base.weight.data.to(torch.float32) - delta.to(torch.float32)).to(base.weight.dtype)
+
+
+def load_for_training(base, init_dir: Path, init: str):
+    """Base + initial adapter as a trainable PeftModel; for OLoRA the base becomes the residual."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, str(init_dir), is_trainable=True)
+    if init == "olora":
+        apply_residual(model)
+    return model
+
+
+def export_plain_lora(model, out_dir: Path, init_dir: Path, init: str) -> None:
+    """Save the trained adapter as a plain LoRA that loads on an untouched base.
+
+    For OLoRA this is PEFT's conversion (rank 2r, alpha doubled): dW = s*(B*A - B0*A0). PEFT
+    rewrites the initial adapter's config in place, so it works on a temporary copy, leaving the
+    versioned initial adapter untouched.
+    """
+    if init != "olora":
+        model.save_pretrained(str(out_dir))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "initial"
+        shutil.copytree(init_dir, copy)
+        model.save_pretrained(str(out_dir), path_initial_model_for_weight_conversion=str(copy))
+
+
+def check_adapter_dir(path: Path) -> None:
+    """Refuse an adapter folder with missing or unreadable files before anything loads it."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    config, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not config.is_file() or not weights.is_file():
+        raise OloraError(f"{path} is not a PEFT adapter folder (needs adapter_config.json and adapter_model.safetensors)")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            for key in handle.keys():
+                handle.get_slice(key)
+    except Exception as exc:
+        raise OloraError(f"{weights} is unreadable or truncated: {exc}") from exc

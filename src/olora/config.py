@@ -1,0 +1,323 @@
+"""The one typed configuration of the pipeline; `params.yaml` is its serialised form.
+
+One dataclass per stage block. Every setting is declared once here, with its type, default and a
+docstring-like comment; `load_config` parses YAML into these types and rejects unknown keys, wrong
+types and out-of-range values with a message that names the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from olora.errors import ConfigError
+
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PAPER_TASKS = ["arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande"]
+
+
+@dataclass
+class ModelConfig:
+    name: str = "embedded:SmolLM2-135M-Instruct"
+    """Base model: `embedded:<name>` (shipped in a PyPI package), a local folder, or a hub id."""
+    revision: str = "main"
+    """Hub revision (branch, tag or commit) of the base; ignored for embedded and local models."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N | mps. auto picks CUDA when present, else CPU."""
+    dtype: str = "auto"
+    """auto | float32 | bfloat16 | float16. auto is bf16 on CUDA with bf16 support, else fp32."""
+    num_threads: int = 0
+    """CPU threads for torch; 0 leaves torch's default."""
+
+    def validate(self) -> None:
+        _choice("model.device", self.device.split(":")[0], ["auto", "cpu", "cuda", "mps"])
+        _choice("model.dtype", self.dtype, ["auto", "float32", "bfloat16", "float16"])
+        _at_least("model.num_threads", self.num_threads, 0)
+        if not self.name.strip():
+            raise ConfigError("model.name is empty; use e.g. 'embedded:SmolLM2-135M-Instruct' or a hub id")
+
+
+@dataclass
+class DataConfig:
+    source: str = "embedded"
+    """embedded | a local .jsonl/.json/.csv/.parquet file | a hub data set id."""
+    embedded_sets: list[str] = field(default_factory=lambda: ["commonsense_qa", "social_i_qa", "trivia_qa"])
+    """For source=embedded: packaged question/answer sets (none of them an evaluation benchmark)."""
+    hub_subset: str | None = None
+    """For a hub id: the configuration name (`name=` of datasets.load_dataset)."""
+    split: str = "train"
+    """For a hub id or a file: which split to read."""
+    instruction_field: str = "instruction"
+    input_field: str | None = "input"
+    """Optional context field; rows without it (or empty) render without the Input section."""
+    output_field: str = "output"
+    template: str = "alpaca"
+    """alpaca (instruction / input / response) | chat (the tokenizer's chat template)."""
+    max_examples: int = 0
+    """Keep at most this many examples after cleaning (0 = all)."""
+    max_seq_length: int = 256
+    """Token budget of prompt + response; longer responses are truncated, longer prompts dropped."""
+    validation_fraction: float = 0.05
+    invalid_rows: str = "error"
+    """error: stop at rows lacking required fields (naming them) | drop: drop and count them."""
+    seed: int = 42
+
+    def validate(self) -> None:
+        _choice("data.template", self.template, ["alpaca", "chat"])
+        _choice("data.invalid_rows", self.invalid_rows, ["error", "drop"])
+        _at_least("data.max_examples", self.max_examples, 0)
+        _at_least("data.max_seq_length", self.max_seq_length, 8)
+        _open_interval("data.validation_fraction", self.validation_fraction, 0.0, 1.0)
+        if self.source == "embedded" and not self.embedded_sets:
+            raise ConfigError("data.embedded_sets is empty; choose from commonsense_qa, social_i_qa, trivia_qa")
+
+
+@dataclass
+class AdapterConfig:
+    init: str = "olora"
+    """olora (orthonormal init from W = QR) | lora (PEFT's standard init: the paper's baseline)."""
+    r: int = 8
+    alpha: float = 16.0
+    """lora_alpha; the scale is s = alpha / r."""
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    """Names (suffixes) of the linear layers that get adapters."""
+    seed: int = 0
+    """Seed for the random parts of the init (LoRA's A; OLoRA is deterministic)."""
+
+    def validate(self) -> None:
+        _choice("adapter.init", self.init, ["olora", "lora"])
+        _at_least("adapter.r", self.r, 1)
+        _positive("adapter.alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"adapter.dropout={self.dropout!r} is out of range; allowed: 0 <= dropout < 1")
+        if not self.target_modules:
+            raise ConfigError("adapter.target_modules is empty; list linear layer names such as q_proj, v_proj")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 42
+    max_steps: int = 40
+    """Optimizer steps; 0 means train for `epochs` epochs instead."""
+    epochs: float = 1.0
+    micro_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 3e-4
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    eval_steps: int = 20
+    """Validation loss every N steps."""
+    max_eval_examples: int = 64
+    """Cap on validation examples scored at each evaluation (0 = all)."""
+    save_steps: int = 20
+    """Checkpoint every N steps; an interrupted run resumes from the last one."""
+    logging_steps: int = 1
+
+    def validate(self) -> None:
+        _at_least("train.max_steps", self.max_steps, 0)
+        if self.max_steps == 0:
+            _positive("train.epochs", self.epochs)
+        _at_least("train.micro_batch_size", self.micro_batch_size, 1)
+        _at_least("train.gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
+        _positive("train.learning_rate", self.learning_rate)
+        _choice(
+            "train.lr_scheduler",
+            self.lr_scheduler,
+            ["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"],
+        )
+        _at_least("train.warmup_steps", self.warmup_steps, 0)
+        _at_least("train.weight_decay", self.weight_decay, 0.0)
+        _positive("train.max_grad_norm", self.max_grad_norm)
+        _at_least("train.eval_steps", self.eval_steps, 1)
+        _at_least("train.max_eval_examples", self.max_eval_examples, 0)
+        _at_least("train.save_steps", self.save_steps, 1)
+        _at_least("train.logging_steps", self.logging_steps, 1)
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: list(PAPER_TASKS))
+    source: str = "offline"
+    """offline: packaged validation splits with lm-eval's stock prompts | hub: lm-eval's stock tasks."""
+    limit: int = 20
+    """Rows per task (0 = all)."""
+    num_fewshot: int = 0
+    batch_size: int = 16
+    seed: int = 1234
+
+    def validate(self) -> None:
+        _choice("eval.source", self.source, ["offline", "hub"])
+        _at_least("eval.limit", self.limit, 0)
+        _at_least("eval.num_fewshot", self.num_fewshot, 0)
+        _at_least("eval.batch_size", self.batch_size, 1)
+        if not self.tasks:
+            raise ConfigError("eval.tasks is empty; the paper's tasks are " + ", ".join(PAPER_TASKS))
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values (for logging and fingerprints)."""
+        out: dict[str, Any] = {}
+        for block, values in self.to_dict().items():
+            for key, value in values.items():
+                out[f"{block}.{key}"] = value
+        return out
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _choice(key: str, value: Any, allowed: list[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{key}={value!r} is out of range; it must be >= {low}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{key}={value!r} is out of range; it must be a finite number > 0")
+
+
+def _open_interval(key: str, value: float, low: float, high: float) -> None:
+    if not low < value < high:
+        raise ConfigError(f"{key}={value!r} is out of range; it must lie strictly between {low} and {high}")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check `value` against a field's annotation, allowing int -> float; raise ConfigError otherwise."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, str):  # `-S adapter.target_modules=q_proj` style single value
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r} has the wrong type; expected a list")
+        return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a programming error in this module
+        raise TypeError(f"unsupported annotation {annotation!r} for {key}")
+    raise ConfigError(f"{key}={value!r} has the wrong type; expected {annotation.__name__}")
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'params'} must be a mapping of keys to values, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        where = f"in block {prefix!r}" if prefix else "at the top level"
+        raise ConfigError(
+            f"unknown key(s) {', '.join(map(repr, unknown))} {where}; allowed: {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, key)
+        else:
+            kwargs[name] = _coerce(key, value, hint)
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Parse and validate a (possibly partial) mapping; missing keys take their defaults."""
+    return _build(Config, values, "").validate()
+
+
+def apply_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of `values` with dotted-key overrides applied, e.g. {"adapter.r": 16}."""
+    import copy
+
+    out = copy.deepcopy(values)
+    for dotted, value in overrides.items():
+        block, _, key = dotted.partition(".")
+        if not key:
+            raise ConfigError(f"override key {dotted!r} must look like block.key, e.g. adapter.r")
+        out.setdefault(block, {})
+        if not isinstance(out[block], dict):
+            raise ConfigError(f"override {dotted!r}: {block!r} is not a block")
+        out[block][key] = value
+    return out
+
+
+def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Config:
+    """Read params.yaml (plus optional overrides) into a validated Config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"parameters file {path} not found; run from the project root or pass --params")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if overrides:
+        values = apply_overrides(values, overrides)
+    try:
+        return config_from_dict(values)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,67 @@
+"""Stage `init`: build the PEFT LoRA model on the base and initialise it with OLoRA (or LoRA).
+
+Saves the initial adapter (A0, B0 and config) and records per-layer checks: max |B0^T B0 - I| and
+the largest output difference between the base and the initialised model on a fixed batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from olora import adapters, models
+from olora.config import Config
+from olora.io import atomic_dir, write_json
+from olora.runtime import Runtime
+
+
+def fixed_batch(vocab_size: int, device: torch.device, batch: int = 2, length: int = 32) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size, (batch, length), generator=generator).to(device)
+
+
+@dataclass(frozen=True)
+class InitResult:
+    adapter_dir: Path
+    metrics: dict[str, Any]
+
+
+def initialise_adapter(cfg: Config, ref: models.ModelRef, runtime: Runtime, out_dir: Path) -> InitResult:
+    """Initialise adapters on the base, check the invariants and save the initial adapter."""
+    models.check_targets(models.linear_layers(ref), cfg.adapter.target_modules, cfg.adapter.r)
+    base = models.load_base(ref, runtime)
+    batch = fixed_batch(base.config.vocab_size, runtime.device)
+    with torch.no_grad():
+        before = base(input_ids=batch).logits.float()
+    model = adapters.initialise(base, cfg.adapter)
+    model.eval()
+    with torch.no_grad():
+        after = model(input_ids=batch).logits.float()
+    ortho = adapters.orthonormality_errors(model)
+    metrics = {
+        "init": cfg.adapter.init,
+        "layers": len(ortho),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "max_output_diff": float((after - before).abs().max()),
+        "max_abs_logit": float(before.abs().max()),
+        "max_orthonormality_error": max(ortho.values()),
+        "orthonormality_error": ortho if cfg.adapter.init == "olora" else {},
+    }
+    with atomic_dir(out_dir) as tmp:
+        adapters.save_initial(model, tmp)
+        write_json(
+            tmp / adapters.INIT_META,
+            {
+                "init": cfg.adapter.init,
+                "r": cfg.adapter.r,
+                "alpha": cfg.adapter.alpha,
+                "scaling": cfg.adapter.scaling,
+                "base_model": ref.name,
+                "base_revision": ref.revision,
+                "dtype": runtime.dtype_name,
+            },
+        )
+    return InitResult(out_dir, metrics)

@@ -1,0 +1,146 @@
+"""Locating and loading base models and tokenizers: embedded, local folders and hub ids."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from olora import assets
+from olora.config import ModelConfig
+from olora.errors import ConfigError, OloraError
+from olora.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a base model's files are, and the name/revision that identify it in records."""
+
+    name: str
+    revision: str
+    path: str  # a local folder, or the hub id itself
+    local: bool
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def resolve_model(model: ModelConfig) -> ModelRef:
+    """Find the base model's files; embedded models are converted into the cache on first use."""
+    name = model.name
+    if name.startswith(assets.EMBEDDED_PREFIX):
+        short = name[len(assets.EMBEDDED_PREFIX):]
+        path = assets.embedded_model_dir(short)
+        return ModelRef(name=name, revision=assets.embedded_revision(short), path=str(path), local=True)
+    as_path = Path(name).expanduser()
+    if as_path.is_dir():
+        if not (as_path / "config.json").is_file():
+            raise ConfigError(f"model.name={name!r} is a folder without config.json; point it at a transformers model folder")
+        return ModelRef(name=name, revision="local", path=str(as_path.resolve()), local=True)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ConfigError(
+            f"model.name={name!r} looks like a local path but no such folder exists; "
+            "use an existing folder, a hub id such as TinyLlama/TinyLlama-1.1B-Chat-v1.0, "
+            "or the default embedded:SmolLM2-135M-Instruct"
+        )
+    if hub_offline():
+        raise ConfigError(
+            f"model.name={name!r} is a hub id but HF_HUB_OFFLINE is set; use a local folder or the "
+            "embedded default embedded:SmolLM2-135M-Instruct"
+        )
+    return ModelRef(name=name, revision=model.revision, path=name, local=False)
+
+
+def _hub_error(ref: ModelRef, exc: Exception) -> OloraError:
+    return OloraError(
+        f"could not load {ref.name!r} (revision {ref.revision!r}) from the Hugging Face hub: {exc}. "
+        "If this machine is offline, use a local model folder or the embedded default "
+        "embedded:SmolLM2-135M-Instruct (model.name)."
+    )
+
+
+def load_config(ref: ModelRef):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(ref.path, revision=None if ref.local else ref.revision)
+    except OSError as exc:
+        raise _hub_error(ref, exc) from exc
+
+
+def load_tokenizer(ref: ModelRef):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref.path, revision=None if ref.local else ref.revision)
+    except OSError as exc:
+        raise _hub_error(ref, exc) from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(ref: ModelRef, runtime: Runtime):
+    """Load the untouched base model on the resolved device and dtype, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            ref.path, revision=None if ref.local else ref.revision, dtype=runtime.dtype
+        )
+    except OSError as exc:
+        raise _hub_error(ref, exc) from exc
+    return model.to(runtime.device).eval()
+
+
+def linear_layers(ref: ModelRef) -> dict[str, tuple[int, int]]:
+    """Qualified name -> (out_features, in_features) of every linear layer, built on the meta device.
+
+    Cheap (no weights are read), so parameter errors that depend on layer shapes surface before
+    any expensive work.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    config = load_config(ref)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            out[name] = (module.out_features, module.in_features)
+        elif isinstance(module, Conv1D):  # GPT-2 style: weight is (in, out)
+            out[name] = (module.nf, module.weight.shape[0])
+    return out
+
+
+def check_targets(layers: dict[str, tuple[int, int]], target_modules: list[str], r: int) -> dict[str, tuple[int, int]]:
+    """Select the layers that `target_modules` names (by suffix, as PEFT does) and check r fits them."""
+    chosen = {
+        name: shape
+        for name, shape in layers.items()
+        if any(name == t or name.endswith("." + t) for t in target_modules)
+    }
+    if not chosen:
+        suffixes = sorted({name.rsplit(".", 1)[-1] for name in layers})
+        raise ConfigError(
+            f"adapter.target_modules={target_modules!r} match no linear layer of the model; "
+            f"its linear layers are named: {', '.join(suffixes)}"
+        )
+    missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in chosen)]
+    if missing:
+        suffixes = sorted({name.rsplit(".", 1)[-1] for name in layers})
+        raise ConfigError(
+            f"adapter.target_modules entries {missing!r} match no linear layer; existing names: {', '.join(suffixes)}"
+        )
+    smallest = min(min(shape) for shape in chosen.values())
+    if r > smallest:
+        worst = min(chosen, key=lambda n: min(chosen[n]))
+        raise ConfigError(
+            f"adapter.r={r} is larger than the smaller dimension of target layer {worst} "
+            f"{chosen[worst]}; choose r <= {smallest}"
+        )
+    return chosen

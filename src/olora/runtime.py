@@ -1,0 +1,75 @@
+"""Device, dtype and thread settings, resolved in one place for every stage."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+
+from olora.config import ModelConfig
+from olora.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+def resolve_runtime(model: ModelConfig) -> Runtime:
+    """Turn `model.device`/`model.dtype` (possibly `auto`) into a concrete device and dtype.
+
+    auto: CUDA when available (bf16 where the GPU supports it, else fp16), otherwise CPU in fp32.
+    """
+    if model.num_threads:
+        torch.set_num_threads(model.num_threads)
+    elif "OLORA_NUM_THREADS" in os.environ:
+        torch.set_num_threads(int(os.environ["OLORA_NUM_THREADS"]))
+    name = model.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device={model.device!r} but no CUDA device is visible; use model.device=cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("model.device='mps' but MPS is not available; use model.device=cpu or auto")
+    device = torch.device(name)
+    if model.dtype == "auto":
+        if device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dtype = torch.float32
+    else:
+        dtype = DTYPES[model.dtype]
+    return Runtime(device=device, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (2**32))
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def peak_memory_bytes(runtime: Runtime) -> int:
+    """Peak accelerator memory on CUDA; otherwise the process's peak resident set size."""
+    if runtime.is_cuda:
+        return int(torch.cuda.max_memory_allocated(runtime.device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

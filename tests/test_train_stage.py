@@ -1,0 +1,108 @@
+"""The train stage for real on the tiny model: determinism, resume after interruption, NaN stop."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from olora import pipeline
+from olora.errors import ConfigError, NonFiniteLossError
+
+from overlay import write_params
+
+pytestmark = pytest.mark.integration
+
+
+class Interrupt(Exception):
+    pass
+
+
+class InterruptAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Interrupt(f"simulated preemption after step {self.step}")
+
+
+class PoisonAt(TrainerCallback):
+    """Set one adapter weight to NaN after `step`, so the next loss is NaN."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_model_dir) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    write_params(root, tiny_model_dir)
+    layout = pipeline.Layout(root)
+    pipeline.stage_prepare(layout)
+    pipeline.stage_init(layout)
+    return root
+
+
+def _clone(src: Path, dst: Path) -> pipeline.Layout:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints", "adapter", "exported"))
+    return pipeline.Layout(dst)
+
+
+def _weights(layout: pipeline.Layout) -> dict[str, torch.Tensor]:
+    return load_file(layout.adapter / "adapter_model.safetensors")
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(prepared, tmp_path):
+    straight = _clone(prepared, tmp_path / "a")
+    metrics = pipeline.stage_train(straight)
+    assert metrics["steps"] == 6 and not metrics["resumed"]
+
+    again = _clone(prepared, tmp_path / "b")
+    assert pipeline.stage_train(again)["steps"] == 6
+    for key, value in _weights(straight).items():  # a fixed seed makes CPU runs repeatable
+        torch.testing.assert_close(_weights(again)[key], value, rtol=0, atol=0)
+
+    broken = _clone(prepared, tmp_path / "c")
+    with pytest.raises(Interrupt):
+        pipeline.stage_train(broken, callbacks=[InterruptAt(5)])
+    assert (broken.checkpoints / "checkpoint-4").is_dir()
+    assert not broken.adapter.exists()
+    resumed = pipeline.stage_train(broken)
+    assert resumed["resumed"] and resumed["steps"] == 6
+    for key, value in _weights(straight).items():
+        torch.testing.assert_close(_weights(broken)[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_changed_settings_do_not_resume_stale_checkpoints(prepared, tmp_path):
+    layout = _clone(prepared, tmp_path / "d")
+    with pytest.raises(Interrupt):
+        pipeline.stage_train(layout, callbacks=[InterruptAt(3)])
+    assert (layout.checkpoints / "checkpoint-2").is_dir()
+    metrics = pipeline.stage_train(layout, overrides={"train.learning_rate": 5e-4})
+    assert not metrics["resumed"] and metrics["steps"] == 6
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(prepared, tmp_path):
+    layout = _clone(prepared, tmp_path / "e")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss .* at step 5.*up to step 4"):
+        pipeline.stage_train(layout, callbacks=[PoisonAt(4)])
+    assert (layout.checkpoints / "checkpoint-4").is_dir()
+    good = load_file(layout.checkpoints / "checkpoint-4" / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in good.values())
+    assert not layout.adapter.exists() and not layout.exported.exists()
+
+
+def test_init_adapter_from_other_settings_is_refused(prepared, tmp_path):
+    layout = _clone(prepared, tmp_path / "f")
+    with pytest.raises(ConfigError, match=r"built with other settings .*'r': \(4, 8\).*dvc repro init"):
+        pipeline.stage_train(layout, overrides={"adapter.r": 8})
