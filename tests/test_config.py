@@ -44,6 +44,7 @@ def test_dvc_outputs_match_layout():
                 declared.add(next(iter(item)) if isinstance(item, dict) else item)
     layout = Layout()
     expected = {str(layout.data), str(layout.init), str(layout.adapter), str(layout.exported), str(layout.report)}
+    expected.add(str(layout.registration))
     expected |= {str(layout.metrics(n)) for n in ("data", "init", "train", "eval_base", "eval_adapter")}
     expected |= {str(layout.plot(n)) for n in ("train_loss", "val_loss")}
     assert declared == expected
@@ -53,7 +54,7 @@ def test_dvc_outputs_match_layout():
     "values, fragment",
     [
         ({"adapter": {"rank": 8}}, "unknown key(s) 'rank' in block 'adapter'; allowed: alpha, dropout, init, r"),
-        ({"adapters": {}}, "unknown key(s) 'adapters' at the top level; allowed: adapter, data, eval, model, train"),
+        ({"adapters": {}}, "unknown key(s) 'adapters' at the top level; allowed: adapter, data, eval, model, tracking, train"),
         ({"adapter": {"r": 0}}, "adapter.r=0 is out of range"),
         ({"adapter": {"r": -3}}, "adapter.r=-3 is out of range"),
         ({"adapter": {"r": "8"}}, "adapter.r='8' has the wrong type; expected int"),

@@ -41,6 +41,13 @@ def project(tmp_path_factory, tiny_model_dir) -> Path:
     return root
 
 
+def _run_count(root: Path) -> int:
+    from mlflow import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    return len(c.search_runs([c.get_experiment_by_name("olora").experiment_id]))
+
+
 def read(root: Path, rel: str):
     return json.loads((root / rel).read_text())
 
@@ -69,6 +76,10 @@ def test_repro_produces_every_output_and_a_noop_second_run(project):
     assert tuned["delta_vs_base"]["mean_acc"] == pytest.approx(tuned["mean_acc"] - base["mean_acc"])
     assert "| **mean** |" in (project / "reports/eval.md").read_text()
 
+    registration = read(project, "reports/registration.json")
+    assert registration["registered"] and registration["version"] == "1"
+    assert _run_count(project) == 1
+
     shown = json.loads(sh([str(BIN / "dvc"), "metrics", "show", "--json"], project).stdout)
     assert "metrics/train.json" in json.dumps(shown)
 
@@ -79,6 +90,7 @@ def test_repro_produces_every_output_and_a_noop_second_run(project):
     assert "Running stage" not in again.stdout
     assert elapsed < 5.0, f"no-op repro took {elapsed:.1f}s"
     assert "up to date" in sh([str(BIN / "dvc"), "status"], project).stdout
+    assert _run_count(project) == 1  # a cached stage creates no stray MLflow run
 
 
 def test_experiment_variants_rerun_only_what_changed(project):
@@ -92,6 +104,8 @@ def test_experiment_variants_rerun_only_what_changed(project):
     assert read(project, "metrics/init.json")["init"] == "lora"
     assert read(project, "models/exported/adapter_config.json")["r"] == 2  # plain LoRA exports as is
     assert (project / "metrics/eval_base.json").read_text() == base_before
+    assert _run_count(project) == 2
+    assert read(project, "reports/registration.json")["version"] == "2"
     table = json.loads(sh([str(BIN / "dvc"), "exp", "show", "--json"], project).stdout)
     assert "lora" in json.dumps(table)
 

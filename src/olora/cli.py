@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -33,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="fine-tune the adapter and export a plain LoRA")
     ev = sub.add_parser("evaluate", help="lm-eval on the benchmark tasks")
     ev.add_argument("which", choices=["base", "adapter"], help="the untouched base or base + exported adapter")
+    sub.add_parser("register", help="register the exported adapter in the MLflow Model Registry (alias challenger)")
+    pr = sub.add_parser("promote", help="move alias champion to the challenger if it passes the gate")
+    pr.add_argument("--model", help="registered model name (default: from params)")
+    pr.add_argument("--version", help="version to consider (default: the challenger)")
+    pr.add_argument("--force", action="store_true", help="promote regardless of the gate")
+    rb = sub.add_parser("rollback", help="restore the previous champion")
+    rb.add_argument("--model", help="registered model name (default: from params)")
     sub.add_parser("check", help="validate params.yaml and print the resolved configuration")
     return parser
 
@@ -57,6 +65,17 @@ def main(argv: list[str] | None = None) -> int:
             pipeline.stage_train(layout, overrides)
         elif args.command == "evaluate":
             pipeline.stage_evaluate(args.which, layout, overrides)
+        elif args.command == "register":
+            print(json.dumps(pipeline.stage_register(layout, overrides), indent=2))
+        elif args.command in ("promote", "rollback"):
+            from olora import registry
+
+            cfg = load_config(layout.params, overrides)
+            if args.command == "promote":
+                decision = registry.promote(cfg, layout.root, args.model, args.version, args.force)
+                print(("PROMOTED: " if decision.promote else "KEPT CHAMPION: ") + decision.reason)
+            else:
+                print(f"champion is now version {registry.rollback(cfg, layout.root, args.model)}")
     except OloraError as exc:
         print(f"olora {args.command}: error: {exc}", file=sys.stderr)
         return 2

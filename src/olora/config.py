@@ -170,12 +170,37 @@ class EvalConfig:
 
 
 @dataclass
+class TrackingConfig:
+    enabled: bool = True
+    """Log runs to MLflow (train, evaluate) and register adapters (register)."""
+    uri: str = ""
+    """Tracking server URI; empty means $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the project."""
+    experiment: str = "olora"
+    registered_model: str = ""
+    """Registry name; empty means `olora-<base model name>`."""
+    promote_metric: str = "mean_acc"
+    """Metric compared by `olora promote` (from the evaluate stage; higher is better)."""
+    min_improvement: float = 0.0
+    """How much the challenger must beat the champion by to be promoted."""
+    retries: int = 3
+    """Attempts (with exponential backoff) for each call to the tracking server."""
+
+    def validate(self) -> None:
+        _at_least("tracking.min_improvement", self.min_improvement, 0.0)
+        _at_least("tracking.retries", self.retries, 1)
+        _choice("tracking.promote_metric", self.promote_metric, ["mean_acc", "mean_acc_norm"])
+        if not self.experiment.strip():
+            raise ConfigError("tracking.experiment is empty; name the MLflow experiment, e.g. olora")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):

@@ -61,6 +61,10 @@ class Layout:
     def report(self) -> Path:
         return self._p("reports/eval.md")
 
+    @property
+    def registration(self) -> Path:
+        return self._p("reports/registration.json")
+
 
 def _setup(params: Path, overrides: dict[str, Any] | None):
     from olora.models import resolve_model
@@ -93,12 +97,38 @@ def stage_init(layout: Layout = Layout(), overrides: dict[str, Any] | None = Non
 
 
 def stage_train(layout: Layout = Layout(), overrides: dict[str, Any] | None = None, callbacks=None) -> dict[str, Any]:
+    from olora import tracking
     from olora.train import train_adapter
 
     cfg, ref, runtime = _setup(layout.params, overrides)
-    result = train_adapter(
-        cfg, ref, runtime, layout.data, layout.init, layout.adapter, layout.exported, layout.checkpoints, callbacks
-    )
+    callbacks = list(callbacks or [])
+    run = None
+    if cfg.tracking.enabled:
+        run = tracking.start_training_run(cfg, layout.root, ref.name, ref.revision)
+        batch_logger = tracking.BatchLogger(*run)
+        callbacks.append(batch_logger.callback)
+    try:
+        result = train_adapter(
+            cfg, ref, runtime, layout.data, layout.init, layout.adapter, layout.exported, layout.checkpoints, callbacks
+        )
+    except BaseException:
+        if run:
+            run[0].set_terminated(run[1], "FAILED")
+        raise
+    if run:
+        client, run_id = run
+        result.metrics["tracking_seconds"] = round(batch_logger.seconds, 4)
+        result.metrics["tracking_share_of_train_time"] = round(batch_logger.seconds / max(result.metrics["train_seconds"], 1e-9), 6)
+        numeric = {f"train/{k}": v for k, v in result.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        tracking.with_retries("logging the training summary", client.tracking_uri, lambda: tracking.log_values(client, run_id, numeric))
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            plot = tracking.loss_plot(result.history, Path(tmp) / "loss_curve.png", tracking.run_name(cfg))
+            client.log_artifact(run_id, str(plot))
+        client.log_artifacts(run_id, str(layout.exported), "exported_adapter")
+        tracking.write_run_file(layout.adapter, run_id, client.tracking_uri, cfg.tracking.experiment)
+        client.set_terminated(run_id, "FINISHED")
     _write_curve(layout.plot("train_loss"), [(h["step"], h["loss"]) for h in result.history if "loss" in h], "loss")
     _write_curve(
         layout.plot("val_loss"), [(h["step"], h["eval_loss"]) for h in result.history if "eval_loss" in h], "val_loss"
@@ -123,9 +153,46 @@ def stage_evaluate(which: str, layout: Layout = Layout(), overrides: dict[str, A
         base = read_json(layout.metrics("eval_base"))
         metrics = with_deltas(metrics, base)
         write_text(layout.report, report_markdown(base, metrics, f"{cfg.adapter.init} r={cfg.adapter.r} on {ref.name}"))
+        _log_evaluation(cfg, layout, base, metrics)
     write_json(layout.metrics(f"eval_{which}"), metrics)
     log.info("evaluate %s: mean acc %.4f", which, metrics["mean_acc"])
     return metrics
+
+
+def _log_evaluation(cfg: Config, layout: Layout, base: dict[str, Any], tuned: dict[str, Any]) -> None:
+    """Add base and fine-tuned scores (and differences) to the adapter's MLflow run, found via its DVC output."""
+    from olora import tracking
+
+    run = tracking.read_run_file(layout.adapter)
+    if not cfg.tracking.enabled or run is None:
+        return
+    client = tracking.client(cfg.tracking, layout.root)
+    values: dict[str, float] = {}
+    for prefix, scores in (("eval", tuned), ("base", base)):
+        values[f"{prefix}/mean_acc"] = scores["mean_acc"]
+        values[f"{prefix}/mean_acc_norm"] = scores["mean_acc_norm"]
+        for task, entry in scores["tasks"].items():
+            for key in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr"):
+                if key in entry:
+                    values[f"{prefix}/{task}/{key}"] = entry[key]
+    for task, delta in tuned.get("delta_vs_base", {}).items():
+        values[f"delta/{task}"] = delta
+    tracking.with_retries("logging evaluation", client.tracking_uri, lambda: tracking.log_values(client, run["run_id"], values))
+    client.log_artifact(run["run_id"], str(layout.report))
+
+
+def stage_register(layout: Layout = Layout(), overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Register the exported adapter in the MLflow Model Registry (alias `challenger`)."""
+    from olora import registry, tracking
+
+    cfg = load_config(layout.params, overrides)
+    if not cfg.tracking.enabled:
+        record: dict[str, Any] = {"registered": False, "reason": "tracking.enabled is false"}
+    else:
+        reg = registry.register(cfg, layout.root, layout.adapter, layout.exported, read_json(layout.metrics("eval_adapter")))
+        record = {"registered": True, **registry.registration_record(reg, tracking.resolve_uri(cfg.tracking, layout.root))}
+    write_json(layout.registration, record)
+    return record
 
 
 def _check_eval_tasks(cfg: Config) -> None:

@@ -39,7 +39,7 @@ def decide(
     if champion is None or not math.isfinite(champion):
         return Decision(True, "no champion yet", value, champion)
     gain = value - champion
-    if gain >= min_improvement and gain > 0:
+    if gain > 0 and gain >= min_improvement - 1e-12:  # tolerate float rounding of the difference
         return Decision(True, f"{metric} {value:.4f} beats champion {champion:.4f} by {gain:+.4f} (>= {min_improvement})", value, champion)
     return Decision(
         False,

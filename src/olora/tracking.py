@@ -65,6 +65,9 @@ def with_retries(what: str, uri: str, fn: Callable[[], T], attempts: int = 3, ba
 def client(cfg: TrackingConfig, root: Path):
     """An MlflowClient for the resolved URI, checked to be reachable."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # our own retries (with_retries) handle transient failures: keep MLflow's inner HTTP retries short
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     from mlflow import MlflowClient
 
     uri = resolve_uri(cfg, root)
@@ -142,3 +145,92 @@ def write_run_file(folder: Path, run_id: str, uri: str, experiment: str) -> None
 def read_run_file(folder: Path) -> dict[str, str] | None:
     path = Path(folder) / RUN_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+class BatchLogger:
+    """Trainer callback that buffers logged values and sends them in batches (every `every` seconds)."""
+
+    def __init__(self, c, run_id: str, every: float = 30.0):
+        from transformers import TrainerCallback
+
+        class _Callback(TrainerCallback):
+            def on_log(cb, args, state, control, logs=None, **kwargs):
+                self.add(state.global_step, logs or {})
+
+            def on_train_end(cb, args, state, control, **kwargs):
+                self.flush()
+
+        self.client, self.run_id, self.every = c, run_id, every
+        self.pending: dict[str, list[tuple[int, float]]] = {}
+        self.seconds = 0.0
+        self.last = time.perf_counter()
+        self.callback = _Callback()
+
+    KEYS = {"loss": "train/loss", "eval_loss": "val/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm"}
+
+    def add(self, step: int, logs: dict[str, Any]) -> None:
+        start = time.perf_counter()
+        for key, name in self.KEYS.items():
+            if isinstance(logs.get(key), (int, float)):
+                self.pending.setdefault(name, []).append((step, float(logs[key])))
+        self.seconds += time.perf_counter() - start
+        if time.perf_counter() - self.last >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            batch, self.pending = self.pending, {}
+            self.seconds += with_retries(
+                "logging metrics", self.client.tracking_uri, lambda: log_metric_series(self.client, self.run_id, batch)
+            )
+        self.last = time.perf_counter()
+
+
+def start_training_run(cfg: Config, root: Path, ref_name: str, ref_revision: str):
+    """Open the MLflow run of a new adapter: parameters, lineage tags. Returns (client, run_id)."""
+    from mlflow.entities import Param, RunTag
+
+    c = client(cfg.tracking, root)
+    uri = c.tracking_uri
+    exp = with_retries("creating the experiment", uri, lambda: experiment_id(c, cfg.tracking, root), cfg.tracking.retries)
+    tags = {
+        "mlflow.runName": run_name(cfg),
+        "mlflow.source.git.commit": git_commit(root),
+        "base_model": ref_name,
+        "base_model_revision": ref_revision,
+        "adapter_init": cfg.adapter.init,
+        "dvc.data_hash": dvc_out_hash(root, "prepare", "data/prepared"),
+        "dvc.init_hash": dvc_out_hash(root, "init", "models/init"),
+        **package_versions(),
+    }
+    run = with_retries("creating the run", uri, lambda: c.create_run(exp, run_name=run_name(cfg)), cfg.tracking.retries)
+    run_id = run.info.run_id
+    params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in cfg.flat().items()]
+    with_retries(
+        "logging parameters",
+        uri,
+        lambda: c.log_batch(run_id, params=params, tags=[RunTag(k, str(v)) for k, v in tags.items()]),
+        cfg.tracking.retries,
+    )
+    return c, run_id
+
+
+def loss_plot(history: list[dict[str, Any]], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("loss", "train"), ("eval_loss", "validation")):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if points:
+            ax.plot(*zip(*points), marker="o" if key == "eval_loss" else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

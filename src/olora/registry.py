@@ -1,0 +1,194 @@
+"""MLflow Model Registry: register exported adapters, promote by aliases, roll back.
+
+New versions get the alias `challenger`; `promote` moves `champion` only when the pure decision in
+`olora.promotion` says so, and records the decision as version tags; `rollback` restores the
+previous champion. Registering the same run twice returns the existing version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from olora.config import Config
+from olora.errors import OloraError
+from olora.promotion import Decision, decide
+from olora.tracking import client, read_run_file, with_retries
+
+log = logging.getLogger("olora")
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+def model_name(cfg: Config) -> str:
+    if cfg.tracking.registered_model:
+        return cfg.tracking.registered_model
+    base = cfg.model.name.split(":")[-1].rstrip("/").split("/")[-1]
+    return f"olora-{base}"
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    version: str
+    run_id: str
+    created: bool
+
+
+def register(cfg: Config, root: Path, adapter_dir: Path, exported_dir: Path, eval_metrics: dict[str, Any]) -> Registration:
+    """Log the exported adapter as a pyfunc model in the adapter's run and register it (once per run)."""
+    import mlflow
+    import peft
+    import torch
+    import transformers
+
+    from olora.adapters import check_adapter_dir
+    from olora.serving import AdapterGenerator
+
+    check_adapter_dir(exported_dir)  # refuse truncated or mismatched files before anything is logged
+    run = read_run_file(adapter_dir)
+    if run is None:
+        raise OloraError(
+            f"{adapter_dir} has no MLflow run record; re-run training with tracking.enabled=true (`dvc repro train`)"
+        )
+    c = client(cfg.tracking, root)
+    uri, name, run_id = c.tracking_uri, model_name(cfg), run["run_id"]
+    existing = with_retries(
+        "searching model versions", uri, lambda: c.search_model_versions(f"name='{name}' and run_id='{run_id}'"),
+        cfg.tracking.retries,
+    )
+    if existing:
+        version = str(max(int(v.version) for v in existing))
+        log.info("register: run %s is already %s version %s", run_id, name, version)
+        return Registration(name, version, run_id, created=False)
+
+    adapter_meta = json.loads((Path(adapter_dir) / "olora_init.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        base_file = Path(tmp) / "base.json"
+        base_file.write_text(json.dumps({"name": adapter_meta["base_model"], "revision": cfg.model.revision}))
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+
+        def log_and_register():
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=AdapterGenerator(),
+                    artifacts={"adapter": str(exported_dir), "base": str(base_file)},
+                    pip_requirements=[
+                        f"torch=={torch.__version__.split('+')[0]}",
+                        f"transformers=={transformers.__version__}",
+                        f"peft=={peft.__version__}",
+                        "olora-pipeline",
+                    ],
+                    input_example=["What is the capital of France?"],
+                    metadata={"base_model": adapter_meta["base_model"], "adapter_init": adapter_meta["init"]},
+                )
+            return mlflow.register_model(info.model_uri, name, tags={"run_id": run_id})
+
+        version = with_retries("registering the model", uri, log_and_register, cfg.tracking.retries)
+    tags = {
+        "base_model": adapter_meta["base_model"],
+        "adapter_init": adapter_meta["init"],
+        "r": str(adapter_meta["r"]),
+        "mean_acc": str(eval_metrics.get("mean_acc")),
+        "mean_acc_norm": str(eval_metrics.get("mean_acc_norm")),
+    }
+    for key, value in tags.items():
+        c.set_model_version_tag(name, version.version, key, value)
+    c.set_registered_model_alias(name, CHALLENGER, version.version)
+    log.info("register: %s version %s (alias %s)", name, version.version, CHALLENGER)
+    return Registration(name, str(version.version), run_id, created=True)
+
+
+def _version_metric(c, name: str, version: str, metric: str) -> float | None:
+    value = c.get_model_version(name, version).tags.get(metric)
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _alias_version(c, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(c.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def _check_model(c, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.get_registered_model(name)
+    except MlflowException:
+        names = sorted(m.name for m in c.search_registered_models())
+        raise OloraError(f"registered model {name!r} not found; registered models: {names or 'none'}") from None
+
+
+def promote(cfg: Config, root: Path, name: str | None = None, version: str | None = None, force: bool = False) -> Decision:
+    """Compare challenger (or `version`) with champion on the configured metric; move `champion` if it passes."""
+    c = client(cfg.tracking, root)
+    name = name or model_name(cfg)
+    _check_model(c, name)
+    if version is None:
+        version = _alias_version(c, name, CHALLENGER)
+        if version is None:
+            raise OloraError(f"{name} has no {CHALLENGER!r} version; register one first (`dvc repro register`)")
+    else:
+        known = sorted(int(v.version) for v in c.search_model_versions(f"name='{name}'"))
+        if int(version) not in known:
+            raise OloraError(f"{name} has no version {version}; versions: {known}")
+    champion = _alias_version(c, name, CHAMPION)
+    metric = cfg.tracking.promote_metric
+    decision = decide(
+        _version_metric(c, name, version, metric),
+        _version_metric(c, name, champion, metric) if champion and champion != version else None,
+        cfg.tracking.min_improvement,
+        force,
+        metric,
+    )
+    if champion == version and not force:
+        decision = Decision(False, f"version {version} is already {CHAMPION}", decision.challenger_metric, decision.champion_metric)
+    tags = {
+        "promotion.decision": "promoted" if decision.promote else "rejected",
+        "promotion.reason": decision.reason,
+        "promotion.metric": metric,
+        "promotion.challenger_metric": str(decision.challenger_metric),
+        "promotion.champion_metric": str(decision.champion_metric),
+        "promotion.champion_version": str(champion),
+    }
+    for key, value in tags.items():
+        c.set_model_version_tag(name, version, key, value)
+    if decision.promote and champion != version:
+        if champion:
+            c.set_model_version_tag(name, version, "previous_champion", champion)
+        c.set_registered_model_alias(name, CHAMPION, version)
+    log.info("promote %s v%s: %s (%s)", name, version, tags["promotion.decision"], decision.reason)
+    return decision
+
+
+def rollback(cfg: Config, root: Path, name: str | None = None) -> str:
+    """Point `champion` back at the version it replaced; returns that version."""
+    c = client(cfg.tracking, root)
+    name = name or model_name(cfg)
+    _check_model(c, name)
+    current = _alias_version(c, name, CHAMPION)
+    if current is None:
+        raise OloraError(f"{name} has no {CHAMPION!r}; nothing to roll back")
+    previous = c.get_model_version(name, current).tags.get("previous_champion")
+    if not previous:
+        raise OloraError(f"{name} champion v{current} replaced no earlier champion; nothing to roll back to")
+    c.set_registered_model_alias(name, CHAMPION, previous)
+    c.set_model_version_tag(name, current, "rolled_back", "true")
+    log.info("rollback %s: champion v%s -> v%s", name, current, previous)
+    return previous
+
+
+def registration_record(reg: Registration, uri: str) -> dict[str, Any]:
+    return {**asdict(reg), "model_uri": f"models:/{reg.name}/{reg.version}", "tracking_uri": uri}

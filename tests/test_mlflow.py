@@ -1,0 +1,240 @@
+"""MLflow for real: a SQLite store in a temp folder, a real `mlflow server` for the UI/REST check."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from olora import pipeline, registry, tracking
+from olora.config import load_config
+from olora.errors import OloraError
+
+from overlay import write_params
+
+pytestmark = pytest.mark.integration
+PROMPTS = ["What is the capital of France?", "Name a colour."]
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory, tiny_model_dir) -> pipeline.Layout:
+    root = tmp_path_factory.mktemp("tracked")
+    write_params(root, tiny_model_dir, {"eval.tasks": ["arc_easy", "piqa"]})
+    layout = pipeline.Layout(root)
+    pipeline.stage_prepare(layout)
+    pipeline.stage_init(layout)
+    pipeline.stage_train(layout)
+    pipeline.stage_evaluate("base", layout)
+    pipeline.stage_evaluate("adapter", layout)
+    pipeline.stage_register(layout)
+    return layout
+
+
+def _client(layout):
+    return tracking.client(load_config(layout.params).tracking, layout.root)
+
+
+def test_one_run_holds_training_and_evaluation(tracked):
+    c = _client(tracked)
+    assert tracking.resolve_uri(load_config(tracked.params).tracking, tracked.root).endswith(str(tracked.root / "mlflow.db"))
+    runs = c.search_runs([c.get_experiment_by_name("olora").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.run_name == "olora-r4-" + Path(load_config(tracked.params).model.name).name
+    assert run.info.status == "FINISHED"
+    assert run.data.params["adapter.r"] == "4" and run.data.params["train.max_steps"] == "6"
+    assert run.data.tags["base_model_revision"] == "local" and run.data.tags["version.peft"]
+    history = c.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
+    assert len(c.get_metric_history(run.info.run_id, "val/loss")) == 2
+    m = run.data.metrics
+    for key in ("eval/mean_acc", "base/mean_acc", "delta/mean_acc", "eval/arc_easy/acc", "base/piqa/acc", "train/tokens_per_second"):
+        assert key in m, key
+    assert m["delta/mean_acc"] == pytest.approx(m["eval/mean_acc"] - m["base/mean_acc"])
+    artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert {"loss_curve.png", "eval.md", "exported_adapter"} <= artifacts
+    train = json.loads(tracked.metrics("train").read_text())
+    assert train["tracking_share_of_train_time"] < 0.02
+
+
+def test_register_is_idempotent_and_sets_challenger(tracked):
+    first = json.loads(tracked.registration.read_text())
+    assert first["registered"] and first["version"] == "1"
+    again = pipeline.stage_register(tracked)
+    assert again["version"] == "1" and not again["created"]
+    c = _client(tracked)
+    name = first["name"]
+    assert len(c.search_model_versions(f"name='{name}'")) == 1
+    assert c.get_model_version_by_alias(name, "challenger").version == "1"
+
+
+def _trained_model(layout):
+    """The trained model rebuilt from the pipeline's own outputs: residual base + trained A, B."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from olora.adapters import load_for_training
+
+    cfg = load_config(layout.params)
+    model = load_for_training(AutoModelForCausalLM.from_pretrained(cfg.model.name), layout.init, "olora")
+    set_peft_model_state_dict(model, load_file(layout.adapter / "adapter_model.safetensors"))
+    return model.eval()
+
+
+def test_registered_model_round_trips_in_a_fresh_process(tracked):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = load_config(tracked.params)
+    name = registry.model_name(cfg)
+    uri = tracking.resolve_uri(cfg.tracking, tracked.root)
+    script = (
+        "import json, sys, mlflow\n"
+        f"mlflow.set_tracking_uri({uri!r}); mlflow.set_registry_uri({uri!r})\n"
+        f"m = mlflow.pyfunc.load_model('models:/{name}@challenger')\n"
+        f"print(json.dumps(m.predict({PROMPTS!r}, params={{'max_new_tokens': 8}})))\n"
+        f"print(mlflow.artifacts.download_artifacts('models:/{name}@challenger'))\n"
+    )
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tracked.root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    generated, folder = out.stdout.strip().splitlines()[-2:]
+    generated = json.loads(generated)
+
+    trained = _trained_model(tracked)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.name)
+    expected = []
+    for prompt in PROMPTS:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            gen = trained.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        expected.append(tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    assert generated == expected
+
+    # the downloaded artifacts hold a standard PEFT folder that loads directly
+    adapter = Path(folder) / "artifacts" / "adapter"
+    assert (adapter / "adapter_config.json").is_file()
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.model.name), str(adapter)).eval()
+    x = torch.randint(0, 1000, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, trained(input_ids=x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_promotion_gate_and_rollback_on_the_real_registry(tracked):
+    cfg = load_config(tracked.params)
+    c = _client(tracked)
+    name = registry.model_name(cfg)
+    v1 = c.get_model_version(name, "1")
+    d = registry.promote(cfg, tracked.root)
+    assert d.promote and d.reason == "no champion yet"
+    assert c.get_model_version_by_alias(name, "champion").version == "1"
+
+    def new_version(mean_acc: float) -> str:
+        v = c.create_model_version(name, v1.source, run_id=v1.run_id, tags={"mean_acc": str(mean_acc)})
+        c.set_registered_model_alias(name, "challenger", v.version)
+        return v.version
+
+    champion_acc = float(v1.tags["mean_acc"])
+    worse = new_version(champion_acc - 0.1)
+    d = registry.promote(cfg, tracked.root)
+    assert not d.promote and c.get_model_version_by_alias(name, "champion").version == "1"
+    tags = c.get_model_version(name, worse).tags
+    assert tags["promotion.decision"] == "rejected" and float(tags["promotion.champion_metric"]) == champion_acc
+
+    better = new_version(champion_acc + 0.1)
+    assert registry.promote(cfg, tracked.root).promote
+    assert c.get_model_version_by_alias(name, "champion").version == better
+    assert c.get_model_version(name, better).tags["previous_champion"] == "1"
+
+    assert registry.rollback(cfg, tracked.root) == "1"
+    assert c.get_model_version_by_alias(name, "champion").version == "1"
+
+    assert registry.promote(cfg, tracked.root, version=worse, force=True).promote
+    with pytest.raises(OloraError, match=r"registered model 'nope' not found; registered models: \['olora-"):
+        registry.promote(cfg, tracked.root, name="nope")
+    with pytest.raises(OloraError, match=r"has no version 99; versions: \[1, 2, 3\]"):
+        registry.promote(cfg, tracked.root, version="99")
+
+
+def test_broken_adapter_is_refused_before_registration(tracked, tmp_path):
+    import shutil
+
+    broken = tmp_path / "exported"
+    shutil.copytree(tracked.exported, broken)
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: len(weights.read_bytes()) // 2])
+    with pytest.raises(OloraError, match="unreadable or truncated"):
+        registry.register(load_config(tracked.params), tracked.root, tracked.adapter, broken, {})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_names_the_uri(tracked, monkeypatch):
+    port = _free_port()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    cfg = load_config(tracked.params, {"tracking.retries": 2})
+    start = time.perf_counter()
+    with pytest.raises(tracking.TrackingError, match=rf"http://127.0.0.1:{port} after 2 attempts.*re-run"):
+        registry.promote(cfg, tracked.root)
+    assert time.perf_counter() - start < 60
+
+
+def _get(base: str, path: str, **query) -> dict:
+    url = f"{base}{path}?{urllib.parse.urlencode(query)}"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_mlflow_server_shows_runs_metrics_and_registry(tracked):
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tracked.root / 'mlflow.db'}", "--workers", "1"],
+        cwd=tracked.root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not become healthy in 60 s")
+        exp = _get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="olora")["experiment"]
+        req = urllib.request.Request(
+            f"{base}/api/2.0/mlflow/runs/search", data=json.dumps({"experiment_ids": [exp["experiment_id"]]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        runs = json.loads(urllib.request.urlopen(req, timeout=10).read())["runs"]
+        assert len(runs) == 1
+        run_id = runs[0]["info"]["run_id"]
+        history = _get(base, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="train/loss")["metrics"]
+        assert len(history) == 6
+        name = registry.model_name(load_config(tracked.params))
+        model = _get(base, "/api/2.0/mlflow/registered-models/get", name=name)["registered_model"]
+        aliases = {a["alias"]: a["version"] for a in model.get("aliases", [])}
+        assert "challenger" in aliases
+        assert _get(base, "/api/2.0/mlflow/registered-models/alias", name=name, alias="challenger")["model_version"]["run_id"] == run_id
+        assert urllib.request.urlopen(base + "/", timeout=10).status == 200  # the UI itself
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
