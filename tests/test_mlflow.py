@@ -74,7 +74,7 @@ def test_register_is_idempotent_and_sets_challenger(tracked):
     c = _client(tracked)
     name = first["name"]
     assert len(c.search_model_versions(f"name='{name}'")) == 1
-    assert c.get_model_version_by_alias(name, "challenger").version == "1"
+    assert str(c.get_model_version_by_alias(name, "challenger").version) == "1"
 
 
 def _trained_model(layout):
@@ -99,28 +99,38 @@ def test_registered_model_round_trips_in_a_fresh_process(tracked):
     name = registry.model_name(cfg)
     uri = tracking.resolve_uri(cfg.tracking, tracked.root)
     script = (
-        "import json, sys, mlflow\n"
+        "import json, sys, torch, mlflow\n"
         f"mlflow.set_tracking_uri({uri!r}); mlflow.set_registry_uri({uri!r})\n"
         f"m = mlflow.pyfunc.load_model('models:/{name}@challenger')\n"
         f"print(json.dumps(m.predict({PROMPTS!r}, params={{'max_new_tokens': 8}})))\n"
+        "x = torch.arange(100, 116).unsqueeze(0)\n"
+        "with torch.no_grad(): logits = m.unwrap_python_model().model(input_ids=x).logits\n"
+        "print(json.dumps(logits[0, -1].tolist()))\n"
         f"print(mlflow.artifacts.download_artifacts('models:/{name}@challenger'))\n"
     )
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tracked.root)
     assert out.returncode == 0, out.stderr[-3000:]
-    generated, folder = out.stdout.strip().splitlines()[-2:]
-    generated = json.loads(generated)
+    generated, served_logits, folder = out.stdout.strip().splitlines()[-3:]
 
+    # the served model computes the trained model's function (up to float rounding)...
     trained = _trained_model(tracked)
+    x = torch.arange(100, 116).unsqueeze(0)
+    with torch.no_grad():
+        expected_logits = trained(input_ids=x).logits[0, -1]
+    torch.testing.assert_close(torch.tensor(json.loads(served_logits)), expected_logits, atol=1e-4, rtol=1e-4)
+
+    # ...and generates exactly what base + exported adapter generates in this process
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.name)
+    exported = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.model.name), str(tracked.exported)).eval()
     expected = []
     for prompt in PROMPTS:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, return_tensors="pt")
         with torch.no_grad():
-            gen = trained.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            gen = exported.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         expected.append(tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
-    assert generated == expected
+    assert json.loads(generated) == expected
 
     # the downloaded artifacts hold a standard PEFT folder that loads directly
     adapter = Path(folder) / "artifacts" / "adapter"
@@ -138,27 +148,27 @@ def test_promotion_gate_and_rollback_on_the_real_registry(tracked):
     v1 = c.get_model_version(name, "1")
     d = registry.promote(cfg, tracked.root)
     assert d.promote and d.reason == "no champion yet"
-    assert c.get_model_version_by_alias(name, "champion").version == "1"
+    assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
 
     def new_version(mean_acc: float) -> str:
         v = c.create_model_version(name, v1.source, run_id=v1.run_id, tags={"mean_acc": str(mean_acc)})
         c.set_registered_model_alias(name, "challenger", v.version)
-        return v.version
+        return str(v.version)
 
     champion_acc = float(v1.tags["mean_acc"])
     worse = new_version(champion_acc - 0.1)
     d = registry.promote(cfg, tracked.root)
-    assert not d.promote and c.get_model_version_by_alias(name, "champion").version == "1"
+    assert not d.promote and str(c.get_model_version_by_alias(name, "champion").version) == "1"
     tags = c.get_model_version(name, worse).tags
     assert tags["promotion.decision"] == "rejected" and float(tags["promotion.champion_metric"]) == champion_acc
 
     better = new_version(champion_acc + 0.1)
     assert registry.promote(cfg, tracked.root).promote
-    assert c.get_model_version_by_alias(name, "champion").version == better
+    assert str(c.get_model_version_by_alias(name, "champion").version) == better
     assert c.get_model_version(name, better).tags["previous_champion"] == "1"
 
     assert registry.rollback(cfg, tracked.root) == "1"
-    assert c.get_model_version_by_alias(name, "champion").version == "1"
+    assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
 
     assert registry.promote(cfg, tracked.root, version=worse, force=True).promote
     with pytest.raises(OloraError, match=r"registered model 'nope' not found; registered models: \['olora-"):

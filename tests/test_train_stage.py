@@ -94,8 +94,8 @@ def test_changed_settings_do_not_resume_stale_checkpoints(prepared, tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(prepared, tmp_path):
     layout = _clone(prepared, tmp_path / "e")
-    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss .* at step 5.*up to step 4"):
-        pipeline.stage_train(layout, callbacks=[PoisonAt(4)])
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss .* at step 6.*last good checkpoint is .*checkpoint-4"):
+        pipeline.stage_train(layout, callbacks=[PoisonAt(5)])  # after the step-4 save
     assert (layout.checkpoints / "checkpoint-4").is_dir()
     good = load_file(layout.checkpoints / "checkpoint-4" / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in good.values())

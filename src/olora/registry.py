@@ -40,8 +40,10 @@ class Registration:
 
 def register(cfg: Config, root: Path, adapter_dir: Path, exported_dir: Path, eval_metrics: dict[str, Any]) -> Registration:
     """Log the exported adapter as a pyfunc model in the adapter's run and register it (once per run)."""
-    import mlflow
+    import mlflow.pyfunc
     import peft
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import infer_signature
     import torch
     import transformers
 
@@ -69,27 +71,32 @@ def register(cfg: Config, root: Path, adapter_dir: Path, exported_dir: Path, eva
     with tempfile.TemporaryDirectory() as tmp:
         base_file = Path(tmp) / "base.json"
         base_file.write_text(json.dumps({"name": adapter_meta["base_model"], "revision": cfg.model.revision}))
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
+        model_dir = Path(tmp) / "model"
+        # save locally, then upload and register through the client: no global tracking state that
+        # would leak into other code (or child processes) of the caller
+        mlflow.pyfunc.save_model(
+            path=str(model_dir),
+            python_model=AdapterGenerator(),
+            artifacts={"adapter": str(exported_dir), "base": str(base_file)},
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"transformers=={transformers.__version__}",
+                f"peft=={peft.__version__}",
+                "olora-pipeline",
+            ],
+            signature=infer_signature(["prompt"], ["completion"], params={"max_new_tokens": 64, "chat_template": True}),
+            metadata={"base_model": adapter_meta["base_model"], "adapter_init": adapter_meta["init"]},
+        )
 
-        def log_and_register():
-            with mlflow.start_run(run_id=run_id):
-                info = mlflow.pyfunc.log_model(
-                    name="model",
-                    python_model=AdapterGenerator(),
-                    artifacts={"adapter": str(exported_dir), "base": str(base_file)},
-                    pip_requirements=[
-                        f"torch=={torch.__version__.split('+')[0]}",
-                        f"transformers=={transformers.__version__}",
-                        f"peft=={peft.__version__}",
-                        "olora-pipeline",
-                    ],
-                    input_example=["What is the capital of France?"],
-                    metadata={"base_model": adapter_meta["base_model"], "adapter_init": adapter_meta["init"]},
-                )
-            return mlflow.register_model(info.model_uri, name, tags={"run_id": run_id})
+        def upload_and_register():
+            c.log_artifacts(run_id, str(model_dir), "model")
+            try:
+                c.get_registered_model(name)
+            except MlflowException:
+                c.create_registered_model(name, description=f"OLoRA/LoRA adapters for {adapter_meta['base_model']}")
+            return c.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id)
 
-        version = with_retries("registering the model", uri, log_and_register, cfg.tracking.retries)
+        version = with_retries("registering the model", uri, upload_and_register, cfg.tracking.retries)
     tags = {
         "base_model": adapter_meta["base_model"],
         "adapter_init": adapter_meta["init"],

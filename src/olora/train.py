@@ -92,10 +92,11 @@ def _trainer_class():
             loss = result[0] if return_outputs else result
             if model.training and not torch.isfinite(loss.detach()).all():
                 step = self.state.global_step
+                saved = sorted(Path(self.args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+                kept = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved yet"
                 raise NonFiniteLossError(
-                    f"non-finite training loss ({loss.item()}) at step {step + 1}; training stopped. "
-                    f"Checkpoints up to step {step} are kept in {self.args.output_dir}. "
-                    "Lower train.learning_rate or check the data."
+                    f"non-finite training loss ({loss.item()}) at step {step + 1}; training stopped and "
+                    f"{kept}. Lower train.learning_rate or check the data."
                 )
             return result
 
