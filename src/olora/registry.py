@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,12 +73,14 @@ def register(cfg: Config, root: Path, adapter_dir: Path, exported_dir: Path, eva
         base_file = Path(tmp) / "base.json"
         base_file.write_text(json.dumps({"name": adapter_meta["base_model"], "revision": cfg.model.revision}))
         model_dir = Path(tmp) / "model"
+        adapter_copy = Path(tmp) / "adapter"  # pyfunc stores a folder artifact under its own name
+        shutil.copytree(exported_dir, adapter_copy)
         # save locally, then upload and register through the client: no global tracking state that
         # would leak into other code (or child processes) of the caller
         mlflow.pyfunc.save_model(
             path=str(model_dir),
             python_model=AdapterGenerator(),
-            artifacts={"adapter": str(exported_dir), "base": str(base_file)},
+            artifacts={"adapter": str(adapter_copy), "base": str(base_file)},
             pip_requirements=[
                 f"torch=={torch.__version__.split('+')[0]}",
                 f"transformers=={transformers.__version__}",
