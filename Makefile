@@ -13,7 +13,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: install run test test-unit test-all lock clean
+.PHONY: install run test test-unit test-all bench lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ test-unit: install
 
 test-all: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -m "" -v
+
+# Benchmarks print a table and write JSON + markdown under bench/results (never timed unit tests).
+bench: install
+	$(BIN)/python bench/bench_init.py --ranks 32 64 --layers 22
 
 # Re-resolve the lock from pyproject (run after changing dependencies).
 lock:

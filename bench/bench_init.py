@@ -1,0 +1,142 @@
+"""Benchmark: OLoRA initialisation cost on a TinyLlama-1.1B-shaped model (random weights, no download).
+
+Compares, in one run and on the same weights: our exact O(m·n·r) init (olora.olora_math), PEFT's
+full-QR `init_lora_weights="olora"`, PEFT's default LoRA init, and the practical floor (plain matrix
+products of the same 4·m·n·r flops). Each method runs in its own subprocess so that its peak memory
+(growth of the process's high-water mark during the init) is measured alone.
+
+    python bench/bench_init.py [--ranks 32 64] [--layers 22] [--device cpu] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+METHODS = ["ours", "peft_olora", "peft_lora", "matmul_floor"]
+
+
+def tinyllama_config(layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers, num_attention_heads=32,
+                       num_key_value_heads=4, vocab_size=32000)
+
+
+def rss_peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_one(method: str, r: int, layers: int, device: str, dtype: str) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from olora.olora_math import olora_init_
+
+    torch.manual_seed(0)
+    dt = getattr(torch, dtype)
+    with torch.device(device):
+        model = LlamaForCausalLM(tinyllama_config(layers)).to(dt)
+    shapes = [tuple(m.weight.shape) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in TARGETS]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    base_mem = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+    before = rss_peak_mb()
+    sync()
+    start = time.perf_counter()
+    if method == "matmul_floor":  # two (m×r)·(r×n) products per layer = 4·m·n·r flops, allocation untimed
+        elapsed = sum(_time_mm(m, n, r, device) for m, n in shapes)
+    else:
+        init = {"ours": True, "peft_olora": "olora", "peft_lora": True}[method]
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights=init)
+        peft_model = get_peft_model(model, cfg)
+        if method == "ours":
+            olora_init_(peft_model)
+        sync()
+        elapsed = time.perf_counter() - start
+    peak = {"peak_rss_growth_mb": round(rss_peak_mb() - before, 1)}
+    if device.startswith("cuda"):
+        peak["peak_cuda_growth_mb"] = round((torch.cuda.max_memory_allocated() - base_mem) / 2**20, 1)
+    flops = sum(4 * m * n * r for m, n in shapes)
+    return {"method": method, "r": r, "layers": len(shapes), "seconds": round(elapsed, 4), "gflop_4mnr": round(flops / 1e9, 2), **peak}
+
+
+def _time_mm(m: int, n: int, r: int, device: str) -> float:
+    import torch
+
+    x = torch.randn(m, r, device=device)
+    y = torch.randn(r, n, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    a = x @ y
+    b = x @ y
+    sync()
+    del a, b
+    return time.perf_counter() - t
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--layers", type=int, default=22, help="decoder layers (TinyLlama has 22)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--one", nargs=2, metavar=("METHOD", "R"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one[0], int(args.one[1]), args.layers, args.device, args.dtype)))
+        return 0
+
+    rows = []
+    for r in args.ranks:
+        for method in args.methods:
+            cmd = [sys.executable, __file__, "--one", method, str(r), "--layers", str(args.layers),
+                   "--device", args.device, "--dtype", args.dtype]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+            if out.returncode != 0:
+                print(out.stderr[-2000:], file=sys.stderr)
+                return 1
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"  r={r:<3} {method:<13} {rows[-1]['seconds']:>9.3f} s", file=sys.stderr)
+
+    import torch
+
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    lines = [
+        f"OLoRA init, TinyLlama-1.1B shapes ({args.layers} layers x 7 projections), {args.dtype}, {device_name}",
+        "",
+        "| r | method | seconds | x faster than peft_olora | x matmul floor | peak memory growth MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in args.ranks:
+        by = {row["method"]: row for row in rows if row["r"] == r}
+        for method in args.methods:
+            row = by[method]
+            speed = by["peft_olora"]["seconds"] / row["seconds"] if "peft_olora" in by else float("nan")
+            floor = row["seconds"] / by["matmul_floor"]["seconds"] if "matmul_floor" in by else float("nan")
+            mem = row.get("peak_cuda_growth_mb", row["peak_rss_growth_mb"])
+            lines.append(f"| {r} | {method} | {row['seconds']:.3f} | {speed:.1f} | {floor:.2f} | {mem} |")
+    table = "\n".join(lines)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"init_{args.device.split(':')[0]}_{args.dtype}"
+    (out / f"{tag}.json").write_text(json.dumps({"device": device_name, "rows": rows}, indent=2) + "\n")
+    (out / f"{tag}.md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
