@@ -1,0 +1,200 @@
+"""Prefect flows on the tiny overlay under prefect_test_harness: stages, DVC lock, MLflow, retries, OOM back-off."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from olora import pipeline
+from olora.errors import ConfigError, OloraError
+
+from conftest import REPO
+from overlay import copy_project, write_params
+
+pytestmark = pytest.mark.integration
+sys.path.insert(0, str(REPO / "flows"))
+
+
+def test_retry_classification_and_backoff_are_pure():
+    import olora_pipeline as flows
+    from olora.tracking import TrackingError
+
+    assert flows.is_transient(ConnectionError("reset")) and flows.is_transient(TrackingError("down"))
+    assert not flows.is_transient(ConfigError("adapter.r=0")) and not flows.is_transient(OloraError("bad data"))
+    assert flows.halved_batch(8, 1) == (4, 2) and flows.halved_batch(3, 2) == (1, 4)
+    with pytest.raises(OloraError, match="micro_batch_size=1"):
+        flows.halved_batch(1, 8)
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_model_dir) -> Path:
+    root = tmp_path_factory.mktemp("flowproject")
+    copy_project(root)
+    write_params(root, tiny_model_dir, {"eval.tasks": ["arc_easy", "piqa"]})
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    for args in (["git", "init", "-q"], ["git", "config", "user.email", "t@e.com"], ["git", "config", "user.name", "t"],
+                 [str(Path(sys.executable).parent / "dvc"), "init", "-q"]):
+        subprocess.run(args, cwd=root, check=True, env=env)
+    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")  # the shipped default remote
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run(["git", "commit", "-qm", "init"], cwd=root, check=True, env=env)
+    return root
+
+
+def test_flow_runs_stages_retries_transients_and_backs_off_on_oom(harness, project, monkeypatch):
+    import olora_pipeline as flows
+
+    calls = {"train": [], "evaluate": 0}
+    real_train, real_evaluate = pipeline.stage_train, pipeline.stage_evaluate
+
+    def train_ooms_above_two(layout, *args, **kwargs):
+        micro = yaml.safe_load(layout.params.read_text())["train"]["micro_batch_size"]
+        calls["train"].append(micro)
+        if micro > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return real_train(layout, *args, **kwargs)
+
+    def evaluate_flaky(which, layout, *args, **kwargs):
+        calls["evaluate"] += 1
+        if which == "adapter" and calls["evaluate"] == 2:
+            raise ConnectionError("connection reset by peer (injected)")
+        return real_evaluate(which, layout, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "stage_train", train_ooms_above_two)
+    monkeypatch.setattr(pipeline, "stage_evaluate", evaluate_flaky)
+    monkeypatch.setattr(flows.run_stage, "retry_delay_seconds", [0, 0])
+
+    results = flows.olora_pipeline(root=str(project), promote=True, push=True)
+    assert [r["stage"] for r in results] == flows.STAGES and all(r["ran"] for r in results)
+    assert calls["train"] == [4, 2]  # halved once, then fit
+    params = yaml.safe_load((project / "params.yaml").read_text())["train"]
+    assert (params["micro_batch_size"], params["gradient_accumulation_steps"]) == (2, 2)
+    assert calls["evaluate"] == 3  # base, failed adapter attempt, retried adapter
+
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert set(lock) == set(flows.STAGES)
+    assert lock["train"]["params"]["params.yaml"]["train"]["micro_batch_size"] == 2
+    status = subprocess.run([str(Path(sys.executable).parent / "dvc"), "status"], cwd=project, capture_output=True, text=True,
+                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    assert "up to date" in status.stdout, status.stdout
+    registration = json.loads((project / "reports/registration.json").read_text())
+    assert registration["registered"] and registration["version"] == "1"
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    assert str(client.get_model_version_by_alias(registration["name"], "champion").version) == "1"
+    assert any((project / ".dvc-remote").rglob("*")), "dvc push sent nothing to the default remote"
+
+    again = flows.olora_pipeline(root=str(project), push=False)
+    assert not any(r["ran"] for r in again)  # DVC decides: everything is cached
+
+
+def test_config_error_fails_fast_without_retries(harness, project, monkeypatch):
+    import olora_pipeline as flows
+
+    calls = []
+    real_init = pipeline.stage_init
+
+    def counting_init(layout, *args, **kwargs):
+        calls.append(1)
+        return real_init(layout, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "stage_init", counting_init)
+    params = (project / "params.yaml").read_text()
+    try:
+        with pytest.raises(ConfigError, match="match no linear layer"):
+            flows.olora_pipeline(root=str(project), overrides={"adapter.target_modules": ["nope_proj"]}, push=False)
+        assert calls == [1]
+        with pytest.raises(ConfigError, match=r"adapter.r=0 is out of range"):
+            flows.olora_pipeline(root=str(project), overrides={"adapter.r": 0}, push=False)
+        assert calls == [1]  # rejected before any stage ran
+    finally:
+        (project / "params.yaml").write_text(params)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_deployment_runs_on_a_real_server_and_worker(tmp_path, tiny_model_dir):
+    """prefect server + process work pool + `prefect deploy` from prefect.yaml + one worker run."""
+    import time
+    import urllib.request
+
+    root = tmp_path / "project"
+    root.mkdir()
+    copy_project(root)
+    write_params(root, tiny_model_dir, {"eval.tasks": ["arc_easy"]})
+    shutil.copy(REPO / "prefect.yaml", root / "prefect.yaml")
+    shutil.copytree(REPO / "flows", root / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    bin_dir = Path(sys.executable).parent
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PWD": str(root),
+    }
+    for args in (["git", "init", "-q"], ["git", "config", "user.email", "t@e.com"], ["git", "config", "user.name", "t"],
+                 ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        subprocess.run(args, cwd=root, check=True, env=env, capture_output=True)
+
+    server = subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        for _ in range(180):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("prefect server did not become healthy in 90 s")
+
+        def prefect(*args: str, timeout: int = 300) -> str:
+            out = subprocess.run([str(bin_dir / "prefect"), *args], cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+            assert out.returncode == 0, f"prefect {' '.join(args)}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+            return out.stdout
+
+        prefect("work-pool", "create", "olora-process", "--type", "process")
+        prefect("--no-prompt", "deploy", "--all")
+        listed = prefect("deployment", "ls")
+        assert "nightly-retrain" in listed and "on-demand" in listed and "sweep" in listed
+        started = prefect("deployment", "run", "olora-pipeline/on-demand", "--param", "push=false")
+        run_id = next(line.split()[-1] for line in started.splitlines() if "UUID" in line)
+        prefect("worker", "start", "--pool", "olora-process", "--run-once", timeout=600)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/flow_runs/{run_id}", timeout=10) as response:
+            state = json.loads(response.read())["state"]["type"]
+        assert state == "COMPLETED"
+        assert (root / "reports" / "registration.json").is_file() and (root / "dvc.lock").is_file()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/deployments/name/olora-pipeline/nightly-retrain", timeout=10) as response:
+            deployment = json.loads(response.read())
+        assert any(s["schedule"].get("cron") == "0 3 * * *" for s in deployment["schedules"])
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
