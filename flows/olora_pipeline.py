@@ -14,6 +14,7 @@ the accumulation (the same effective batch), written back to params.yaml so dvc.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -59,18 +60,24 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def _dvc_up_to_date(root: Path, stage: str) -> bool:
-    from dvc.repo import Repo
+def _dvc(root: Path, *args: str) -> str:
+    """Run the dvc CLI in the project (DVC's Python API assumes the process's cwd is the repo)."""
+    import shutil
+    import subprocess
 
-    with Repo(str(root)) as repo:
-        return not repo.status(targets=[stage])
+    exe = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
+    out = subprocess.run([exe, *args], cwd=root, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"dvc {' '.join(args)} failed in {root}:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    return out.stdout
+
+
+def _dvc_up_to_date(root: Path, stage: str) -> bool:
+    return not json.loads(_dvc(root, "status", stage, "--json") or "{}")
 
 
 def _dvc_commit(root: Path, stage: str) -> None:
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        repo.commit(stage, force=True)
+    _dvc(root, "commit", "--force", stage)
 
 
 def _call_stage(stage: str, layout: pipeline.Layout) -> None:
@@ -134,12 +141,9 @@ def promote_challenger(root: str) -> str:
 
 
 @task(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_condition_fn=_retry_condition)
-def dvc_push(root: str, remote: str | None = None) -> int:
-    """Push data and adapters to the DVC remote (default: the repo's default remote)."""
-    from dvc.repo import Repo
-
-    with Repo(root) as repo:
-        return int(repo.push(remote=remote) or 0)
+def dvc_push(root: str, remote: str | None = None) -> str:
+    """Push data and adapters to the DVC remote (default: the repo's default remote); returns its report."""
+    return _dvc(Path(root), "push", *(["--remote", remote] if remote else [])).strip()
 
 
 def write_overrides(root: Path, overrides: dict[str, Any]) -> None:
@@ -180,7 +184,7 @@ def olora_pipeline(root: str = ".", overrides: dict[str, Any] | None = None, pro
         extra = "Promotion: " + promote_challenger(str(path))
     if push:
         pushed = dvc_push(str(path), remote)
-        extra += f"\n\nDVC push: {pushed} file(s) sent."
+        extra += f"\n\nDVC push: {pushed}"
     create_markdown_artifact(summary_markdown(path, results, extra), key="olora-pipeline-run", description="stages, scores, MLflow")
     return results
 

@@ -183,8 +183,10 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path, tiny_model_dir):
 
         prefect("work-pool", "create", "olora-process", "--type", "process")
         prefect("--no-prompt", "deploy", "--all")
-        listed = prefect("deployment", "ls")
-        assert "nightly-retrain" in listed and "on-demand" in listed and "sweep" in listed
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/deployments/filter", data=b"{}",
+                                     headers={"Content-Type": "application/json"})
+        names = {d["name"] for d in json.loads(urllib.request.urlopen(req, timeout=10).read())}
+        assert names == {"nightly-retrain", "on-demand", "sweep"}
         started = prefect("deployment", "run", "olora-pipeline/on-demand", "--param", "push=false")
         run_id = next(line.split()[-1] for line in started.splitlines() if "UUID" in line)
         prefect("worker", "start", "--pool", "olora-process", "--run-once", timeout=600)
