@@ -64,9 +64,12 @@ def olora_init_(model, adapter: str = "default") -> dict[str, float]:
             lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
             lora_a.data = a0.to(lora_a.dtype).contiguous()
             lora_b.data = b0.to(lora_b.dtype).contiguous()
-            residual = w - s * (b0 @ a0)
-            base.weight.data = (residual.T if fan else residual).to(base.weight.dtype).contiguous()
+            # W - s*B0*A0 in place: for a float32 weight `w` is a view of it (no m×n temporaries,
+            # which cost more than the flops here); otherwise `w` is this layer's float32 copy
+            w.addmm_(b0, a0, alpha=-s)
+            if w.data_ptr() != base.weight.data_ptr():
+                base.weight.data.copy_(w.T if fan else w)
             eye = torch.eye(r, device=b0.device, dtype=torch.float64)
             errors[name] = float((b0.double().T @ b0.double() - eye).abs().max())
-            del a0, b0, w, residual
+            del a0, b0, w
     return errors
