@@ -44,6 +44,7 @@ test-all: install
 # Benchmarks print a table and write JSON + markdown under bench/results (never timed unit tests).
 bench: install
 	$(BIN)/python bench/bench_init.py --ranks 32 64 --layers 22
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/bench_prefect.py --repeats 3
 
 # Re-resolve the lock from pyproject (run after changing dependencies).
 lock:
