@@ -68,13 +68,10 @@ def test_unknown_tasks_list_what_exists(tmp_path):
 def test_lm_eval_scores_a_real_model(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from olora.config import ModelConfig
-    from olora.runtime import resolve_runtime
-
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     cfg = EvalConfig(tasks=["arc_easy", "winogrande"], limit=3, batch_size=4)
-    metrics = run_lm_eval(model, tokenizer, cfg, resolve_runtime(ModelConfig()))
+    metrics = run_lm_eval(model, tokenizer, cfg)
     assert set(metrics["tasks"]) == {"arc_easy", "winogrande"}
     assert metrics["tasks"]["arc_easy"]["n"] == 3 and "acc_norm" in metrics["tasks"]["arc_easy"]
     assert "acc_norm" not in metrics["tasks"]["winogrande"]  # stock winogrande reports acc only

@@ -16,7 +16,7 @@ import yaml
 from olora import pipeline
 from olora.errors import ConfigError, OloraError
 
-from conftest import REPO
+from conftest import REPO, free_port, wait_for_http
 from overlay import copy_project, write_params
 
 pytestmark = pytest.mark.integration
@@ -131,17 +131,8 @@ def test_config_error_fails_fast_without_retries(harness, project, monkeypatch):
         (project / "params.yaml").write_text(params)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_deployment_runs_on_a_real_server_and_worker(tmp_path, tiny_model_dir):
     """prefect server + process work pool + `prefect deploy` from prefect.yaml + one worker run."""
-    import time
     import urllib.request
 
     root = tmp_path / "project"
@@ -151,7 +142,7 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path, tiny_model_dir):
     shutil.copy(REPO / "prefect.yaml", root / "prefect.yaml")
     shutil.copytree(REPO / "flows", root / "flows", ignore=shutil.ignore_patterns("__pycache__"))
     bin_dir = Path(sys.executable).parent
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
@@ -167,14 +158,7 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path, tiny_model_dir):
     server = subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        for _ in range(180):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("prefect server did not become healthy in 90 s")
+        wait_for_http(f"http://127.0.0.1:{port}/api/health")
 
         def prefect(*args: str, timeout: int = 300) -> str:
             out = subprocess.run([str(bin_dir / "prefect"), *args], cwd=root, env=env, capture_output=True, text=True, timeout=timeout)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from olora import pipeline, registry, tracking
 from olora.config import load_config
 from olora.errors import OloraError
 
+from conftest import free_port, wait_for_http
 from overlay import write_params
 
 pytestmark = pytest.mark.integration
@@ -188,14 +188,8 @@ def test_broken_adapter_is_refused_before_registration(tracked, tmp_path):
         registry.register(load_config(tracked.params), tracked.root, tracked.adapter, broken, {})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_server_names_the_uri(tracked, monkeypatch):
-    port = _free_port()
+    port = free_port()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     cfg = load_config(tracked.params, {"tracking.retries": 2})
@@ -212,7 +206,7 @@ def _get(base: str, path: str, **query) -> dict:
 
 
 def test_mlflow_server_shows_runs_metrics_and_registry(tracked):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
@@ -221,14 +215,7 @@ def test_mlflow_server_shows_runs_metrics_and_registry(tracked):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not become healthy in 60 s")
+        wait_for_http(f"{base}/health")
         exp = _get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="olora")["experiment"]
         req = urllib.request.Request(
             f"{base}/api/2.0/mlflow/runs/search", data=json.dumps({"experiment_ids": [exp["experiment_id"]]}).encode(),

@@ -108,7 +108,7 @@ def summarise(raw: dict[str, Any], names: dict[str, str], split: dict[str, str],
     }
 
 
-def run_lm_eval(model, tokenizer, cfg: EvalConfig, runtime: Runtime) -> dict[str, Any]:
+def run_lm_eval(model, tokenizer, cfg: EvalConfig) -> dict[str, Any]:
     """Score an in-memory model with lm-eval's simple_evaluate; returns the summarised metrics."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM

@@ -148,7 +148,7 @@ def stage_evaluate(which: str, layout: Layout = Layout(), overrides: dict[str, A
     cfg, ref, runtime = _setup(layout.params, overrides)
     _check_eval_tasks(cfg)
     model = load_model_for_eval(ref, runtime, layout.exported if which == "adapter" else None)
-    metrics = run_lm_eval(model, load_tokenizer(ref), cfg.eval, runtime)
+    metrics = run_lm_eval(model, load_tokenizer(ref), cfg.eval)
     if which == "adapter":
         base = read_json(layout.metrics("eval_base"))
         metrics = with_deltas(metrics, base)
