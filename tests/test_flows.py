@@ -184,3 +184,18 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path, tiny_model_dir):
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def test_sweep_runs_variants_as_dvc_experiments(harness, project):
+    import olora_pipeline as flows
+    from prefect.artifacts import Artifact
+
+    rows = flows.olora_sweep(root=str(project), grid={"adapter.init": ["olora", "lora"], "adapter.r": [2]})
+    assert [r["variant"] for r in rows] == [{"adapter.init": "olora", "adapter.r": 2}, {"adapter.init": "lora", "adapter.r": 2}]
+    assert all(0.0 <= r["mean_acc"] <= 1.0 and r["final_val_loss"] > 0 and "run" in r["run"] for r in rows)
+    assert rows[0]["run"] != rows[1]["run"]  # each variant has its own MLflow run
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    shown = subprocess.run(["dvc", "exp", "show", "--json"], cwd=project, capture_output=True, text=True, env=env)
+    assert shown.returncode == 0 and '"lora"' in shown.stdout
+    artifact = Artifact.get("olora-sweep")
+    assert artifact is not None and "| lora | 2 |" in artifact.data

@@ -149,6 +149,9 @@ def test_promotion_gate_and_rollback_on_the_real_registry(tracked):
     d = registry.promote(cfg, tracked.root)
     assert d.promote and d.reason == "no champion yet"
     assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
+    again = registry.promote(cfg, tracked.root)
+    assert not again.promote and "already champion" in again.reason
+    assert c.get_model_version(name, "1").tags["promotion.decision"] == "promoted"  # the record is kept
 
     def new_version(mean_acc: float) -> str:
         v = c.create_model_version(name, v1.source, run_id=v1.run_id, tags={"mean_acc": str(mean_acc)})

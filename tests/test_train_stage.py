@@ -106,3 +106,13 @@ def test_init_adapter_from_other_settings_is_refused(prepared, tmp_path):
     layout = _clone(prepared, tmp_path / "f")
     with pytest.raises(ConfigError, match=r"built with other settings .*'r': \(4, 8\).*dvc repro init"):
         pipeline.stage_train(layout, overrides={"adapter.r": 8})
+
+
+def test_gradient_checkpointing_and_accumulation_train(prepared, tmp_path):
+    layout = _clone(prepared, tmp_path / "g")
+    metrics = pipeline.stage_train(
+        layout, overrides={"train.gradient_checkpointing": True, "train.micro_batch_size": 2, "train.gradient_accumulation_steps": 2,
+                           "train.max_steps": 2, "train.save_steps": 2, "train.eval_steps": 2}
+    )
+    assert metrics["steps"] == 2 and torch.isfinite(torch.tensor(metrics["final_val_loss"]))
+    assert metrics["tokens_trained"] > 0

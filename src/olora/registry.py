@@ -156,6 +156,9 @@ def promote(cfg: Config, root: Path, name: str | None = None, version: str | Non
             raise OloraError(f"{name} has no version {version}; versions: {known}")
     champion = _alias_version(c, name, CHAMPION)
     metric = cfg.tracking.promote_metric
+    if champion == version and not force:  # nothing to decide; keep the record of the original decision
+        value = _version_metric(c, name, version, metric)
+        return Decision(False, f"version {version} is already {CHAMPION}", value if value is not None else float("nan"), value)
     decision = decide(
         _version_metric(c, name, version, metric),
         _version_metric(c, name, champion, metric) if champion and champion != version else None,
@@ -163,8 +166,6 @@ def promote(cfg: Config, root: Path, name: str | None = None, version: str | Non
         force,
         metric,
     )
-    if champion == version and not force:
-        decision = Decision(False, f"version {version} is already {CHAMPION}", decision.challenger_metric, decision.champion_metric)
     tags = {
         "promotion.decision": "promoted" if decision.promote else "rejected",
         "promotion.reason": decision.reason,
