@@ -153,8 +153,9 @@ def stage_evaluate(which: str, layout: Layout = Layout(), overrides: dict[str, A
         base = read_json(layout.metrics("eval_base"))
         metrics = with_deltas(metrics, base)
         write_text(layout.report, report_markdown(base, metrics, f"{cfg.adapter.init} r={cfg.adapter.r} on {ref.name}"))
+    write_json(layout.metrics(f"eval_{which}"), metrics)  # before logging: a tracking outage loses no scores
+    if which == "adapter":
         _log_evaluation(cfg, layout, base, metrics)
-    write_json(layout.metrics(f"eval_{which}"), metrics)
     log.info("evaluate %s: mean acc %.4f", which, metrics["mean_acc"])
     return metrics
 
