@@ -24,6 +24,11 @@ class ModelRef:
     local: bool
 
 
+def short_name(name: str) -> str:
+    """`embedded:SmolLM2-135M-Instruct`, `org/Model` or `/path/to/Model` -> the model's own name."""
+    return name.split(":")[-1].rstrip("/").split("/")[-1]
+
+
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 

@@ -41,15 +41,14 @@ def olora_factors(weight: torch.Tensor, r: int, fan_in_fan_out: bool = False, na
     return a0, q, w
 
 
-def olora_init_(model, adapter: str = "default") -> dict[str, float]:
+def olora_init_(model, adapter: str = "default") -> None:
     """Overwrite a PEFT LoRA model's adapters with the OLoRA init and make each base the residual.
 
-    Returns per-layer max |B0ᵀB0 − I|. bitsandbytes-quantised layers use PEFT's own routine
-    (dequantise, decompose, requantise), as PEFT does.
+    bitsandbytes-quantised layers use PEFT's own routine (dequantise, decompose, requantise).
+    `olora.adapters.orthonormality_errors` checks the result.
     """
     from olora.adapters import lora_layers
 
-    errors = {}
     with torch.no_grad():
         for name, layer in lora_layers(model).items():
             if adapter not in layer.lora_A:
@@ -69,7 +68,4 @@ def olora_init_(model, adapter: str = "default") -> dict[str, float]:
             w.addmm_(b0, a0, alpha=-s)
             if w.data_ptr() != base.weight.data_ptr():
                 base.weight.data.copy_(w.T if fan else w)
-            eye = torch.eye(r, device=b0.device, dtype=torch.float64)
-            errors[name] = float((b0.double().T @ b0.double() - eye).abs().max())
             del a0, b0, w
-    return errors

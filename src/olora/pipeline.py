@@ -116,19 +116,9 @@ def stage_train(layout: Layout = Layout(), overrides: dict[str, Any] | None = No
             run[0].set_terminated(run[1], "FAILED")
         raise
     if run:
-        client, run_id = run
         result.metrics["tracking_seconds"] = round(batch_logger.seconds, 4)
         result.metrics["tracking_share_of_train_time"] = round(batch_logger.seconds / max(result.metrics["train_seconds"], 1e-9), 6)
-        numeric = {f"train/{k}": v for k, v in result.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        tracking.with_retries("logging the training summary", client.tracking_uri, lambda: tracking.log_values(client, run_id, numeric))
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            plot = tracking.loss_plot(result.history, Path(tmp) / "loss_curve.png", tracking.run_name(cfg))
-            client.log_artifact(run_id, str(plot))
-        client.log_artifacts(run_id, str(layout.exported), "exported_adapter")
-        tracking.write_run_file(layout.adapter, run_id, client.tracking_uri, cfg.tracking.experiment)
-        client.set_terminated(run_id, "FINISHED")
+        tracking.finish_training_run(*run, cfg, result.metrics, result.history, layout.exported, layout.adapter)
     _write_curve(layout.plot("train_loss"), [(h["step"], h["loss"]) for h in result.history if "loss" in h], "loss")
     _write_curve(
         layout.plot("val_loss"), [(h["step"], h["eval_loss"]) for h in result.history if "eval_loss" in h], "val_loss"

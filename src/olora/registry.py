@@ -17,6 +17,7 @@ from typing import Any
 
 from olora.config import Config
 from olora.errors import OloraError
+from olora.models import short_name
 from olora.promotion import Decision, decide
 from olora.tracking import client, read_run_file, with_retries
 
@@ -27,7 +28,7 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 def model_name(cfg: Config) -> str:
     if cfg.tracking.registered_model:
         return cfg.tracking.registered_model
-    base = cfg.model.name.split(":")[-1].rstrip("/").split("/")[-1]
+    base = short_name(cfg.model.name)
     return f"olora-{base}"
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, TypeVar
 
 from olora.config import Config, TrackingConfig
 from olora.errors import OloraError
+from olora.models import short_name
 
 log = logging.getLogger("olora")
 RUN_FILE = "mlflow_run.json"
@@ -118,7 +119,7 @@ def package_versions() -> dict[str, str]:
 
 
 def run_name(cfg: Config) -> str:
-    base = cfg.model.name.split(":")[-1].rstrip("/").split("/")[-1]
+    base = short_name(cfg.model.name)
     return f"{cfg.adapter.init}-r{cfg.adapter.r}-{base}"
 
 
@@ -213,6 +214,20 @@ def start_training_run(cfg: Config, root: Path, ref_name: str, ref_revision: str
         cfg.tracking.retries,
     )
     return c, run_id
+
+
+def finish_training_run(c, run_id: str, cfg: Config, metrics: dict[str, Any], history: list[dict[str, Any]],
+                        exported_dir: Path, adapter_dir: Path) -> None:
+    """Log the training summary, loss-curve plot and exported adapter; record the run id in the adapter's output."""
+    import tempfile
+
+    numeric = {f"train/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    with_retries("logging the training summary", c.tracking_uri, lambda: log_values(c, run_id, numeric), cfg.tracking.retries)
+    with tempfile.TemporaryDirectory() as tmp:
+        c.log_artifact(run_id, str(loss_plot(history, Path(tmp) / "loss_curve.png", run_name(cfg))))
+    c.log_artifacts(run_id, str(exported_dir), "exported_adapter")
+    write_run_file(adapter_dir, run_id, c.tracking_uri, cfg.tracking.experiment)
+    c.set_terminated(run_id, "FINISHED")
 
 
 def loss_plot(history: list[dict[str, Any]], path: Path, title: str) -> Path:
