@@ -39,7 +39,8 @@ def run_one(method: str, r: int, layers: int, device: str, dtype: str) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    from olora.olora_math import olora_init_
+    from olora import adapters
+    from olora.config import AdapterConfig
 
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
@@ -56,11 +57,11 @@ def run_one(method: str, r: int, layers: int, device: str, dtype: str) -> dict:
     if method == "matmul_floor":  # two (m×r)·(r×n) products per layer = 4·m·n·r flops, allocation untimed
         elapsed = sum(_time_mm(m, n, r, device) for m, n in shapes)
     else:
-        init = {"ours": True, "peft_olora": "olora", "peft_lora": True}[method]
-        cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights=init)
-        peft_model = get_peft_model(model, cfg)
-        if method == "ours":
-            olora_init_(peft_model)
+        if method == "ours":  # the pipeline's init stage calls exactly this
+            adapters.initialise(model, AdapterConfig(init="olora", r=r, alpha=2.0 * r, target_modules=TARGETS))
+        else:
+            init = {"peft_olora": "olora", "peft_lora": True}[method]
+            get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights=init))
         sync()
         elapsed = time.perf_counter() - start
     peak = {"peak_rss_growth_mb": round(rss_peak_mb() - before, 1)}

@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from olora import adapters
+from olora.config import AdapterConfig
 from olora.errors import ConfigError
 from olora.olora_math import olora_factors, olora_init_
 
@@ -124,8 +126,9 @@ def test_whole_models_match_peft(build, targets):
     reference = build().eval()
     x = torch.randint(0, 128, (2, 12))
     theirs = _peft(copy.deepcopy(reference), 8, targets, "olora").eval()
-    ours = _peft(copy.deepcopy(reference), 8, targets, True).eval()
-    olora_init_(ours)
+    # the pipeline's path: adapters built on the meta device, materialised and filled by olora_init_
+    ours = adapters.initialise(copy.deepcopy(reference), AdapterConfig(r=8, alpha=17.0, target_modules=targets)).eval()
+    assert not any(p.is_meta for p in ours.parameters())
     with torch.no_grad():
         expected = reference(input_ids=x).logits
         torch.testing.assert_close(ours(input_ids=x).logits, theirs(input_ids=x).logits, atol=1e-5, rtol=1e-5)

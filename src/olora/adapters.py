@@ -55,7 +55,9 @@ def initialise(base, cfg: AdapterConfig):
 
     torch.manual_seed(cfg.seed)
     causal_lm = hasattr(base, "prepare_inputs_for_generation")  # plain nn.Modules (tests) get no task type
-    model = get_peft_model(base, lora_config(cfg, True, causal_lm))
+    # OLoRA overwrites A and B: build them on the meta device (no random init; 0.8 s of 3.8 s at r=64 on
+    # TinyLlama shapes) and let olora_init_ materialise them
+    model = get_peft_model(base, lora_config(cfg, True, causal_lm), low_cpu_mem_usage=cfg.init == "olora")
     if cfg.init == "olora":
         olora_init_(model)
         model.peft_config["default"].init_lora_weights = "olora"  # provenance; saved as True (save_initial)

@@ -54,6 +54,9 @@ def olora_init_(model, adapter: str = "default") -> None:
             if adapter not in layer.lora_A:
                 continue
             base = layer.get_base_layer()
+            for module in (layer.lora_A[adapter], layer.lora_B[adapter]):
+                if module.weight.is_meta:  # built with low_cpu_mem_usage: allocate, the init fills it
+                    module.to_empty(device=base.weight.device)
             if type(base.weight).__module__.startswith("bitsandbytes"):
                 layer.olora_init(adapter)
                 continue
