@@ -14,10 +14,9 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
-from pathlib import Path
+from common import publish, run_case
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ["ours", "peft_olora", "peft_lora", "matmul_floor"]
@@ -77,6 +76,7 @@ def _time_mm(m: int, n: int, r: int, device: str) -> float:
     x = torch.randn(m, r, device=device)
     y = torch.randn(r, n, device=device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    _ = x[:1] @ y  # warm-up (cuBLAS handles, kernels) outside the timing
     sync()
     t = time.perf_counter()
     a = x @ y
@@ -105,11 +105,10 @@ def main() -> int:
         for method in args.methods:
             cmd = [sys.executable, __file__, "--one", method, str(r), "--layers", str(args.layers),
                    "--device", args.device, "--dtype", args.dtype]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-            if out.returncode != 0:
-                print(out.stderr[-2000:], file=sys.stderr)
+            row = run_case(cmd)
+            if row is None:
                 return 1
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows.append(row)
             print(f"  r={r:<3} {method:<13} {rows[-1]['seconds']:>9.3f} s", file=sys.stderr)
 
     import torch
@@ -130,12 +129,7 @@ def main() -> int:
             mem = row.get("peak_cuda_growth_mb", row["peak_rss_growth_mb"])
             lines.append(f"| {r} | {method} | {row['seconds']:.3f} | {speed:.1f} | {floor:.2f} | {mem} |")
     table = "\n".join(lines)
-    print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = f"init_{args.device.split(':')[0]}_{args.dtype}"
-    (out / f"{tag}.json").write_text(json.dumps({"device": device_name, "rows": rows}, indent=2) + "\n")
-    (out / f"{tag}.md").write_text(table + "\n")
+    publish(args.out, f"init_{args.device.split(':')[0]}_{args.dtype}", {"device": device_name, "rows": rows}, table)
     return 0
 
 

@@ -10,7 +10,6 @@ port. Overhead = flow time - baseline. Prints a table; writes JSON + markdown un
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -20,6 +19,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from common import publish
 
 PLAIN = "def step(x):\n    return x + 1\nprint(step(1))\n"
 FLOW = (
@@ -73,12 +74,7 @@ def main() -> int:
     for name, values in rows.items():
         med = statistics.median(values)
         lines.append(f"| {name} | {med:.2f} | {med - base:+.2f} |")
-    table = "\n".join(lines)
-    print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "prefect.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out / "prefect.md").write_text(table + "\n")
+    publish(args.out, "prefect", rows, "\n".join(lines))
     return 0
 
 

