@@ -45,13 +45,14 @@ def tiny_adapter(tmp_path_factory, tiny_model_dir) -> Path:
 def test_train_eval_benchmarks_and_report(tmp_path, tiny_model_dir, tiny_adapter):
     out = tmp_path / "results"
     table = bench("bench_train.py", "--model", str(tiny_model_dir), "--steps", "2", "--warmup", "1",
-                  "--max-examples", "300", "--micro-batch", "2", "--seq-len", "64", "--out", str(out))
+                  "--max-examples", "300", "--micro-batch", "2", "--seq-len", "64", "--repeats", "2", "--out", str(out))
     assert "| stage-olora |" in table and "| hand-olora |" in table and "OLoRA / LoRA time per token" in table
     train = json.loads((out / "train_cpu.json").read_text())
     assert {row["case"] for row in train["rows"]} == {"stage-olora", "stage-lora", "hand-olora"}
     for row in train["rows"]:  # every case timed the same work: 2 steps x 2 examples x 64 tokens, no padding
         assert row["timed_steps"] == 2 and row["tokens"] == 2 * 2 * 64 and row["micro_batch"] == 2
         assert row["n_adapter"] > 0 and row["n_linear"] > row["n_adapter"]
+        assert len(row["repeat_tokens_per_second"]) == 2
 
     table = bench("bench_eval.py", "--model", str(tiny_model_dir), "--adapter", str(tiny_adapter), "--limit", "2",
                   "--out", str(out))

@@ -86,12 +86,19 @@ def save_initial(model, out_dir: Path) -> None:
 
 
 def apply_residual(model, adapter: str = "default") -> None:
-    """Turn each adapted base weight W into W - s*B0*A0 using the adapter's current (initial) weights."""
+    """Turn each adapted base weight W into W - s*B0*A0 using the adapter's current (initial) weights.
+
+    In place, computed in float32: no second copy of the model's weights is ever held, so training
+    OLoRA needs no more memory than LoRA.
+    """
     with torch.no_grad():
         for layer in lora_layers(model).values():
-            base = layer.get_base_layer()
-            delta = layer.get_delta_weight(adapter)  # s * B @ A, transposed for fan_in_fan_out layers
-            base.weight.data = (base.weight.data.to(torch.float32) - delta.to(torch.float32)).to(base.weight.dtype)
+            weight = layer.get_base_layer().weight
+            delta = layer.get_delta_weight(adapter).to(torch.float32)  # s * B @ A, transposed for fan_in_fan_out
+            if weight.dtype == torch.float32:
+                weight.data.sub_(delta)
+            else:
+                weight.data.copy_((weight.data.to(torch.float32) - delta).to(weight.dtype))
 
 
 def load_for_training(base, init_dir: Path, init: str):
