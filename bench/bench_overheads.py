@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -22,16 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import publish
+from common import publish, tool_env
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def timed(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess]:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "DVC_NO_ANALYTICS": "1"}
     start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=REPO, env=tool_env(), capture_output=True, text=True)
     return time.perf_counter() - start, done
 
 

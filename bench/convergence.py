@@ -21,11 +21,12 @@ import argparse
 import csv
 import json
 import math
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import tool_env
 
 from olora import study
 
@@ -64,19 +65,15 @@ def read_csv(path: Path) -> list[tuple[int, float]]:
 
 
 def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    return subprocess.run(cmd, cwd=ROOT, env=env, text=True, **kw)
+    return subprocess.run(cmd, cwd=ROOT, env=tool_env(), text=True, **kw)
 
 
 def tee(cmd: list[str]) -> tuple[int, str]:
     """Run `cmd`, echoing its output live; return its exit code and the last lines it printed."""
     import collections
 
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
     tail: collections.deque[str] = collections.deque(maxlen=200)
-    with subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+    with subprocess.Popen(cmd, cwd=ROOT, env=tool_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
         for line in proc.stdout:
             sys.stdout.write(line)
             tail.append(line)

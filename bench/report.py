@@ -9,6 +9,8 @@ import argparse
 import json
 import math
 import statistics
+
+from olora.study import mean_se
 import sys
 from pathlib import Path
 
@@ -26,9 +28,9 @@ def _load(path: Path):
 
 
 def _rel_se(values: list[float]) -> float:
-    """Relative standard error of the mean of `values`."""
-    mean = statistics.mean(values)
-    return statistics.stdev(values) / mean / math.sqrt(len(values)) if len(values) > 1 else math.inf
+    """Relative standard error of the mean of `values` (infinite for a single value)."""
+    mean, se = mean_se(values)
+    return math.inf if math.isnan(se) else se / mean
 
 
 def goals(results: Path) -> list[tuple[str, str, str, str]]:
