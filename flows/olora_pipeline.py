@@ -1,8 +1,8 @@
 """Prefect flows: the DVC pipeline's stages as scheduled, retryable tasks.
 
-Each task calls the same library function that the stage's `dvc.yaml` command calls
-(`olora.pipeline.stage_*`), after asking DVC whether the stage is up to date, and records the new
-outputs in `dvc.lock` with `dvc commit`: DVC stays the judge of what is current and the record of
+The stages come from the one stage table (`olora.stages.STAGES`, from which dvc.yaml is generated):
+each task calls the same library function that the stage's `dvc.yaml` command calls, after asking
+DVC whether the stage is up to date, and records the new outputs in `dvc.lock` with `dvc commit`: DVC stays the judge of what is current and the record of
 versions. Transient failures are retried with exponential backoff; a bad parameter or bad data
 fails at once; a CUDA out-of-memory error in training retries with half the micro-batch and twice
 the accumulation (the same effective batch), written back to params.yaml so dvc.lock tells the truth.
@@ -24,12 +24,12 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.tasks import exponential_backoff
 
-from olora import pipeline
+from olora import dvc
 from olora.config import apply_overrides, config_from_dict, load_config
 from olora.errors import OloraError
-from olora.tracking import TrackingError
-
-STAGES = ["prepare", "init", "train", "evaluate_base", "evaluate", "register"]
+from olora.layout import RUN_FILE, Layout
+from olora.stages import STAGES
+from olora.tracking.client import TrackingError
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -60,48 +60,18 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def _dvc(root: Path, *args: str) -> str:
-    """Run the dvc CLI in the project (DVC's Python API assumes the process's cwd is the repo)."""
-    import shutil
-    import subprocess
-
-    exe = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
-    out = subprocess.run([exe, *args], cwd=root, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"dvc {' '.join(args)} failed in {root}:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
-    return out.stdout
-
-
-def _dvc_up_to_date(root: Path, stage: str) -> bool:
-    return not json.loads(_dvc(root, "status", stage, "--json") or "{}")
-
-
-def _dvc_commit(root: Path, stage: str) -> None:
-    _dvc(root, "commit", "--force", stage)
-
-
-def _call_stage(stage: str, layout: pipeline.Layout) -> None:
-    if stage == "prepare":
-        pipeline.stage_prepare(layout)
-    elif stage == "init":
-        pipeline.stage_init(layout)
-    elif stage == "train":
+def _call_stage(stage: str, layout: Layout) -> None:
+    if stage == "train":
         train_with_oom_backoff(layout)
-    elif stage == "evaluate_base":
-        pipeline.stage_evaluate("base", layout)
-    elif stage == "evaluate":
-        pipeline.stage_evaluate("adapter", layout)
-    elif stage == "register":
-        pipeline.stage_register(layout)
     else:
-        raise OloraError(f"unknown stage {stage!r}; stages: {STAGES}")
+        STAGES[stage].run(layout)
 
 
-def train_with_oom_backoff(layout: pipeline.Layout) -> dict[str, Any]:
+def train_with_oom_backoff(layout: Layout) -> dict[str, Any]:
     logger = get_run_logger()
     while True:
         try:
-            return pipeline.stage_train(layout)
+            return STAGES["train"].run(layout)
         except BaseException as exc:  # noqa: BLE001 - re-raised unless it is an OOM
             if not _is_oom(exc):
                 raise
@@ -119,13 +89,13 @@ def train_with_oom_backoff(layout: pipeline.Layout) -> dict[str, Any]:
 def run_stage(stage: str, root: str) -> dict[str, Any]:
     """Run one DVC stage unless DVC says it is up to date; record its outputs in dvc.lock."""
     logger = get_run_logger()
-    layout = pipeline.Layout(Path(root))
-    if _dvc_up_to_date(layout.root, stage):
+    layout = Layout(Path(root))
+    if dvc.up_to_date(layout.root, stage):
         logger.info("stage %s is up to date (DVC); skipped", stage)
         return {"stage": stage, "ran": False, "seconds": 0.0}
     start = time.perf_counter()
     _call_stage(stage, layout)
-    _dvc_commit(layout.root, stage)
+    dvc.commit(layout.root, stage)
     seconds = time.perf_counter() - start
     logger.info("stage %s finished in %.1f s", stage, seconds)
     return {"stage": stage, "ran": True, "seconds": round(seconds, 2)}
@@ -133,9 +103,9 @@ def run_stage(stage: str, root: str) -> dict[str, Any]:
 
 @task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_condition_fn=_retry_condition)
 def promote_challenger(root: str) -> str:
-    from olora import registry
+    from olora.tracking import registry
 
-    layout = pipeline.Layout(Path(root))
+    layout = Layout(Path(root))
     decision = registry.promote(load_config(layout.params), layout.root)
     return ("promoted: " if decision.promote else "kept champion: ") + decision.reason
 
@@ -143,7 +113,7 @@ def promote_challenger(root: str) -> str:
 @task(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_condition_fn=_retry_condition)
 def dvc_push(root: str, remote: str | None = None) -> str:
     """Push data and adapters to the DVC remote (default: the repo's default remote); returns its report."""
-    return _dvc(Path(root), "push", *(["--remote", remote] if remote else [])).strip()
+    return dvc.run(Path(root), "push", *(["--remote", remote] if remote else [])).stdout.strip()
 
 
 def write_overrides(root: Path, overrides: dict[str, Any]) -> None:
@@ -155,7 +125,7 @@ def write_overrides(root: Path, overrides: dict[str, Any]) -> None:
 
 
 def summary_markdown(root: Path, results: list[dict[str, Any]], extra: str = "") -> str:
-    layout = pipeline.Layout(root)
+    layout = Layout(root)
     lines = ["# olora-pipeline run", "", "| stage | ran | seconds |", "|---|---|---|"]
     lines += [f"| {r['stage']} | {'yes' if r['ran'] else 'cached'} | {r['seconds']} |" for r in results]
     if layout.registration.is_file():
@@ -212,18 +182,14 @@ def olora_sweep(root: str = ".", grid: dict[str, list[Any]] | None = None) -> li
 
 @task(retries=1, retry_delay_seconds=10, retry_condition_fn=_retry_condition, task_run_name="exp {variant}")
 def run_experiment(root: str, variant: dict[str, Any]) -> dict[str, Any]:
-    import subprocess
-
-    args = ["dvc", "exp", "run"]
+    args = ["exp", "run"]
     for key, value in variant.items():
         args += ["-S", f"{key}={value}"]
-    out = subprocess.run(args, cwd=root, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"`{' '.join(args)}` failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
-    layout = pipeline.Layout(Path(root))
+    dvc.run(Path(root), *args)
+    layout = Layout(Path(root))
     tuned = json.loads(layout.metrics("eval_adapter").read_text())
     train = json.loads(layout.metrics("train").read_text())
-    run = json.loads((layout.adapter / "mlflow_run.json").read_text()) if (layout.adapter / "mlflow_run.json").is_file() else {}
+    run = json.loads((layout.adapter / RUN_FILE).read_text()) if (layout.adapter / RUN_FILE).is_file() else {}
     uri = run.get("tracking_uri", "")
     link = f"{uri} run {run.get('run_id', '-')}" if run else "-"
     return {"variant": variant, "mean_acc": tuned["mean_acc"], "final_val_loss": train["final_val_loss"], "run": link}

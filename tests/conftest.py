@@ -21,36 +21,12 @@ torch.set_num_threads(int(os.environ["OLORA_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def build_tiny_llama(path: Path, seed: int = 0) -> Path:
-    """A random-initialised 2-layer Llama with the embedded SmolLM2 tokenizer, saved as a model folder."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from olora.assets import embedded_model_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir("SmolLM2-135M-Instruct"))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+from olora.overlay import build_tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 def free_port() -> int:

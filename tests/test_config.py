@@ -9,7 +9,7 @@ import yaml
 
 from olora.config import Config, apply_overrides, config_from_dict, dump_config, load_config
 from olora.errors import ConfigError
-from olora.pipeline import Layout
+from olora.layout import Layout
 
 from conftest import REPO
 
@@ -32,7 +32,8 @@ def test_dvc_stages_list_existing_keys_and_cover_every_block():
         for key in stage.get("params", []):
             assert key in blocks or key in flat, f"stage {name} lists unknown param {key}"
             used.add(key.split(".")[0])
-    assert used == blocks
+    # runtime knobs (thread count) cannot change an output: no stage depends on them
+    assert used == blocks - {"runtime"}
 
 
 def test_dvc_outputs_match_layout():
@@ -54,7 +55,12 @@ def test_dvc_outputs_match_layout():
     "values, fragment",
     [
         ({"adapter": {"rank": 8}}, "unknown key(s) 'rank' in block 'adapter'; allowed: alpha, dropout, init, r"),
-        ({"adapters": {}}, "unknown key(s) 'adapters' at the top level; allowed: adapter, data, eval, model, tracking, train"),
+        ({"adapters": {}}, "unknown key(s) 'adapters' at the top level; did you mean 'adapter' for 'adapters'? allowed: adapter,"),
+        ({"adaptor": {"r": 4}}, "did you mean 'adapter' for 'adaptor'?"),
+        ({"train": {"learnig_rate": 1e-4}}, "unknown key(s) 'learnig_rate' in block 'train'; did you mean 'train.learning_rate'"),
+        ({"eval": {"limit": 5}}, "did you mean 'evaluate' for 'eval'?"),
+        ({"train": {"learning_rate": "fast"}}, "train.learning_rate='fast' has the wrong type; expected float"),
+        ({"runtime": {"num_threads": -1}}, "runtime.num_threads=-1 is out of range"),
         ({"adapter": {"r": 0}}, "adapter.r=0 is out of range"),
         ({"adapter": {"r": -3}}, "adapter.r=-3 is out of range"),
         ({"adapter": {"r": "8"}}, "adapter.r='8' has the wrong type; expected int"),
@@ -66,7 +72,7 @@ def test_dvc_outputs_match_layout():
         ({"data": {"validation_fraction": 0}}, "strictly between 0.0 and 1.0"),
         ({"train": {"gradient_checkpointing": "yes"}}, "expected bool"),
         ({"model": {"dtype": "fp8"}}, "model.dtype='fp8' is not allowed"),
-        ({"eval": {"tasks": []}}, "eval.tasks is empty"),
+        ({"evaluate": {"tasks": []}}, "evaluate.tasks is empty"),
         ({"adapter": []}, "adapter must be a mapping"),
     ],
 )
@@ -97,7 +103,48 @@ def test_missing_or_broken_params_file(tmp_path):
         load_config(bad)
 
 
-def test_readme_documents_every_parameter():
+def test_yaml_1_1_float_strings_are_the_numbers_users_meant(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  learning_rate: 3e-4\n  max_grad_norm: 1E0\n")
+    assert isinstance(yaml.safe_load(path.read_text())["train"]["learning_rate"], str)  # the YAML 1.1 trap
+    cfg = load_config(path)
+    assert cfg.train.learning_rate == 3e-4 and cfg.train.max_grad_norm == 1.0
+    with pytest.raises(ConfigError, match=r"adapter.r='4e0' has the wrong type; expected int"):
+        config_from_dict({"adapter": {"r": "4e0"}})  # only float settings take the string form
+
+
+def test_readme_parameter_table_is_generated_from_the_field_docstrings():
+    from olora.cli import README_MARKERS, replace_between_markers
+    from olora.config import params_table
+
     readme = (REPO / "README.md").read_text()
-    missing = [key for key in Config().flat() if f"`{key}`" not in readme]
-    assert not missing, f"README lacks {missing}"
+    assert replace_between_markers(readme, params_table()) == readme, (
+        "README's parameter table is stale: run `olora params-table --write README.md`"
+    )
+    table = params_table()
+    assert all(f"`{key}`" in table for key in Config().flat())
+    start, end = README_MARKERS
+    assert readme.count(start) == readme.count(end) == 1
+
+
+def test_every_config_field_has_a_docstring():
+    import typing
+
+    from olora.config import field_docs
+
+    hints = typing.get_type_hints(Config)
+    for block in Config().to_dict():
+        cls = hints[block]
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in field_docs(cls)]
+        assert not missing, f"{block}: fields without a docstring: {missing}"
+
+
+def test_tracking_uri_precedence_is_the_one_stated_rule(tmp_path, monkeypatch):
+    from olora.config import TrackingConfig
+    from olora.tracking.client import resolve_uri
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    assert resolve_uri(TrackingConfig(uri="http://params:5000"), tmp_path) == "http://params:5000"
+    assert resolve_uri(TrackingConfig(uri=""), tmp_path) == "http://env:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert resolve_uri(TrackingConfig(uri=""), tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"

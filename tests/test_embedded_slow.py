@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from olora import pipeline
+from olora.stages import STAGES
+from olora.layout import Layout
 from olora.config import apply_overrides, load_config
 
 from conftest import REPO
@@ -31,13 +32,13 @@ def layout(tmp_path_factory):
             "train.eval_steps": 3,
             "train.save_steps": 3,
             "train.max_eval_examples": 4,
-            "eval.tasks": ["arc_easy", "piqa"],
-            "eval.limit": 4,
+            "evaluate.tasks": ["arc_easy", "piqa"],
+            "evaluate.limit": 4,
         },
     )
     (root / "params.yaml").write_text(yaml.safe_dump(values))
     load_config(root / "params.yaml")
-    return pipeline.Layout(root)
+    return Layout(root)
 
 
 def test_embedded_model_every_stage(layout):
@@ -46,15 +47,15 @@ def test_embedded_model_every_stage(layout):
     from olora.models import load_base, load_tokenizer, resolve_model
     from olora.runtime import resolve_runtime
 
-    pipeline.stage_prepare(layout)
-    init = pipeline.stage_init(layout)
+    STAGES["prepare"].run(layout)
+    init = STAGES["init"].run(layout)
     assert init["layers"] == 30 * 7
     assert init["max_orthonormality_error"] < 1e-5
     assert init["max_output_diff"] < 1e-5 * init["max_abs_logit"] * 100  # fp32 rounding through 30 layers
-    train = pipeline.stage_train(layout)
+    train = STAGES["train"].run(layout)
     assert train["steps"] == 3 and train["final_val_loss"] < 10
-    pipeline.stage_evaluate("base", layout)
-    tuned = pipeline.stage_evaluate("adapter", layout)
+    STAGES["evaluate_base"].run(layout)
+    tuned = STAGES["evaluate"].run(layout)
     assert set(tuned["tasks"]) == {"arc_easy", "piqa"}
 
     cfg = load_config(layout.params)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from olora.config import EvalConfig
+from olora.config import EvaluateConfig
 from olora.errors import ConfigError
-from olora.evaluate import OFFLINE_TASKS, run_lm_eval, stock_tasks_dir, write_offline_tasks
+from olora.stages.evaluate import OFFLINE_TASKS, run_lm_eval, stock_tasks_dir, write_offline_tasks
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_lm_eval_scores_a_real_model(tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    cfg = EvalConfig(tasks=["arc_easy", "winogrande"], limit=3, batch_size=4)
+    cfg = EvaluateConfig(tasks=["arc_easy", "winogrande"], limit=3, batch_size=4)
     metrics = run_lm_eval(model, tokenizer, cfg)
     assert set(metrics["tasks"]) == {"arc_easy", "winogrande"}
     assert metrics["tasks"]["arc_easy"]["n"] == 3 and "acc_norm" in metrics["tasks"]["arc_easy"]

@@ -13,7 +13,10 @@ import pytest
 import torch
 import yaml
 
-from olora import pipeline
+import olora.stages.evaluate
+import olora.stages.init
+import olora.stages.train
+from olora.stages import STAGES
 from olora.errors import ConfigError, OloraError
 
 from conftest import REPO, free_port, wait_for_http
@@ -25,7 +28,7 @@ sys.path.insert(0, str(REPO / "flows"))
 
 def test_retry_classification_and_backoff_are_pure():
     import olora_pipeline as flows
-    from olora.tracking import TrackingError
+    from olora.tracking.client import TrackingError
 
     assert flows.is_transient(ConnectionError("reset")) and flows.is_transient(TrackingError("down"))
     assert not flows.is_transient(ConfigError("adapter.r=0")) and not flows.is_transient(OloraError("bad data"))
@@ -49,7 +52,7 @@ def harness(tmp_path_factory):
 def project(tmp_path_factory, tiny_model_dir) -> Path:
     root = tmp_path_factory.mktemp("flowproject")
     copy_project(root)
-    write_params(root, tiny_model_dir, {"eval.tasks": ["arc_easy", "piqa"]})
+    write_params(root, tiny_model_dir, {"evaluate.tasks": ["arc_easy", "piqa"]})
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     for args in (["git", "init", "-q"], ["git", "config", "user.email", "t@e.com"], ["git", "config", "user.name", "t"],
                  [str(Path(sys.executable).parent / "dvc"), "init", "-q"]):
@@ -64,7 +67,7 @@ def test_flow_runs_stages_retries_transients_and_backs_off_on_oom(harness, proje
     import olora_pipeline as flows
 
     calls = {"train": [], "evaluate": 0}
-    real_train, real_evaluate = pipeline.stage_train, pipeline.stage_evaluate
+    real_train, real_evaluate = olora.stages.train.train, olora.stages.evaluate.evaluate
 
     def train_ooms_above_two(layout, *args, **kwargs):
         micro = yaml.safe_load(layout.params.read_text())["train"]["micro_batch_size"]
@@ -73,25 +76,25 @@ def test_flow_runs_stages_retries_transients_and_backs_off_on_oom(harness, proje
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
         return real_train(layout, *args, **kwargs)
 
-    def evaluate_flaky(which, layout, *args, **kwargs):
+    def evaluate_flaky(layout, *args, **kwargs):
         calls["evaluate"] += 1
-        if which == "adapter" and calls["evaluate"] == 2:
+        if calls["evaluate"] == 1:
             raise ConnectionError("connection reset by peer (injected)")
-        return real_evaluate(which, layout, *args, **kwargs)
+        return real_evaluate(layout, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "stage_train", train_ooms_above_two)
-    monkeypatch.setattr(pipeline, "stage_evaluate", evaluate_flaky)
+    monkeypatch.setattr(olora.stages.train, "train", train_ooms_above_two)
+    monkeypatch.setattr(olora.stages.evaluate, "evaluate", evaluate_flaky)
     monkeypatch.setattr(flows.run_stage, "retry_delay_seconds", [0, 0])
 
     results = flows.olora_pipeline(root=str(project), promote=True, push=True)
-    assert [r["stage"] for r in results] == flows.STAGES and all(r["ran"] for r in results)
+    assert [r["stage"] for r in results] == list(STAGES) and all(r["ran"] for r in results)
     assert calls["train"] == [4, 2]  # halved once, then fit
     params = yaml.safe_load((project / "params.yaml").read_text())["train"]
     assert (params["micro_batch_size"], params["gradient_accumulation_steps"]) == (2, 2)
-    assert calls["evaluate"] == 3  # base, failed adapter attempt, retried adapter
+    assert calls["evaluate"] == 2  # the failed adapter evaluation and its retry
 
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
-    assert set(lock) == set(flows.STAGES)
+    assert set(lock) == set(STAGES)
     assert lock["train"]["params"]["params.yaml"]["train"]["micro_batch_size"] == 2
     status = subprocess.run([str(Path(sys.executable).parent / "dvc"), "status"], cwd=project, capture_output=True, text=True,
                             env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
@@ -112,13 +115,13 @@ def test_config_error_fails_fast_without_retries(harness, project, monkeypatch):
     import olora_pipeline as flows
 
     calls = []
-    real_init = pipeline.stage_init
+    real_init = olora.stages.init.init
 
     def counting_init(layout, *args, **kwargs):
         calls.append(1)
         return real_init(layout, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "stage_init", counting_init)
+    monkeypatch.setattr(olora.stages.init, "init", counting_init)
     params = (project / "params.yaml").read_text()
     try:
         with pytest.raises(ConfigError, match="match no linear layer"):
@@ -138,7 +141,7 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path, tiny_model_dir):
     root = tmp_path / "project"
     root.mkdir()
     copy_project(root)
-    write_params(root, tiny_model_dir, {"eval.tasks": ["arc_easy"]})
+    write_params(root, tiny_model_dir, {"evaluate.tasks": ["arc_easy"]})
     shutil.copy(REPO / "prefect.yaml", root / "prefect.yaml")
     shutil.copytree(REPO / "flows", root / "flows", ignore=shutil.ignore_patterns("__pycache__"))
     bin_dir = Path(sys.executable).parent

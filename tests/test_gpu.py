@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from olora import adapters, pipeline
+from olora import peft_glue as adapters
+from olora.stages import STAGES
+from olora.layout import Layout
 from olora.config import AdapterConfig
 
 from overlay import write_params
@@ -28,11 +30,11 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def test_bf16_training_of_the_pipeline_on_cuda(tmp_path, tiny_model_dir):
     write_params(tmp_path, tiny_model_dir, {"model.device": "auto", "model.dtype": "auto", "adapter.init": "olora",
                                              "tracking.enabled": False})
-    layout = pipeline.Layout(tmp_path)
-    pipeline.stage_prepare(layout)
-    init = pipeline.stage_init(layout)
+    layout = Layout(tmp_path)
+    STAGES["prepare"].run(layout)
+    init = STAGES["init"].run(layout)
     assert init["max_orthonormality_error"] < 1e-4
-    metrics = pipeline.stage_train(layout)
+    metrics = STAGES["train"].run(layout)
     assert metrics["device"].startswith("cuda") and metrics["dtype"] in ("bfloat16", "float16")
     assert metrics["steps"] == 6 and math.isfinite(metrics["final_val_loss"]) and metrics["peak_memory_mb"] > 0
     assert (layout.exported / "adapter_model.safetensors").is_file()

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from olora import pipeline, registry, tracking
+from olora.stages import STAGES
+from olora.tracking import client as tracking
+from olora.tracking import registry
+from olora.layout import Layout
 from olora.config import load_config
 from olora.errors import OloraError
 
@@ -26,16 +29,16 @@ PROMPTS = ["What is the capital of France?", "Name a colour."]
 
 
 @pytest.fixture(scope="module")
-def tracked(tmp_path_factory, tiny_model_dir) -> pipeline.Layout:
+def tracked(tmp_path_factory, tiny_model_dir) -> Layout:
     root = tmp_path_factory.mktemp("tracked")
-    write_params(root, tiny_model_dir, {"eval.tasks": ["arc_easy", "piqa"]})
-    layout = pipeline.Layout(root)
-    pipeline.stage_prepare(layout)
-    pipeline.stage_init(layout)
-    pipeline.stage_train(layout)
-    pipeline.stage_evaluate("base", layout)
-    pipeline.stage_evaluate("adapter", layout)
-    pipeline.stage_register(layout)
+    write_params(root, tiny_model_dir, {"evaluate.tasks": ["arc_easy", "piqa"]})
+    layout = Layout(root)
+    STAGES["prepare"].run(layout)
+    STAGES["init"].run(layout)
+    STAGES["train"].run(layout)
+    STAGES["evaluate_base"].run(layout)
+    STAGES["evaluate"].run(layout)
+    STAGES["register"].run(layout)
     return layout
 
 
@@ -61,7 +64,7 @@ def test_one_run_holds_training_and_evaluation(tracked):
         assert key in m, key
     assert m["delta/mean_acc"] == pytest.approx(m["eval/mean_acc"] - m["base/mean_acc"])
     artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
-    assert {"loss_curve.png", "eval.md", "exported_adapter"} <= artifacts
+    assert {"loss_curve.png", "evaluate.md", "exported_adapter"} <= artifacts
     train = json.loads(tracked.metrics("train").read_text())
     assert train["tracking_share_of_train_time"] < 0.02
 
@@ -69,7 +72,7 @@ def test_one_run_holds_training_and_evaluation(tracked):
 def test_register_is_idempotent_and_sets_challenger(tracked):
     first = json.loads(tracked.registration.read_text())
     assert first["registered"] and first["version"] == "1"
-    again = pipeline.stage_register(tracked)
+    again = STAGES["register"].run(tracked)
     assert again["version"] == "1" and not again["created"]
     c = _client(tracked)
     name = first["name"]
@@ -83,7 +86,7 @@ def _trained_model(layout):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from olora.adapters import load_for_training
+    from olora.peft_glue import load_for_training
 
     cfg = load_config(layout.params)
     model = load_for_training(AutoModelForCausalLM.from_pretrained(cfg.model.name), layout.init, "olora")

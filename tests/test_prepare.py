@@ -8,7 +8,10 @@ import pytest
 
 from olora.config import DataConfig
 from olora.errors import ConfigError, DataError
-from olora.prepare import encode, embedded_records, prepare, read_jsonl, render, Record
+from olora.data.sources import embedded_records
+from olora.data.templates import Record, encode, render
+from olora.io import read_jsonl
+from olora.stages.prepare import prepare_data as prepare
 
 
 @pytest.fixture(scope="module")

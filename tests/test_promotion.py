@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from olora.promotion import decide
+from olora.core.promotion import decide
 
 
 def test_no_champion_promotes():

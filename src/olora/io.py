@@ -1,4 +1,4 @@
-"""Small file helpers: atomic writes, so a failed stage never leaves a half-written output."""
+"""File helpers: atomic writes (a failed stage never leaves a half-written output), JSONL, adapter-folder checks."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from olora.errors import DataError, OloraError
+from olora.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 
 @contextlib.contextmanager
@@ -52,3 +55,35 @@ def write_text(path: Path, text: str) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def write_jsonl_atomic(out_dir: Path, files: dict[str, list[dict[str, Any]]]) -> None:
+    """Write every file into a sibling temp folder, then swap it in: a failure leaves the old folder."""
+    with atomic_dir(out_dir) as tmp:
+        for name, rows in files.items():
+            with (tmp / name).open("w", encoding="utf-8") as handle:
+                for row in rows:
+                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise DataError(f"{path} not found; run the prepare stage first (`dvc repro prepare`)")
+    # split on "\n" only: str.splitlines would also split on U+2028 inside JSON strings
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+
+
+def check_adapter_dir(path: Path) -> None:
+    """Refuse an adapter folder with missing or unreadable files before anything loads it."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    config, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+    if not config.is_file() or not weights.is_file():
+        raise OloraError(f"{path} is not a PEFT adapter folder (needs adapter_config.json and adapter_model.safetensors)")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            for key in handle.keys():
+                handle.get_slice(key)
+    except Exception as exc:
+        raise OloraError(f"{weights} is unreadable or truncated: {exc}") from exc

@@ -11,6 +11,7 @@ import torch
 from olora import assets
 from olora.config import ModelConfig
 from olora.errors import ConfigError, OloraError
+from olora.layout import MODEL_INPUTS
 from olora.runtime import Runtime
 
 
@@ -33,17 +34,32 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def resolve_model(model: ModelConfig) -> ModelRef:
-    """Find the base model's files; embedded models are converted into the cache on first use."""
+def resolve_model(model: ModelConfig, root: Path | None = None) -> ModelRef:
+    """Find the base model's files; embedded models are converted into the cache on first use.
+
+    With `root` (a pipeline stage), a local folder is read relative to the project and must lie
+    under `models/base/`, the folder every model stage depends on in dvc.yaml: a base model that
+    DVC does not see would let `dvc status` report "up to date" after the model changed.
+    """
     name = model.name
     if name.startswith(assets.EMBEDDED_PREFIX):
         short = name[len(assets.EMBEDDED_PREFIX):]
         path = assets.embedded_model_dir(short)
         return ModelRef(name=name, revision=assets.embedded_revision(short), path=str(path), local=True)
     as_path = Path(name).expanduser()
+    if root is not None and not as_path.is_absolute():
+        as_path = Path(root) / as_path
     if as_path.is_dir():
         if not (as_path / "config.json").is_file():
             raise ConfigError(f"model.name={name!r} is a folder without config.json; point it at a transformers model folder")
+        if root is not None:
+            inputs = (Path(root) / MODEL_INPUTS).resolve()
+            if not as_path.resolve().is_relative_to(inputs):
+                raise ConfigError(
+                    f"model.name={name!r} is a local folder outside {MODEL_INPUTS}/, the folder DVC tracks as the "
+                    f"model stages' input; copy it to {MODEL_INPUTS}/{as_path.name} and set "
+                    f"model.name={MODEL_INPUTS}/{as_path.name}, so that a change to the model reruns the pipeline"
+                )
         return ModelRef(name=name, revision="local", path=str(as_path.resolve()), local=True)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ConfigError(
@@ -67,7 +83,7 @@ def _hub_error(ref: ModelRef, exc: Exception) -> OloraError:
     )
 
 
-def load_config(ref: ModelRef):
+def load_model_config(ref: ModelRef):
     from transformers import AutoConfig
 
     try:
@@ -110,7 +126,7 @@ def linear_layers(ref: ModelRef) -> dict[str, tuple[int, int]]:
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    config = load_config(ref)
+    config = load_model_config(ref)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     out = {}

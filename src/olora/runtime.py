@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from olora.config import ModelConfig
+from olora.config import ModelConfig, RuntimeConfig
 from olora.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -28,15 +28,20 @@ class Runtime:
         return str(self.dtype).removeprefix("torch.")
 
 
-def resolve_runtime(model: ModelConfig) -> Runtime:
-    """Turn `model.device`/`model.dtype` (possibly `auto`) into a concrete device and dtype.
+def set_threads(runtime: RuntimeConfig | None = None) -> None:
+    """torch's CPU threads: `runtime.num_threads`, else $OLORA_NUM_THREADS, else torch's default."""
+    if runtime is not None and runtime.num_threads:
+        torch.set_num_threads(runtime.num_threads)
+    elif os.environ.get("OLORA_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["OLORA_NUM_THREADS"]))
+
+
+def resolve_runtime(model: ModelConfig, runtime: RuntimeConfig | None = None) -> Runtime:
+    """Turn `model.device`/`model.dtype` (possibly `auto`) into a concrete device and dtype; set threads.
 
     auto: CUDA when available (bf16 where the GPU supports it, else fp16), otherwise CPU in fp32.
     """
-    if model.num_threads:
-        torch.set_num_threads(model.num_threads)
-    elif "OLORA_NUM_THREADS" in os.environ:
-        torch.set_num_threads(int(os.environ["OLORA_NUM_THREADS"]))
+    set_threads(runtime)
     name = model.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,7 +1,7 @@
 """MLflow Model Registry: register exported adapters, promote by aliases, roll back.
 
 New versions get the alias `challenger`; `promote` moves `champion` only when the pure decision in
-`olora.promotion` says so, and records the decision as version tags; `rollback` restores the
+`olora.core.promotion` says so, and records the decision as version tags; `rollback` restores the
 previous champion. Registering the same run twice returns the existing version.
 """
 
@@ -18,16 +18,18 @@ from typing import Any
 from olora.config import Config
 from olora.errors import OloraError
 from olora.models import short_name
-from olora.promotion import Decision, decide
-from olora.tracking import client, read_run_file, with_retries
+from olora import layout
+from olora.core.promotion import Decision, decide
+from olora.tracking.client import client, with_retries
+from olora.tracking.runs import read_run_file
 
 log = logging.getLogger("olora")
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
 def model_name(cfg: Config) -> str:
-    if cfg.tracking.registered_model:
-        return cfg.tracking.registered_model
+    if cfg.register.model_name:
+        return cfg.register.model_name
     base = short_name(cfg.model.name)
     return f"olora-{base}"
 
@@ -49,8 +51,8 @@ def register(cfg: Config, root: Path, adapter_dir: Path, exported_dir: Path, eva
     import torch
     import transformers
 
-    from olora.adapters import check_adapter_dir
-    from olora.serving import AdapterGenerator
+    from olora.io import check_adapter_dir
+    from olora.tracking.pyfunc import AdapterGenerator
 
     check_adapter_dir(exported_dir)  # refuse truncated or mismatched files before anything is logged
     run = read_run_file(adapter_dir)
@@ -69,7 +71,7 @@ def register(cfg: Config, root: Path, adapter_dir: Path, exported_dir: Path, eva
         log.info("register: run %s is already %s version %s", run_id, name, version)
         return Registration(name, version, run_id, created=False)
 
-    adapter_meta = json.loads((Path(adapter_dir) / "olora_init.json").read_text())
+    adapter_meta = json.loads((Path(adapter_dir) / layout.INIT_META).read_text())
     with tempfile.TemporaryDirectory() as tmp:
         base_file = Path(tmp) / "base.json"
         base_file.write_text(json.dumps({"name": adapter_meta["base_model"], "revision": cfg.model.revision}))
@@ -156,14 +158,14 @@ def promote(cfg: Config, root: Path, name: str | None = None, version: str | Non
         if int(version) not in known:
             raise OloraError(f"{name} has no version {version}; versions: {known}")
     champion = _alias_version(c, name, CHAMPION)
-    metric = cfg.tracking.promote_metric
+    metric = cfg.register.promote_metric
     if champion == version and not force:  # nothing to decide; keep the record of the original decision
         value = _version_metric(c, name, version, metric)
         return Decision(False, f"version {version} is already {CHAMPION}", value if value is not None else float("nan"), value)
     decision = decide(
         _version_metric(c, name, version, metric),
         _version_metric(c, name, champion, metric) if champion and champion != version else None,
-        cfg.tracking.min_improvement,
+        cfg.register.min_improvement,
         force,
         metric,
     )

@@ -20,14 +20,19 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from olora import adapters, models
+import csv
+import logging
+
+from olora import models, peft_glue
 from olora.config import Config
+from olora.data.templates import encode
 from olora.errors import ConfigError, NonFiniteLossError
-from olora.io import atomic_dir, read_json, write_json
-from olora.prepare import encode, read_jsonl
+from olora.io import atomic_dir, read_json, read_jsonl, write_json
+from olora.layout import INIT_META, TRAIN_FILE, VALIDATION_FILE, Layout
 from olora.runtime import Runtime, peak_memory_bytes, seed_everything
 
 FINGERPRINT = "fingerprint.json"
+log = logging.getLogger("olora")
 
 
 @dataclass(frozen=True)
@@ -136,7 +141,7 @@ def train_adapter(
     """Fine-tune and write the trained and exported adapters; returns metrics and the loss history."""
     from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
-    meta = read_json(Path(init_dir) / adapters.INIT_META)
+    meta = read_json(Path(init_dir) / INIT_META)
     expected = {"init": cfg.adapter.init, "r": cfg.adapter.r, "alpha": cfg.adapter.alpha, "base_model": cfg.model.name}
     stale = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
     if stale:
@@ -146,8 +151,8 @@ def train_adapter(
         )
     seed_everything(cfg.train.seed)
     tokenizer = models.load_tokenizer(ref)
-    train_rows = tokenize_split(tokenizer, read_jsonl(Path(data_dir) / "train.jsonl"), cfg.data.max_seq_length)
-    val_rows = tokenize_split(tokenizer, read_jsonl(Path(data_dir) / "validation.jsonl"), cfg.data.max_seq_length)
+    train_rows = tokenize_split(tokenizer, read_jsonl(Path(data_dir) / TRAIN_FILE), cfg.data.max_seq_length)
+    val_rows = tokenize_split(tokenizer, read_jsonl(Path(data_dir) / VALIDATION_FILE), cfg.data.max_seq_length)
     if cfg.train.max_eval_examples:
         val_rows = val_rows[: cfg.train.max_eval_examples]
 
@@ -156,7 +161,7 @@ def train_adapter(
     train_set = datasets.Dataset.from_list(train_rows)
     val_set = datasets.Dataset.from_list(val_rows)
     base = models.load_base(ref, runtime)
-    model = adapters.load_for_training(base, init_dir, cfg.adapter.init)
+    model = peft_glue.load_for_training(base, init_dir, cfg.adapter.init)
     if cfg.train.gradient_checkpointing:
         model.enable_input_require_grads()
 
@@ -210,9 +215,9 @@ def train_adapter(
 
     with atomic_dir(Path(adapter_dir)) as tmp:
         model.save_pretrained(str(tmp))
-        shutil.copy(Path(init_dir) / adapters.INIT_META, tmp / adapters.INIT_META)
+        shutil.copy(Path(init_dir) / INIT_META, tmp / INIT_META)
     with atomic_dir(Path(exported_dir)) as tmp:
-        adapters.export_plain_lora(model, tmp, Path(init_dir), cfg.adapter.init)
+        peft_glue.export_plain_lora(model, tmp, Path(init_dir), cfg.adapter.init)
 
     train_losses = [h["loss"] for h in history if "loss" in h]
     val_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
@@ -230,3 +235,51 @@ def train_adapter(
         "dtype": runtime.dtype_name,
     }
     return TrainResult(Path(adapter_dir), Path(exported_dir), metrics, history)
+
+
+def train(layout: Layout = Layout(), overrides: dict[str, Any] | None = None, callbacks=None) -> dict[str, Any]:
+    """The stage: data/prepared + models/init -> models/adapter, models/exported, metrics, loss curves.
+
+    Opens the adapter's MLflow run (tracking.enabled) and records its id in models/adapter.
+    """
+    from olora.stages import setup
+
+    cfg, ref, runtime = setup(layout, overrides)
+    callbacks = list(callbacks or [])
+    run = None
+    if cfg.tracking.enabled:
+        from olora.tracking import runs
+        from olora.tracking.callback import BatchLogger
+
+        run = runs.start_training_run(cfg, layout.root, ref.name, ref.revision)
+        batch_logger = BatchLogger(*run)
+        callbacks.append(batch_logger.callback)
+    try:
+        result = train_adapter(
+            cfg, ref, runtime, layout.data, layout.init, layout.adapter, layout.exported, layout.checkpoints, callbacks
+        )
+    except BaseException:
+        if run:
+            run[0].set_terminated(run[1], "FAILED")
+        raise
+    if run:
+        result.metrics["tracking_seconds"] = round(batch_logger.seconds, 4)
+        result.metrics["tracking_share_of_train_time"] = round(batch_logger.seconds / max(result.metrics["train_seconds"], 1e-9), 6)
+        runs.finish_training_run(*run, cfg, result.metrics, result.history, layout.exported, layout.adapter)
+    _write_curve(layout.plot("train_loss"), [(h["step"], h["loss"]) for h in result.history if "loss" in h], "loss")
+    _write_curve(
+        layout.plot("val_loss"), [(h["step"], h["eval_loss"]) for h in result.history if "eval_loss" in h], "val_loss"
+    )
+    write_json(layout.metrics("train"), result.metrics)
+    log.info("train: %s steps, final val loss %.4f", result.metrics["steps"], result.metrics["final_val_loss"])
+    return result.metrics
+
+
+def _write_curve(path: Path, points: list[tuple[int, float]], column: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["step", column])
+        writer.writerows(points)
+    tmp.replace(path)

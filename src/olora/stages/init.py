@@ -1,5 +1,7 @@
 """Stage `init`: build the PEFT LoRA model on the base and initialise it with OLoRA (or LoRA).
 
+The QR mathematics is `olora.core.olora`; applying it to PEFT's layers is `olora.peft_glue`.
+
 Saves the initial adapter (A0, B0 and config) and records per-layer checks: max |B0^T B0 - I| and
 the largest output difference between the base and the initialised model on a fixed batch.
 """
@@ -12,10 +14,15 @@ from typing import Any
 
 import torch
 
-from olora import adapters, models
+import logging
+
+from olora import models, peft_glue
 from olora.config import Config
 from olora.io import atomic_dir, write_json
+from olora.layout import INIT_META, Layout
 from olora.runtime import Runtime
+
+log = logging.getLogger("olora")
 
 
 def fixed_batch(vocab_size: int, device: torch.device, batch: int = 2, length: int = 32) -> torch.Tensor:
@@ -29,27 +36,27 @@ class InitResult:
     metrics: dict[str, Any]
 
 
-def initialise_adapter(cfg: Config, ref: models.ModelRef, runtime: Runtime, out_dir: Path) -> InitResult:
+def init_adapter(cfg: Config, ref: models.ModelRef, runtime: Runtime, out_dir: Path) -> InitResult:
     """Initialise adapters on the base, check the invariants and save the initial adapter."""
     models.check_targets(models.linear_layers(ref), cfg.adapter.target_modules, cfg.adapter.r)
     base = models.load_base(ref, runtime)
     batch = fixed_batch(base.config.vocab_size, runtime.device)
     with torch.no_grad():
         before = base(input_ids=batch).logits.float()
-    model = adapters.initialise(base, cfg.adapter)
+    model = peft_glue.initialise(base, cfg.adapter)
     model.eval()
     with torch.no_grad():
         after = model(input_ids=batch).logits.float()
     metrics = {
         "init": cfg.adapter.init,
-        "layers": len(adapters.lora_layers(model)),
+        "layers": len(peft_glue.lora_layers(model)),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "max_output_diff": float((after - before).abs().max()),
         "max_abs_logit": float(before.abs().max()),
     }
     per_layer: dict[str, float] = {}
     if cfg.adapter.init == "olora":  # B0 has orthonormal columns only under OLoRA (LoRA's B0 is zero)
-        per_layer = adapters.orthonormality_errors(model)
+        per_layer = peft_glue.orthonormality_errors(model)
         metrics["max_orthonormality_error"] = max(per_layer.values())
         by_kind: dict[str, float] = {}
         for name, error in per_layer.items():
@@ -57,9 +64,9 @@ def initialise_adapter(cfg: Config, ref: models.ModelRef, runtime: Runtime, out_
             by_kind[kind] = max(by_kind.get(kind, 0.0), error)
         metrics["orthonormality_error_by_module"] = by_kind
     with atomic_dir(out_dir) as tmp:
-        adapters.save_initial(model, tmp)
+        peft_glue.save_initial(model, tmp)
         write_json(
-            tmp / adapters.INIT_META,
+            tmp / INIT_META,
             {
                 "init": cfg.adapter.init,
                 "r": cfg.adapter.r,
@@ -72,3 +79,14 @@ def initialise_adapter(cfg: Config, ref: models.ModelRef, runtime: Runtime, out_
             },
         )
     return InitResult(out_dir, metrics)
+
+
+def init(layout: Layout = Layout(), overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The stage: params -> models/init (A0, B0, adapter config, olora_init.json) and metrics/init.json."""
+    from olora.stages import setup
+
+    cfg, ref, runtime = setup(layout, overrides)
+    result = init_adapter(cfg, ref, runtime, layout.init)
+    write_json(layout.metrics("init"), result.metrics)
+    log.info("init: %s layers, max output diff %.3g", result.metrics["layers"], result.metrics["max_output_diff"])
+    return result.metrics

@@ -1,4 +1,4 @@
-"""PEFT glue for OLoRA and LoRA adapters: build, initialise, save, reload for training, export.
+"""PEFT glue: every place the pipeline touches PEFT's LoRA layers (build, OLoRA init, save, reload, export).
 
 OLoRA (Büyükakyüz 2024): for a target weight W (out x in) with W = QR, B0 = Q[:, :r], A0 = R[:r, :]
 and the frozen base becomes W - s*B0*A0 (s = alpha / r), so the model is unchanged at step 0.
@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from olora.config import AdapterConfig
-from olora.errors import OloraError
+from olora.core.olora import olora_factors
+from olora.errors import ConfigError
 
 INIT_META = "olora_init.json"
 
@@ -43,15 +44,45 @@ def lora_layers(model) -> dict[str, torch.nn.Module]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
 
 
+def olora_init_(model, adapter: str = "default") -> None:
+    """Overwrite a PEFT LoRA model's adapters with the OLoRA init and make each base the residual.
+
+    bitsandbytes-quantised layers use PEFT's own routine (dequantise, decompose, requantise).
+    `orthonormality_errors` checks the result. Exact O(m·n·r) factors from `olora.core.olora`, equal
+    to PEFT's full-QR `init_lora_weights="olora"` (tests/test_peft_glue.py) at a fraction of its cost.
+    """
+    with torch.no_grad():
+        for name, layer in lora_layers(model).items():
+            if adapter not in layer.lora_A:
+                continue
+            base = layer.get_base_layer()
+            for module in (layer.lora_A[adapter], layer.lora_B[adapter]):
+                if module.weight.is_meta:  # built with low_cpu_mem_usage: allocate, the init fills it
+                    module.to_empty(device=base.weight.device)
+            if type(base.weight).__module__.startswith("bitsandbytes"):
+                layer.olora_init(adapter)
+                continue
+            r, s = layer.r[adapter], layer.scaling[adapter]
+            fan = bool(getattr(layer, "fan_in_fan_out", False))
+            a0, b0, w = olora_factors(base.weight, r, fan, name)  # ValueError -> ConfigError in initialise
+            lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+            lora_a.data = a0.to(lora_a.dtype).contiguous()
+            lora_b.data = b0.to(lora_b.dtype).contiguous()
+            # W - s*B0*A0 in place: for a float32 weight `w` is a view of it (no m×n temporaries,
+            # which cost more than the flops here); otherwise `w` is this layer's float32 copy
+            w.addmm_(b0, a0, alpha=-s)
+            if w.data_ptr() != base.weight.data_ptr():
+                base.weight.data.copy_(w.T if fan else w)
+            del a0, b0, w
+
+
 def initialise(base, cfg: AdapterConfig):
     """Wrap `base` with LoRA adapters initialised by OLoRA (base mutated in place) or PEFT's LoRA init.
 
-    OLoRA uses our exact O(m·n·r) routine (`olora.olora_math`), equal to PEFT's full-QR
-    `init_lora_weights="olora"` (tests/test_olora_fast_init.py) at a fraction of its cost.
+    OLoRA uses `olora_init_` (the exact O(m·n·r) factors); a rank that does not fit a layer, or a
+    rank-deficient weight, is a ConfigError naming adapter.r.
     """
     from peft import get_peft_model
-
-    from olora.olora_math import olora_init_
 
     torch.manual_seed(cfg.seed)
     causal_lm = hasattr(base, "prepare_inputs_for_generation")  # plain nn.Modules (tests) get no task type
@@ -59,7 +90,10 @@ def initialise(base, cfg: AdapterConfig):
     # TinyLlama shapes) and let olora_init_ materialise them
     model = get_peft_model(base, lora_config(cfg, True, causal_lm), low_cpu_mem_usage=cfg.init == "olora")
     if cfg.init == "olora":
-        olora_init_(model)
+        try:
+            olora_init_(model)
+        except ValueError as exc:
+            raise ConfigError(f"adapter.r={cfg.r}, adapter.init=olora: {exc}") from None
         model.peft_config["default"].init_lora_weights = "olora"  # provenance; saved as True (save_initial)
     return model
 
@@ -125,19 +159,3 @@ def export_plain_lora(model, out_dir: Path, init_dir: Path, init: str) -> None:
         copy = Path(tmp) / "initial"
         shutil.copytree(init_dir, copy)
         model.save_pretrained(str(out_dir), path_initial_model_for_weight_conversion=str(copy))
-
-
-def check_adapter_dir(path: Path) -> None:
-    """Refuse an adapter folder with missing or unreadable files before anything loads it."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    config, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
-    if not config.is_file() or not weights.is_file():
-        raise OloraError(f"{path} is not a PEFT adapter folder (needs adapter_config.json and adapter_model.safetensors)")
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            for key in handle.keys():
-                handle.get_slice(key)
-    except Exception as exc:
-        raise OloraError(f"{weights} is unreadable or truncated: {exc}") from exc

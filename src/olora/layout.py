@@ -1,0 +1,97 @@
+"""Where every stage reads and writes, relative to the project root, and the file names shared by modules.
+
+`dvc.yaml` is generated from the stage table (`olora.stages`), which takes its paths from here, so
+a path is written once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+PARAMS = "params.yaml"
+DVC_YAML = "dvc.yaml"
+DVC_LOCK = "dvc.lock"
+LOCKFILE = "requirements.lock"  # the locked library versions: every stage depends on it
+
+TRAIN_FILE = "train.jsonl"
+VALIDATION_FILE = "validation.jsonl"
+INIT_META = "olora_init.json"  # in models/init and models/adapter: how the initial adapter was built
+RUN_FILE = "mlflow_run.json"  # in models/adapter: the MLflow run that holds this adapter
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+# Project-relative paths (as dvc.yaml writes them)
+DATA_INPUTS = "data/raw"  # local data files (data.source) must live here: prepare depends on it
+MODEL_INPUTS = "models/base"  # local base-model folders (model.name) must live here: every model stage depends on it
+DATA = "data/prepared"
+INIT = "models/init"
+ADAPTER = "models/adapter"
+EXPORTED = "models/exported"
+CHECKPOINTS = "checkpoints/train"
+REPORT = "reports/eval.md"
+REGISTRATION = "reports/registration.json"
+
+
+def metrics_path(name: str) -> str:
+    return f"metrics/{name}.json"
+
+
+def plot_path(name: str) -> str:
+    return f"plots/{name}.csv"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The project's paths under one root (a checkout, a temp test repo, an isolated run workspace)."""
+
+    root: Path = Path(".")
+
+    def path(self, rel: str) -> Path:
+        return Path(self.root) / rel
+
+    @property
+    def params(self) -> Path:
+        return self.path(PARAMS)
+
+    @property
+    def data_inputs(self) -> Path:
+        return self.path(DATA_INPUTS)
+
+    @property
+    def model_inputs(self) -> Path:
+        return self.path(MODEL_INPUTS)
+
+    @property
+    def data(self) -> Path:
+        return self.path(DATA)
+
+    @property
+    def init(self) -> Path:
+        return self.path(INIT)
+
+    @property
+    def adapter(self) -> Path:
+        return self.path(ADAPTER)
+
+    @property
+    def exported(self) -> Path:
+        return self.path(EXPORTED)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path(CHECKPOINTS)
+
+    def metrics(self, name: str) -> Path:
+        return self.path(metrics_path(name))
+
+    def plot(self, name: str) -> Path:
+        return self.path(plot_path(name))
+
+    @property
+    def report(self) -> Path:
+        return self.path(REPORT)
+
+    @property
+    def registration(self) -> Path:
+        return self.path(REGISTRATION)

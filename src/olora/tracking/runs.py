@@ -1,0 +1,129 @@
+"""One MLflow run per trained adapter, holding its training and its evaluation.
+
+The train stage opens the run and records its id in its DVC output (`models/adapter/mlflow_run.json`);
+later stages reopen that run by id, so a stage that DVC skips never creates a stray run. Metrics are
+sent in batches (one call per chunk of ~1000 values), so logging costs a negligible share of a step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from olora import dvc, layout
+from olora.config import Config
+from olora.models import short_name
+from olora.tracking.client import client, experiment_id, with_retries
+from olora.tracking.lineage import git_commit, package_versions
+
+
+def run_name(cfg: Config) -> str:
+    base = short_name(cfg.model.name)
+    return f"{cfg.adapter.init}-r{cfg.adapter.r}-{base}"
+
+
+def log_metric_series(c, run_id: str, series: dict[str, list[tuple[int, float]]]) -> float:
+    """Log many (step, value) points with batched calls; returns the seconds spent."""
+    from mlflow.entities import Metric
+
+    start = time.perf_counter()
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, float(v), now, int(step)) for key, points in series.items() for step, v in points]
+    for i in range(0, len(metrics), 1000):
+        c.log_batch(run_id, metrics=metrics[i : i + 1000])
+    return time.perf_counter() - start
+
+
+def log_values(c, run_id: str, values: dict[str, float], step: int = 0) -> None:
+    log_metric_series(c, run_id, {k: [(step, v)] for k, v in values.items() if isinstance(v, (int, float))})
+
+
+def write_run_file(folder: Path, run_id: str, uri: str, experiment: str) -> None:
+    (Path(folder) / layout.RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri, "experiment": experiment}) + "\n")
+
+
+def read_run_file(folder: Path) -> dict[str, str] | None:
+    path = Path(folder) / layout.RUN_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def start_training_run(cfg: Config, root: Path, ref_name: str, ref_revision: str):
+    """Open the MLflow run of a new adapter: parameters, lineage tags. Returns (client, run_id)."""
+    from mlflow.entities import Param, RunTag
+
+    c = client(cfg.tracking, root)
+    uri = c.tracking_uri
+    exp = with_retries("creating the experiment", uri, lambda: experiment_id(c, cfg.tracking, root), cfg.tracking.retries)
+    tags = {
+        "mlflow.runName": run_name(cfg),
+        "mlflow.source.git.commit": git_commit(root),
+        "base_model": ref_name,
+        "base_model_revision": ref_revision,
+        "adapter_init": cfg.adapter.init,
+        "dvc.data_hash": dvc.out_hash(root, "prepare", layout.DATA),
+        "dvc.init_hash": dvc.out_hash(root, "init", layout.INIT),
+        **package_versions(),
+    }
+    run = with_retries("creating the run", uri, lambda: c.create_run(exp, run_name=run_name(cfg)), cfg.tracking.retries)
+    run_id = run.info.run_id
+    params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in cfg.flat().items()]
+    with_retries(
+        "logging parameters",
+        uri,
+        lambda: c.log_batch(run_id, params=params, tags=[RunTag(k, str(v)) for k, v in tags.items()]),
+        cfg.tracking.retries,
+    )
+    return c, run_id
+
+
+def finish_training_run(c, run_id: str, cfg: Config, metrics: dict[str, Any], history: list[dict[str, Any]],
+                        exported_dir: Path, adapter_dir: Path) -> None:
+    """Log the training summary, loss-curve plot and exported adapter; record the run id in the adapter's output."""
+    import tempfile
+
+    numeric = {f"train/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    with_retries("logging the training summary", c.tracking_uri, lambda: log_values(c, run_id, numeric), cfg.tracking.retries)
+    with tempfile.TemporaryDirectory() as tmp:
+        c.log_artifact(run_id, str(loss_plot(history, Path(tmp) / "loss_curve.png", run_name(cfg))))
+    c.log_artifacts(run_id, str(exported_dir), "exported_adapter")
+    write_run_file(adapter_dir, run_id, c.tracking_uri, cfg.tracking.experiment)
+    c.set_terminated(run_id, "FINISHED")
+
+
+def loss_plot(history: list[dict[str, Any]], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("loss", "train"), ("eval_loss", "validation")):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if points:
+            ax.plot(*zip(*points), marker="o" if key == "eval_loss" else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def log_evaluation(c, run_id: str, base: dict[str, Any], tuned: dict[str, Any], report: Path, retries: int) -> None:
+    """Add base and fine-tuned scores (and their differences) and the report to the adapter's run."""
+    values: dict[str, float] = {}
+    for prefix, scores in (("eval", tuned), ("base", base)):
+        values[f"{prefix}/mean_acc"] = scores["mean_acc"]
+        values[f"{prefix}/mean_acc_norm"] = scores["mean_acc_norm"]
+        for task, entry in scores["tasks"].items():
+            for key in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr"):
+                if key in entry:
+                    values[f"{prefix}/{task}/{key}"] = entry[key]
+    for task, delta in tuned.get("delta_vs_base", {}).items():
+        values[f"delta/{task}"] = delta
+    with_retries("logging evaluation", c.tracking_uri, lambda: log_values(c, run_id, values), retries)
+    with_retries("uploading the report", c.tracking_uri, lambda: c.log_artifact(run_id, str(report)), retries)
