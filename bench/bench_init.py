@@ -1,6 +1,6 @@
 """Benchmark: OLoRA initialisation cost on a TinyLlama-1.1B-shaped model (random weights, no download).
 
-Compares, in one run and on the same weights: our exact O(m·n·r) init (olora.olora_math), PEFT's
+Compares, in one run and on the same weights: our exact O(m·n·r) init (olora.core.olora), PEFT's
 full-QR `init_lora_weights="olora"`, PEFT's default LoRA init, and the practical floor (plain matrix
 products of the same 4·m·n·r flops). Each method runs in its own subprocess so that its peak memory
 (growth of the process's high-water mark during the init) is measured alone.
@@ -38,7 +38,7 @@ def run_one(method: str, r: int, layers: int, device: str, dtype: str) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    from olora import adapters
+    from olora import peft_glue as adapters
     from olora.config import AdapterConfig
 
     torch.manual_seed(0)

@@ -21,14 +21,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import publish, tool_env
+from common import publish
+
+from olora import dvc
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def timed(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess]:
     start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=REPO, env=tool_env(), capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=REPO, env=dvc.env(), capture_output=True, text=True)
     return time.perf_counter() - start, done
 
 
@@ -62,7 +64,7 @@ def mlflow_rows(repeats: int) -> list[dict]:
              "note": f"{metrics['steps']} steps, {metrics['train_seconds']:.0f} s of training"}]
     from mlflow import MlflowClient
 
-    from olora.tracking import log_metric_series
+    from olora.tracking.runs import log_metric_series
 
     with tempfile.TemporaryDirectory() as tmp:
         client = MlflowClient(f"sqlite:///{Path(tmp) / 'mlflow.db'}")

@@ -2,7 +2,7 @@
 
 In one run, on the same model, data, micro-batch and sequence length, each case in its own
 subprocess (so peak memory is its own; the initial adapters are made beforehand, in the parent):
-- `stage-olora`: the train stage's library function (`olora.train.train_adapter`: transformers'
+- `stage-olora`: the train stage's library function (`olora.stages.train.train_adapter`: transformers'
   Trainer, response-only loss, the stage's callbacks) with the OLoRA init;
 - `stage-lora`: the same with PEFT's LoRA init (OLoRA's step should cost the same: same shapes);
 - `hand-olora`: a minimal loop (PeftModel + torch's fused AdamW, as the Trainer's default: forward,
@@ -56,7 +56,8 @@ def build_config(args, init: str):
 
 def fixed_length_rows(data_dir: Path, tokenizer, length: int, needed: int) -> int:
     """Keep only the training rows that tokenise to exactly `length` tokens (with response tokens)."""
-    from olora.prepare import encode, read_jsonl, write_jsonl_atomic
+    from olora.data.templates import encode
+    from olora.io import read_jsonl, write_jsonl_atomic
 
     keep = []
     for row in read_jsonl(data_dir / "train.jsonl"):
@@ -132,10 +133,11 @@ def measure_case(case: str, args, data_dir: Path, init_dir: Path) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from olora import adapters, models
-    from olora.prepare import read_jsonl
+    from olora import models
+    from olora import peft_glue as adapters
+    from olora.io import read_jsonl
     from olora.runtime import peak_memory_bytes, resolve_runtime, seed_everything
-    from olora.train import tokenize_split, train_adapter
+    from olora.stages.train import tokenize_split, train_adapter
 
     kind, init = case.split("-")
     cfg = build_config(args, init)
@@ -234,8 +236,8 @@ def main() -> int:
         return 0
 
     from olora import models
-    from olora.initialize import initialise_adapter
-    from olora.prepare import prepare
+    from olora.stages.init import init_adapter as initialise_adapter
+    from olora.stages.prepare import prepare_data as prepare
     from olora.runtime import resolve_runtime
 
     cfg = build_config(args, "olora")

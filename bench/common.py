@@ -9,12 +9,6 @@ import sys
 from pathlib import Path
 
 
-def tool_env() -> dict[str, str]:
-    """The environment for the project's CLIs (dvc, olora): this interpreter's bin first, quiet tools."""
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
-
-
 def run_case(cmd: list[str]) -> dict | None:
     """Run one benchmark case in a fresh process; its last stdout line is its JSON row (None on failure)."""
     out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)

@@ -10,7 +10,7 @@ import json
 import math
 import statistics
 
-from olora.study import mean_se
+from olora.core.study import mean_se
 import sys
 from pathlib import Path
 

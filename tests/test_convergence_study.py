@@ -33,7 +33,7 @@ def test_study_runs_dvc_experiments_tracked_in_mlflow_and_resumes(tmp_path, tiny
                 [str(BIN / "dvc"), "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         sh(cmd, root)
     params_before = (root / "params.yaml").read_text()
-    study = [sys.executable, str(REPO / "bench" / "convergence.py"), "--root", str(root), "--out", "docs",
+    study = [sys.executable, str(REPO / "experiments" / "convergence.py"), "--root", str(root), "--out", "docs",
              "--ranks", "4", "--seeds", "0", "--lrs", "1e-3", "--sweep-rank", "4", "--steps", "4",
              "--eval-every", "2", "--eval-examples", "8", "--eval-limit", "2"]
     sh(study, root)

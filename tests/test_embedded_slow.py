@@ -25,7 +25,7 @@ def layout(tmp_path_factory):
     values = apply_overrides(
         values,
         {
-            "model.num_threads": 2,
+            "runtime.num_threads": 2,
             "data.max_examples": 64,
             "train.max_steps": 3,
             "train.micro_batch_size": 2,

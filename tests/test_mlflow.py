@@ -42,6 +42,34 @@ def tracked(tmp_path_factory, tiny_model_dir) -> Layout:
     return layout
 
 
+def _reference_answers(layout, prompts, max_new_tokens, raw=False):
+    """Greedy answers of base + exported adapter in this process, one prompt at a time, in the training template."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from olora.data.templates import PromptTemplate, render_prompt
+
+    cfg = load_config(layout.params)
+    folder = layout.root / cfg.model.name
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), str(layout.exported)).eval()
+    template = PromptTemplate.from_dict(json.loads((layout.data / "prompt_template.json").read_text()))
+    assert template.kind == cfg.data.template
+    answers = []
+    for prompt in prompts:
+        text = prompt if raw else render_prompt(template, prompt, "", tokenizer)
+        ids = tokenizer(text, return_tensors="pt")
+        stop = {} if raw or not template.stop else {"stop_strings": list(template.stop), "tokenizer": tokenizer}
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **stop)
+        answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        for marker in () if raw else template.stop:
+            answer = answer.split(marker)[0]
+        answers.append(answer.strip())
+    return answers
+
+
 def _client(layout):
     return tracking.client(load_config(layout.params).tracking, layout.root)
 
@@ -64,7 +92,7 @@ def test_one_run_holds_training_and_evaluation(tracked):
         assert key in m, key
     assert m["delta/mean_acc"] == pytest.approx(m["eval/mean_acc"] - m["base/mean_acc"])
     artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
-    assert {"loss_curve.png", "evaluate.md", "exported_adapter"} <= artifacts
+    assert {"loss_curve.png", "eval.md", "exported_adapter"} <= artifacts
     train = json.loads(tracked.metrics("train").read_text())
     assert train["tracking_share_of_train_time"] < 0.02
 
@@ -96,7 +124,7 @@ def _trained_model(layout):
 
 def test_registered_model_round_trips_in_a_fresh_process(tracked):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     cfg = load_config(tracked.params)
     name = registry.model_name(cfg)
@@ -123,22 +151,13 @@ def test_registered_model_round_trips_in_a_fresh_process(tracked):
         expected_logits = trained(input_ids=x).logits[0, -1]
     torch.testing.assert_close(torch.tensor(json.loads(served_logits)), expected_logits, atol=1e-4, rtol=1e-4)
 
-    # ...and generates exactly what base + exported adapter generates in this process
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.name)
-    exported = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.model.name), str(tracked.exported)).eval()
-    expected = []
-    for prompt in PROMPTS:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, return_tensors="pt")
-        with torch.no_grad():
-            gen = exported.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        expected.append(tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
-    assert json.loads(generated) == expected
+    # ...and answers exactly what base + exported adapter answers here, in the Alpaca template it was trained on
+    assert json.loads(generated) == _reference_answers(tracked, PROMPTS, 8)
 
     # the downloaded artifacts hold a standard PEFT folder that loads directly
     adapter = Path(folder) / "artifacts" / "adapter"
     assert (adapter / "adapter_config.json").is_file()
-    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.model.name), str(adapter)).eval()
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tracked.root / cfg.model.name), str(adapter)).eval()
     x = torch.randint(0, 1000, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=x).logits, trained(input_ids=x).logits, atol=1e-4, rtol=1e-4)
@@ -241,3 +260,58 @@ def test_mlflow_server_shows_runs_metrics_and_registry(tracked):
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def test_served_model_answers_over_http_in_the_training_template(tracked):
+    """`olora serve` (mlflow models serve) on a free loopback port: answers equal the in-process reference."""
+    import urllib.request
+
+    port = free_port()
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PATH": "/usr/bin:/bin"}  # a fresh shell's PATH
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "olora"), "--root", str(tracked.root), "serve", "--alias", "challenger",
+         "--port", str(port)], cwd=tracked.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/ping", seconds=120)
+
+        def invoke(payload):
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
+                                             headers={"Content-Type": "application/json"})
+            return json.loads(urllib.request.urlopen(request, timeout=120).read())["predictions"]
+
+        served = invoke({"dataframe_split": {"columns": ["prompt"], "data": [[p] for p in PROMPTS]},
+                         "params": {"max_new_tokens": 8}})
+        assert served == _reference_answers(tracked, PROMPTS, 8)
+        raw = invoke({"inputs": {"prompt": PROMPTS}, "params": {"max_new_tokens": 8, "raw": True}})
+        assert raw == _reference_answers(tracked, PROMPTS, 8, raw=True)
+    finally:
+        os.killpg(server.pid, 15)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, 9)
+
+
+def test_a_chat_trained_model_serves_with_the_chat_template(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("chat")
+    write_params(root, tiny_model_dir, {"data.template": "chat", "evaluate.tasks": ["arc_easy"],
+                                        "register.model_name": "olora-chat-test"})
+    layout = Layout(root)
+    for stage in ("prepare", "init", "train", "evaluate_base", "evaluate", "register"):
+        STAGES[stage].run(layout)
+    import mlflow
+
+    uri = tracking.resolve_uri(load_config(layout.params).tracking, root)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model("models:/olora-chat-test@challenger")
+    finally:
+        mlflow.set_tracking_uri("")
+    assert model.unwrap_python_model().template.kind == "chat"
+    assert model.metadata.metadata["prompt_template"] == "chat"
+    assert model.predict(PROMPTS, params={"max_new_tokens": 8}) == _reference_answers(layout, PROMPTS, 8)
+    params = {p.name for p in model.metadata.get_params_schema().params}
+    assert params == {"max_new_tokens", "do_sample", "temperature", "top_p", "raw"}

@@ -19,8 +19,22 @@ BIN = Path(sys.executable).parent
 PAPER_TASKS = {"arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande"}
 
 
-def sh(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OLORA_NUM_THREADS": "2"}
+TRACER = """
+import atexit, json, os, sys
+
+def _dump():
+    folder = os.environ.get("OLORA_TRACE_DIR")
+    if folder and os.path.basename(sys.argv[0]) == "olora":
+        loaded = sorted(m for m in sys.modules if m == "olora" or m.startswith("olora."))
+        with open(os.path.join(folder, f"{os.getpid()}.json"), "w") as handle:
+            json.dump({"argv": sys.argv[1:], "modules": loaded}, handle)
+
+atexit.register(_dump)
+"""
+
+
+def sh(args: list[str], cwd: Path, check: bool = True, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OLORA_NUM_THREADS": "2", **(extra_env or {})}
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
@@ -52,8 +66,18 @@ def read(root: Path, rel: str):
     return json.loads((root / rel).read_text())
 
 
-def test_repro_produces_every_output_and_a_noop_second_run(project):
-    sh([str(BIN / "dvc"), "repro"], project)
+@pytest.fixture(scope="module")
+def traced_repro(project, tmp_path_factory) -> Path:
+    """The first `dvc repro`, with every `olora` process recording the project modules it loaded."""
+    hook = tmp_path_factory.mktemp("tracer")
+    (hook / "sitecustomize.py").write_text(TRACER)
+    traces = tmp_path_factory.mktemp("traces")
+    sh([str(BIN / "dvc"), "repro"], project,
+       extra_env={"PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OLORA_TRACE_DIR": str(traces)})
+    return traces
+
+
+def test_repro_produces_every_output_and_a_noop_second_run(project, traced_repro):
     for rel in ("data/prepared/train.jsonl", "models/init/adapter_model.safetensors",
                 "models/adapter/adapter_model.safetensors", "models/exported/adapter_config.json",
                 "plots/train_loss.csv", "plots/val_loss.csv", "reports/eval.md", "dvc.lock"):
@@ -93,6 +117,61 @@ def test_repro_produces_every_output_and_a_noop_second_run(project):
     assert _run_count(project) == 1  # a cached stage creates no stray MLflow run
 
 
+def test_each_stage_runs_only_code_its_dvc_deps_list(project, traced_repro):
+    """Traced, not hand-listed: every project module a stage's real run loaded is a dep of that stage."""
+    import yaml
+
+    from olora.cli import build_parser, _stage_for
+
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    seen = set()
+    for trace in traced_repro.glob("*.json"):
+        record = json.loads(trace.read_text())
+        stage = _stage_for(build_parser().parse_args(record["argv"]))
+        seen.add(stage)
+        deps = set(stages[stage]["deps"])
+        for module in record["modules"]:
+            rel = "src/" + module.replace(".", "/")
+            assert f"{rel}.py" in deps or f"{rel}/__init__.py" in deps, f"stage {stage} ran {module}, which dvc.yaml does not list"
+    assert seen == set(stages)
+
+
+def test_dvc_status_sees_code_libraries_and_inputs_but_not_thread_count(project, traced_repro):
+    import yaml
+
+    dvc = str(BIN / "dvc")
+
+    def changed() -> set[str]:
+        return set(json.loads(sh([dvc, "status", "--json"], project).stdout or "{}"))
+
+    assert changed() == set()
+    params = (project / "params.yaml").read_text()
+    values = yaml.safe_load(params)
+    values["runtime"]["num_threads"] = 1  # cannot change an output: nothing reruns
+    (project / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    assert changed() == set()
+    (project / "params.yaml").write_text(params)
+
+    math_file = project / "src/olora/core/olora.py"  # the QR
+    original = math_file.read_text()
+    math_file.write_text(original + "# a comment\n")
+    # both run the OLoRA init code; evaluate and register follow once train's outputs change
+    assert changed() == {"init", "train"}
+    math_file.write_text(original)
+
+    lock = project / "requirements.lock"
+    locked = lock.read_text()
+    lock.write_text(locked + "# another version\n")
+    assert changed() == {"prepare", "init", "train", "evaluate_base", "evaluate", "register"}
+    lock.write_text(locked)
+
+    extra = project / "data/raw/new.jsonl"
+    extra.write_text('{"instruction": "a", "output": "b"}\n')
+    assert changed() == {"prepare"}
+    extra.unlink()
+    assert changed() == set()
+
+
 def test_experiment_variants_rerun_only_what_changed(project):
     sh(["git", "add", "-A"], project)
     sh(["git", "commit", "-qm", "baseline"], project)
@@ -108,6 +187,53 @@ def test_experiment_variants_rerun_only_what_changed(project):
     assert read(project, "reports/registration.json")["version"] == "2"
     table = json.loads(sh([str(BIN / "dvc"), "exp", "show", "--json"], project).stdout)
     assert "lora" in json.dumps(table)
+
+
+def test_readme_commands_run(project, traced_repro):
+    """The README's commands mapped to this test, run as written (the shell splits them) in the tiny project."""
+    import shlex
+    import urllib.request
+
+    from conftest import wait_for_http
+    from test_readme import COVERED, RUN_IN_TINY_PROJECT, readme_commands
+
+    commands = [c for c in readme_commands((Path(__file__).parents[1] / "README.md").read_text())
+                if COVERED.get(c) == RUN_IN_TINY_PROJECT]
+    assert len(commands) >= 8
+    # after the variant experiment: versions 1 and 2 are registered; make v1 the champion first
+    sh([str(BIN / "olora"), "promote", "--version", "1", "--force"], project)
+    params = (project / "params.yaml").read_text()
+    for command in commands:
+        args = shlex.split(command)
+        if args[0] == "mlflow":  # a server: start it on a free port, check it answers, stop it
+            from conftest import free_port
+
+            port = free_port()
+            args[args.index("--port") + 1] = str(port)
+            env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+            server = subprocess.Popen([str(BIN / args[0]), *args[1:]], cwd=project, env=env, start_new_session=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                wait_for_http(f"http://127.0.0.1:{port}/health")
+                url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=olora"
+                with urllib.request.urlopen(url, timeout=10) as response:
+                    assert json.loads(response.read())["experiment"]["name"] == "olora"
+            finally:
+                os.killpg(server.pid, 15)
+                server.wait(30)
+            continue
+        result = sh([str(BIN / args[0]), *args[1:]], project, check=False,
+                    extra_env={"HF_HUB_OFFLINE": "1"})
+        if "TinyLlama" in command:  # needs the hub: offline it must fail at once, naming the fix
+            assert result.returncode != 0
+            assert "is a hub id but HF_HUB_OFFLINE is set" in result.stdout + result.stderr
+            continue
+        assert result.returncode == 0, f"{command}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+        if command == "olora promote":  # challenger v2 against champion v1, through the gate
+            assert result.stdout.startswith(("PROMOTED: ", "KEPT CHAMPION: ")), result.stdout
+        if command == "olora rollback":  # after `promote --force` made v2 champion, v1 is back
+            assert "champion is now version 1" in result.stdout
+    (project / "params.yaml").write_text(params)  # a failed `dvc exp run -S` leaves its params behind
 
 
 def test_failed_stage_keeps_earlier_outputs(project):

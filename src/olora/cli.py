@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--force", action="store_true", help="promote regardless of the gate")
     rb = sub.add_parser("rollback", help="restore the previous champion")
     rb.add_argument("--model", help="registered model name (default: from params)")
+    sv = sub.add_parser("serve", help="answer HTTP requests with a registered version (mlflow models serve), on 127.0.0.1")
+    sv.add_argument("--model", help="registered model name (default: from params)")
+    sv.add_argument("--alias", default="champion", help="alias to serve (default: champion)")
+    sv.add_argument("--version", help="serve this version instead of an alias")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    sv.add_argument("--port", type=int, default=5001)
     sub.add_parser("check", help="validate params.yaml and print the resolved configuration")
     dy = sub.add_parser("dvc-yaml", help="print dvc.yaml as generated from the stage table")
     dy.add_argument("--write", action="store_true", help="write it to ROOT/dvc.yaml")
@@ -95,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(("PROMOTED: " if decision.promote else "KEPT CHAMPION: ") + decision.reason)
             else:
                 print(f"champion is now version {registry.rollback(cfg, layout.root, args.model)}")
+        elif args.command == "serve":
+            return _serve(layout, overrides, args)
         elif args.command == "dvc-yaml":
             return _dvc_yaml(layout, args.write, args.check)
         elif args.command == "params-table":
@@ -105,11 +113,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _serve(layout, overrides, args) -> int:
+    """Exec `mlflow models serve` for the registered version, with this venv's bin on PATH (it runs uvicorn by name)."""
+    from olora.config import load_config
+    from olora.tracking.client import resolve_uri
+    from olora.tracking.registry import model_name
+
+    cfg = load_config(layout.params, overrides)
+    name = args.model or model_name(cfg)
+    uri = f"models:/{name}/{args.version}" if args.version else f"models:/{name}@{args.alias}"
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "MLFLOW_TRACKING_URI": resolve_uri(cfg.tracking, layout.root), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    command = [str(bin_dir / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local",
+               "--host", args.host, "--port", str(args.port), "--workers", "1"]
+    print(f"serving {uri} on http://{args.host}:{args.port}/invocations", file=sys.stderr, flush=True)
+    os.execve(command[0], command, env)
+    return 0  # pragma: no cover - execve does not return
+
+
 def _dvc_yaml(layout, write: bool, check: bool) -> int:
     from olora.layout import DVC_YAML
     from olora.stages import dvc_yaml
 
-    text = dvc_yaml(layout.root)
+    text = dvc_yaml()
     target = layout.path(DVC_YAML)
     if check:
         if not target.is_file() or target.read_text() != text:

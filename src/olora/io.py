@@ -57,13 +57,15 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def write_jsonl_atomic(out_dir: Path, files: dict[str, list[dict[str, Any]]]) -> None:
-    """Write every file into a sibling temp folder, then swap it in: a failure leaves the old folder."""
+def write_jsonl_atomic(out_dir: Path, files: dict[str, list[dict[str, Any]]], extra_json: dict[str, Any] | None = None) -> None:
+    """Write every file (and `extra_json` files) into a sibling temp folder, then swap it in: a failure leaves the old folder."""
     with atomic_dir(out_dir) as tmp:
         for name, rows in files.items():
             with (tmp / name).open("w", encoding="utf-8") as handle:
                 for row in rows:
                     handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        for name, payload in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ LOCKFILE = "requirements.lock"  # the locked library versions: every stage depen
 
 TRAIN_FILE = "train.jsonl"
 VALIDATION_FILE = "validation.jsonl"
+TEMPLATE_FILE = "prompt_template.json"  # in data/prepared and models/adapter: the rendered prompt template
 INIT_META = "olora_init.json"  # in models/init and models/adapter: how the initial adapter was built
 RUN_FILE = "mlflow_run.json"  # in models/adapter: the MLflow run that holds this adapter
 ADAPTER_CONFIG = "adapter_config.json"

@@ -1,4 +1,4 @@
-"""Pure analysis for the OLoRA-vs-LoRA convergence study (bench/convergence.py runs the experiments).
+"""Pure analysis for the OLoRA-vs-LoRA convergence study (experiments/convergence.py runs the experiments).
 
 Everything here is a function of recorded results: choosing a learning rate, aggregating loss
 curves over seeds, the number of steps one method needs to reach another's final validation loss,

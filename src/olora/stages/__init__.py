@@ -204,20 +204,20 @@ def code_modules(stage: Stage) -> list[str]:
     return sorted(seen)
 
 
-def code_files(stage: Stage, root: Path) -> list[str]:
-    """The stage's code dependencies as project-relative paths (what dvc.yaml lists under deps)."""
-    files = {_module_file(m).resolve() for m in code_modules(stage)}
-    return sorted(str(f.relative_to(Path(root).resolve())) for f in files)
+def code_files(stage: Stage) -> list[str]:
+    """The stage's code dependencies as project-relative paths, `src/olora/...` (what dvc.yaml lists under deps)."""
+    project = PACKAGE_ROOT.parents[1]
+    return sorted(str(_module_file(m).relative_to(project)) for m in code_modules(stage))
 
 
-def dvc_yaml(root: Path) -> str:
+def dvc_yaml() -> str:
     """dvc.yaml as generated from the table (deterministic text)."""
     import yaml
 
     stages: dict[str, Any] = {}
     for stage in STAGES.values():
         entry: dict[str, Any] = {"cmd": stage.cmd}
-        entry["deps"] = [*code_files(stage, root), L.LOCKFILE, *stage.inputs]
+        entry["deps"] = [*code_files(stage), L.LOCKFILE, *stage.inputs]
         entry["params"] = list(stage.params)
         if stage.outs:
             entry["outs"] = list(stage.outs)

@@ -54,8 +54,8 @@ def write_offline_tasks(tasks: list[str], folder: Path) -> dict[str, str]:
     unknown = [t for t in tasks if t not in OFFLINE_TASKS]
     if unknown:
         raise ConfigError(
-            f"eval.tasks has unknown task(s) {unknown} for eval.source=offline; available offline: "
-            f"{', '.join(OFFLINE_TASKS)} (or set eval.source=hub to use any lm-eval task)"
+            f"evaluate.tasks has unknown task(s) {unknown} for evaluate.source=offline; available offline: "
+            f"{', '.join(OFFLINE_TASKS)} (or set evaluate.source=hub to use any lm-eval task)"
         )
     names = {}
     for task in tasks:
@@ -82,7 +82,7 @@ def _check_hub_tasks(tasks: list[str], manager) -> None:
     unknown = [t for t in tasks if t not in known]
     if unknown:
         close = sorted(k for k in known if any(u.split("_")[0] in k for u in unknown))[:20]
-        raise ConfigError(f"eval.tasks has unknown lm-eval task(s) {unknown}; similar tasks that exist: {close}")
+        raise ConfigError(f"evaluate.tasks has unknown lm-eval task(s) {unknown}; similar tasks that exist: {close}")
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from typing import Any
 
 from olora.config import DataConfig, load_config
 from olora.data.sources import load_records
-from olora.data.templates import encode, render
+from olora.data.templates import encode, render, resolve_template
 from olora.errors import DataError
 from olora.io import write_json, write_jsonl_atomic
-from olora.layout import VALIDATION_FILE, TRAIN_FILE, Layout
+from olora.layout import TEMPLATE_FILE, TRAIN_FILE, VALIDATION_FILE, Layout
 
 log = logging.getLogger("olora")
 
@@ -48,6 +48,7 @@ def prepare_data(cfg: DataConfig, tokenizer, out_dir: Path, root: Path | None = 
     With `root` (the stage), a local data file is read relative to the project and must lie under
     data/raw/, the folder the stage depends on in dvc.yaml.
     """
+    template = resolve_template(cfg.template, tokenizer)  # a bad template fails before the data is read
     counts = {"dropped_invalid": 0}
     records = load_records(cfg, counts, root)
     counts["rows_read"] = len(records) + counts["dropped_invalid"]
@@ -56,7 +57,7 @@ def prepare_data(cfg: DataConfig, tokenizer, out_dir: Path, root: Path | None = 
     lengths: list[int] = []
     counts.update(dropped_duplicate=0, dropped_prompt_too_long=0, truncated=0)
     for record in records:
-        prompt, response = render(record, cfg.template, tokenizer)
+        prompt, response = render(record, template, tokenizer)
         if (prompt, response) in seen:
             counts["dropped_duplicate"] += 1
             continue
@@ -95,7 +96,7 @@ def prepare_data(cfg: DataConfig, tokenizer, out_dir: Path, root: Path | None = 
         "train_tokens": sum(r["tokens"] for r in train),
         "token_length": _percentiles([r["tokens"] for r in train + val]),
     }
-    write_jsonl_atomic(out_dir, {TRAIN_FILE: train, VALIDATION_FILE: val})
+    write_jsonl_atomic(out_dir, {TRAIN_FILE: train, VALIDATION_FILE: val}, {TEMPLATE_FILE: template.to_dict()})
     return PrepareResult(out_dir / TRAIN_FILE, out_dir / VALIDATION_FILE, stats)
 
 

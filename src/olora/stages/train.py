@@ -28,7 +28,7 @@ from olora.config import Config
 from olora.data.templates import encode
 from olora.errors import ConfigError, NonFiniteLossError
 from olora.io import atomic_dir, read_json, read_jsonl, write_json
-from olora.layout import INIT_META, TRAIN_FILE, VALIDATION_FILE, Layout
+from olora.layout import INIT_META, TEMPLATE_FILE, TRAIN_FILE, VALIDATION_FILE, Layout
 from olora.runtime import Runtime, peak_memory_bytes, seed_everything
 
 FINGERPRINT = "fingerprint.json"
@@ -216,6 +216,8 @@ def train_adapter(
     with atomic_dir(Path(adapter_dir)) as tmp:
         model.save_pretrained(str(tmp))
         shutil.copy(Path(init_dir) / INIT_META, tmp / INIT_META)
+        if (Path(data_dir) / TEMPLATE_FILE).is_file():  # what the adapter was trained on, for serving
+            shutil.copy(Path(data_dir) / TEMPLATE_FILE, tmp / TEMPLATE_FILE)
     with atomic_dir(Path(exported_dir)) as tmp:
         peft_glue.export_plain_lora(model, tmp, Path(init_dir), cfg.adapter.init)
 

@@ -47,12 +47,12 @@ def register(cfg: Config, root: Path, adapter_dir: Path, exported_dir: Path, eva
     import mlflow.pyfunc
     import peft
     from mlflow.exceptions import MlflowException
-    from mlflow.models import infer_signature
     import torch
     import transformers
 
     from olora.io import check_adapter_dir
-    from olora.tracking.pyfunc import AdapterGenerator
+    from olora.models import resolve_model
+    from olora.tracking.pyfunc import AdapterGenerator, signature
 
     check_adapter_dir(exported_dir)  # refuse truncated or mismatched files before anything is logged
     run = read_run_file(adapter_dir)
@@ -72,9 +72,19 @@ def register(cfg: Config, root: Path, adapter_dir: Path, exported_dir: Path, eva
         return Registration(name, version, run_id, created=False)
 
     adapter_meta = json.loads((Path(adapter_dir) / layout.INIT_META).read_text())
+    template_path = Path(adapter_dir) / layout.TEMPLATE_FILE
+    if not template_path.is_file():
+        raise OloraError(
+            f"{adapter_dir} has no {layout.TEMPLATE_FILE} (the prompt template it was trained with); "
+            "re-run prepare and train (`dvc repro`) to record it"
+        )
+    ref = resolve_model(cfg.model, root)
     with tempfile.TemporaryDirectory() as tmp:
         base_file = Path(tmp) / "base.json"
-        base_file.write_text(json.dumps({"name": adapter_meta["base_model"], "revision": cfg.model.revision}))
+        base_file.write_text(json.dumps({"name": adapter_meta["base_model"], "revision": cfg.model.revision,
+                                         "path": ref.path if ref.local else ""}))
+        template_file = Path(tmp) / "template.json"
+        shutil.copy(template_path, template_file)
         model_dir = Path(tmp) / "model"
         adapter_copy = Path(tmp) / "adapter"  # pyfunc stores a folder artifact under its own name
         shutil.copytree(exported_dir, adapter_copy)
@@ -83,15 +93,16 @@ def register(cfg: Config, root: Path, adapter_dir: Path, exported_dir: Path, eva
         mlflow.pyfunc.save_model(
             path=str(model_dir),
             python_model=AdapterGenerator(),
-            artifacts={"adapter": str(adapter_copy), "base": str(base_file)},
+            artifacts={"adapter": str(adapter_copy), "base": str(base_file), "template": str(template_file)},
             pip_requirements=[
                 f"torch=={torch.__version__.split('+')[0]}",
                 f"transformers=={transformers.__version__}",
                 f"peft=={peft.__version__}",
                 "olora-pipeline",
             ],
-            signature=infer_signature(["prompt"], ["completion"], params={"max_new_tokens": 64, "chat_template": True}),
-            metadata={"base_model": adapter_meta["base_model"], "adapter_init": adapter_meta["init"]},
+            signature=signature(),
+            metadata={"base_model": adapter_meta["base_model"], "adapter_init": adapter_meta["init"],
+                      "prompt_template": json.loads(template_path.read_text())["kind"]},
         )
 
         def upload_and_register():

@@ -1,7 +1,7 @@
 """The paper's convergence claim at small scale: OLoRA vs LoRA as DVC experiments tracked in MLflow.
 
-    python bench/convergence.py                 # run (or resume) the whole study, then write docs/results.md
-    python bench/convergence.py --report-only   # rebuild docs/results.md and figures from the recorded runs
+    python experiments/convergence.py                 # run (or resume) the whole study, then write docs/results.md
+    python experiments/convergence.py --report-only   # rebuild docs/results.md and figures from the recorded runs
 
 Protocol (same budget, data and seeds for both methods, on the embedded default model and data):
 1. learning-rate sweep per method at `--sweep-rank`, seed 0; a best rate on the grid's edge extends
@@ -26,9 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import tool_env
-
-from olora import study
+from olora import dvc
+from olora.core import study
+from olora.layout import RUN_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 RESTORE = ["params.yaml", "dvc.lock", "metrics", "plots", "reports"]
@@ -52,9 +52,9 @@ def overrides(args, method: str, r: int, lr: float, seed: int) -> dict[str, obje
         "train.eval_steps": args.eval_every,
         "train.save_steps": args.steps,
         "train.max_eval_examples": args.eval_examples,
-        "eval.limit": args.eval_limit,
+        "evaluate.limit": args.eval_limit,
         "tracking.experiment": args.experiment,
-        "tracking.registered_model": args.experiment,
+        "register.model_name": args.experiment,
     }
 
 
@@ -65,7 +65,7 @@ def read_csv(path: Path) -> list[tuple[int, float]]:
 
 
 def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=ROOT, env=tool_env(), text=True, **kw)
+    return subprocess.run(cmd, cwd=ROOT, env=dvc.env(), text=True, **kw)
 
 
 def tee(cmd: list[str]) -> tuple[int, str]:
@@ -73,7 +73,7 @@ def tee(cmd: list[str]) -> tuple[int, str]:
     import collections
 
     tail: collections.deque[str] = collections.deque(maxlen=200)
-    with subprocess.Popen(cmd, cwd=ROOT, env=tool_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+    with subprocess.Popen(cmd, cwd=ROOT, env=dvc.env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
         for line in proc.stdout:
             sys.stdout.write(line)
             tail.append(line)
@@ -86,7 +86,7 @@ def run_experiment(args, manifest: dict, manifest_path: Path, method: str, r: in
     if name in manifest["runs"]:
         return manifest["runs"][name]
     values = overrides(args, method, r, lr, seed)
-    cmd = ["dvc", "exp", "run", "-n", name] + [x for k, v in values.items() for x in ("-S", f"{k}={v}")]
+    cmd = [dvc.executable(), "exp", "run", "-n", name] + [x for k, v in values.items() for x in ("-S", f"{k}={v}")]
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
     returncode, tail = tee(cmd)
@@ -105,7 +105,7 @@ def run_experiment(args, manifest: dict, manifest_path: Path, method: str, r: in
             "train_curve": read_csv(ROOT / "plots/train_loss.csv"),
             "eval": json.loads((ROOT / "metrics/eval_adapter.json").read_text()),
             "eval_base": json.loads((ROOT / "metrics/eval_base.json").read_text()),
-            "mlflow": json.loads((ROOT / "models/adapter/mlflow_run.json").read_text()),
+            "mlflow": json.loads((ROOT / "models/adapter" / RUN_FILE).read_text()),
             "registration": json.loads((ROOT / "reports/registration.json").read_text()),
         }
     manifest["runs"][name] = record
@@ -179,7 +179,7 @@ def main() -> int:
             tracked = sh(["git", "ls-files", "--", *RESTORE], capture_output=True).stdout.split()
             if tracked and sh(["git", "checkout", "HEAD", "--", *tracked]).returncode != 0:
                 print(f"note: could not restore {tracked} from HEAD", file=sys.stderr)
-            if sh(["dvc", "checkout", "--quiet"], capture_output=True).returncode != 0:
+            if sh([dvc.executable(), "checkout", "--quiet"], capture_output=True).returncode != 0:
                 print("note: `dvc checkout` could not restore every output of HEAD (not in the cache); "
                       "`dvc repro` rebuilds them", file=sys.stderr)
         manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from olora import study
+from olora.core import study
 
 TASK_ORDER = ["arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande"]
 
@@ -103,8 +103,8 @@ def markdown(summary: dict) -> str:
     lines = [
         "# OLoRA vs LoRA: convergence at small scale",
         "",
-        "Regenerate everything on this page with `make study` (`python bench/convergence.py`); "
-        "`python bench/convergence.py --report-only` rebuilds it from `docs/results/convergence_runs.json`.",
+        "Regenerate everything on this page with `make study` (`python experiments/convergence.py`); "
+        "`python experiments/convergence.py --report-only` rebuilds it from `docs/results/convergence_runs.json`.",
         "",
         "## Setup",
         "",

@@ -1,0 +1,63 @@
+"""Every command the README shows is run by a test: this maps each one to the test that runs it."""
+
+from __future__ import annotations
+
+import re
+
+from conftest import REPO
+
+# README command (comment stripped) -> the test that runs it. `test_readme_commands_run` in
+# test_pipeline_dvc.py runs the ones mapped to it, as written, in the tiny project.
+RUN_IN_TINY_PROJECT = "tests/test_pipeline_dvc.py::test_readme_commands_run"
+COVERED = {
+    "make run": "tests/test_pipeline_dvc.py::test_repro_produces_every_output_and_a_noop_second_run",
+    "make test": ".ci/run",
+    "mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000": RUN_IN_TINY_PROJECT,
+    "olora promote": RUN_IN_TINY_PROJECT,
+    "olora promote --force": RUN_IN_TINY_PROJECT,
+    "olora rollback": RUN_IN_TINY_PROJECT,
+    "python flows/olora_pipeline.py": "tests/test_flows.py::test_flow_runs_stages_retries_transients_and_backs_off_on_oom",
+    "prefect server start --host 127.0.0.1": "tests/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
+    "export PREFECT_API_URL=http://127.0.0.1:4200/api": "tests/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
+    "prefect work-pool create olora-process --type process": "tests/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
+    "prefect deploy --all": "tests/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
+    "prefect worker start --pool olora-process": "tests/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
+    "prefect deployment run 'olora-pipeline/on-demand' --param push=false": "tests/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
+    "dvc exp run -S adapter.init=lora -S adapter.r=2": "tests/test_pipeline_dvc.py::test_experiment_variants_rerun_only_what_changed",
+    "dvc exp show": RUN_IN_TINY_PROJECT,
+    "dvc metrics diff": RUN_IN_TINY_PROJECT,
+    "dvc plots show plots/val_loss.csv": RUN_IN_TINY_PROJECT,
+    # needs the hub: run offline, where it must fail at once with the message naming the fix
+    "dvc exp run -S model.name=TinyLlama/TinyLlama-1.1B-Chat-v1.0 -S data.source=yahma/alpaca-cleaned "
+    "-S data.max_seq_length=512 -S adapter.r=32 -S adapter.alpha=64 -S train.max_steps=1000 "
+    "-S train.micro_batch_size=16 -S train.gradient_accumulation_steps=4 -S evaluate.source=hub "
+    "-S evaluate.limit=0": RUN_IN_TINY_PROJECT,
+}
+
+
+def readme_commands(text: str) -> list[str]:
+    """The command lines of the README's ```bash blocks, without trailing comments."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.splitlines():
+            command = re.sub(r"\s+#.*$", "", line).strip()
+            if command and not command.startswith("#"):
+                commands.append(command)
+    return commands
+
+
+def test_every_readme_command_is_run_by_a_test():
+    commands = readme_commands((REPO / "README.md").read_text())
+    assert commands, "no commands found"
+    missing = [c for c in commands if c not in COVERED]
+    assert not missing, f"README commands that no test runs: {missing}"
+    for command in commands:
+        target = COVERED[command]
+        path, _, name = target.partition("::")
+        source = (REPO / path).read_text()
+        assert not name or f"def {name}(" in source, f"{command!r} maps to {target}, which does not exist"
+
+
+def test_the_tiny_project_runs_the_commands_mapped_to_it():
+    source = (REPO / "tests/test_pipeline_dvc.py").read_text()
+    assert "readme_commands(" in source and "RUN_IN_TINY_PROJECT" in source

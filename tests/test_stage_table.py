@@ -1,0 +1,82 @@
+"""The stage table is the one declaration: dvc.yaml, the CLI and the Prefect flows all come from it."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+import yaml
+
+from olora.cli import _stage_for, build_parser, main
+from olora.layout import Layout
+from olora.stages import STAGES, code_files, code_modules, dvc_yaml
+
+from conftest import REPO
+
+
+def test_committed_dvc_yaml_is_the_one_generated_from_the_table():
+    assert (REPO / "dvc.yaml").read_text() == dvc_yaml(), "dvc.yaml is stale: run `olora dvc-yaml --write`"
+    assert main(["--root", str(REPO), "dvc-yaml", "--check"]) == 0
+
+
+def test_dvc_yaml_check_fails_on_a_hand_edit(tmp_path):
+    (tmp_path / "dvc.yaml").write_text(dvc_yaml().replace("- requirements.lock\n", "", 1))
+    assert main(["--root", str(tmp_path), "dvc-yaml", "--check"]) == 1
+
+
+def test_every_stage_function_exists_and_every_cli_command_maps_to_its_stage():
+    parser = build_parser()
+    for stage in STAGES.values():
+        module, name = stage.function.split(":")
+        assert callable(getattr(importlib.import_module(module), name)), stage.function
+        assert _stage_for(parser.parse_args(stage.cmd.split()[1:])) == stage.name
+        assert stage.module.startswith("olora.stages."), "a newcomer finds every stage under src/olora/stages/"
+
+
+def test_stage_modules_are_the_pipeline():
+    files = sorted(p.stem for p in (REPO / "src/olora/stages").glob("*.py") if p.stem != "__init__")
+    assert set(files) == {s.module.rsplit(".", 1)[1] for s in STAGES.values()}
+
+
+def test_code_deps_are_the_import_closure():
+    init = code_modules(STAGES["init"])
+    assert "olora.core.olora" in init and "olora.peft_glue" in init  # the QR and its PEFT glue
+    assert "olora.tracking.registry" not in init  # registry code cannot rerun training
+    prepare = code_modules(STAGES["prepare"])
+    assert "olora.data.templates" in prepare and "olora.peft_glue" not in prepare
+    train = code_modules(STAGES["train"])
+    assert "olora.data.templates" in train  # the label masking (encode) runs in train
+    for stage in STAGES.values():
+        files = code_files(stage)
+        assert all((REPO / f).is_file() for f in files)
+        assert "src/olora/stages/__init__.py" in files and "src/olora/cli.py" in files
+
+
+def test_the_flows_dispatch_through_the_table():
+    sys.path.insert(0, str(REPO / "flows"))
+    try:
+        flows = importlib.import_module("olora_pipeline")
+    finally:
+        sys.path.remove(str(REPO / "flows"))
+    assert flows.STAGES is STAGES
+    source = (REPO / "flows" / "olora_pipeline.py").read_text()
+    for stage in STAGES:  # no second list of stage names
+        assert f'"{stage}"' not in source or stage == "train", stage
+
+
+def test_outputs_come_from_layout():
+    layout = Layout(REPO)
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert stages["train"]["outs"] == ["models/adapter", "models/exported"]
+    assert layout.adapter == REPO / "models/adapter"
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_local_inputs_are_dependencies(name):
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][name]
+    assert "requirements.lock" in stage["deps"]
+    if name in ("prepare", "init", "train", "evaluate_base", "evaluate"):
+        assert "models/base" in stage["deps"]
+    if name == "prepare":
+        assert "data/raw" in stage["deps"]
