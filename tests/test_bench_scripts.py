@@ -63,6 +63,16 @@ def test_train_eval_benchmarks_and_report(tmp_path, tiny_model_dir, tiny_adapter
     assert rows["stage-merged"]["mean_acc"] == pytest.approx(rows["lm-eval-cli"]["mean_acc"])
     assert rows["stage-merged"]["requests"] == rows["stage-unmerged"]["requests"] > 7 * 2
 
+    template = tmp_path / "prompt_template.json"
+    from olora.data.templates import resolve_template
+
+    template.write_text(json.dumps(resolve_template("alpaca").to_dict()))
+    table = bench("bench_serve.py", "--model", str(tiny_model_dir), "--adapter", str(tiny_adapter), "--template",
+                  str(template), "--max-new-tokens", "4", "--repeats", "1", "--out", str(out))
+    serve = json.loads((out / "serve.json").read_text())
+    assert [r["case"] for r in serve["rows"]] == ["batch of 8", "one by one"] and serve["identical_answers"]
+    assert "batch speed-up" in table
+
     report = bench("report.py", "--results", str(out))
     assert "train stage >= 0.9x a hand-written PEFT loop" in report
     assert "eval: merged adapter vs unmerged" in report and "lm-eval CLI, whole process" in report

@@ -133,7 +133,7 @@ def test_registered_model_round_trips_in_a_fresh_process(tracked):
         "import json, sys, torch, mlflow\n"
         f"mlflow.set_tracking_uri({uri!r}); mlflow.set_registry_uri({uri!r})\n"
         f"m = mlflow.pyfunc.load_model('models:/{name}@challenger')\n"
-        f"print(json.dumps(m.predict({PROMPTS!r}, params={{'max_new_tokens': 8}})))\n"
+        f"print(json.dumps(m.predict({{'prompt': {PROMPTS!r}}}, params={{'max_new_tokens': 8}})))\n"
         "x = torch.arange(100, 116).unsqueeze(0)\n"
         "with torch.no_grad(): logits = m.unwrap_python_model().model(input_ids=x).logits\n"
         "print(json.dumps(logits[0, -1].tolist()))\n"
@@ -312,6 +312,6 @@ def test_a_chat_trained_model_serves_with_the_chat_template(tmp_path_factory, ti
         mlflow.set_tracking_uri("")
     assert model.unwrap_python_model().template.kind == "chat"
     assert model.metadata.metadata["prompt_template"] == "chat"
-    assert model.predict(PROMPTS, params={"max_new_tokens": 8}) == _reference_answers(layout, PROMPTS, 8)
+    assert model.predict({"prompt": PROMPTS}, params={"max_new_tokens": 8}) == _reference_answers(layout, PROMPTS, 8)
     params = {p.name for p in model.metadata.get_params_schema().params}
     assert params == {"max_new_tokens", "do_sample", "temperature", "top_p", "raw"}

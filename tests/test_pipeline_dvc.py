@@ -222,7 +222,7 @@ def test_readme_commands_run(project, traced_repro):
                 os.killpg(server.pid, 15)
                 server.wait(30)
             continue
-        result = sh([str(BIN / args[0]), *args[1:]], project, check=False,
+        result = sh([str(BIN / Path(args[0]).name), *args[1:]], project, check=False,
                     extra_env={"HF_HUB_OFFLINE": "1"})
         if "TinyLlama" in command:  # needs the hub: offline it must fail at once, naming the fix
             assert result.returncode != 0
@@ -233,7 +233,11 @@ def test_readme_commands_run(project, traced_repro):
             assert result.stdout.startswith(("PROMOTED: ", "KEPT CHAMPION: ")), result.stdout
         if command == "olora rollback":  # after `promote --force` made v2 champion, v1 is back
             assert "champion is now version 1" in result.stdout
-    (project / "params.yaml").write_text(params)  # a failed `dvc exp run -S` leaves its params behind
+    # a failed `dvc exp run -S` leaves its params behind, and DVC removed the failed stage's outputs
+    # before running it: both come back from git and the DVC cache
+    (project / "params.yaml").write_text(params)
+    sh([str(BIN / "dvc"), "checkout", "-q"], project)
+    assert (project / "data/prepared/train.jsonl").is_file()
 
 
 def test_failed_stage_keeps_earlier_outputs(project):

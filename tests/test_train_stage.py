@@ -83,6 +83,16 @@ def test_resume_after_interruption_matches_uninterrupted_run(prepared, tmp_path)
     for key, value in _weights(straight).items():
         torch.testing.assert_close(_weights(broken)[key], value, rtol=1e-5, atol=1e-6)
 
+    # killed after the final step's checkpoint but before the outputs were written: the rerun takes
+    # that checkpoint as the result instead of training a seventh step
+    shutil.rmtree(straight.adapter)
+    shutil.rmtree(straight.exported)
+    finished = STAGES["train"].run(straight)
+    assert finished["resumed"] and finished["steps"] == 6
+    assert len(straight.plot("train_loss").read_text().splitlines()) == 7  # header + steps 1..6
+    for key, value in _weights(again).items():
+        torch.testing.assert_close(_weights(straight)[key], value, rtol=0, atol=0)
+
 
 def test_changed_settings_do_not_resume_stale_checkpoints(prepared, tmp_path):
     layout = _clone(prepared, tmp_path / "d")

@@ -147,6 +147,10 @@ class TrainConfig:
     """Checkpoint every N steps; an interrupted run resumes from the last one."""
     logging_steps: int = 1
     """Training-loss logging interval (the loss plot's resolution)."""
+    padding_free: bool = True
+    """Concatenate each micro-batch into one unpadded sequence with per-example position ids (transformers' DataCollatorWithFlattening); the loss is the padded path's. Checked on the model first: where its attention would mix packed examples, batches are padded instead."""
+    processes: int = 1
+    """Data-parallel training processes (all machines together), launched through torch.distributed's launcher: gloo on CPU, NCCL on CUDA (one GPU each). The effective batch is processes x micro_batch_size x gradient_accumulation_steps."""
 
     def validate(self) -> None:
         _at_least("train.max_steps", self.max_steps, 0)
@@ -167,6 +171,7 @@ class TrainConfig:
         _at_least("train.max_eval_examples", self.max_eval_examples, 0)
         _at_least("train.save_steps", self.save_steps, 1)
         _at_least("train.logging_steps", self.logging_steps, 1)
+        _at_least("train.processes", self.processes, 1)
 
 
 @dataclass
@@ -227,7 +232,7 @@ class RegisterConfig:
 @dataclass
 class RuntimeConfig:
     num_threads: int = 0
-    """CPU threads for torch (0: $OLORA_NUM_THREADS if set, else torch's default). No stage depends on it: it cannot change an output."""
+    """CPU threads for torch (0: $OLORA_NUM_THREADS if set, else torch's default), per machine: shared among the training processes on it. No stage depends on it: it cannot change an output."""
 
     def validate(self) -> None:
         _at_least("runtime.num_threads", self.num_threads, 0)

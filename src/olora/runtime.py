@@ -29,11 +29,11 @@ class Runtime:
 
 
 def set_threads(runtime: RuntimeConfig | None = None) -> None:
-    """torch's CPU threads: `runtime.num_threads`, else $OLORA_NUM_THREADS, else torch's default."""
-    if runtime is not None and runtime.num_threads:
-        torch.set_num_threads(runtime.num_threads)
-    elif os.environ.get("OLORA_NUM_THREADS"):
-        torch.set_num_threads(int(os.environ["OLORA_NUM_THREADS"]))
+    """torch's CPU threads: `runtime.num_threads`, else $OLORA_NUM_THREADS, else torch's default (per machine)."""
+    threads = runtime.num_threads if runtime is not None and runtime.num_threads else int(os.environ.get("OLORA_NUM_THREADS") or 0)
+    if threads:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # training processes on this machine share the cores
+        torch.set_num_threads(max(1, threads // local))
 
 
 def resolve_runtime(model: ModelConfig, runtime: RuntimeConfig | None = None) -> Runtime:
@@ -49,6 +49,8 @@ def resolve_runtime(model: ModelConfig, runtime: RuntimeConfig | None = None) ->
         raise ConfigError(f"model.device={model.device!r} but no CUDA device is visible; use model.device=cpu or auto")
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("model.device='mps' but MPS is not available; use model.device=cpu or auto")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per process under a distributed launcher
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
     device = torch.device(name)
     if model.dtype == "auto":
         if device.type == "cuda":
