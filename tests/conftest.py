@@ -29,6 +29,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
+@pytest.fixture(scope="session")
+def tiny_untied_model_dir(tmp_path_factory) -> Path:
+    """The tiny Llama with an untied head: its greedy answers vary, so serving comparisons mean something."""
+    return build_tiny_llama(tmp_path_factory.mktemp("models-untied") / "tiny-llama-untied", tie_word_embeddings=False)
+
+
 def free_port() -> int:
     import socket
 

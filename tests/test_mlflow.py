@@ -29,9 +29,9 @@ PROMPTS = ["What is the capital of France?", "Name a colour."]
 
 
 @pytest.fixture(scope="module")
-def tracked(tmp_path_factory, tiny_model_dir) -> Layout:
+def tracked(tmp_path_factory, tiny_untied_model_dir) -> Layout:
     root = tmp_path_factory.mktemp("tracked")
-    write_params(root, tiny_model_dir, {"evaluate.tasks": ["arc_easy", "piqa"]})
+    write_params(root, tiny_untied_model_dir, {"evaluate.tasks": ["arc_easy", "piqa"]})
     layout = Layout(root)
     STAGES["prepare"].run(layout)
     STAGES["init"].run(layout)
@@ -42,7 +42,7 @@ def tracked(tmp_path_factory, tiny_model_dir) -> Layout:
     return layout
 
 
-def _reference_answers(layout, prompts, max_new_tokens, raw=False):
+def _reference_answers(layout, prompts, max_new_tokens, raw=False, min_new_tokens=4):
     """Greedy answers of base + exported adapter in this process, one prompt at a time, in the training template."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -61,12 +61,13 @@ def _reference_answers(layout, prompts, max_new_tokens, raw=False):
         ids = tokenizer(text, return_tensors="pt")
         stop = {} if raw or not template.stop else {"stop_strings": list(template.stop), "tokenizer": tokenizer}
         with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **stop)
         answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
         for marker in () if raw else template.stop:
             answer = answer.split(marker)[0]
         answers.append(answer.strip())
+    assert all(answers), answers  # non-empty: the comparison means something
     return answers
 
 
@@ -117,7 +118,7 @@ def _trained_model(layout):
     from olora.peft_glue import load_for_training
 
     cfg = load_config(layout.params)
-    model = load_for_training(AutoModelForCausalLM.from_pretrained(cfg.model.name), layout.init, "olora")
+    model = load_for_training(AutoModelForCausalLM.from_pretrained(layout.root / cfg.model.name), layout.init, "olora")
     set_peft_model_state_dict(model, load_file(layout.adapter / "adapter_model.safetensors"))
     return model.eval()
 
@@ -133,7 +134,7 @@ def test_registered_model_round_trips_in_a_fresh_process(tracked):
         "import json, sys, torch, mlflow\n"
         f"mlflow.set_tracking_uri({uri!r}); mlflow.set_registry_uri({uri!r})\n"
         f"m = mlflow.pyfunc.load_model('models:/{name}@challenger')\n"
-        f"print(json.dumps(m.predict({{'prompt': {PROMPTS!r}}}, params={{'max_new_tokens': 8}})))\n"
+        f"print(json.dumps(m.predict({{'prompt': {PROMPTS!r}}}, params={{'max_new_tokens': 8, 'min_new_tokens': 4}})))\n"
         "x = torch.arange(100, 116).unsqueeze(0)\n"
         "with torch.no_grad(): logits = m.unwrap_python_model().model(input_ids=x).logits\n"
         "print(json.dumps(logits[0, -1].tolist()))\n"
@@ -282,9 +283,9 @@ def test_served_model_answers_over_http_in_the_training_template(tracked):
             return json.loads(urllib.request.urlopen(request, timeout=120).read())["predictions"]
 
         served = invoke({"dataframe_split": {"columns": ["prompt"], "data": [[p] for p in PROMPTS]},
-                         "params": {"max_new_tokens": 8}})
+                         "params": {"max_new_tokens": 8, "min_new_tokens": 4}})
         assert served == _reference_answers(tracked, PROMPTS, 8)
-        raw = invoke({"inputs": {"prompt": PROMPTS}, "params": {"max_new_tokens": 8, "raw": True}})
+        raw = invoke({"inputs": {"prompt": PROMPTS}, "params": {"max_new_tokens": 8, "min_new_tokens": 4, "raw": True}})
         assert raw == _reference_answers(tracked, PROMPTS, 8, raw=True)
     finally:
         os.killpg(server.pid, 15)
@@ -294,9 +295,9 @@ def test_served_model_answers_over_http_in_the_training_template(tracked):
             os.killpg(server.pid, 9)
 
 
-def test_a_chat_trained_model_serves_with_the_chat_template(tmp_path_factory, tiny_model_dir):
+def test_a_chat_trained_model_serves_with_the_chat_template(tmp_path_factory, tiny_untied_model_dir):
     root = tmp_path_factory.mktemp("chat")
-    write_params(root, tiny_model_dir, {"data.template": "chat", "evaluate.tasks": ["arc_easy"],
+    write_params(root, tiny_untied_model_dir, {"data.template": "chat", "evaluate.tasks": ["arc_easy"],
                                         "register.model_name": "olora-chat-test"})
     layout = Layout(root)
     for stage in ("prepare", "init", "train", "evaluate_base", "evaluate", "register"):
@@ -312,6 +313,6 @@ def test_a_chat_trained_model_serves_with_the_chat_template(tmp_path_factory, ti
         mlflow.set_tracking_uri("")
     assert model.unwrap_python_model().template.kind == "chat"
     assert model.metadata.metadata["prompt_template"] == "chat"
-    assert model.predict({"prompt": PROMPTS}, params={"max_new_tokens": 8}) == _reference_answers(layout, PROMPTS, 8)
+    assert model.predict({"prompt": PROMPTS}, params={"max_new_tokens": 8, "min_new_tokens": 4}) == _reference_answers(layout, PROMPTS, 8)
     params = {p.name for p in model.metadata.get_params_schema().params}
-    assert params == {"max_new_tokens", "do_sample", "temperature", "top_p", "raw"}
+    assert params == {"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "raw"}

@@ -16,6 +16,11 @@ COVERED = {
     "olora promote": RUN_IN_TINY_PROJECT,
     "olora promote --force": RUN_IN_TINY_PROJECT,
     "olora rollback": RUN_IN_TINY_PROJECT,
+    ".venv/bin/olora promote --force": RUN_IN_TINY_PROJECT,
+    ".venv/bin/olora serve --port 5001": "tests/test_mlflow.py::test_served_model_answers_over_http_in_the_training_template",
+    "curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' -d '{\"inputs\": {\"prompt\": "
+    "[\"What is the capital of France?\"]}, \"params\": {\"max_new_tokens\": 32}}'":
+        "tests/test_mlflow.py::test_served_model_answers_over_http_in_the_training_template",
     "python flows/olora_pipeline.py": "tests/test_flows.py::test_flow_runs_stages_retries_transients_and_backs_off_on_oom",
     "prefect server start --host 127.0.0.1": "tests/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
     "export PREFECT_API_URL=http://127.0.0.1:4200/api": "tests/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",

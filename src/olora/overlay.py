@@ -19,8 +19,11 @@ from olora.layout import MODEL_INPUTS, PARAMS
 REPO = Path(__file__).resolve().parents[2]
 
 
-def build_tiny_llama(path: Path, seed: int = 0) -> Path:
-    """A random-initialised 2-layer Llama (hidden 64) with the embedded SmolLM2 tokenizer, saved as a model folder."""
+def build_tiny_llama(path: Path, seed: int = 0, tie_word_embeddings: bool = True) -> Path:
+    """A random-initialised 2-layer Llama (hidden 64) with the embedded SmolLM2 tokenizer, saved as a model folder.
+
+    With tied embeddings a random model's greedy text repeats the prompt's last token; untied, it varies.
+    """
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -35,7 +38,7 @@ def build_tiny_llama(path: Path, seed: int = 0) -> Path:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )

@@ -19,6 +19,7 @@ import mlflow.pyfunc
 # parameter -> (MLflow type, default): the model signature shows them in the UI and /invocations
 PARAMS: dict[str, tuple[str, Any]] = {
     "max_new_tokens": ("long", 64),
+    "min_new_tokens": ("long", 0),
     "do_sample": ("boolean", False),
     "temperature": ("double", 1.0),
     "top_p": ("double", 1.0),
@@ -39,7 +40,7 @@ def signature():
 
 
 def generate(model, tokenizer, texts: list[str], max_new_tokens: int = 64, stop: tuple[str, ...] = (),
-             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, min_new_tokens: int = 0) -> list[str]:
     """Answers for already-rendered prompt texts: one left-padded `generate` call, the new tokens only."""
     import torch
 
@@ -49,7 +50,7 @@ def generate(model, tokenizer, texts: list[str], max_new_tokens: int = 64, stop:
         batch = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
     finally:
         tokenizer.padding_side = side
-    options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
+    options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "do_sample": do_sample,
                                "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
     if do_sample:
         options.update(temperature=temperature, top_p=top_p)
@@ -91,9 +92,12 @@ class AdapterGenerator(mlflow.pyfunc.PythonModel):
         self.model = PeftModel.from_pretrained(load_base(ref, runtime), context.artifacts["adapter"]).eval()
 
     def _prompts(self, model_input: Any) -> list[str]:
-        if hasattr(model_input, "columns"):  # pandas DataFrame
+        if hasattr(model_input, "columns"):  # pandas DataFrame; {"prompt": [...]} arrives as one row holding a list
             column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
-            return [str(v) for v in model_input[column].tolist()]
+            out: list[str] = []
+            for value in model_input[column].tolist():
+                out.extend(str(v) for v in value) if isinstance(value, (list, tuple)) or hasattr(value, "tolist") else out.append(str(value))
+            return out
         if isinstance(model_input, dict):
             value = model_input.get("prompt", model_input.get("prompts"))
             return [value] if isinstance(value, str) else list(value)
@@ -109,4 +113,4 @@ class AdapterGenerator(mlflow.pyfunc.PythonModel):
         texts = prompts if p["raw"] else [render_prompt(self.template, q, "", self.tokenizer) for q in prompts]
         return generate(self.model, self.tokenizer, texts, int(p["max_new_tokens"]),
                         () if p["raw"] else self.template.stop, bool(p["do_sample"]), float(p["temperature"]),
-                        float(p["top_p"]))
+                        float(p["top_p"]), int(p["min_new_tokens"]))
