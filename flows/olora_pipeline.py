@@ -14,7 +14,6 @@ the accumulation (the same effective batch), written back to params.yaml so dvc.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any

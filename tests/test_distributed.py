@@ -180,3 +180,12 @@ def test_process_count_is_validated():
 
     with pytest.raises(ConfigError, match=r"train.processes=0 is out of range"):
         config_from_dict({"train": {"processes": 0}})
+
+
+def test_packing_is_used_only_where_padding_wastes_tokens():
+    from olora.stages.train import PACKING_MIN_WASTE, padding_waste
+
+    assert padding_waste([64] * 100, 8) == 0.0  # equal lengths: nothing to save, packing only adds attention
+    assert padding_waste([10, 100] * 50, 8) > 0.4
+    assert padding_waste([30, 32, 31, 33] * 25, 8) < PACKING_MIN_WASTE
+    assert padding_waste([5, 9], 1) == 0.0  # one example per micro-batch is never padded

@@ -88,3 +88,16 @@ def test_bitsandbytes_4bit_base_uses_pefts_dequantise_init_requantise(tiny_model
         torch.testing.assert_close(ours(input_ids=x).logits, theirs(input_ids=x).logits, rtol=1e-3, atol=1e-3)
     errors = adapters.orthonormality_errors(ours)
     assert max(errors.values()) < 1e-2
+
+
+def test_more_processes_than_gpus_is_refused_before_loading(tmp_path, tiny_model_dir):
+    from olora.errors import ConfigError
+    from olora.layout import Layout
+
+    n = torch.cuda.device_count() + 1
+    write_params(tmp_path, tiny_model_dir, {"train.processes": n, "tracking.enabled": False})
+    layout = Layout(tmp_path)
+    STAGES["prepare"].run(layout)
+    STAGES["init"].run(layout)
+    with pytest.raises(ConfigError, match=rf"train.processes={n} but only {n - 1} CUDA device"):
+        STAGES["train"].run(layout)

@@ -90,6 +90,7 @@ def test_repro_produces_every_output_and_a_noop_second_run(project, traced_repro
     assert init["max_output_diff"] < 1e-4 * max(1.0, init["max_abs_logit"])
     train = read(project, "metrics/train.json")
     assert train["steps"] == 6 and train["tokens_per_second"] > 0 and train["final_val_loss"] > 0
+    assert train["train_tokens_per_second"] >= train["tokens_per_second"]  # the latter includes validation time
     losses = (project / "plots/train_loss.csv").read_text().splitlines()
     assert losses[0] == "step,loss" and len(losses) == 7
     exported = read(project, "models/exported/adapter_config.json")

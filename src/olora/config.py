@@ -148,7 +148,7 @@ class TrainConfig:
     logging_steps: int = 1
     """Training-loss logging interval (the loss plot's resolution)."""
     padding_free: bool = True
-    """Concatenate each micro-batch into one unpadded sequence with per-example position ids (transformers' DataCollatorWithFlattening); the loss is the padded path's. Checked on the model first: where its attention would mix packed examples, batches are padded instead."""
+    """Concatenate each micro-batch into one unpadded sequence with per-example position ids (transformers' DataCollatorWithFlattening); the loss is the padded path's. Used when padding would waste >= 10% of the batch tokens (estimated from the data's lengths) and a check on the model shows its attention keeps packed examples apart; otherwise batches are padded."""
     processes: int = 1
     """Data-parallel training processes (all machines together), launched through torch.distributed's launcher: gloo on CPU, NCCL on CUDA (one GPU each). The effective batch is processes x micro_batch_size x gradient_accumulation_steps."""
 

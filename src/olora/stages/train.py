@@ -148,15 +148,21 @@ def _trainer_class():
 class _ThroughputMeter(TrainerCallback):
     """Counts non-padding tokens and seconds of the steps this process runs (after a resume too).
 
-    The seconds include periodic validation; the figure is a whole-stage throughput.
+    `elapsed` seconds include periodic validation (a whole-stage throughput); `eval_seconds` is the
+    part spent validating, so the training-only rate can be reported beside it.
     """
 
     def __init__(self):
         self.start_time = self.start_tokens = None
+        self.eval_seconds = 0.0
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.start_time is None:
             self.start_time, self.start_tokens = time.perf_counter(), int(state.num_input_tokens_seen or 0)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.start_time is not None and metrics and "eval_runtime" in metrics:
+            self.eval_seconds += float(metrics["eval_runtime"])
 
     def elapsed(self, state) -> tuple[float, int]:
         if self.start_time is None:
@@ -185,6 +191,24 @@ def packing_is_exact(model, device: torch.device, dtype: torch.dtype) -> bool:
     reference = torch.cat(one)
     error = float((packed.logits[0].float() - reference).norm() / reference.norm().clamp_min(1e-12))
     return error < (1e-4 if dtype == torch.float32 else 3e-2)
+
+
+def padding_waste(lengths: list[int], micro_batch: int, samples: int = 64, seed: int = 0) -> float:
+    """Expected share of a padded micro-batch that is padding, over random micro-batches of these lengths."""
+    import random
+
+    if not lengths or micro_batch <= 1:
+        return 0.0
+    rng = random.Random(seed)
+    real = padded = 0
+    for _ in range(samples):
+        batch = rng.sample(lengths, min(micro_batch, len(lengths)))
+        real += sum(batch)
+        padded += max(batch) * len(batch)
+    return 1.0 - real / padded
+
+
+PACKING_MIN_WASTE = 0.1  # below this, packing's longer attention costs more than the padding it saves
 
 
 def world() -> tuple[int, int]:
@@ -244,8 +268,9 @@ def train_adapter(
     if cfg.train.gradient_checkpointing:
         model.enable_input_require_grads()
     t = cfg.train
-    packed = t.padding_free and packing_is_exact(model, runtime.device, runtime.dtype)
-    if t.padding_free and not packed:
+    waste = padding_waste([len(r["input_ids"]) for r in train_rows], t.micro_batch_size)
+    packed = t.padding_free and waste >= PACKING_MIN_WASTE and packing_is_exact(model, runtime.device, runtime.dtype)
+    if t.padding_free and waste >= PACKING_MIN_WASTE and not packed:
         log.warning("train.padding_free: %s does not keep packed examples apart; training with padded batches",
                     type(base).__name__)
     args = TrainingArguments(
@@ -313,6 +338,7 @@ def train_adapter(
     else:
         trainer.train(resume_from_checkpoint=True if resume else None)
     seconds, tokens = meter.elapsed(trainer.state)
+    train_only = seconds - meter.eval_seconds  # before any final evaluation below
     history = trainer.state.log_history
     if not any("eval_loss" in h and h.get("step") == trainer.state.global_step for h in history):
         trainer.evaluate()
@@ -344,10 +370,12 @@ def train_adapter(
         "train_seconds": round(seconds, 3),
         "tokens_trained": tokens,
         "tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else 0.0,
+        "train_tokens_per_second": round(tokens / train_only, 2) if train_only > 0 else 0.0,
         "resumed": bool(resume),
         "processes": world_size,
         "effective_batch": world_size * t.micro_batch_size * t.gradient_accumulation_steps,
         "padding_free": packed,
+        "padding_share_avoided": round(waste, 4) if packed else 0.0,
         "rank_weight_checksums": checksums,
         "weights_identical_across_ranks": len(set(checksums)) == 1,
         "peak_memory_mb": round(peak_memory_bytes(runtime) / 2**20, 1),
