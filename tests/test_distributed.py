@@ -161,7 +161,15 @@ def test_a_killed_two_process_run_resumes_and_a_changed_count_is_refused(prepare
     while not marker.is_file() and launcher.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     assert marker.is_file(), "no checkpoint was written"
-    os.killpg(launcher.pid, signal.SIGKILL)  # the whole launch: torchrun and both ranks
+    import psutil
+
+    # the whole launch, as a preempted node loses it: torchrun starts each rank in a session of its own,
+    # so the ranks are found as descendants rather than through the launcher's process group
+    processes = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
+    assert len(processes) >= 4  # olora, torchrun, two ranks
+    for process in processes:
+        process.send_signal(signal.SIGKILL)
+    psutil.wait_procs(processes, timeout=30)
     launcher.wait(30)
     assert not (layout.adapter / "adapter_model.safetensors").exists()
 

@@ -32,6 +32,13 @@ class InterruptAt(TrainerCallback):
             raise Interrupt(f"simulated preemption after step {self.step}")
 
 
+class InterruptAtEnd(TrainerCallback):
+    """A kill after the last step's checkpoint, before the stage writes its outputs."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        raise Interrupt("simulated preemption after the final checkpoint")
+
+
 class PoisonAt(TrainerCallback):
     """Set one adapter weight to NaN after `step`, so the next loss is NaN."""
 
@@ -83,15 +90,19 @@ def test_resume_after_interruption_matches_uninterrupted_run(prepared, tmp_path)
     for key, value in _weights(straight).items():
         torch.testing.assert_close(_weights(broken)[key], value, rtol=1e-5, atol=1e-6)
 
+    assert not broken.checkpoints.exists()  # removed once the outputs are written
+
     # killed after the final step's checkpoint but before the outputs were written: the rerun takes
     # that checkpoint as the result instead of training a seventh step
-    shutil.rmtree(straight.adapter)
-    shutil.rmtree(straight.exported)
-    finished = STAGES["train"].run(straight)
+    late = _clone(prepared, tmp_path / "late")
+    with pytest.raises(Interrupt):
+        STAGES["train"].run(late, callbacks=[InterruptAtEnd()])
+    assert (late.checkpoints / "checkpoint-6" / "trainer_state.json").is_file() and not late.adapter.exists()
+    finished = STAGES["train"].run(late)
     assert finished["resumed"] and finished["steps"] == 6
-    assert len(straight.plot("train_loss").read_text().splitlines()) == 7  # header + steps 1..6
-    for key, value in _weights(again).items():
-        torch.testing.assert_close(_weights(straight)[key], value, rtol=0, atol=0)
+    assert len(late.plot("train_loss").read_text().splitlines()) == 7  # header + steps 1..6
+    for key, value in _weights(straight).items():
+        torch.testing.assert_close(_weights(late)[key], value, rtol=0, atol=0)
 
 
 def test_changed_settings_do_not_resume_stale_checkpoints(prepared, tmp_path):

@@ -359,6 +359,8 @@ def train_adapter(
         with atomic_dir(Path(exported_dir)) as tmp:
             peft_glue.export_plain_lora(model, tmp, Path(init_dir), cfg.adapter.init)
     state.wait_for_everyone()
+    if main:  # the outputs are written: the checkpoints have served (and must not pass for an interrupted run)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
     train_losses = [h["loss"] for h in history if "loss" in h]
     val_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
