@@ -47,11 +47,6 @@ def up_to_date(root: Path, stage: str) -> bool:
     return not json.loads(run(root, "status", stage, "--json").stdout or "{}")
 
 
-def changed_stages(root: Path) -> set[str]:
-    """Names of the stages `dvc status` reports as changed."""
-    return set(json.loads(run(root, "status", "--json").stdout or "{}"))
-
-
 def commit(root: Path, stage: str) -> None:
     """Record a stage's current deps and outputs in dvc.lock (after the stage ran outside `dvc repro`)."""
     run(root, "commit", "--force", stage)

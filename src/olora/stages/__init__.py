@@ -12,7 +12,7 @@ import (`olora.stages.code`), and a test checks them against what a real run loa
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,7 +37,7 @@ class Stage:
     """(path, x, y) of CSV plots."""
     reports: tuple[str, ...] = ()
     """Uncached outputs committed to git (small reports)."""
-    cli: tuple[str, ...] = field(default=())
+    cli: tuple[str, ...] = ()
     """Arguments after `olora` (default: the stage name)."""
     help: str = ""
     """One line for `olora --help`."""
@@ -116,14 +116,6 @@ STAGES: dict[str, Stage] = {
         ),
     ]
 }
-
-
-def get(name: str) -> Stage:
-    from olora.errors import OloraError
-
-    if name not in STAGES:
-        raise OloraError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
-    return STAGES[name]
 
 
 def setup(layout: Layout, overrides: dict[str, Any] | None):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,11 +82,6 @@ def _check_hub_tasks(tasks: list[str], manager) -> None:
     if unknown:
         close = sorted(k for k in known if any(u.split("_")[0] in k for u in unknown))[:20]
         raise ConfigError(f"evaluate.tasks has unknown lm-eval task(s) {unknown}; similar tasks that exist: {close}")
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    metrics: dict[str, Any]
 
 
 def summarise(raw: dict[str, Any], names: dict[str, str], split: dict[str, str], limit: int) -> dict[str, Any]:

@@ -11,10 +11,15 @@ trained adapter and an exported plain LoRA that loads on an untouched base.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
+import logging
 import math
+import os
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +27,6 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
-
-import csv
-import logging
-import os
-import subprocess
-import sys
 
 from olora import models, peft_glue
 from olora.config import Config
@@ -459,8 +458,6 @@ def check_distributed(cfg: Config, runtime: Runtime) -> None:
 
 def _launch(layout: Layout, overrides: dict[str, Any] | None, processes: int) -> dict[str, Any]:
     """Run this stage in `processes` processes through torch.distributed's launcher (torchrun) and wait."""
-    import json
-
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                "-m", "olora.cli", "--root", str(layout.root)]
     for key, value in (overrides or {}).items():

@@ -96,7 +96,9 @@ class AdapterGenerator(mlflow.pyfunc.PythonModel):
             column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
             out: list[str] = []
             for value in model_input[column].tolist():
-                out.extend(str(v) for v in value) if isinstance(value, (list, tuple)) or hasattr(value, "tolist") else out.append(str(value))
+                if hasattr(value, "tolist"):  # a numpy array cell
+                    value = value.tolist()
+                out.extend(map(str, value) if isinstance(value, (list, tuple)) else [str(value)])
             return out
         if isinstance(model_input, dict):
             value = model_input.get("prompt", model_input.get("prompts"))
