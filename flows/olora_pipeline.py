@@ -27,13 +27,14 @@ from olora import dvc
 from olora.config import apply_overrides, config_from_dict, load_config
 from olora.errors import OloraError
 from olora.layout import RUN_FILE, Layout
+from olora.locking import WorkspaceBusyError
 from olora.stages import STAGES
 from olora.tracking.client import TrackingError
 
 
 def is_transient(exc: BaseException) -> bool:
     """Retry infrastructure failures; never retry a user error (bad params, bad data)."""
-    if isinstance(exc, TrackingError):
+    if isinstance(exc, (TrackingError, WorkspaceBusyError)):  # a server that comes back, a run that finishes
         return True
     return not isinstance(exc, (OloraError, KeyboardInterrupt))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,84 @@ def wait_for_http(url: str, seconds: float = 90.0) -> None:
         except OSError:
             time.sleep(0.5)
     pytest.fail(f"{url} did not answer within {seconds:.0f} s")
+
+
+BIN = Path(sys.executable).parent
+
+
+def sh(args: list[str], cwd: Path, check: bool = True, extra_env: dict | None = None):
+    """Run a command the way a user would (this venv's bin first on PATH); fail the test with its output."""
+    import subprocess
+
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OLORA_NUM_THREADS": "2", **(extra_env or {})}
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def make_dvc_project(root: Path, model_dir: Path, extra: dict | None = None) -> Path:
+    """A user's clone in `root`: the project files, the tiny overlay's params, git and DVC initialised, committed."""
+    from olora.overlay import copy_project, write_params
+
+    root.mkdir(parents=True, exist_ok=True)
+    copy_project(root)
+    write_params(root, model_dir, extra)
+    sh(["git", "init", "-q"], root)
+    sh(["git", "config", "user.email", "t@example.com"], root)
+    sh(["git", "config", "user.name", "t"], root)
+    sh([str(BIN / "dvc"), "init", "-q"], root)
+    sh(["git", "add", "-A"], root)
+    sh(["git", "commit", "-qm", "init"], root)
+    return root
+
+
+class PausedRun:
+    """A command started in its own process group that pauses at a stage's marker (olora.faults.marker).
+
+    wait() returns once the marker is reached (or fails the test with the log if the command ends
+    first); kill() sends SIGKILL to the whole group, as the OOM killer or a lost node would;
+    release() lets it go on.
+    """
+
+    def __init__(self, args: list[str], cwd: Path, markers: list[str], pause_dir: Path, extra_env: dict | None = None):
+        import subprocess
+
+        self.pause_dir = Path(pause_dir)
+        self.pause_dir.mkdir(parents=True, exist_ok=True)
+        self.log = self.pause_dir / "run.log"
+        env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OLORA_NUM_THREADS": "2",
+               "OLORA_PAUSE_AT": ",".join(markers), "OLORA_PAUSE_DIR": str(self.pause_dir), **(extra_env or {})}
+        self.handle = open(self.log, "w")
+        self.process = subprocess.Popen(args, cwd=cwd, env=env, stdout=self.handle, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+
+    def output(self) -> str:
+        self.handle.flush()
+        return self.log.read_text()
+
+    def wait(self, marker: str, seconds: float = 600) -> None:
+        import time
+
+        deadline = time.monotonic() + seconds
+        while not (self.pause_dir / f"{marker}.reached").exists():
+            if self.process.poll() is not None:
+                pytest.fail(f"the run ended ({self.process.returncode}) before marker {marker}:\n{self.output()[-4000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"marker {marker} not reached in {seconds:.0f} s:\n{self.output()[-4000:]}")
+            time.sleep(0.05)
+
+    def release(self, marker: str) -> None:
+        (self.pause_dir / marker).touch()
+
+    def kill(self) -> None:
+        import signal
+
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(60)
+        self.handle.close()
+
+    def finish(self, seconds: float = 900) -> int:
+        code = self.process.wait(seconds)
+        self.handle.close()
+        return code

@@ -264,7 +264,7 @@ def test_mlflow_server_shows_runs_metrics_and_registry(tracked):
 
 
 def test_served_model_answers_over_http_in_the_training_template(tracked):
-    """`olora serve` (mlflow models serve) on a free loopback port: answers equal the in-process reference."""
+    """`olora serve` (MLflow's scoring app under uvicorn) on a free loopback port: answers equal the in-process reference."""
     import urllib.request
 
     port = free_port()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -74,7 +76,10 @@ def test_reload_for_training_matches_peft_init(tmp_path, r):
     """Our path (save A0,B0 -> untouched base + residual) equals PEFT's own olora init exactly."""
     cfg = _cfg(r)
     peft_model = adapters.initialise(Toy(), cfg)
-    adapters.save_initial(peft_model, tmp_path / "init")
+    adapters.save_initial(peft_model, tmp_path / "init", "tiny")
+    saved = json.loads((tmp_path / "init" / "adapter_config.json").read_text())
+    # the same bytes in every clone and process: no absolute folder, no hash-seed-ordered set
+    assert saved["base_model_name_or_path"] == "tiny" and saved["target_modules"] == sorted(saved["target_modules"])
     reloaded = adapters.load_for_training(Toy(), tmp_path / "init", "olora")
     ours, theirs = adapters.lora_layers(reloaded), adapters.lora_layers(peft_model)
     assert ours.keys() == theirs.keys()
@@ -110,7 +115,7 @@ def test_export_round_trip_on_untouched_base(tmp_path, tiny_model_dir):
     x = torch.randint(0, base.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         base_logits = base(input_ids=x).logits
-    adapters.save_initial(adapters.initialise(base, cfg), init_dir)
+    adapters.save_initial(adapters.initialise(base, cfg), init_dir, "tiny")
 
     model = adapters.load_for_training(AutoModelForCausalLM.from_pretrained(tiny_model_dir), init_dir, "olora")
     with torch.no_grad():
@@ -126,7 +131,7 @@ def test_export_round_trip_on_untouched_base(tmp_path, tiny_model_dir):
         trained = model(input_ids=x).logits
     assert (trained - base_logits).abs().max() > 1e-2  # training changed the model
     init_before = {p.name: p.read_bytes() for p in init_dir.iterdir()}
-    adapters.export_plain_lora(model, out_dir, init_dir, "olora")
+    adapters.export_plain_lora(model, out_dir, init_dir, "olora", "tiny")
     assert {p.name: p.read_bytes() for p in init_dir.iterdir()} == init_before  # the versioned init is untouched
 
     import json

@@ -1,4 +1,5 @@
-"""Serving without a server: templates render as in training, batched generation equals one-by-one."""
+"""Serving without a server: templates render as in training, batched generation equals one-by-one,
+bad requests are refused with MLflow's INVALID_PARAMETER_VALUE, changed artifact files are named."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 
 from olora.data.templates import ALPACA_NO_INPUT, PromptTemplate, Record, render, render_prompt, resolve_template
 from olora.errors import ConfigError
-from olora.tracking.pyfunc import PARAMS, generate, signature
+from olora.tracking.pyfunc import (MAX_NEW_TOKENS, MAX_PROMPTS, PARAMS, AdapterGenerator, TamperedModelError,
+                                   artifact_checksums, generate, signature, verify_artifacts)
 
 PROMPTS = ["What is the capital of France?", "Name a fruit that is yellow.", "Hi", "Count to three, slowly please.",
            "Why is the sky blue?", "2+2=", "Translate 'cat' into French.", "Name a colour."]
@@ -77,3 +79,69 @@ def test_signature_documents_inputs_and_parameters():
     sig = signature()
     assert sig.inputs.input_names() == ["prompt"]
     assert {p.name: p.default for p in sig.params.params} == {name: default for name, (_, default) in PARAMS.items()}
+
+
+@pytest.fixture(scope="module")
+def generator(tiny):
+    """The registered pyfunc's predict() on the tiny model (context 512 tokens), without load_context."""
+    g = AdapterGenerator()
+    g.model, g.tokenizer = tiny
+    g.template = resolve_template("alpaca")
+    return g
+
+
+LONG = "word " * 470  # ~500 tokens in the template: over the 512-token context less 64 new tokens
+
+
+@pytest.mark.parametrize("model_input, params, reason", [
+    ({"prompt": ["Hi"]}, {"max_new_tokens": 0}, f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got 0"),
+    ({"prompt": ["Hi"]}, {"max_new_tokens": MAX_NEW_TOKENS + 1}, f"between 1 and {MAX_NEW_TOKENS}, got {MAX_NEW_TOKENS + 1}"),
+    ({"prompt": ["Hi"]}, {"max_new_tokens": 4, "min_new_tokens": 5}, r"min_new_tokens must be between 0 and max_new_tokens \(4\)"),
+    ({"prompt": ["Hi"]}, {"do_sample": True, "temperature": 0.0}, "temperature must be > 0"),
+    ({"prompt": ["Hi"]}, {"do_sample": True, "top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    ({"prompt": []}, {}, f"between 1 and {MAX_PROMPTS} prompts, got 0"),
+    ({"prompt": ["Hi"] * (MAX_PROMPTS + 1)}, {}, f"between 1 and {MAX_PROMPTS} prompts, got {MAX_PROMPTS + 1}"),
+    ({"question": ["Hi"]}, {}, "needs a 'prompt' field"),
+    ({"prompt": ["Hi", LONG]}, {}, r"prompt 1 is \d+ tokens \(in the template\); the model's context is 512 tokens, "
+                                   r"so with max_new_tokens=64 a prompt may hold at most 448"),
+])
+def test_bad_requests_are_refused_with_invalid_parameter_value(generator, model_input, params, reason):
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match=reason) as caught:
+        generator.predict(None, model_input, params)
+    assert caught.value.error_code == "INVALID_PARAMETER_VALUE"  # MLflow's scoring server answers it with 400
+
+
+def test_a_dataframe_needs_the_prompt_column_and_a_long_prompt_fits_with_fewer_new_tokens(generator):
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match=r"needs a 'prompt' column; got \['question'\]"):
+        generator.predict(None, pd.DataFrame({"question": ["Hi"]}))
+    # the limit is the context minus the tokens asked for: the same prompt fits with max_new_tokens=2
+    assert len(generator.predict(None, {"prompt": [LONG]}, {"max_new_tokens": 2})) == 1
+
+
+def test_changed_artifact_files_are_named(tmp_path):
+    adapter = tmp_path / "artifacts" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    (adapter / "adapter_config.json").write_text("{}")
+    (tmp_path / "artifacts" / "base.json").write_text("{}")
+    recorded = artifact_checksums([adapter, tmp_path / "artifacts" / "base.json"])
+    assert sorted(recorded) == ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "base.json"]
+    verify_artifacts(tmp_path / "artifacts", recorded)  # unchanged: passes
+
+    (adapter / "adapter_model.safetensors").write_bytes(b"weightS")
+    with pytest.raises(TamperedModelError, match=r"^checksum mismatch for adapter/adapter_model.safetensors: the "
+                                                 r"registered model's files were changed after registration; "):
+        verify_artifacts(tmp_path / "artifacts", recorded)
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    (adapter / "adapter_model.bin").write_bytes(b"other weights")
+    with pytest.raises(TamperedModelError, match="unexpected file adapter/adapter_model.bin"):
+        verify_artifacts(tmp_path / "artifacts", recorded)
+    (adapter / "adapter_model.bin").unlink()
+    (tmp_path / "artifacts" / "base.json").unlink()
+    with pytest.raises(TamperedModelError, match="missing file base.json"):
+        verify_artifacts(tmp_path / "artifacts", recorded)

@@ -52,9 +52,13 @@ def embedded_revision(name: str) -> str:
 def embedded_model_dir(name: str) -> Path:
     """Return a transformers folder for an embedded model, converting the GGUF file on first use."""
     if name not in EMBEDDED_MODELS:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(EMBEDDED_MODELS), n=1, cutoff=0.6)
         raise OloraError(
             f"unknown embedded model {name!r}; available: "
             + ", ".join(EMBEDDED_PREFIX + n for n in EMBEDDED_MODELS)
+            + (f" (did you mean model.name={EMBEDDED_PREFIX + close[0]!r}?)" if close else "")
         )
     module, filename = EMBEDDED_MODELS[name]
     gguf = package_dir(module, module.replace("_", "-")) / filename

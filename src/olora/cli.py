@@ -52,10 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--force", action="store_true", help="promote regardless of the gate")
     rb = sub.add_parser("rollback", help="restore the previous champion")
     rb.add_argument("--model", help="registered model name (default: from params)")
-    sv = sub.add_parser("serve", help="answer HTTP requests with a registered version (mlflow models serve), on 127.0.0.1")
+    sv = sub.add_parser("serve", help="answer HTTP requests with a registered version (MLflow's scoring app under uvicorn, "
+                        "POST /reload follows the alias), on 127.0.0.1")
     sv.add_argument("--model", help="registered model name (default: from params)")
     sv.add_argument("--alias", default="champion", help="alias to serve (default: champion)")
-    sv.add_argument("--version", help="serve this version instead of an alias")
+    sv.add_argument("--version", help="serve this fixed version instead of an alias (reload is then a no-op)")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     sv.add_argument("--port", type=int, default=5001)
     sub.add_parser("check", help="validate params.yaml and print the resolved configuration")
@@ -114,22 +115,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(layout, overrides, args) -> int:
-    """Exec `mlflow models serve` for the registered version, with this venv's bin on PATH (it runs uvicorn by name)."""
+    """MLflow's scoring app for the registered version under uvicorn, with `POST /reload` and `GET /served` (olora.serving)."""
     from olora.config import load_config
-    from olora.tracking.client import resolve_uri
+    from olora.serving import serve
     from olora.tracking.registry import model_name
 
     cfg = load_config(layout.params, overrides)
-    name = args.model or model_name(cfg)
-    uri = f"models:/{name}/{args.version}" if args.version else f"models:/{name}@{args.alias}"
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-           "MLFLOW_TRACKING_URI": resolve_uri(cfg.tracking, layout.root), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    command = [str(bin_dir / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local",
-               "--host", args.host, "--port", str(args.port), "--workers", "1"]
-    print(f"serving {uri} on http://{args.host}:{args.port}/invocations", file=sys.stderr, flush=True)
-    os.execve(command[0], command, env)
-    return 0  # pragma: no cover - execve does not return
+    serve(cfg, layout.root, args.model or model_name(cfg), args.alias, args.version, args.host, args.port)
+    return 0
 
 
 def _dvc_yaml(layout, write: bool, check: bool) -> int:

@@ -39,9 +39,15 @@ class ModelConfig:
     """auto | cpu | cuda | cuda:N | mps. auto picks CUDA when present, else CPU."""
     dtype: str = "auto"
     """auto | float32 | bfloat16 | float16. auto is bf16 on CUDA with bf16 support, fp16 on older GPUs, else fp32."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the model or tokenizer (transformers' trust_remote_code). Off: only architectures built into transformers load. Turn on only for a model whose code you have read."""
 
     def validate(self) -> None:
-        _choice("model.device", self.device.split(":")[0], ["auto", "cpu", "cuda", "mps"])
+        kind, sep, index = self.device.partition(":")
+        if kind not in ("auto", "cpu", "cuda", "mps") or (sep and (kind != "cuda" or not index.isdigit())):
+            raise ConfigError(
+                f"model.device={self.device!r} is not allowed; choose one of: auto, cpu, cuda, cuda:N (N a GPU index), mps"
+            )
         _choice("model.dtype", self.dtype, ["auto", "float32", "bfloat16", "float16"])
         if not self.name.strip():
             raise ConfigError("model.name is empty; use e.g. 'embedded:SmolLM2-135M-Instruct' or a hub id")
@@ -196,6 +202,13 @@ class EvaluateConfig:
         _at_least("evaluate.batch_size", self.batch_size, 1)
         if not self.tasks:
             raise ConfigError("evaluate.tasks is empty; the paper's tasks are " + ", ".join(PAPER_TASKS))
+        unknown = [t for t in self.tasks if t not in PAPER_TASKS]
+        if self.source == "offline" and unknown:  # the offline tasks are the paper's seven (stages/evaluate.py)
+            raise ConfigError(
+                f"evaluate.tasks has unknown task(s) {unknown} for evaluate.source=offline; "
+                + _did_you_mean(unknown, PAPER_TASKS)
+                + f"available offline: {', '.join(PAPER_TASKS)} (or set evaluate.source=hub to use any lm-eval task)"
+            )
 
 
 @dataclass
@@ -269,6 +282,16 @@ class Config:
 # ---------------------------------------------------------------- parsing
 
 
+def _did_you_mean(unknown: list[Any], known: list[str], prefix: str = "") -> str:
+    """`did you mean 'x' for 'y'? ` for each unknown name with a close known one ('' when none is close)."""
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+        if close:
+            hints.append(f"did you mean {prefix + close[0]!r} for {key!r}?")
+    return " ".join(hints) + " " if hints else ""
+
+
 def _choice(key: str, value: Any, allowed: list[str]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
@@ -331,7 +354,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return value
     else:  # pragma: no cover - a programming error in this module
         raise TypeError(f"unsupported annotation {annotation!r} for {key}")
-    raise ConfigError(f"{key}={value!r} has the wrong type; expected {annotation.__name__}")
+    expected = annotation.__name__ + (" (a number, e.g. 0.0003 or 3e-4)" if annotation is float else "")
+    if value is None:
+        raise ConfigError(f"{key} has no value (YAML null); expected {expected}: set a value, or remove the key to use its default")
+    raise ConfigError(f"{key}={value!r} has the wrong type; expected {expected}")
 
 
 def _build(cls: type, values: Any, prefix: str) -> Any:
@@ -341,17 +367,12 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
         raise ConfigError(f"{prefix or 'params'} must be a mapping of keys to values, got {values!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - known, key=str)  # key=str: YAML keys may be numbers or booleans
     if unknown:
         where = f"in block {prefix!r}" if prefix else "at the top level"
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
-            if close:
-                hints.append(f"did you mean {(prefix + '.' if prefix else '') + close[0]!r} for {key!r}?")
         raise ConfigError(
             f"unknown key(s) {', '.join(map(repr, unknown))} {where}; "
-            + (" ".join(hints) + " " if hints else "")
+            + _did_you_mean(unknown, sorted(known), prefix + "." if prefix else "")
             + f"allowed: {', '.join(sorted(known))}"
         )
     kwargs = {}
@@ -390,11 +411,13 @@ def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     """Read params.yaml (plus optional overrides) into a validated Config."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"parameters file {path} not found; run from the project root or pass --params")
+        raise ConfigError(f"parameters file {path} not found; run from the project root or pass --root")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1}: {problem})" if mark is not None else ""
+        raise ConfigError(f"{path} is not valid YAML{where}; fix the syntax there\n{exc}") from exc
     if overrides:
         values = apply_overrides(values, overrides)
     try:

@@ -22,6 +22,10 @@ class DvcError(RuntimeError):
     Not an OloraError: the flows retry it (a remote or lock may be transiently unavailable)."""
 
 
+class DvcLockError(DvcError):
+    """Another DVC process holds the workspace's lock (transient: it ends)."""
+
+
 def executable() -> str:
     """`dvc` next to this interpreter first (the project's venv), else the one on PATH."""
     beside = Path(sys.executable).parent / "dvc"
@@ -37,6 +41,13 @@ def env() -> dict[str, str]:
 def run(root: Path, *args: str, check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess:
     """Run `dvc ARGS` in `root`; raise DvcError (with DVC's output) when it fails and `check` is set."""
     out = subprocess.run([executable(), *args], cwd=root, capture_output=True, text=True, env=env(), timeout=timeout)
+    if check and out.returncode != 0 and ("Unable to acquire lock" in out.stderr or "it is being blocked by" in out.stderr):
+        lock = "rwlock" if "it is being blocked by" in out.stderr else "lock"
+        raise DvcLockError(
+            f"`dvc {' '.join(args)}` found the DVC lock {Path(root).resolve() / '.dvc' / 'tmp' / lock} held: another "
+            "DVC process (a `dvc repro`, `dvc exp run` or a flow's DVC step) is working in this workspace. Wait for "
+            f"it to finish (the flows retry this) or run in a separate clone. DVC said: {out.stderr.strip()[-600:]}"
+        )
     if check and out.returncode != 0:
         raise DvcError(f"`dvc {' '.join(args)}` failed in {root}:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
     return out

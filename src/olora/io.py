@@ -11,17 +11,23 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from olora.errors import DataError, OloraError
-from olora.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from olora.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, INIT, INIT_META, metrics_path
 
 
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temp folder beside `target`; on success it replaces `target`, on failure it is removed."""
+    from olora.faults import marker
+
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    # what a killed writer left behind (the stage lock makes this process the only writer)
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        marker(f"{target.name}:written")  # complete in the temp folder, not yet swapped in
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old")
@@ -53,8 +59,26 @@ def write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class MissingOutputError(OloraError, FileNotFoundError):
+    """A file an earlier stage writes is not there."""
+
+
+# file (project-relative suffix) -> the DVC stage that writes it, for the message naming the fix
+WRITTEN_BY = {
+    f"{INIT}/{INIT_META}": "init",
+    metrics_path("train"): "train",
+    metrics_path("eval_base"): "evaluate_base",
+    metrics_path("eval_adapter"): "evaluate",
+}
+
+
 def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+    path = Path(path)
+    if not path.is_file():
+        stage = next((s for rel, s in WRITTEN_BY.items() if path.as_posix().endswith("/" + rel) or path.as_posix() == rel), None)
+        hint = f"; the {stage} stage writes it: run it first (`dvc repro {stage}`)" if stage else ""
+        raise MissingOutputError(f"{path} not found{hint}")
+    return json.loads(path.read_text())
 
 
 def write_jsonl_atomic(out_dir: Path, files: dict[str, list[dict[str, Any]]], extra_json: dict[str, Any] | None = None) -> None:
@@ -80,12 +104,22 @@ def check_adapter_dir(path: Path) -> None:
     from safetensors import safe_open
 
     path = Path(path)
+    rebuild = "re-run the train stage to write it again (`dvc repro train`, or `dvc checkout` to restore it)"
     config, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
-    if not config.is_file() or not weights.is_file():
-        raise OloraError(f"{path} is not a PEFT adapter folder (needs adapter_config.json and adapter_model.safetensors)")
+    missing = [f.name for f in (config, weights) if not f.is_file()]
+    if missing:
+        raise OloraError(
+            f"{path} is not a PEFT adapter folder (missing {' and '.join(missing)}); {rebuild}"
+        )
+    try:
+        values = json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise OloraError(f"{config} is not valid JSON ({exc}); {rebuild}") from None
+    if not isinstance(values, dict) or "peft_type" not in values:
+        raise OloraError(f"{config} is not a PEFT adapter config (no peft_type); {rebuild}")
     try:
         with safe_open(str(weights), framework="pt") as handle:
             for key in handle.keys():
                 handle.get_slice(key)
     except Exception as exc:
-        raise OloraError(f"{weights} is unreadable or truncated: {exc}") from exc
+        raise OloraError(f"{weights} is unreadable or truncated ({exc}); {rebuild}") from exc

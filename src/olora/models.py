@@ -1,4 +1,9 @@
-"""Locating and loading base models and tokenizers: embedded, local folders and hub ids."""
+"""Locating and loading base models and tokenizers: embedded, local folders and hub ids.
+
+Loading is safe by default: weights are read from safetensors files only (pickle-based `.bin`/`.pt`
+checkpoints can run arbitrary code when loaded), and code shipped with a model (`trust_remote_code`)
+runs only when `model.trust_remote_code: true` is set in params.yaml.
+"""
 
 from __future__ import annotations
 
@@ -23,11 +28,39 @@ class ModelRef:
     revision: str
     path: str  # a local folder, or the hub id itself
     local: bool
+    trust_remote_code: bool = False  # model.trust_remote_code; passed to every transformers loader here
 
 
 def short_name(name: str) -> str:
     """`embedded:SmolLM2-135M-Instruct`, `org/Model` or `/path/to/Model` -> the model's own name."""
     return name.split(":")[-1].rstrip("/").split("/")[-1]
+
+
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def _convert_hint(folder: Path) -> str:
+    return (
+        f"convert it once, with code and files you trust: load it with "
+        f"AutoModelForCausalLM.from_pretrained('{folder}', use_safetensors=False), call "
+        f"save_pretrained(NEW_FOLDER) (it writes model.safetensors), save the tokenizer there too "
+        f"(AutoTokenizer.from_pretrained('{folder}').save_pretrained(NEW_FOLDER)) and set model.name to NEW_FOLDER"
+    )
+
+
+def check_safetensors(folder: Path, name: str | None = None) -> None:
+    """Refuse a local model folder whose weights are not in safetensors files (pickle can run code on load)."""
+    folder = Path(folder)
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern))
+    label = f"model.name={name!r} ({folder})" if name else str(folder)
+    if pickles:
+        raise ConfigError(
+            f"{label} holds only pickle-based weights ({', '.join(pickles[:5])}), which this pipeline does not "
+            f"load because unpickling can run arbitrary code; {_convert_hint(folder)}"
+        )
+    raise ConfigError(f"{label} has no *.safetensors weight file; point model.name at a transformers folder with model.safetensors")
 
 
 def hub_offline() -> bool:
@@ -45,7 +78,10 @@ def resolve_model(model: ModelConfig, root: Path | None = None) -> ModelRef:
     if name.startswith(assets.EMBEDDED_PREFIX):
         short = name[len(assets.EMBEDDED_PREFIX):]
         path = assets.embedded_model_dir(short)
-        return ModelRef(name=name, revision=assets.embedded_revision(short), path=str(path), local=True)
+        return ModelRef(
+            name=name, revision=assets.embedded_revision(short), path=str(path), local=True,
+            trust_remote_code=model.trust_remote_code,
+        )
     as_path = Path(name).expanduser()
     if root is not None and not as_path.is_absolute():
         as_path = Path(root) / as_path
@@ -60,7 +96,11 @@ def resolve_model(model: ModelConfig, root: Path | None = None) -> ModelRef:
                     f"model stages' input; copy it to {MODEL_INPUTS}/{as_path.name} and set "
                     f"model.name={MODEL_INPUTS}/{as_path.name}, so that a change to the model reruns the pipeline"
                 )
-        return ModelRef(name=name, revision="local", path=str(as_path.resolve()), local=True)
+        check_safetensors(as_path, name)
+        return ModelRef(
+            name=name, revision="local", path=str(as_path.resolve()), local=True,
+            trust_remote_code=model.trust_remote_code,
+        )
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ConfigError(
             f"model.name={name!r} looks like a local path but no such folder exists; "
@@ -72,10 +112,17 @@ def resolve_model(model: ModelConfig, root: Path | None = None) -> ModelRef:
             f"model.name={name!r} is a hub id but HF_HUB_OFFLINE is set; use a local folder or the "
             "embedded default embedded:SmolLM2-135M-Instruct"
         )
-    return ModelRef(name=name, revision=model.revision, path=name, local=False)
+    return ModelRef(name=name, revision=model.revision, path=name, local=False, trust_remote_code=model.trust_remote_code)
 
 
 def _hub_error(ref: ModelRef, exc: Exception) -> OloraError:
+    if "cannot be loaded with `safetensors`" in str(exc) or "no file named model.safetensors" in str(exc):
+        return ConfigError(
+            f"{ref.name!r} (revision {ref.revision!r}) has no safetensors weights; this pipeline does not load "
+            "pickle-based weights (.bin), because unpickling can run arbitrary code. Use a revision that has "
+            "model.safetensors, or download it and convert it into a local folder under models/base/ "
+            "(from_pretrained(..., use_safetensors=False) then save_pretrained, with code you trust)."
+        )
     return OloraError(
         f"could not load {ref.name!r} (revision {ref.revision!r}) from the Hugging Face hub: {exc}. "
         "If this machine is offline, use a local model folder or the embedded default "
@@ -87,7 +134,9 @@ def load_model_config(ref: ModelRef):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(ref.path, revision=None if ref.local else ref.revision)
+        return AutoConfig.from_pretrained(
+            ref.path, revision=None if ref.local else ref.revision, trust_remote_code=ref.trust_remote_code
+        )
     except OSError as exc:
         raise _hub_error(ref, exc) from exc
 
@@ -96,7 +145,9 @@ def load_tokenizer(ref: ModelRef):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(ref.path, revision=None if ref.local else ref.revision)
+        tokenizer = AutoTokenizer.from_pretrained(
+            ref.path, revision=None if ref.local else ref.revision, trust_remote_code=ref.trust_remote_code
+        )
     except OSError as exc:
         raise _hub_error(ref, exc) from exc
     if tokenizer.pad_token is None:
@@ -105,12 +156,18 @@ def load_tokenizer(ref: ModelRef):
 
 
 def load_base(ref: ModelRef, runtime: Runtime):
-    """Load the untouched base model on the resolved device and dtype, in eval mode."""
+    """Load the untouched base model on the resolved device and dtype, in eval mode (safetensors only)."""
     from transformers import AutoModelForCausalLM
 
+    if ref.local:
+        check_safetensors(Path(ref.path), ref.name)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            ref.path, revision=None if ref.local else ref.revision, dtype=runtime.dtype
+            ref.path,
+            revision=None if ref.local else ref.revision,
+            dtype=runtime.dtype,
+            use_safetensors=True,
+            trust_remote_code=ref.trust_remote_code,
         )
     except OSError as exc:
         raise _hub_error(ref, exc) from exc
@@ -128,7 +185,7 @@ def linear_layers(ref: ModelRef) -> dict[str, tuple[int, int]]:
 
     config = load_model_config(ref)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=ref.trust_remote_code)
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):

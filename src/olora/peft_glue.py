@@ -108,13 +108,31 @@ def orthonormality_errors(model, adapter: str = "default") -> dict[str, float]:
     return out
 
 
-def save_initial(model, out_dir: Path) -> None:
+def reproducible_config(model, base_name: str, adapter: str = "default") -> None:
+    """Make the saved adapter_config.json (and PEFT's model card) the same on every machine and run.
+
+    PEFT records the base's absolute folder and keeps target_modules in a set, whose order varies
+    with the process's hash seed: either would give the same adapter a different DVC hash per clone.
+    """
+    cfg = model.peft_config[adapter]
+    cfg.base_model_name_or_path = base_name
+    if isinstance(cfg.target_modules, (set, frozenset)):
+        cfg.target_modules = sorted(cfg.target_modules)
+
+
+def save_adapter(model, out_dir: Path, base_name: str) -> None:
+    """save_pretrained with a reproducible config (`reproducible_config`)."""
+    reproducible_config(model, base_name)
+    model.save_pretrained(str(out_dir))
+
+
+def save_initial(model, out_dir: Path, base_name: str) -> None:
     """Save the initial adapter (A0, B0) so that loading it does not initialise anything again."""
     cfg = model.peft_config["default"]
     original = cfg.init_lora_weights
     cfg.init_lora_weights = True
     try:
-        model.save_pretrained(str(out_dir))
+        save_adapter(model, out_dir, base_name)
     finally:
         cfg.init_lora_weights = original
 
@@ -145,13 +163,14 @@ def load_for_training(base, init_dir: Path, init: str):
     return model
 
 
-def export_plain_lora(model, out_dir: Path, init_dir: Path, init: str) -> None:
+def export_plain_lora(model, out_dir: Path, init_dir: Path, init: str, base_name: str) -> None:
     """Save the trained adapter as a plain LoRA that loads on an untouched base.
 
     For OLoRA this is PEFT's conversion (rank 2r, alpha doubled): dW = s*(B*A - B0*A0). PEFT
     rewrites the initial adapter's config in place, so it works on a temporary copy, leaving the
     versioned initial adapter untouched.
     """
+    reproducible_config(model, base_name)
     if init != "olora":
         model.save_pretrained(str(out_dir))
         return

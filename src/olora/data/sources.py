@@ -6,6 +6,7 @@ Each source yields validated `Record`s; a bad row raises DataError naming the fi
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import os
 from pathlib import Path
@@ -37,7 +38,12 @@ def embedded_records(names: list[str]) -> Iterator[Record]:
 
     unknown = [n for n in names if n not in EMBEDDED_SETS]
     if unknown:
-        raise ConfigError(f"data.embedded_sets has unknown entries {unknown}; available: {', '.join(EMBEDDED_SETS)}")
+        hints = "".join(
+            f"did you mean {close[0]!r} for {name!r}? "
+            for name in unknown
+            if (close := difflib.get_close_matches(str(name), list(EMBEDDED_SETS), n=1, cutoff=0.6))
+        )
+        raise ConfigError(f"data.embedded_sets has unknown entries {unknown}; {hints}available: {', '.join(EMBEDDED_SETS)}")
     for name in names:
         rows = datasets.load_from_disk(str(assets.olmo_dataset_dir(EMBEDDED_SETS[name])))
         for i, row in enumerate(rows):
@@ -70,9 +76,28 @@ def embedded_records(names: list[str]) -> Iterator[Record]:
                     yield Record("Answer the trivia question briefly.\n" + row["question"], "", str(answer), origin)
 
 
+def _not_utf8(where: str, data: bytes, exc: UnicodeDecodeError) -> DataError:
+    return DataError(
+        f"{where}: not UTF-8 text (byte 0x{data[exc.start]:02x} at position {exc.start}); "
+        "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+    )
+
+
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(str(path), data, exc) from None
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:  # bytes, split on b"\n" only: a bad byte is reported with its line
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(f"{path}, line {number}", raw, exc) from None
             if not line.strip():
                 continue
             try:
@@ -83,7 +108,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
+        payload = json.loads(_decode(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
     if isinstance(payload, dict) and isinstance(payload.get("data"), list):
@@ -95,7 +120,9 @@ def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8", newline="") as handle:
+    import io
+
+    with io.StringIO(_decode(path), newline="") as handle:
         reader = csv.DictReader(handle)
         try:
             for row in reader:
@@ -143,8 +170,9 @@ def _to_records(rows: Iterable[tuple[str, Any]], cfg: DataConfig, counts: dict[s
             break
     if bad:
         raise DataError(
-            "rows lack required fields:\n  " + "\n  ".join(bad) + "\nSet data.instruction_field / data.output_field "
-            "to the file's field names, fix the rows, or set data.invalid_rows=drop to skip them."
+            f"data.source={cfg.source!r}: rows lack the required field(s) {cfg.instruction_field!r} / {cfg.output_field!r}; "
+            "set data.instruction_field / data.output_field to the file's field names, fix the rows, or set "
+            "data.invalid_rows=drop to skip them. First bad rows:\n  " + "\n  ".join(bad)
         )
 
 
@@ -168,7 +196,11 @@ def load_records(cfg: DataConfig, counts: dict[str, int], root: Path | None = No
             path = Path(root) / path
         kind = FILE_SUFFIXES.get(path.suffix.lower())
         if not path.is_file():
-            raise DataError(f"data.source file {path} not found (working directory {Path.cwd()})")
+            where = f" (working directory {Path.cwd()})" if not path.is_absolute() else ""
+            raise DataError(
+                f"data.source file {path} not found{where}; check the name, and keep data files under "
+                f"{DATA_INPUTS}/ (data.source={DATA_INPUTS}/<file name>)"
+            )
         if root is not None and not path.resolve().is_relative_to((Path(root) / DATA_INPUTS).resolve()):
             raise DataError(
                 f"data.source={cfg.source!r} lies outside {DATA_INPUTS}/, the folder DVC tracks as prepare's input; "
@@ -184,8 +216,10 @@ def load_records(cfg: DataConfig, counts: dict[str, int], root: Path | None = No
 def _hub_rows(cfg: DataConfig) -> Iterator[tuple[str, Any]]:
     offline = any(os.environ.get(v, "0").lower() in ("1", "true") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     if offline or "/" not in cfg.source:
+        close = difflib.get_close_matches(cfg.source, ["embedded"], n=1, cutoff=0.75)
         raise DataError(
             f"data.source={cfg.source!r} is neither 'embedded' nor an existing local file"
+            + (" (did you mean 'embedded'?)" if close else "")
             + (" and the hub is offline (HF_HUB_OFFLINE set)" if offline else "")
             + "; use data.source=embedded, a local .jsonl/.json/.csv/.parquet path, or a hub id like yahma/alpaca-cleaned"
         )

@@ -51,9 +51,12 @@ class Stage:
         return "olora " + " ".join(self.cli or (self.name,))
 
     def run(self, layout: Layout = Layout(), overrides: dict[str, Any] | None = None, **kwargs) -> dict[str, Any]:
+        from olora.locking import stage_lock
+
         module, name = self.function.split(":")
         fn: Callable[..., dict[str, Any]] = getattr(importlib.import_module(module), name)
-        return fn(layout, overrides, **kwargs)
+        with stage_lock(layout.root, self.name):
+            return fn(layout, overrides, **kwargs)
 
 
 STAGES: dict[str, Stage] = {

@@ -21,6 +21,7 @@ import logging
 from olora import assets, models
 from olora.config import Config, EvaluateConfig
 from olora.errors import ConfigError
+from olora.faults import marker
 from olora.io import read_json, write_json, write_text
 from olora.layout import Layout
 from olora.runtime import Runtime
@@ -216,6 +217,7 @@ def _evaluate(which: str, layout: Layout, overrides: dict[str, Any] | None) -> d
     check_tasks(cfg.evaluate)
     model = load_model_for_eval(ref, runtime, layout.exported if which == "adapter" else None)
     metrics = run_lm_eval(model, load_tokenizer(ref), cfg.evaluate)
+    marker("evaluate:scored" if which == "adapter" else "evaluate_base:scored")
     if which == "adapter":
         base = read_json(layout.metrics("eval_base"))
         metrics = with_deltas(metrics, base)

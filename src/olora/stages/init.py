@@ -64,7 +64,7 @@ def init_adapter(cfg: Config, ref: models.ModelRef, runtime: Runtime, out_dir: P
             by_kind[kind] = max(by_kind.get(kind, 0.0), error)
         metrics["orthonormality_error_by_module"] = by_kind
     with atomic_dir(out_dir) as tmp:
-        peft_glue.save_initial(model, tmp)
+        peft_glue.save_initial(model, tmp, ref.name)
         write_json(
             tmp / INIT_META,
             {

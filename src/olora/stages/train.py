@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import TrainerCallback
@@ -32,6 +32,7 @@ from olora import models, peft_glue
 from olora.config import Config
 from olora.data.templates import encode
 from olora.errors import ConfigError, NonFiniteLossError, OloraError
+from olora.faults import marker
 from olora.io import atomic_dir, read_json, read_jsonl, write_json
 from olora.layout import ADAPTER_WEIGHTS, INIT_META, TEMPLATE_FILE, TRAIN_FILE, VALIDATION_FILE, Layout
 from olora.runtime import Runtime, peak_memory_bytes, seed_everything
@@ -97,7 +98,16 @@ def _finished_checkpoint(checkpoint_dir: Path) -> Path | None:
     return done[-1] if state.get("max_steps") and state["global_step"] >= state["max_steps"] else None
 
 
-def _prepare_checkpoints(checkpoint_dir: Path, fingerprint: str, processes: int = 1) -> bool:
+def resumable_run_id(checkpoint_dir: Path, fingerprint: Callable[[], str]) -> str | None:
+    """The MLflow run of an interrupted run these checkpoints can resume (so a resume continues that run)."""
+    marker = Path(checkpoint_dir) / FINGERPRINT
+    if not marker.is_file() or not _complete_checkpoints(Path(checkpoint_dir)):
+        return None
+    recorded = read_json(marker)
+    return recorded.get("mlflow_run_id") if recorded.get("fingerprint") == fingerprint() else None
+
+
+def _prepare_checkpoints(checkpoint_dir: Path, fingerprint: str, processes: int = 1, run_id: str | None = None) -> bool:
     """Keep checkpoints only when they belong to this exact run; return whether one can be resumed.
 
     A checkpoint a killed process left half-written (no trainer_state.json, which the Trainer
@@ -118,7 +128,7 @@ def _prepare_checkpoints(checkpoint_dir: Path, fingerprint: str, processes: int 
     for partial in checkpoint_dir.glob("checkpoint-*"):
         if partial.is_dir() and not (partial / "trainer_state.json").is_file():
             shutil.rmtree(partial)
-    write_json(marker, {"fingerprint": fingerprint, "processes": processes})
+    write_json(marker, {"fingerprint": fingerprint, "processes": processes, "mlflow_run_id": run_id})
     return bool(_complete_checkpoints(checkpoint_dir))
 
 
@@ -142,6 +152,19 @@ def _trainer_class():
             return result
 
     return FiniteLossTrainer
+
+
+class _SaveMarker(TrainerCallback):
+    """Logs `olora-marker train:saved-<step>` once a checkpoint is complete on disk (fault tests act on it)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        marker(f"train:saved-{state.global_step}")
+
+
+def remove_checkpoints(checkpoint_dir: Path) -> None:
+    """Once the outputs, metrics and MLflow run are complete: the checkpoints have served, and a finished
+    run must never pass for an interrupted one."""
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
 class _ThroughputMeter(TrainerCallback):
@@ -230,11 +253,14 @@ def train_adapter(
     exported_dir: Path,
     checkpoint_dir: Path,
     callbacks: list | None = None,
+    run_id: str | None = None,
 ) -> TrainResult:
     """Fine-tune and write the trained and exported adapters; returns metrics and the loss history.
 
     Under a distributed launch every process trains from the same initial adapter (DDP keeps the
     weights identical; the metrics record each rank's checksum) and only rank 0 writes outputs.
+    Checkpoints stay in `checkpoint_dir` (with `run_id`, the MLflow run a resume continues); the
+    caller removes them once everything the run produces is recorded (`remove_checkpoints`).
     """
     from accelerate import PartialState
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, TrainingArguments
@@ -307,7 +333,7 @@ def train_adapter(
     state = PartialState()  # the process group, set up by TrainingArguments under a launcher
     fingerprint = run_fingerprint(cfg, data_dir, init_dir)
     if main:
-        resume = _prepare_checkpoints(Path(checkpoint_dir), fingerprint, world_size)
+        resume = _prepare_checkpoints(Path(checkpoint_dir), fingerprint, world_size, run_id)
     state.wait_for_everyone()
     if not main:
         resume = bool(_complete_checkpoints(Path(checkpoint_dir)))
@@ -323,6 +349,7 @@ def train_adapter(
     )
     meter = _ThroughputMeter()
     trainer.add_callback(meter)
+    trainer.add_callback(_SaveMarker())
     finished = _finished_checkpoint(Path(checkpoint_dir)) if resume else None
     if finished is not None:
         # killed after the last step's checkpoint but before the outputs: take that checkpoint as the result
@@ -351,15 +378,13 @@ def train_adapter(
         dist.all_gather_object(checksums, _weights_checksum(model))
     if main:
         with atomic_dir(Path(adapter_dir)) as tmp:
-            model.save_pretrained(str(tmp))
+            peft_glue.save_adapter(model, tmp, ref.name)
             shutil.copy(Path(init_dir) / INIT_META, tmp / INIT_META)
             if (Path(data_dir) / TEMPLATE_FILE).is_file():  # what the adapter was trained on, for serving
                 shutil.copy(Path(data_dir) / TEMPLATE_FILE, tmp / TEMPLATE_FILE)
         with atomic_dir(Path(exported_dir)) as tmp:
-            peft_glue.export_plain_lora(model, tmp, Path(init_dir), cfg.adapter.init)
+            peft_glue.export_plain_lora(model, tmp, Path(init_dir), cfg.adapter.init, ref.name)
     state.wait_for_everyone()
-    if main:  # the outputs are written: the checkpoints have served (and must not pass for an interrupted run)
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
     train_losses = [h["loss"] for h in history if "loss" in h]
     val_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
@@ -411,16 +436,22 @@ def train(layout: Layout = Layout(), overrides: dict[str, Any] | None = None, ca
         from olora.tracking import runs
         from olora.tracking.callback import BatchLogger
 
-        run = runs.start_training_run(cfg, layout.root, ref.name, ref.revision)
-        batch_logger = BatchLogger(*run)
+        # a resumed run continues the MLflow run it started (recorded beside its checkpoints)
+        previous = resumable_run_id(layout.checkpoints, lambda: run_fingerprint(cfg, layout.data, layout.init))
+        run = runs.start_training_run(cfg, layout.root, ref.name, ref.revision, resume_run_id=previous)
+        batch_logger = BatchLogger(*run, held=BatchLogger.held_by(*run) if previous else None)
         callbacks.append(batch_logger.callback)
     try:
         result = train_adapter(
-            cfg, ref, runtime, layout.data, layout.init, layout.adapter, layout.exported, layout.checkpoints, callbacks
+            cfg, ref, runtime, layout.data, layout.init, layout.adapter, layout.exported, layout.checkpoints, callbacks,
+            run_id=run[1] if run else None,
         )
-    except BaseException:
-        if run:
-            run[0].set_terminated(run[1], "FAILED")
+    except BaseException as exc:
+        if run and not isinstance(exc, KeyboardInterrupt):
+            try:  # best effort: the error itself matters more than the run's status
+                run[0].set_terminated(run[1], "FAILED")
+            except Exception:  # noqa: BLE001 - e.g. the tracking server is down too
+                log.warning("train: could not mark MLflow run %s as failed", run[1])
         raise
     if not main:
         return result.metrics
@@ -433,6 +464,7 @@ def train(layout: Layout = Layout(), overrides: dict[str, Any] | None = None, ca
         layout.plot("val_loss"), [(h["step"], h["eval_loss"]) for h in result.history if "eval_loss" in h], "val_loss"
     )
     write_json(layout.metrics("train"), result.metrics)
+    remove_checkpoints(layout.checkpoints)
     log.info("train: %s steps, final val loss %.4f", result.metrics["steps"], result.metrics["final_val_loss"])
     return result.metrics
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -17,6 +18,45 @@ T = TypeVar("T")
 
 class TrackingError(OloraError):
     """The tracking server is unreachable or refused a request."""
+
+
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)[^\s/?#@]*(?:@[^\s/?#@]*)*@")
+# HTTP statuses and MLflow error codes meaning "these credentials are not accepted": never transient
+_REFUSED_STATUS = {401: "401 Unauthorized", 403: "403 Forbidden"}
+_REFUSED_CODES = {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "CUSTOMER_UNAUTHORIZED": 401}
+
+
+def redact_uri(uri: str) -> str:
+    """`https://user:secret@host/x` -> `https://host/x`: a URI (or any text holding URIs) safe to show or log."""
+    return _USERINFO.sub(r"\g<scheme>", str(uri))
+
+
+def refused_status(exc: BaseException) -> int | None:
+    """401 or 403 when `exc` says the tracking server refused the credentials, else None."""
+    code = getattr(exc, "error_code", None)
+    if code in _REFUSED_CODES:
+        return _REFUSED_CODES[code]
+    response = getattr(exc, "response", None)  # requests.HTTPError
+    status = getattr(response, "status_code", None)
+    if status in _REFUSED_STATUS:
+        return status
+    found = re.search(r"error code (401|403)\b", str(exc))
+    return int(found.group(1)) if found else None
+
+
+def credentials_error(what: str, uri: str, status: int, exc: BaseException | None = None) -> TrackingError:
+    """The error for a 401/403. Its first line names the server (no password) and the variables to set."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME", "")
+    who = f"user {user!r}" if user else ("given in the URI" if redact_uri(uri) != uri else "none were set")
+    if status == 403:
+        fix = "that account lacks permission: use an account with access, or ask the server's admin to grant it"
+    else:
+        fix = "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account on that server"
+    detail = f"\nNot retried (wrong credentials do not fix themselves). Server said: {redact_uri(str(exc))}" if exc else ""
+    return TrackingError(
+        f"the MLflow tracking server {redact_uri(uri)} refused the credentials ({who}) while {what} "
+        f"(HTTP {_REFUSED_STATUS[status]}); {fix} (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)" + detail
+    )
 
 
 def resolve_uri(cfg: TrackingConfig, root: Path) -> str:
@@ -40,13 +80,17 @@ def with_retries(what: str, uri: str, fn: Callable[[], T], attempts: int = 3, ba
         except OloraError:
             raise
         except Exception as exc:  # MLflow surfaces network failures as several types
+            status = refused_status(exc)
+            if status is not None:  # not transient: fail at once
+                raise credentials_error(what, uri, status, exc) from exc
             last = exc
             if attempt + 1 < attempts:
                 delay = base_delay * 2**attempt
-                log.warning("%s failed against %s (%s); retrying in %.0fs", what, uri, exc, delay)
+                log.warning("%s failed against %s (%s); retrying in %.0fs", what, redact_uri(uri), redact_uri(str(exc)), delay)
                 time.sleep(delay)
     raise TrackingError(
-        f"{what} failed against the MLflow tracking server {uri} after {attempts} attempts: {last}. "
+        f"{what} failed against the MLflow tracking server {redact_uri(uri)} after {attempts} attempts: "
+        f"{redact_uri(str(last))}. "
         "Check that the server is running and MLFLOW_TRACKING_URI / tracking.uri is right; the "
         "pipeline's outputs are intact, so the stage can simply be re-run."
     ) from last

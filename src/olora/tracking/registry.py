@@ -2,7 +2,10 @@
 
 New versions get the alias `challenger`; `promote` moves `champion` only when the pure decision in
 `olora.core.promotion` says so, and records the decision as version tags; `rollback` restores the
-previous champion. Registering the same run twice returns the existing version.
+previous champion. Registering the same run twice returns the existing version, and so does a retry
+or a re-run after a crash between upload and registration: the version is looked up again right
+before it is created. The sha256 of every artifact file is recorded in the model's metadata and as
+the version tag `artifact_sha256`; loading verifies them.
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ def register(cfg: Config, root: Path, adapter_dir: Path, exported_dir: Path, eva
 
     from olora.io import check_adapter_dir
     from olora.models import resolve_model
-    from olora.tracking.pyfunc import AdapterGenerator, signature
+    from olora.faults import marker
+    from olora.tracking.pyfunc import CHECKSUMS_KEY, AdapterGenerator, artifact_checksums, signature
 
     check_adapter_dir(exported_dir)  # refuse truncated or mismatched files before anything is logged
     run = read_run_file(adapter_dir)
@@ -62,10 +66,11 @@ def register(cfg: Config, root: Path, adapter_dir: Path, exported_dir: Path, eva
         )
     c = client(cfg.tracking, root)
     uri, name, run_id = c.tracking_uri, model_name(cfg), run["run_id"]
-    existing = with_retries(
-        "searching model versions", uri, lambda: c.search_model_versions(f"name='{name}' and run_id='{run_id}'"),
-        cfg.tracking.retries,
-    )
+
+    def versions_of_run():
+        return c.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+
+    existing = with_retries("searching model versions", uri, versions_of_run, cfg.tracking.retries)
     if existing:
         version = str(max(int(v.version) for v in existing))
         log.info("register: run %s is already %s version %s", run_id, name, version)
@@ -88,6 +93,7 @@ def register(cfg: Config, root: Path, adapter_dir: Path, exported_dir: Path, eva
         model_dir = Path(tmp) / "model"
         adapter_copy = Path(tmp) / "adapter"  # pyfunc stores a folder artifact under its own name
         shutil.copytree(exported_dir, adapter_copy)
+        checksums = artifact_checksums([adapter_copy, base_file, template_file])
         # save locally, then upload and register through the client: no global tracking state that
         # would leak into other code (or child processes) of the caller
         mlflow.pyfunc.save_model(
@@ -102,27 +108,37 @@ def register(cfg: Config, root: Path, adapter_dir: Path, exported_dir: Path, eva
             ],
             signature=signature(),
             metadata={"base_model": adapter_meta["base_model"], "adapter_init": adapter_meta["init"],
-                      "prompt_template": json.loads(template_path.read_text())["kind"]},
+                      "prompt_template": json.loads(template_path.read_text())["kind"], CHECKSUMS_KEY: checksums},
         )
+        if artifact_checksums(sorted((model_dir / "artifacts").iterdir())) != checksums:
+            raise OloraError(f"the saved model's artifacts differ from {exported_dir}; nothing was registered")
+        tags = {
+            "base_model": adapter_meta["base_model"],
+            "adapter_init": adapter_meta["init"],
+            "r": str(adapter_meta["r"]),
+            "mean_acc": str(eval_metrics.get("mean_acc")),
+            "mean_acc_norm": str(eval_metrics.get("mean_acc_norm")),
+            CHECKSUMS_KEY: json.dumps(checksums, sort_keys=True),
+        }
 
         def upload_and_register():
+            # the same files to the same path each attempt: a re-upload overwrites, it leaves nothing behind
             c.log_artifacts(run_id, str(model_dir), "model")
             try:
                 c.get_registered_model(name)
             except MlflowException:
                 c.create_registered_model(name, description=f"OLoRA/LoRA adapters for {adapter_meta['base_model']}")
-            return c.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id)
+            # looked up again right before creating: an earlier attempt whose response was lost (or a
+            # concurrent run of this stage) may have registered this run already; never a second version
+            found = versions_of_run()
+            if found:
+                log.info("register: run %s became %s version %s in an earlier attempt", run_id, name,
+                         max(int(v.version) for v in found))
+                return max(found, key=lambda v: int(v.version))
+            marker("register:uploaded")
+            return c.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id, tags=tags)
 
         version = with_retries("registering the model", uri, upload_and_register, cfg.tracking.retries)
-    tags = {
-        "base_model": adapter_meta["base_model"],
-        "adapter_init": adapter_meta["init"],
-        "r": str(adapter_meta["r"]),
-        "mean_acc": str(eval_metrics.get("mean_acc")),
-        "mean_acc_norm": str(eval_metrics.get("mean_acc_norm")),
-    }
-    for key, value in tags.items():
-        c.set_model_version_tag(name, version.version, key, value)
     c.set_registered_model_alias(name, CHALLENGER, version.version)
     log.info("register: %s version %s (alias %s)", name, version.version, CHALLENGER)
     return Registration(name, str(version.version), run_id, created=True)

@@ -49,12 +49,24 @@ def read_run_file(folder: Path) -> dict[str, str] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def start_training_run(cfg: Config, root: Path, ref_name: str, ref_revision: str):
-    """Open the MLflow run of a new adapter: parameters, lineage tags. Returns (client, run_id)."""
+def start_training_run(cfg: Config, root: Path, ref_name: str, ref_revision: str, resume_run_id: str | None = None):
+    """Open the MLflow run of a new adapter: parameters, lineage tags. Returns (client, run_id).
+
+    With `resume_run_id` (an interrupted run being resumed from its checkpoints) that run is
+    reopened instead, so one adapter keeps one run however often its training was interrupted.
+    """
     from mlflow.entities import Param, RunTag
+    from mlflow.exceptions import MlflowException
 
     c = client(cfg.tracking, root)
     uri = c.tracking_uri
+    if resume_run_id:
+        try:
+            with_retries("reopening the run", uri, lambda: c.update_run(resume_run_id, status="RUNNING"), cfg.tracking.retries)
+            with_retries("tagging the run", uri, lambda: c.set_tag(resume_run_id, "resumed", "true"), cfg.tracking.retries)
+            return c, resume_run_id
+        except MlflowException:  # deleted, or another tracking server: start a new run
+            pass
     exp = with_retries("creating the experiment", uri, lambda: experiment_id(c, cfg.tracking, root), cfg.tracking.retries)
     tags = {
         "mlflow.runName": run_name(cfg),
@@ -83,13 +95,45 @@ def finish_training_run(c, run_id: str, cfg: Config, metrics: dict[str, Any], hi
     """Log the training summary, loss-curve plot and exported adapter; record the run id in the adapter's output."""
     import tempfile
 
+    uri, retries = c.tracking_uri, cfg.tracking.retries
     numeric = {f"train/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    with_retries("logging the training summary", c.tracking_uri, lambda: log_values(c, run_id, numeric), cfg.tracking.retries)
+    with_retries("sending the logged history", uri, lambda: send_missing_history(c, run_id, history), retries)
+    with_retries("logging the training summary", uri, lambda: log_values(c, run_id, numeric), retries)
     with tempfile.TemporaryDirectory() as tmp:
-        c.log_artifact(run_id, str(loss_plot(history, Path(tmp) / "loss_curve.png", run_name(cfg))))
-    c.log_artifacts(run_id, str(exported_dir), "exported_adapter")
-    write_run_file(adapter_dir, run_id, c.tracking_uri, cfg.tracking.experiment)
-    c.set_terminated(run_id, "FINISHED")
+        plot = loss_plot(history, Path(tmp) / "loss_curve.png", run_name(cfg))
+        with_retries("uploading the loss curve", uri, lambda: c.log_artifact(run_id, str(plot)), retries)
+    with_retries("uploading the exported adapter", uri, lambda: c.log_artifacts(run_id, str(exported_dir), "exported_adapter"), retries)
+    write_run_file(adapter_dir, run_id, uri, cfg.tracking.experiment)
+    with_retries("finishing the run", uri, lambda: c.set_terminated(run_id, "FINISHED"), retries)
+
+
+def history_series(history: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """The Trainer's log history as MLflow metric series (the names BatchLogger sends during training)."""
+    from olora.tracking.callback import BatchLogger
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for entry in history:
+        for key, name in BatchLogger.KEYS.items():
+            if isinstance(entry.get(key), (int, float)) and "step" in entry:
+                series.setdefault(name, []).append((int(entry["step"]), float(entry[key])))
+    return series
+
+
+def send_missing_history(c, run_id: str, history: list[dict[str, Any]]) -> int:
+    """Send every logged point the server does not hold yet; returns how many were sent.
+
+    The Trainer's history (saved in every checkpoint) is the record: points lost to a tracking
+    outage during training, or to a crash before a batch was sent, reach the run here, once.
+    """
+    missing: dict[str, list[tuple[int, float]]] = {}
+    for name, points in history_series(history).items():
+        held = {m.step for m in c.get_metric_history(run_id, name)}
+        todo = [(step, value) for step, value in points if step not in held]
+        if todo:
+            missing[name] = todo
+    if missing:
+        log_metric_series(c, run_id, missing)
+    return sum(len(v) for v in missing.values())
 
 
 def loss_plot(history: list[dict[str, Any]], path: Path, title: str) -> Path:

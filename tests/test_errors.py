@@ -1,0 +1,930 @@
+"""The bad-input catalogue: every user-facing error, triggered through the entry point a user hits.
+
+Each `Case` names what triggers it, the exact first line of the message it must produce (temp
+paths normalised: the project folder to `<project>`, other temp files to `<tmp>`) and the fix; its
+function makes the mistake through the real entry point (`olora <command>` via `olora.cli.main`,
+`load_config`, `resolve_model`, `check_adapter_dir`, ...) and returns the error text.
+
+docs/errors.md is generated from this list, and a test fails when it is stale:
+
+    .venv/bin/python tests/test_errors.py --write docs/errors.md
+
+A first line that starts with `(traceback)` is an error the code does not catch yet: the user
+sees a Python traceback ending in that line (fixes suggested in docs/errors.md's "fix" column).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "errors.md"
+MODEL = "models/base/tiny-llama"  # where the tiny project keeps its base model (model.name)
+REGISTERED = "olora-tiny-llama"  # the registered model of the registry project
+
+# category -> (section title, one-line introduction); the order is the document's
+CATEGORIES: dict[str, tuple[str, str]] = {
+    "params": ("Parameters (params.yaml and --set)",
+               "`load_config` checks every key, type and range before any stage starts (also `olora check`)."),
+    "train": ("Training processes and batches",
+              "The train block's batch settings and `train.processes`, checked before any model loads."),
+    "data": ("Fine-tuning data (the prepare stage)",
+             "`olora prepare` / `dvc repro prepare`: `data.source` and the rows it holds."),
+    "model": ("Base model (model.name) and the layers it has",
+              "Resolved before any weights load; shape-dependent adapter settings are checked on the meta device."),
+    "adapter": ("Adapter folders",
+                "`check_adapter_dir` runs before evaluate and register read an exported adapter."),
+    "evaluate": ("Evaluation tasks", "The evaluate block, checked with the rest of params.yaml."),
+    "order": ("Stages run out of order", "A stage whose input an earlier stage writes, run before that stage."),
+    "registry": ("Tracking and the model registry",
+                 "`olora promote` / `olora rollback` / `olora register` against an MLflow store (SQLite here)."),
+    "cli": ("Command line", "Mistakes in the `olora` command itself (argparse answers with exit code 2 too)."),
+    "serving": ("Serving requests",
+                "Requests to `olora serve` (the registered pyfunc model)."),
+}
+EMPTY_CATEGORY = {
+    "serving": "No cases yet: request validation is being built in `src/olora/tracking/pyfunc.py`; "
+               "its cases belong here once it lands.",
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    category: str
+    trigger: str
+    """What the user did (markdown)."""
+    message: str
+    """The exact first line of the error, temp paths normalised to <project> / <tmp>."""
+    fix: str
+    """How to fix it (markdown)."""
+    run: Callable[["Ctx"], str]
+    """Makes the mistake through the real entry point; returns the error text."""
+
+
+# ---------------------------------------------------------------- how a case reaches the code
+
+
+class Ctx:
+    """A case's world: an empty project folder (`root`, shown as <project>) in a fresh temp folder (<tmp>)."""
+
+    def __init__(self, tmp: Path, request) -> None:
+        self.tmp = tmp
+        self.root = tmp / "project"
+        self.root.mkdir()
+        self.request = request
+        self.monkeypatch = request.getfixturevalue("monkeypatch")
+        self.roots = [self.root]
+        # determinism: no tracking server or hub from the environment
+        self.monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        self.monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def params(self, text: str) -> Path:
+        """Write <project>/params.yaml verbatim (keys left out take their defaults)."""
+        path = self.root / "params.yaml"
+        path.write_text(text)
+        return path
+
+    def project(self, extra: dict | None = None) -> Path:
+        """<project> as a tiny pipeline project: the tiny Llama under models/base/ (hard links), tiny params."""
+        from olora.overlay import write_params
+
+        model = self.request.getfixturevalue("tiny_model_dir")
+        target = self.root / MODEL
+        if not target.exists():
+            shutil.copytree(model, target, copy_function=_link)
+        write_params(self.root, target, extra)  # the model is in place already: nothing is copied
+        (self.root / "data" / "raw").mkdir(parents=True, exist_ok=True)
+        return self.root
+
+    def file(self, rel: str, content: str | bytes) -> Path:
+        """Write a file under <project> (parents created)."""
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+        return path
+
+    def registry(self) -> Path:
+        """The shared registry project (its own <project>): a SQLite MLflow store with registered versions."""
+        root = self.request.getfixturevalue("registry_project")
+        self.roots.append(root)
+        return root
+
+    def normalise(self, text: str) -> str:
+        for root in self.roots:
+            for form in sorted({str(root.resolve()), str(root)}, key=len, reverse=True):
+                text = text.replace(form, "<project>")
+        for form in sorted({str(self.tmp.resolve()), str(self.tmp)}, key=len, reverse=True):
+            text = text.replace(form, "<tmp>")
+        return text
+
+
+def _link(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def raises(fn: Callable[[], object], *types: type[BaseException]) -> str:
+    """Call fn; it must raise one of `types` (any Exception by default). Returns the message."""
+    try:
+        fn()
+    except types or (Exception,) as exc:
+        return str(exc)
+    raise AssertionError("no error was raised")
+
+
+def cli(root: Path, *argv: str) -> str:
+    """`olora --root ROOT ARGV...`: it must exit with code 2; returns its error line(s) from stderr."""
+    from olora.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(["--root", str(root), *argv])
+        except SystemExit as exc:  # argparse's own errors
+            code = exc.code
+    text = err.getvalue()
+    assert code == 2, f"exit code {code}, stderr:\n{text}"
+    found = re.search(r"^olora(?: \S+)?: error: .*", text, flags=re.M | re.S)
+    assert found, f"no `olora <command>: error:` line in stderr:\n{text}"
+    return found.group(0)
+
+
+def uncaught(fn: Callable[[], object], kind: type[BaseException]) -> str:
+    """An uncaught error: what the user sees is a traceback ending in `Kind: message`."""
+    try:
+        fn()
+    except kind as exc:
+        return f"(traceback) {type(exc).__name__}: {exc}"
+    raise AssertionError(f"no {kind.__name__} was raised")
+
+
+def jsonl(*rows) -> str:
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+
+
+ROWS = [{"instruction": f"Say {i}", "input": "", "output": f"answer {i}"} for i in range(20)]
+
+
+def prepare(ctx: Ctx, rel: str, content: str | bytes, *argv: str) -> str:
+    """`olora prepare` in the tiny project with data.source=<rel> holding `content`."""
+    ctx.project()
+    ctx.file(rel, content)
+    return cli(ctx.root, "--set", f"data.source={rel}", *argv, "prepare")
+
+
+def records(ctx: Ctx, rel: str | None, content: str | bytes = "", **data) -> str:
+    """`load_records` (what the prepare stage reads the data with) on <project>/REL holding `content`.
+
+    Cheaper than `olora prepare` (no tokenizer), with the same message minus the `olora prepare: error: ` prefix."""
+    from olora.config import DataConfig
+    from olora.data.sources import load_records
+    from olora.errors import OloraError
+
+    if rel is not None:
+        ctx.file(rel, content)
+        data = {"source": rel, **data}
+    return raises(lambda: load_records(DataConfig(**data), {"dropped_invalid": 0}, ctx.root), OloraError)
+
+
+def load(ctx: Ctx, text: str) -> str:
+    """load_config on a params.yaml holding `text`."""
+    from olora.config import load_config
+    from olora.errors import ConfigError
+
+    return raises(lambda: load_config(ctx.params(text)), ConfigError)
+
+
+def distributed_check(ctx: Ctx, device: str, overrides: dict) -> str:
+    """What `olora train` runs before launching train.processes > 1 processes, on a machine whose device is `device`."""
+    import torch
+
+    from olora.config import load_config
+    from olora.errors import ConfigError
+    from olora.runtime import Runtime
+    from olora.stages.train import check_distributed
+
+    cfg = load_config(ctx.params(""), overrides)
+    return raises(lambda: check_distributed(cfg, Runtime(torch.device(device), torch.float32)), ConfigError)
+
+
+def adapter_dir(ctx: Ctx, config: str | None = '{"peft_type": "LORA", "r": 4}', weights: str = "whole") -> Path:
+    """<project>/models/exported with the given adapter_config.json text and weights: whole | truncated | empty | None."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = ctx.root / "models" / "exported"
+    folder.mkdir(parents=True, exist_ok=True)
+    if config is not None:
+        (folder / "adapter_config.json").write_text(config)
+    if weights is not None:
+        path = folder / "adapter_model.safetensors"
+        save_file({"base_model.model.layers.0.q_proj.lora_A.weight": torch.zeros(4, 64)}, str(path))
+        data = path.read_bytes()
+        path.write_bytes({"whole": data, "truncated": data[: len(data) // 2], "empty": b""}[weights])
+    return folder
+
+
+def check_adapter(ctx: Ctx, **kwargs) -> str:
+    from olora.errors import OloraError
+    from olora.io import check_adapter_dir
+
+    folder = adapter_dir(ctx, **kwargs)
+    return raises(lambda: check_adapter_dir(folder), OloraError)
+
+
+def model_folder(ctx: Ctx, rel: str, config: dict | None, weights: bool) -> Path:
+    """A model folder at <project>/REL: the tiny Llama's tokenizer, `config` as config.json, its weights or not."""
+    src = ctx.request.getfixturevalue("tiny_model_dir")
+    target = ctx.root / rel
+    target.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name == "config.json" or (f.suffix == ".safetensors" and not weights):
+            continue
+        _link(str(f), str(target / f.name))
+    if config is not None:
+        (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def tiny_config(ctx: Ctx, **changes) -> dict:
+    return {**json.loads((ctx.request.getfixturevalue("tiny_model_dir") / "config.json").read_text()), **changes}
+
+
+def resolve(ctx: Ctx, name: str, root: bool = True) -> str:
+    from olora.config import ModelConfig
+    from olora.errors import OloraError
+    from olora.models import resolve_model
+
+    return raises(lambda: resolve_model(ModelConfig(name=name), ctx.root if root else None), OloraError)
+
+
+# ---------------------------------------------------------------- the catalogue
+
+CASES: list[Case] = [
+    # ---- params
+    Case("params-file-missing", "params",
+         "`olora check` (any command) in a folder without params.yaml",
+         "olora check: error: parameters file <project>/params.yaml not found; run from the project root or pass --root",
+         "Run from the project root, or pass `olora --root <project> ...`.",
+         lambda ctx: cli(ctx.root, "check")),
+    Case("params-not-yaml", "params",
+         "params.yaml with broken YAML syntax (`adapter: [r: 1`)",
+         "<project>/params.yaml is not valid YAML (line 2, column 1: expected ',' or ']', but got '<stream end>'); fix the syntax there",
+         "Fix the syntax at the line and column named.",
+         lambda ctx: load(ctx, "adapter: [r: 1\n")),
+    Case("params-not-a-mapping", "params",
+         "params.yaml that is a list, not `block: {key: value}`",
+         "<project>/params.yaml: params must be a mapping of keys to values, got ['adapter', {'r': 8}]",
+         "Write params.yaml as blocks of keys (see the shipped params.yaml).",
+         lambda ctx: load(ctx, "- adapter\n- r: 8\n")),
+    Case("block-not-a-mapping", "params",
+         "A block given a value instead of keys (`adapter: 8`)",
+         "<project>/params.yaml: adapter must be a mapping of keys to values, got 8",
+         "Put the key under its block: `adapter:` then `  r: 8`.",
+         lambda ctx: load(ctx, "adapter: 8\n")),
+    Case("misspelt-block", "params",
+         "A misspelt block name (`adaptor:`)",
+         "<project>/params.yaml: unknown key(s) 'adaptor' at the top level; did you mean 'adapter' for 'adaptor'? allowed: adapter, data, evaluate, model, register, runtime, tracking, train",
+         "Use the suggested block name.",
+         lambda ctx: load(ctx, "adaptor:\n  r: 4\n")),
+    Case("unknown-key-did-you-mean", "params",
+         "A misspelt key (`train.learnig_rate`)",
+         "<project>/params.yaml: unknown key(s) 'learnig_rate' in block 'train'; did you mean 'train.learning_rate' for 'learnig_rate'? allowed: epochs, eval_steps, gradient_accumulation_steps, gradient_checkpointing, learning_rate, logging_steps, lr_scheduler, max_eval_examples, max_grad_norm, max_steps, micro_batch_size, padding_free, processes, save_steps, seed, warmup_steps, weight_decay",
+         "Use the suggested key.",
+         lambda ctx: load(ctx, "train:\n  learnig_rate: 1e-4\n")),
+    Case("unknown-key", "params",
+         "A key that does not exist and resembles none (`adapter.rank`)",
+         "<project>/params.yaml: unknown key(s) 'rank' in block 'adapter'; allowed: alpha, dropout, init, r, seed, target_modules",
+         "Use one of the allowed keys (the README's parameter table explains each).",
+         lambda ctx: load(ctx, "adapter:\n  rank: 8\n")),
+    Case("unknown-key-set", "params",
+         "A misspelt key in an override (`olora --set adapter.alpah=8 check`, or `dvc exp run -S`)",
+         "olora check: error: <project>/params.yaml: unknown key(s) 'alpah' in block 'adapter'; did you mean 'adapter.alpha' for 'alpah'? allowed: alpha, dropout, init, r, seed, target_modules",
+         "Use the suggested key.",
+         lambda ctx: (ctx.params(""), cli(ctx.root, "--set", "adapter.alpah=8", "check"))[1]),
+    Case("wrong-type-int-string", "params",
+         "An integer setting given as a quoted string (`adapter.r: '8'`)",
+         "<project>/params.yaml: adapter.r='8' has the wrong type; expected int",
+         "Write the number without quotes.",
+         lambda ctx: load(ctx, "adapter:\n  r: '8'\n")),
+    Case("wrong-type-int-float", "params",
+         "An integer setting given a fraction (`adapter.r: 8.5`)",
+         "<project>/params.yaml: adapter.r=8.5 has the wrong type; expected int",
+         "Use a whole number.",
+         lambda ctx: load(ctx, "adapter:\n  r: 8.5\n")),
+    Case("wrong-type-bool", "params",
+         "A boolean given as a quoted string (`tracking.enabled: \"false\"`)",
+         "<project>/params.yaml: tracking.enabled='false' has the wrong type; expected bool",
+         "Write `true` or `false` without quotes.",
+         lambda ctx: load(ctx, "tracking:\n  enabled: \"false\"\n")),
+    Case("null-value", "params",
+         "A key with no value (`adapter:` / `  r:`)",
+         "<project>/params.yaml: adapter.r has no value (YAML null); expected int: set a value, or remove the key to use its default",
+         "Give it a value, or delete the line to use the default.",
+         lambda ctx: load(ctx, "adapter:\n  r:\n")),
+    Case("float-string-refused", "params",
+         "A float that is not a number (`train.learning_rate: 3e-4x`); `3e-4`, which YAML 1.1 reads as a string, is accepted",
+         "<project>/params.yaml: train.learning_rate='3e-4x' has the wrong type; expected float (a number, e.g. 0.0003 or 3e-4)",
+         "Write a number: `3e-4`, `3.0e-4` or `0.0003`.",
+         lambda ctx: _float_strings(ctx)),
+    Case("out-of-range-int", "params",
+         "A count below its minimum (`adapter.r: 0`)",
+         "<project>/params.yaml: adapter.r=0 is out of range; it must be >= 1",
+         "Use a value in the range named.",
+         lambda ctx: load(ctx, "adapter:\n  r: 0\n")),
+    Case("out-of-range-positive", "params",
+         "A negative learning rate (`train.learning_rate: -1e-4`)",
+         "<project>/params.yaml: train.learning_rate=-0.0001 is out of range; it must be a finite number > 0",
+         "Use a finite number > 0.",
+         lambda ctx: load(ctx, "train:\n  learning_rate: -1e-4\n")),
+    Case("not-finite", "params",
+         "A learning rate of `.nan` (or `.inf`)",
+         "<project>/params.yaml: train.learning_rate=nan is out of range; it must be a finite number > 0",
+         "Use a finite number > 0.",
+         lambda ctx: load(ctx, "train:\n  learning_rate: .nan\n")),
+    Case("out-of-range-fraction", "params",
+         "`data.validation_fraction: 1.0` (nothing left to train on)",
+         "<project>/params.yaml: data.validation_fraction=1.0 is out of range; it must lie strictly between 0.0 and 1.0",
+         "Use a fraction strictly between 0 and 1, e.g. 0.05.",
+         lambda ctx: load(ctx, "data:\n  validation_fraction: 1.0\n")),
+    Case("out-of-range-dropout", "params",
+         "`adapter.dropout: 1.0`",
+         "<project>/params.yaml: adapter.dropout=1.0 is out of range; allowed: 0 <= dropout < 1",
+         "Use 0 <= dropout < 1.",
+         lambda ctx: load(ctx, "adapter:\n  dropout: 1.0\n")),
+    Case("bad-enum-init", "params",
+         "An initialisation the pipeline does not have (`adapter.init: pissa`)",
+         "<project>/params.yaml: adapter.init='pissa' is not allowed; choose one of: olora, lora",
+         "Use `olora` or `lora`.",
+         lambda ctx: load(ctx, "adapter:\n  init: pissa\n")),
+    Case("bad-enum-dtype", "params",
+         "`model.dtype: fp8`",
+         "<project>/params.yaml: model.dtype='fp8' is not allowed; choose one of: auto, float32, bfloat16, float16",
+         "Use one of the dtypes named (`auto` picks one for the device).",
+         lambda ctx: load(ctx, "model:\n  dtype: fp8\n")),
+    Case("bad-device", "params",
+         "`model.device: cuda:first` (a GPU index must be a number)",
+         "<project>/params.yaml: model.device='cuda:first' is not allowed; choose one of: auto, cpu, cuda, cuda:N (N a GPU index), mps",
+         "Use `cuda:0`, `cuda`, `cpu`, `mps` or `auto`.",
+         lambda ctx: load(ctx, "model:\n  device: cuda:first\n")),
+    Case("bad-enum-scheduler", "params",
+         "`train.lr_scheduler: cosine_annealing`",
+         "<project>/params.yaml: train.lr_scheduler='cosine_annealing' is not allowed; choose one of: linear, cosine, constant, constant_with_warmup, cosine_with_restarts, polynomial",
+         "Use one of the schedulers named.",
+         lambda ctx: load(ctx, "train:\n  lr_scheduler: cosine_annealing\n")),
+    Case("bad-enum-template", "params",
+         "`data.template: llama`",
+         "<project>/params.yaml: data.template='llama' is not allowed; choose one of: alpaca, chat",
+         "Use `alpaca` or `chat` (the tokenizer's chat template).",
+         lambda ctx: load(ctx, "data:\n  template: llama\n")),
+    Case("bad-enum-invalid-rows", "params",
+         "`data.invalid_rows: skip`",
+         "<project>/params.yaml: data.invalid_rows='skip' is not allowed; choose one of: error, drop",
+         "Use `error` (stop and name the rows) or `drop` (skip and count them).",
+         lambda ctx: load(ctx, "data:\n  invalid_rows: skip\n")),
+    Case("bad-enum-promote-metric", "params",
+         "`register.promote_metric: accuracy`",
+         "<project>/params.yaml: register.promote_metric='accuracy' is not allowed; choose one of: mean_acc, mean_acc_norm",
+         "Use `mean_acc` or `mean_acc_norm`.",
+         lambda ctx: load(ctx, "register:\n  promote_metric: accuracy\n")),
+    Case("list-expected", "params",
+         "A list setting given a number (`adapter.target_modules: 5`)",
+         "<project>/params.yaml: adapter.target_modules=5 has the wrong type; expected a list",
+         "Give a list of layer names, e.g. `[q_proj, v_proj]`.",
+         lambda ctx: load(ctx, "adapter:\n  target_modules: 5\n")),
+    Case("list-item-type", "params",
+         "A list with an item of the wrong type (`adapter.target_modules: [q_proj, 3]`)",
+         "<project>/params.yaml: adapter.target_modules[1]=3 has the wrong type; expected str",
+         "Make every item a layer name.",
+         lambda ctx: load(ctx, "adapter:\n  target_modules: [q_proj, 3]\n")),
+    Case("empty-model-name", "params",
+         "`model.name: ''`",
+         "<project>/params.yaml: model.name is empty; use e.g. 'embedded:SmolLM2-135M-Instruct' or a hub id",
+         "Name a base model.",
+         lambda ctx: load(ctx, "model:\n  name: ''\n")),
+    Case("empty-experiment", "params",
+         "`tracking.experiment: ''`",
+         "<project>/params.yaml: tracking.experiment is empty; name the MLflow experiment, e.g. olora",
+         "Name the MLflow experiment.",
+         lambda ctx: load(ctx, "tracking:\n  experiment: ' '\n")),
+    Case("set-without-equals", "params",
+         "`olora --set adapter.r check` (no `=`)",
+         "olora check: error: --set 'adapter.r' must look like key=value, e.g. adapter.r=16",
+         "Write `--set key=value`.",
+         lambda ctx: (ctx.params(""), cli(ctx.root, "--set", "adapter.r", "check"))[1]),
+    Case("set-without-block", "params",
+         "`olora --set r=16 check` (no block)",
+         "olora check: error: override key 'r' must look like block.key, e.g. adapter.r",
+         "Write the dotted key, `--set adapter.r=16`.",
+         lambda ctx: (ctx.params(""), cli(ctx.root, "--set", "r=16", "check"))[1]),
+    # ---- train: batches and processes
+    Case("micro-batch-zero", "train",
+         "`train.micro_batch_size: 0`",
+         "<project>/params.yaml: train.micro_batch_size=0 is out of range; it must be >= 1",
+         "Use at least 1; the effective batch is processes x micro_batch_size x gradient_accumulation_steps.",
+         lambda ctx: load(ctx, "train:\n  micro_batch_size: 0\n")),
+    Case("accumulation-zero", "train",
+         "`train.gradient_accumulation_steps: 0`",
+         "<project>/params.yaml: train.gradient_accumulation_steps=0 is out of range; it must be >= 1",
+         "Use at least 1.",
+         lambda ctx: load(ctx, "train:\n  gradient_accumulation_steps: 0\n")),
+    Case("processes-zero", "train",
+         "`train.processes: 0`",
+         "<project>/params.yaml: train.processes=0 is out of range; it must be >= 1",
+         "Use at least 1 (1: no torch.distributed launch).",
+         lambda ctx: load(ctx, "train:\n  processes: 0\n")),
+    Case("processes-on-mps", "train",
+         "`train.processes: 2` on an Apple GPU (MPS)",
+         "train.processes=2 is not supported on MPS; use train.processes=1",
+         "Use `train.processes: 1` on MPS (raise micro_batch_size or gradient_accumulation_steps instead).",
+         lambda ctx: distributed_check(ctx, "mps", {"train.processes": 2, "model.device": "mps"})),
+    Case("processes-pinned-gpu", "train",
+         "`train.processes: 2` with `model.device: cuda:1` (one pinned GPU)",
+         "model.device='cuda:1' pins one GPU, but train.processes=2 needs one GPU per process; use model.device=cuda or auto",
+         "Use `model.device: cuda` or `auto`: each process takes its own GPU.",
+         lambda ctx: distributed_check(ctx, "cuda:1", {"train.processes": 2, "model.device": "cuda:1"})),
+    Case("processes-more-than-gpus", "train",
+         "`train.processes: 4` on a machine with one GPU",
+         "train.processes=4 but only 1 CUDA device(s) are visible; use train.processes<=1 (one process per GPU), or model.device=cpu",
+         "Use at most one process per GPU, or `model.device: cpu` (gloo).",
+         lambda ctx: _more_processes_than_gpus(ctx)),
+    Case("processes-launch-mismatch", "train",
+         "`torchrun --nproc-per-node=2 -m olora.cli train` with `train.processes: 1`",
+         "olora train: error: this train stage was launched with 2 processes but train.processes=1; set train.processes=2 so the recorded effective batch is the one that ran",
+         "Let `olora train` launch the processes (set `train.processes: 2`), or launch as many as it says.",
+         lambda ctx: _launch_mismatch(ctx)),
+    # ---- data
+    Case("data-file-missing", "data",
+         "`data.source` names a file that does not exist",
+         "olora prepare: error: data.source file <project>/data/raw/nope.jsonl not found; check the name, and keep data files under data/raw/ (data.source=data/raw/<file name>)",
+         "Check the name; keep data files under data/raw/.",
+         lambda ctx: (ctx.project(), cli(ctx.root, "--set", "data.source=data/raw/nope.jsonl", "prepare"))[1]),
+    Case("data-file-outside-raw", "data",
+         "`data.source` is a file outside data/raw/ (DVC would not see it change)",
+         "data.source='<tmp>/downloads/rows.jsonl' lies outside data/raw/, the folder DVC tracks as prepare's input; copy it to data/raw/rows.jsonl and set data.source=data/raw/rows.jsonl, so that a change to the data reruns the pipeline",
+         "Copy the file to data/raw/ and point data.source at the copy.",
+         lambda ctx: _outside_raw(ctx)),
+    Case("data-file-empty", "data",
+         "An empty data file",
+         "olora prepare: error: no examples left after filtering ({'dropped_invalid': 0, 'rows_read': 0, 'dropped_duplicate': 0, 'dropped_prompt_too_long': 0, 'truncated': 0}); check data.source, the field names, and data.max_seq_length=128",
+         "Add instruction/output rows (rows_read: 0 says the file held none).",
+         lambda ctx: prepare(ctx, "data/raw/empty.jsonl", "")),
+    Case("data-broken-json-line", "data",
+         "A JSONL file with a broken line (line 2)",
+         "<project>/data/raw/bad.jsonl, line 2: not valid JSON (Expecting property name enclosed in double quotes); fix or remove that line",
+         "Fix or remove the line named.",
+         lambda ctx: records(ctx, "data/raw/bad.jsonl", jsonl(ROWS[0], "{not json", ROWS[1]))),
+    Case("data-missing-fields", "data",
+         "Rows without the instruction/output fields (the file names them differently, or leaves them empty)",
+         "data.source='data/raw/fields.jsonl': rows lack the required field(s) 'instruction' / 'output'; set data.instruction_field / data.output_field to the file's field names, fix the rows, or set data.invalid_rows=drop to skip them. First bad rows:",
+         "Set data.instruction_field / data.output_field to the file's names, fix the rows, or `data.invalid_rows: drop`.",
+         lambda ctx: records(ctx, "data/raw/fields.jsonl", jsonl(ROWS[0], {"question": "q", "answer": "a"}, {"instruction": "x", "output": " "}))),
+    Case("data-not-utf8-jsonl", "data",
+         "A JSONL file with Latin-1 bytes (line 2)",
+         "<project>/data/raw/latin1.jsonl, line 2: not UTF-8 text (byte 0xe9 at position 20); re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)",
+         "Re-save the file as UTF-8.",
+         lambda ctx: records(ctx, "data/raw/latin1.jsonl", jsonl(ROWS[0]).encode() + b'{"instruction": "caf\xe9", "output": "x"}\n')),
+    Case("data-not-utf8-csv", "data",
+         "A CSV file with Latin-1 bytes",
+         "<project>/data/raw/latin1.csv: not UTF-8 text (byte 0xe9 at position 22); re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)",
+         "Re-save the file as UTF-8.",
+         lambda ctx: records(ctx, "data/raw/latin1.csv", b"instruction,output\ncaf\xe9,x\n")),
+    Case("data-unsupported-suffix", "data",
+         "A data file with a suffix the pipeline does not read (`.txt`)",
+         "data.source <project>/data/raw/data.txt has an unsupported suffix; use one of .jsonl, .json, .csv, .parquet",
+         "Convert it to .jsonl, .json, .csv or .parquet.",
+         lambda ctx: records(ctx, "data/raw/data.txt", "instruction: x\n")),
+    Case("data-json-not-a-list", "data",
+         "A .json file holding one object instead of a list of rows",
+         "<project>/data/raw/one.json: expected a JSON list of objects (or {'data': [...]}), got dict",
+         "Write a JSON list of row objects, or `{\"data\": [...]}`.",
+         lambda ctx: records(ctx, "data/raw/one.json", json.dumps(ROWS[0]))),
+    Case("data-json-broken", "data",
+         "A .json file with a syntax error",
+         "<project>/data/raw/broken.json: not valid JSON (line 1, column 22: Expecting property name enclosed in double quotes)",
+         "Fix the JSON at the line and column named.",
+         lambda ctx: records(ctx, "data/raw/broken.json", '[{"instruction": "x",]')),
+    Case("data-parquet-corrupt", "data",
+         "A .parquet file that is not Parquet (e.g. a CSV renamed)",
+         "<project>/data/raw/rows.parquet: not a readable Parquet file (Could not open Parquet input source '<project>/data/raw/rows.parquet': Parquet magic bytes not found in footer. Either the file is corrupted or this is not a parquet file.)",
+         "Write the file with a Parquet writer (pyarrow, pandas).",
+         lambda ctx: records(ctx, "data/raw/rows.parquet", "instruction,output\nx,y\n")),
+    Case("data-prompts-too-long", "data",
+         "Every prompt longer than `data.max_seq_length` tokens",
+         "olora prepare: error: no examples left after filtering ({'dropped_invalid': 0, 'rows_read': 20, 'dropped_duplicate': 0, 'dropped_prompt_too_long': 20, 'truncated': 0}); check data.source, the field names, and data.max_seq_length=8",
+         "Raise data.max_seq_length or shorten the prompts.",
+         lambda ctx: prepare(ctx, "data/raw/d.jsonl", jsonl(*ROWS), "--set", "data.max_seq_length=8")),
+    Case("data-too-few-rows", "data",
+         "One usable example (none left to train on after the validation split)",
+         "olora prepare: error: only 1 example(s) after filtering: too few to split with data.validation_fraction=0.1; add data or lower the fraction",
+         "Add data (the validation split takes at least one example).",
+         lambda ctx: prepare(ctx, "data/raw/d.jsonl", jsonl(ROWS[0]))),
+    Case("data-unknown-embedded-set", "data",
+         "`data.embedded_sets: [commonsenseqa]`",
+         "data.embedded_sets has unknown entries ['commonsenseqa']; did you mean 'commonsense_qa' for 'commonsenseqa'? available: commonsense_qa, social_i_qa, trivia_qa",
+         "Use the suggested set; the packaged sets are listed.",
+         lambda ctx: records(ctx, None, source="embedded", embedded_sets=["commonsenseqa"])),
+    Case("data-hub-offline", "data",
+         "A hub data set id while the hub is offline (`HF_HUB_OFFLINE=1`)",
+         "data.source='yahma/alpaca-cleaned' is neither 'embedded' nor an existing local file and the hub is offline (HF_HUB_OFFLINE set); use data.source=embedded, a local .jsonl/.json/.csv/.parquet path, or a hub id like yahma/alpaca-cleaned",
+         "Go online (unset HF_HUB_OFFLINE), or use a file under data/raw/ or `data.source: embedded`.",
+         lambda ctx: records(ctx, None, source="yahma/alpaca-cleaned")),
+    Case("data-source-typo", "data",
+         "`data.source: embeded`",
+         "data.source='embeded' is neither 'embedded' nor an existing local file (did you mean 'embedded'?) and the hub is offline (HF_HUB_OFFLINE set); use data.source=embedded, a local .jsonl/.json/.csv/.parquet path, or a hub id like yahma/alpaca-cleaned",
+         "Use `embedded`, a file under data/raw/, or a hub id.",
+         lambda ctx: records(ctx, None, source="embeded")),
+    # ---- model
+    Case("model-unknown-embedded", "model",
+         "`model.name: embedded:SmolLM2-135M` (no such embedded model)",
+         "olora prepare: error: unknown embedded model 'SmolLM2-135M'; available: embedded:SmolLM2-135M-Instruct (did you mean model.name='embedded:SmolLM2-135M-Instruct'?)",
+         "Use the suggested embedded model.",
+         lambda ctx: (ctx.project(), cli(ctx.root, "--set", "model.name=embedded:SmolLM2-135M", "prepare"))[1]),
+    Case("model-folder-outside-base", "model",
+         "`model.name` is a local model folder outside models/base/ (DVC would not see it change)",
+         "model.name='<project>/downloads/tiny-llama' is a local folder outside models/base/, the folder DVC tracks as the model stages' input; copy it to models/base/tiny-llama and set model.name=models/base/tiny-llama, so that a change to the model reruns the pipeline",
+         "Copy the folder to models/base/ and point model.name at the copy.",
+         lambda ctx: (model_folder(ctx, "downloads/tiny-llama", tiny_config(ctx), True),
+                      resolve(ctx, str(ctx.root / "downloads/tiny-llama")))[1]),
+    Case("model-folder-missing", "model",
+         "`model.name: models/base/tiny-lama` (no such folder)",
+         "model.name='models/base/tiny-lama' looks like a local path but no such folder exists; use an existing folder, a hub id such as TinyLlama/TinyLlama-1.1B-Chat-v1.0, or the default embedded:SmolLM2-135M-Instruct",
+         "Check the folder name under models/base/.",
+         lambda ctx: resolve(ctx, "models/base/tiny-lama")),
+    Case("model-no-config", "model",
+         "A model folder without config.json",
+         "model.name='models/base/no-config' is a folder without config.json; point it at a transformers model folder",
+         "Copy the whole transformers model folder (config.json, weights, tokenizer).",
+         lambda ctx: (model_folder(ctx, "models/base/no-config", None, True), resolve(ctx, "models/base/no-config"))[1]),
+    Case("model-no-weights", "model",
+         "A model folder with config.json but no weights (`olora init`)",
+         "olora init: error: model.name='models/base/no-weights' (<project>/models/base/no-weights) has no *.safetensors weight file; point model.name at a transformers folder with model.safetensors",
+         "Copy the weights (model.safetensors or its shards) into the folder.",
+         lambda ctx: (ctx.project(), model_folder(ctx, "models/base/no-weights", tiny_config(ctx), False),
+                      cli(ctx.root, "--set", "model.name=models/base/no-weights", "init"))[2]),
+    Case("model-not-causal-lm", "model",
+         "config.json of an architecture that is not a causal LM (`\"model_type\": \"t5\"`; `olora init`)",
+         "(traceback) ValueError: Unrecognized configuration class <class 'transformers.models.t5.configuration_t5.T5Config'> for this kind of AutoModel: AutoModelForCausalLM.",
+         "Use a decoder-only (causal LM) model.",
+         lambda ctx: (ctx.project(), model_folder(ctx, "models/base/t5", {"model_type": "t5"}, True),
+                      uncaught(lambda: cli(ctx.root, "--set", "model.name=models/base/t5", "init"), ValueError))[2]),
+    Case("model-unknown-architecture", "model",
+         "config.json whose model_type transformers does not know (`\"model_type\": \"llama9\"`; `olora init`)",
+         "(traceback) ValueError: The checkpoint you are trying to load has model type `llama9` but Transformers does not recognize this architecture. This could be because of an issue with the checkpoint, or because your version of Transformers is out of date.",
+         "Use a model whose architecture this transformers version has, or upgrade transformers.",
+         lambda ctx: (ctx.project(), model_folder(ctx, "models/base/llama9", tiny_config(ctx, model_type="llama9"), True),
+                      uncaught(lambda: cli(ctx.root, "--set", "model.name=models/base/llama9", "init"), ValueError))[2]),
+    Case("model-hub-offline", "model",
+         "A hub model id while the hub is offline (`HF_HUB_OFFLINE=1`)",
+         "model.name='TinyLlama/TinyLlama-1.1B-Chat-v1.0' is a hub id but HF_HUB_OFFLINE is set; use a local folder or the embedded default embedded:SmolLM2-135M-Instruct",
+         "Go online, or copy the model under models/base/.",
+         lambda ctx: resolve(ctx, "TinyLlama/TinyLlama-1.1B-Chat-v1.0")),
+    Case("model-no-cuda", "model",
+         "`model.device: cuda` on a machine without a CUDA GPU",
+         "olora init: error: model.device='cuda' but no CUDA device is visible; use model.device=cpu or auto",
+         "Use `model.device: auto` or `cpu`.",
+         lambda ctx: _no_cuda(ctx)),
+    Case("target-modules-match-nothing", "model",
+         "`adapter.target_modules: [query_key_value]` on a Llama (`olora init`)",
+         "olora init: error: adapter.target_modules=['query_key_value'] match no linear layer of the model; its linear layers are named: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj",
+         "Use the layer names listed.",
+         lambda ctx: (ctx.project(), cli(ctx.root, "--set", "adapter.target_modules=[query_key_value]", "init"))[1]),
+    Case("rank-too-large", "model",
+         "`adapter.r` above a target layer's smaller dimension (`olora init`)",
+         "olora init: error: adapter.r=33 is larger than the smaller dimension of target layer model.layers.0.self_attn.k_proj (32, 64); choose r <= 32",
+         "Use r <= the bound named, or leave that layer out of target_modules.",
+         lambda ctx: (ctx.project(), cli(ctx.root, "--set", "adapter.r=33", "init"))[1]),
+    # ---- adapter folders
+    Case("adapter-folder-missing", "adapter",
+         "`olora evaluate adapter` before train wrote models/exported",
+         "olora evaluate: error: <project>/models/exported is not a PEFT adapter folder (missing adapter_config.json and adapter_model.safetensors); re-run the train stage to write it again (`dvc repro train`, or `dvc checkout` to restore it)",
+         "Run the train stage (`dvc repro train`).",
+         lambda ctx: (ctx.project(), cli(ctx.root, "evaluate", "adapter"))[1]),
+    Case("adapter-weights-missing", "adapter",
+         "An adapter folder without adapter_model.safetensors",
+         "<project>/models/exported is not a PEFT adapter folder (missing adapter_model.safetensors); re-run the train stage to write it again (`dvc repro train`, or `dvc checkout` to restore it)",
+         "Re-run train, or restore the folder with `dvc checkout`.",
+         lambda ctx: check_adapter(ctx, weights=None)),
+    Case("adapter-weights-truncated", "adapter",
+         "A truncated adapter_model.safetensors (an interrupted copy; `olora register`)",
+         "olora register: error: <project>/models/exported/adapter_model.safetensors is unreadable or truncated (Error while deserializing header: incomplete metadata, file not fully covered); re-run the train stage to write it again (`dvc repro train`, or `dvc checkout` to restore it)",
+         "Re-run train, or restore the folder with `dvc checkout`.",
+         lambda ctx: _register_truncated(ctx)),
+    Case("adapter-weights-empty", "adapter",
+         "An empty (0-byte) adapter_model.safetensors",
+         "<project>/models/exported/adapter_model.safetensors is unreadable or truncated (Error while deserializing header: header too small); re-run the train stage to write it again (`dvc repro train`, or `dvc checkout` to restore it)",
+         "Re-run train, or restore the folder with `dvc checkout`.",
+         lambda ctx: check_adapter(ctx, weights="empty")),
+    Case("adapter-config-broken", "adapter",
+         "An adapter_config.json that is not JSON",
+         "<project>/models/exported/adapter_config.json is not valid JSON (Expecting value: line 1 column 15 (char 14)); re-run the train stage to write it again (`dvc repro train`, or `dvc checkout` to restore it)",
+         "Re-run train, or restore the folder with `dvc checkout`.",
+         lambda ctx: check_adapter(ctx, config="{\"peft_type\": ")),
+    Case("adapter-config-not-peft", "adapter",
+         "An adapter_config.json without peft_type (not written by PEFT)",
+         "<project>/models/exported/adapter_config.json is not a PEFT adapter config (no peft_type); re-run the train stage to write it again (`dvc repro train`, or `dvc checkout` to restore it)",
+         "Re-run train, or restore the folder with `dvc checkout`.",
+         lambda ctx: check_adapter(ctx, config='{"r": 4}')),
+    # ---- evaluate
+    Case("eval-unknown-task-did-you-mean", "evaluate",
+         "A misspelt offline task (`evaluate.tasks: [hellaswg]`)",
+         "<project>/params.yaml: evaluate.tasks has unknown task(s) ['hellaswg'] for evaluate.source=offline; did you mean 'hellaswag' for 'hellaswg'? available offline: arc_challenge, arc_easy, boolq, hellaswag, openbookqa, piqa, winogrande (or set evaluate.source=hub to use any lm-eval task)",
+         "Use the suggested task.",
+         lambda ctx: load(ctx, "evaluate:\n  tasks: [arc_easy, hellaswg]\n")),
+    Case("eval-unknown-task", "evaluate",
+         "An lm-eval task that is not packaged offline (`evaluate.tasks: [mmlu]`; `olora evaluate base`)",
+         "olora evaluate: error: <project>/params.yaml: evaluate.tasks has unknown task(s) ['mmlu'] for evaluate.source=offline; available offline: arc_challenge, arc_easy, boolq, hellaswag, openbookqa, piqa, winogrande (or set evaluate.source=hub to use any lm-eval task)",
+         "Use the offline tasks listed, or `evaluate.source: hub` (online) for any lm-eval task.",
+         lambda ctx: (ctx.params(""), cli(ctx.root, "--set", "evaluate.tasks=[mmlu]", "evaluate", "base"))[1]),
+    Case("eval-bad-limit", "evaluate",
+         "`evaluate.limit: -1`",
+         "<project>/params.yaml: evaluate.limit=-1 is out of range; it must be >= 0",
+         "Use 0 (all rows) or a positive row count.",
+         lambda ctx: load(ctx, "evaluate:\n  limit: -1\n")),
+    Case("eval-limit-all", "evaluate",
+         "`evaluate.limit: all`",
+         "<project>/params.yaml: evaluate.limit='all' has the wrong type; expected int",
+         "Use 0 for all rows.",
+         lambda ctx: load(ctx, "evaluate:\n  limit: all\n")),
+    Case("eval-bad-source", "evaluate",
+         "`evaluate.source: online`",
+         "<project>/params.yaml: evaluate.source='online' is not allowed; choose one of: offline, hub",
+         "Use `offline` (packaged splits) or `hub`.",
+         lambda ctx: load(ctx, "evaluate:\n  source: online\n")),
+    Case("eval-bad-batch", "evaluate",
+         "`evaluate.batch_size: 0`",
+         "<project>/params.yaml: evaluate.batch_size=0 is out of range; it must be >= 1",
+         "Use at least 1.",
+         lambda ctx: load(ctx, "evaluate:\n  batch_size: 0\n")),
+    # ---- stages out of order
+    Case("train-before-init", "order",
+         "`olora train` before `olora init` (no models/init)",
+         "olora train: error: <project>/models/init/olora_init.json not found; the init stage writes it: run it first (`dvc repro init`)",
+         "Run the init stage first, or the whole pipeline with `dvc repro`.",
+         lambda ctx: (ctx.project(), cli(ctx.root, "--set", "tracking.enabled=false", "train"))[1]),
+    Case("train-before-prepare", "order",
+         "`olora train` with models/init in place but no data/prepared",
+         "olora train: error: <project>/data/prepared/train.jsonl not found; run the prepare stage first (`dvc repro prepare`)",
+         "Run the prepare stage first, or the whole pipeline with `dvc repro`.",
+         lambda ctx: _train_before_prepare(ctx)),
+    Case("register-before-evaluate", "order",
+         "`olora register` before `olora evaluate adapter` (no metrics/eval_adapter.json)",
+         "olora register: error: <project>/metrics/eval_adapter.json not found; the evaluate stage writes it: run it first (`dvc repro evaluate`)",
+         "Run the evaluate stage first, or the whole pipeline with `dvc repro`.",
+         lambda ctx: (ctx.project(), cli(ctx.root, "register"))[1]),
+    # ---- registry
+    Case("promote-unknown-model", "registry",
+         "`olora promote --model nope` (no such registered model)",
+         "olora promote: error: registered model 'nope' not found; registered models: ['olora-tiny-llama', 'olora-untried']",
+         "Use a registered model listed (default: register.model_name, else olora-<base model name>).",
+         lambda ctx: cli(ctx.registry(), "promote", "--model", "nope")),
+    Case("promote-unknown-version", "registry",
+         "`olora promote --version 99` (no such version)",
+         "olora promote: error: olora-tiny-llama has no version 99; versions: [1, 2]",
+         "Use a version listed.",
+         lambda ctx: cli(ctx.registry(), "promote", "--version", "99")),
+    Case("promote-version-not-a-number", "registry",
+         "`olora promote --version latest`",
+         "(traceback) ValueError: invalid literal for int() with base 10: 'latest'",
+         "Give the version number (`--version 2`); without --version the challenger is promoted.",
+         lambda ctx: uncaught(lambda: cli(ctx.registry(), "promote", "--version", "latest"), ValueError)),
+    Case("promote-no-challenger", "registry",
+         "`olora promote` when no version carries the alias `challenger`",
+         "olora promote: error: olora-tiny-llama has no 'challenger' version; register one first (`dvc repro register`)",
+         "Register a version (`dvc repro register`), or name one with `--version`.",
+         lambda ctx: cli(ctx.registry(), "promote")),
+    Case("rollback-unknown-model", "registry",
+         "`olora rollback --model nope`",
+         "olora rollback: error: registered model 'nope' not found; registered models: ['olora-tiny-llama', 'olora-untried']",
+         "Use a registered model listed.",
+         lambda ctx: cli(ctx.registry(), "rollback", "--model", "nope")),
+    Case("rollback-no-champion", "registry",
+         "`olora rollback` when no version is champion",
+         "olora rollback: error: olora-untried has no 'champion'; nothing to roll back",
+         "Nothing to undo: promote a version first (`olora promote`).",
+         lambda ctx: cli(ctx.registry(), "rollback", "--model", "olora-untried")),
+    Case("rollback-no-previous", "registry",
+         "`olora rollback` when the champion replaced no earlier champion",
+         "olora rollback: error: olora-tiny-llama champion v1 replaced no earlier champion; nothing to roll back to",
+         "Nothing to roll back to; promote another version with `olora promote --version N --force` instead.",
+         lambda ctx: cli(ctx.registry(), "rollback")),
+    Case("register-without-run", "registry",
+         "`olora register` for an adapter trained with `tracking.enabled: false` (no MLflow run record)",
+         "olora register: error: <project>/models/adapter has no MLflow run record; re-run training with tracking.enabled=true (`dvc repro train`)",
+         "Re-run training with tracking on (`dvc repro train`).",
+         lambda ctx: _register_without_run(ctx)),
+    Case("tracking-unreachable", "registry",
+         "`tracking.uri` points at a server that is not running",
+         'olora promote: error: connecting failed against the MLflow tracking server http://127.0.0.1:9 after 1 attempts: API request to http://127.0.0.1:9/api/2.0/mlflow/experiments/search failed with exception HTTPConnectionPool(host=\'127.0.0.1\', port=9): Max retries exceeded with url: /api/2.0/mlflow/experiments/search (Caused by NewConnectionError("HTTPConnection(host=\'127.0.0.1\', port=9): Failed to establish a new connection: [Errno 111] Connection refused")). Check that the server is running and MLFLOW_TRACKING_URI / tracking.uri is right; the pipeline\'s outputs are intact, so the stage can simply be re-run.',
+         "Start the server, or fix tracking.uri / MLFLOW_TRACKING_URI; outputs are intact, so just re-run.",
+         lambda ctx: _unreachable(ctx)),
+    Case("tracking-retries-zero", "registry",
+         "`tracking.retries: 0`",
+         "<project>/params.yaml: tracking.retries=0 is out of range; it must be >= 1",
+         "Use at least 1 attempt.",
+         lambda ctx: load(ctx, "tracking:\n  retries: 0\n")),
+    # ---- command line
+    Case("cli-bad-choice", "cli",
+         "`olora evaluate middle` (only base and adapter exist)",
+         "olora evaluate: error: argument which: invalid choice: 'middle' (choose from 'base', 'adapter')",
+         "Use one of the choices listed (`olora --help` lists the commands).",
+         lambda ctx: cli(ctx.root, "evaluate", "middle")),
+    Case("cli-evaluate-which", "cli",
+         "`olora evaluate` without base/adapter",
+         "olora evaluate: error: the following arguments are required: which",
+         "Write `olora evaluate base` or `olora evaluate adapter`.",
+         lambda ctx: cli(ctx.root, "evaluate")),
+]
+
+
+# ---------------------------------------------------------------- cases that need more than one line
+
+
+def _float_strings(ctx: Ctx) -> str:
+    from olora.config import load_config
+
+    assert load_config(ctx.params("train:\n  learning_rate: 3e-4\n")).train.learning_rate == 3e-4
+    return load(ctx, "train:\n  learning_rate: 3e-4x\n")
+
+
+def _more_processes_than_gpus(ctx: Ctx) -> str:
+    import torch
+
+    ctx.monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    return distributed_check(ctx, "cuda", {"train.processes": 4, "model.device": "cuda"})
+
+
+def _launch_mismatch(ctx: Ctx) -> str:
+    ctx.project()
+    ctx.monkeypatch.setenv("WORLD_SIZE", "2")
+    ctx.monkeypatch.setenv("RANK", "0")
+    return cli(ctx.root, "--set", "tracking.enabled=false", "train")
+
+
+def _outside_raw(ctx: Ctx) -> str:
+    path = ctx.tmp / "downloads" / "rows.jsonl"
+    path.parent.mkdir()
+    path.write_text(jsonl(*ROWS))
+    return records(ctx, None, source=str(path))
+
+
+def _no_cuda(ctx: Ctx) -> str:
+    import torch
+
+    ctx.project()
+    ctx.monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    return cli(ctx.root, "--set", "model.device=cuda", "init")
+
+
+def _register_truncated(ctx: Ctx) -> str:
+    ctx.project()
+    ctx.file("metrics/eval_adapter.json", json.dumps({"mean_acc": 0.5, "mean_acc_norm": 0.5}))
+    adapter_dir(ctx, weights="truncated")
+    return cli(ctx.root, "register")
+
+
+def _register_without_run(ctx: Ctx) -> str:
+    ctx.project()
+    ctx.file("metrics/eval_adapter.json", json.dumps({"mean_acc": 0.5, "mean_acc_norm": 0.5}))
+    adapter_dir(ctx)
+    (ctx.root / "models" / "adapter").mkdir(parents=True)
+    return cli(ctx.root, "register")
+
+
+def _train_before_prepare(ctx: Ctx) -> str:
+    from olora.config import load_config
+
+    cfg = load_config(ctx.project() / "params.yaml")
+    meta = {"init": cfg.adapter.init, "r": cfg.adapter.r, "alpha": cfg.adapter.alpha, "base_model": cfg.model.name}
+    ctx.file("models/init/olora_init.json", json.dumps(meta))
+    return cli(ctx.root, "--set", "tracking.enabled=false", "train")
+
+
+def _unreachable(ctx: Ctx) -> str:
+    ctx.params("")
+    ctx.monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    ctx.monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    return cli(ctx.root, "--set", "tracking.uri=http://127.0.0.1:9", "--set", "tracking.retries=1", "promote")
+
+
+# ---------------------------------------------------------------- the tests
+
+
+@pytest.fixture(scope="session")
+def registry_project(tmp_path_factory) -> Path:
+    """A project whose SQLite MLflow store holds REGISTERED (v1 champion, replacing none; v2; no challenger)
+    and olora-untried (v1, no aliases)."""
+    import yaml
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow import MlflowClient
+
+    root = tmp_path_factory.mktemp("registry") / "project"
+    root.mkdir()
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    (root / "params.yaml").write_text(yaml.safe_dump(
+        {"model": {"name": MODEL}, "tracking": {"uri": uri, "retries": 1}, "register": {"model_name": REGISTERED}}))
+    source = root / "mlartifacts" / "model"
+    source.mkdir(parents=True)
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    for name, versions in ((REGISTERED, 2), ("olora-untried", 1)):
+        c.create_registered_model(name)
+        for _ in range(versions):
+            c.create_model_version(name, source.as_uri(), tags={"mean_acc": "0.5"})
+    c.set_registered_model_alias(REGISTERED, "champion", "1")
+    return root
+
+
+def test_the_catalogue_is_complete():
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids)), "case ids must be unique"
+    assert {c.category for c in CASES} <= set(CATEGORIES)
+    assert len(CASES) >= 32
+    assert all(c.trigger and c.fix and "\n" not in c.message for c in CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_error_first_line(case: Case, tmp_path, request):
+    ctx = Ctx(tmp_path, request)
+    text = ctx.normalise(case.run(ctx))
+    assert text.splitlines()[0] == case.message, f"full message:\n{text}"
+
+
+def test_docs_errors_md_is_generated_from_the_catalogue():
+    assert DOC.is_file() and DOC.read_text() == errors_markdown(), (
+        "docs/errors.md is stale: run `.venv/bin/python tests/test_errors.py --write docs/errors.md`"
+    )
+
+
+# ---------------------------------------------------------------- docs/errors.md
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _code(text: str) -> str:
+    """A markdown code span that may hold backticks."""
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
+def errors_markdown() -> str:
+    lines = [
+        "# Error catalogue",
+        "",
+        "<!-- Generated from tests/test_errors.py by `.venv/bin/python tests/test_errors.py --write docs/errors.md`; do not edit. -->",
+        "",
+        "What each bad input produces, through the entry point a user hits: the first line of the error "
+        "(`olora <command>: error: ...` on stderr, exit code 2, for the CLI), what triggers it and how to fix it. "
+        "`<project>` is the project folder, `<tmp>` a folder outside it. Every row is a test "
+        "(`tests/test_errors.py`) asserting that exact first line. A line starting with `(traceback)` is an "
+        "error the code does not catch yet: the user sees a Python traceback ending in it.",
+        "",
+    ]
+    by_category: dict[str, list[Case]] = {}
+    for case in CASES:
+        by_category.setdefault(case.category, []).append(case)
+    lines.append("| section | cases |")
+    lines.append("|---|---|")
+    for key, (title, _) in CATEGORIES.items():
+        anchor = re.sub(r"[^a-z0-9 -]", "", title.lower()).replace(" ", "-")
+        lines.append(f"| [{title}](#{anchor}) | {len(by_category.get(key, []))} |")
+    lines.append("")
+    for key, (title, intro) in CATEGORIES.items():
+        lines += [f"## {title}", "", intro, ""]
+        cases = by_category.get(key, [])
+        if not cases:
+            lines += [EMPTY_CATEGORY.get(key, "No cases yet."), ""]
+            continue
+        lines.append("| case | what triggers it | first line of the error | how to fix it |")
+        lines.append("|---|---|---|---|")
+        for case in cases:
+            lines.append(f"| `{case.id}` | {_cell(case.trigger)} | {_cell(_code(case.message))} | {_cell(case.fix)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="print or write docs/errors.md, generated from the catalogue")
+    parser.add_argument("--write", metavar="PATH", help="write it to PATH (docs/errors.md)")
+    args = parser.parse_args()
+    if args.write:
+        Path(args.write).write_text(errors_markdown())
+    else:
+        sys.stdout.write(errors_markdown())
