@@ -23,13 +23,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.tasks import exponential_backoff
 
-from olora import dvc
+from olora import dvc, workspace
 from olora.config import apply_overrides, config_from_dict, load_config
 from olora.errors import OloraError
 from olora.layout import RUN_FILE, Layout
 from olora.locking import WorkspaceBusyError
 from olora.stages import STAGES
-from olora.tracking.client import TrackingError
+from olora.tracking import runs
+from olora.tracking.client import TrackingError, resolve_uri
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -139,60 +140,150 @@ def summary_markdown(root: Path, results: list[dict[str, Any]], extra: str = "")
     return "\n".join(lines)
 
 
+def run_name() -> str:
+    """This flow run's name and id (stable across retries and reruns of the same flow run), else a timestamp."""
+    from prefect.runtime import flow_run
+
+    if flow_run.id:
+        return f"{flow_run.name}-{str(flow_run.id)[:8]}"
+    return time.strftime("local-%Y%m%d-%H%M%S")
+
+
+def shared_tracking(source: Path) -> None:
+    """Runs in workspaces log to the source project's tracking store, not to one inside the workspace."""
+    import os
+
+    cfg = load_config(source / "params.yaml")
+    if not cfg.tracking.uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        os.environ["MLFLOW_TRACKING_URI"] = resolve_uri(cfg.tracking, source)
+
+
+@task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_condition_fn=_retry_condition)
+def open_workspace(source: str, name: str) -> str:
+    """The run's own workspace (a clone of the source's commit); a rerun of the same flow run continues in it."""
+    target = workspace.runs_dir(Path(source)) / workspace.safe_name(name)
+    if target.is_dir():
+        get_run_logger().info("continuing in the workspace %s (an earlier attempt of this run)", target)
+        return str(target)
+    return str(workspace.create(Path(source), name))
+
+
+@task(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_condition_fn=_retry_condition)
+def record_run(ws: str, name: str, overrides: dict[str, Any] | None, push: bool) -> dict[str, Any]:
+    """Commit the run on runs/<name>, push data (DVC) and branch (git); tag the MLflow run and version with it."""
+    layout = Layout(Path(ws))
+    message = f"olora run {name}" + (f": {json.dumps(overrides, sort_keys=True)}" if overrides else "")
+    rec = workspace.record(layout.root, name, message, push=push)
+    tags = {"olora.run_name": name, "olora.git_branch": rec.branch, "olora.git_commit": rec.commit, "olora.git_remote": rec.git_remote,
+            "olora.source_commit": rec.source_commit, "olora.dvc_pushed": str(rec.dvc_pushed).lower()}
+    reg = json.loads(layout.registration.read_text()) if layout.registration.is_file() else {}
+    run = json.loads((layout.adapter / RUN_FILE).read_text()) if (layout.adapter / RUN_FILE).is_file() else {}
+    cfg = load_config(layout.params)
+    if cfg.tracking.enabled and (run or reg.get("registered")):
+        runs.tag_recorded(cfg, layout.root, tags, run.get("run_id"), reg.get("name"), reg.get("version"))
+    return {**tags, "registered": reg.get("model_uri", "")}
+
+
 @flow(name="olora-pipeline", log_prints=True)
 def olora_pipeline(root: str = ".", overrides: dict[str, Any] | None = None, promote: bool = False,
-                   push: bool = True, remote: str | None = None) -> list[dict[str, Any]]:
-    """prepare -> init -> train -> evaluate_base -> evaluate -> register [-> promote] -> dvc push."""
-    path = Path(root).resolve()
+                   push: bool = True, isolate: bool = True, name: str | None = None) -> dict[str, Any]:
+    """prepare -> init -> train -> evaluate_base -> evaluate -> register [-> promote], in a workspace of its own.
+
+    With `isolate` (the default) the run clones `root`'s commit into its own workspace, applies the
+    overrides there, and ends as a commit on runs/<name> pushed to the git remote, its data and
+    adapters pushed to the DVC remote (`push`); `root` itself is never written. `isolate=False`
+    runs in `root` (a developer's own checkout), as `dvc repro` would.
+    """
+    source = Path(root).resolve()
+    load_config(source / "params.yaml")  # fail fast on a bad params file
+    if overrides:
+        config_from_dict(apply_overrides(yaml.safe_load((source / "params.yaml").read_text()), overrides))  # and bad overrides
+    name = name or run_name()
+    if isolate:
+        shared_tracking(source)
+        path = Path(open_workspace(str(source), name))
+    else:
+        path = source
     if overrides:
         write_overrides(path, overrides)
-    else:
-        load_config(path / "params.yaml")  # fail fast on a bad params file
     results = [run_stage(stage, str(path)) for stage in STAGES]
     extra = ""
     if promote:
         extra = "Promotion: " + promote_challenger(str(path))
-    if push:
-        pushed = dvc_push(str(path), remote)
-        extra += f"\n\nDVC push: {pushed}"
+    record: dict[str, Any] = {}
+    if isolate:
+        record = record_run(str(path), name, overrides, push)
+        extra += f"\n\nRecorded as `{record['olora.git_branch']}` ({record['olora.git_commit'][:12]}) in {record['olora.git_remote']}"
+    elif push:
+        extra += f"\n\nDVC push: {dvc_push(str(path))}"
     create_markdown_artifact(summary_markdown(path, results, extra), key="olora-pipeline-run", description="stages, scores, MLflow")
-    return results
+    if isolate:
+        workspace.remove(path)  # recorded and pushed: nothing left only here
+    return {"name": name, "stages": results, **record}
 
 
 @flow(name="olora-sweep", log_prints=True)
-def olora_sweep(root: str = ".", grid: dict[str, list[Any]] | None = None) -> list[dict[str, Any]]:
-    """Run every combination of `grid` (default init × r) as a DVC experiment; compare in a table."""
+def olora_sweep(root: str = ".", grid: dict[str, list[Any]] | None = None, deployment: str | None = None,
+                push: bool = True) -> list[dict[str, Any]]:
+    """Every combination of `grid` (default init × r) as its own isolated pipeline run; compared in one table.
+
+    With `deployment` (e.g. "olora-pipeline/on-demand") each variant is a separate flow run of that
+    deployment, so any free worker picks it up; the comparison waits for all of them. Without it the
+    variants run here one after another, as subflows. Either way each variant is recorded on its
+    own runs/ branch, and the table is built from the shared MLflow store.
+    """
     import itertools
 
     grid = grid or {"adapter.init": ["olora", "lora"], "adapter.r": [8, 16, 32]}
-    path = Path(root).resolve()
+    source = Path(root).resolve()
     keys = list(grid)
-    rows = []
-    for combo in itertools.product(*(grid[k] for k in keys)):
-        variant = dict(zip(keys, combo))
-        config_from_dict(apply_overrides(yaml.safe_load((path / "params.yaml").read_text()), variant))
-        rows.append(run_experiment(str(path), variant))
-    table = ["| " + " | ".join(keys) + " | mean acc | val loss | MLflow run |", "|" + "---|" * (len(keys) + 3)]
+    variants = [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+    base = yaml.safe_load((source / "params.yaml").read_text())
+    for variant in variants:  # every variant checked before any runs
+        config_from_dict(apply_overrides(base, variant))
+    prefix = run_name()
+    names = [f"{prefix}-v{i}" for i in range(len(variants))]
+    states: dict[str, str] = {}
+    if deployment:
+        from prefect.deployments import run_deployment
+        from prefect.flow_runs import wait_for_flow_run
+
+        started = [run_deployment(deployment, parameters={"overrides": v, "name": n, "promote": False, "push": push},
+                                  timeout=0) for v, n in zip(variants, names)]
+        for n, flow_run in zip(names, started):
+            states[n] = wait_for_flow_run(flow_run.id, timeout=24 * 3600, log_states=True).state.type.value
+    else:
+        shared_tracking(source)
+        for v, n in zip(variants, names):
+            try:
+                olora_pipeline(root=str(source), overrides=v, name=n, promote=False, push=push)
+                states[n] = "COMPLETED"
+            except Exception as exc:  # noqa: BLE001 - one failed variant must not hide the others
+                get_run_logger().error("variant %s failed: %s", v, exc)
+                states[n] = "FAILED"
+    cfg = load_config(source / "params.yaml")
+    rows = [{"variant": v, "name": n, "state": states[n], **variant_result(cfg, source, n)} for v, n in zip(variants, names)]
+    table = ["| " + " | ".join(keys) + " | state | mean acc | val loss | MLflow run | recorded as |", "|" + "---|" * (len(keys) + 5)]
     for row in rows:
+        acc = f"{row['mean_acc']:.4f}" if row["mean_acc"] is not None else "-"
+        loss = f"{row['final_val_loss']:.4f}" if row["final_val_loss"] is not None else "-"
         table.append("| " + " | ".join(str(row["variant"][k]) for k in keys)
-                     + f" | {row['mean_acc']:.4f} | {row['final_val_loss']:.4f} | {row['run']} |")
+                     + f" | {row['state']} | {acc} | {loss} | {row['run']} | {row['branch']} |")
     create_markdown_artifact("# olora sweep\n\n" + "\n".join(table), key="olora-sweep", description="variants compared")
     return rows
 
 
-@task(retries=1, retry_delay_seconds=10, retry_condition_fn=_retry_condition, task_run_name="exp {variant}")
-def run_experiment(root: str, variant: dict[str, Any]) -> dict[str, Any]:
-    args = ["exp", "run"]
-    for key, value in variant.items():
-        args += ["-S", f"{key}={value}"]
-    dvc.run(Path(root), *args)
-    layout = Layout(Path(root))
-    tuned = json.loads(layout.metrics("eval_adapter").read_text())
-    train = json.loads(layout.metrics("train").read_text())
-    run = json.loads((layout.adapter / RUN_FILE).read_text()) if (layout.adapter / RUN_FILE).is_file() else {}
-    uri = run.get("tracking_uri", "")
-    link = f"{uri} run {run.get('run_id', '-')}" if run else "-"
-    return {"variant": variant, "mean_acc": tuned["mean_acc"], "final_val_loss": train["final_val_loss"], "run": link}
+def variant_result(cfg, root: Path, name: str) -> dict[str, Any]:
+    """A recorded run's scores, looked up in the shared MLflow store by its run name tag."""
+    from olora.tracking.client import client, experiment_id
+
+    c = client(cfg.tracking, root)
+    found = c.search_runs([experiment_id(c, cfg.tracking, root)], filter_string=f"tags.`olora.run_name` = '{name}'")
+    if not found:
+        return {"mean_acc": None, "final_val_loss": None, "run": "-", "branch": "-"}
+    run = found[0]
+    return {"mean_acc": run.data.metrics.get("eval/mean_acc"), "final_val_loss": run.data.metrics.get("train/final_val_loss"),
+            "run": run.info.run_id, "branch": run.data.tags.get("olora.git_branch", "-")}
 
 
 if __name__ == "__main__":

@@ -89,6 +89,22 @@ def make_dvc_project(root: Path, model_dir: Path, extra: dict | None = None) -> 
     return root
 
 
+_PAUSED: list["PausedRun"] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_paused_run_outlives_its_test():
+    """A test that fails while a run is paused must not leave it waiting forever."""
+    yield
+    import signal
+
+    while _PAUSED:
+        run = _PAUSED.pop()
+        if run.process.poll() is None:
+            os.killpg(run.process.pid, signal.SIGKILL)
+            run.process.wait(60)
+
+
 class PausedRun:
     """A command started in its own process group that pauses at a stage's marker (olora.faults.marker).
 
@@ -108,6 +124,7 @@ class PausedRun:
         self.handle = open(self.log, "w")
         self.process = subprocess.Popen(args, cwd=cwd, env=env, stdout=self.handle, stderr=subprocess.STDOUT,
                                         start_new_session=True)
+        _PAUSED.append(self)
 
     def output(self) -> str:
         self.handle.flush()

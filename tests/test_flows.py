@@ -48,8 +48,13 @@ def harness(tmp_path_factory):
         yield
 
 
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_model_dir) -> Path:
+    """The deploying checkout: committed, with a DVC remote outside it (git-ignored config.local, as `make stack` does)."""
     root = tmp_path_factory.mktemp("flowproject")
     copy_project(root)
     write_params(root, tiny_model_dir, {"evaluate.tasks": ["arc_easy", "piqa"]})
@@ -57,14 +62,21 @@ def project(tmp_path_factory, tiny_model_dir) -> Path:
     for args in (["git", "init", "-q"], ["git", "config", "user.email", "t@e.com"], ["git", "config", "user.name", "t"],
                  [str(Path(sys.executable).parent / "dvc"), "init", "-q"]):
         subprocess.run(args, cwd=root, check=True, env=env)
-    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")  # the shipped default remote
+    remote = tmp_path_factory.mktemp("dvc-remote")
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "remote", "add", "--local", "-d", "team", str(remote)],
+                   cwd=root, check=True, env=env)
     subprocess.run(["git", "add", "-A"], cwd=root, check=True)
     subprocess.run(["git", "commit", "-qm", "init"], cwd=root, check=True, env=env)
     return root
 
 
-def test_flow_runs_stages_retries_transients_and_backs_off_on_oom(harness, project, monkeypatch):
+def _snapshot(root: Path) -> tuple[str, str, list[str]]:
+    return git(root, "status", "--porcelain"), (root / "params.yaml").read_text(), sorted(p.name for p in root.iterdir())
+
+
+def test_isolated_run_is_recorded_and_restores_in_a_fresh_clone(harness, project, tmp_path, monkeypatch):
     import olora_pipeline as flows
+    from mlflow import MlflowClient
 
     calls = {"train": [], "evaluate": 0}
     real_train, real_evaluate = olora.stages.train.train, olora.stages.evaluate.evaluate
@@ -86,29 +98,46 @@ def test_flow_runs_stages_retries_transients_and_backs_off_on_oom(harness, proje
     monkeypatch.setattr(olora.stages.evaluate, "evaluate", evaluate_flaky)
     monkeypatch.setattr(flows.run_stage, "retry_delay_seconds", [0, 0])
 
-    results = flows.olora_pipeline(root=str(project), promote=True, push=True)
+    before = _snapshot(project)
+    out = flows.olora_pipeline(root=str(project), promote=True, push=True, name="first")
+    results = out["stages"]
     assert [r["stage"] for r in results] == list(STAGES) and all(r["ran"] for r in results)
     assert calls["train"] == [4, 2]  # halved once, then fit
-    params = yaml.safe_load((project / "params.yaml").read_text())["train"]
-    assert (params["micro_batch_size"], params["gradient_accumulation_steps"]) == (2, 2)
     assert calls["evaluate"] == 2  # the failed adapter evaluation and its retry
 
-    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    # the deploying checkout is untouched; the run is a commit on runs/first in its repository (no origin here)
+    assert _snapshot(project) == before
+    assert out["olora.git_branch"] == "runs/first" and out["olora.git_remote"] == str(project)
+    assert git(project, "rev-parse", "runs/first").strip() == out["olora.git_commit"]
+    params = yaml.safe_load(git(project, "show", "runs/first:params.yaml"))["train"]
+    assert (params["micro_batch_size"], params["gradient_accumulation_steps"]) == (2, 2)  # the OOM back-off, recorded
+    lock = yaml.safe_load(git(project, "show", "runs/first:dvc.lock"))["stages"]
     assert set(lock) == set(STAGES)
-    assert lock["train"]["params"]["params.yaml"]["train"]["micro_batch_size"] == 2
-    status = subprocess.run([str(Path(sys.executable).parent / "dvc"), "status"], cwd=project, capture_output=True, text=True,
-                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
-    assert "up to date" in status.stdout, status.stdout
-    registration = json.loads((project / "reports/registration.json").read_text())
+    assert not (workspace_dir := project / ".olora" / "runs" / "first").exists(), workspace_dir  # removed once recorded
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")  # the source's store, not one in the workspace
+    registration = json.loads(git(project, "show", "runs/first:reports/registration.json"))
     assert registration["registered"] and registration["version"] == "1"
-    from mlflow import MlflowClient
+    version = client.get_model_version_by_alias(registration["name"], "champion")
+    assert str(version.version) == "1" and version.tags["olora.git_commit"] == out["olora.git_commit"]
+    assert client.get_run(registration["run_id"]).data.tags["olora.git_branch"] == "runs/first"
 
-    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    assert str(client.get_model_version_by_alias(registration["name"], "champion").version) == "1"
-    assert any((project / ".dvc-remote").rglob("*")), "dvc push sent nothing to the default remote"
+    # a fresh clone restores the exact params, data and adapter from the registered version
+    fresh = tmp_path / "fresh"
+    subprocess.run(["git", "clone", "-q", str(project), str(fresh)], check=True)
+    shutil.copy(project / ".dvc" / "config.local", fresh / ".dvc" / "config.local")
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    restored = subprocess.run([str(bin_dir / "olora"), "restore", "--model", registration["name"]], cwd=fresh, env=env,
+                              capture_output=True, text=True)
+    assert restored.returncode == 0, restored.stderr[-3000:]
+    assert git(fresh, "rev-parse", "HEAD").strip() == out["olora.git_commit"]
+    status = subprocess.run([str(bin_dir / "dvc"), "status"], cwd=fresh, capture_output=True, text=True, env=env)
+    assert "Data and pipelines are up to date" in status.stdout, status.stdout  # every output matches dvc.lock's hashes
+    recorded = json.loads(version.tags["artifact_sha256"])["adapter/adapter_model.safetensors"]
+    import hashlib
 
-    again = flows.olora_pipeline(root=str(project), push=False)
-    assert not any(r["ran"] for r in again)  # DVC decides: everything is cached
+    assert hashlib.sha256((fresh / "models/exported/adapter_model.safetensors").read_bytes()).hexdigest() == recorded
 
 
 def test_config_error_fails_fast_without_retries(harness, project, monkeypatch):
@@ -122,20 +151,21 @@ def test_config_error_fails_fast_without_retries(harness, project, monkeypatch):
         return real_init(layout, *args, **kwargs)
 
     monkeypatch.setattr(olora.stages.init, "init", counting_init)
-    params = (project / "params.yaml").read_text()
-    try:
-        with pytest.raises(ConfigError, match="match no linear layer"):
-            flows.olora_pipeline(root=str(project), overrides={"adapter.target_modules": ["nope_proj"]}, push=False)
-        assert calls == [1]
-        with pytest.raises(ConfigError, match=r"adapter.r=0 is out of range"):
-            flows.olora_pipeline(root=str(project), overrides={"adapter.r": 0}, push=False)
-        assert calls == [1]  # rejected before any stage ran
-    finally:
-        (project / "params.yaml").write_text(params)
+    before = _snapshot(project)
+    with pytest.raises(ConfigError, match="match no linear layer"):
+        flows.olora_pipeline(root=str(project), overrides={"adapter.target_modules": ["nope_proj"]}, push=False, name="bad-1")
+    assert calls == [1]
+    # the failed run's workspace is kept (for inspection or a rerun); the deploying checkout is untouched
+    assert (project / ".olora" / "runs" / "bad-1" / "params.yaml").is_file()
+    with pytest.raises(ConfigError, match=r"adapter.r=0 is out of range"):
+        flows.olora_pipeline(root=str(project), overrides={"adapter.r": 0}, push=False, name="bad-2")
+    assert calls == [1]  # rejected before any stage ran, before any workspace was made
+    assert not (project / ".olora" / "runs" / "bad-2").exists()
+    assert _snapshot(project) == before
 
 
 def test_deployment_runs_on_a_real_server_and_worker(tmp_path, tiny_model_dir):
-    """prefect server + process work pool + `prefect deploy` from prefect.yaml + one worker run."""
+    """prefect server + process work pool + `prefect deploy` from prefect.yaml + one worker run (git_clone pull)."""
     import urllib.request
 
     root = tmp_path / "project"
@@ -153,10 +183,12 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path, tiny_model_dir):
         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PWD": str(root),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",  # the team's store; the worker's clone is temporary
     }
-    for args in (["git", "init", "-q"], ["git", "config", "user.email", "t@e.com"], ["git", "config", "user.name", "t"],
+    for args in (["git", "init", "-q", "-b", "main"], ["git", "config", "user.email", "t@e.com"], ["git", "config", "user.name", "t"],
                  ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         subprocess.run(args, cwd=root, check=True, env=env, capture_output=True)
+    env.update(OLORA_GIT_REMOTE=str(root), OLORA_GIT_BRANCH="main")  # the git remote workers clone (here: a local repo)
 
     server = subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -173,14 +205,18 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path, tiny_model_dir):
         req = urllib.request.Request(f"http://127.0.0.1:{port}/api/deployments/filter", data=b"{}",
                                      headers={"Content-Type": "application/json"})
         names = {d["name"] for d in json.loads(urllib.request.urlopen(req, timeout=10).read())}
-        assert names == {"nightly-retrain", "on-demand", "sweep"}
-        started = prefect("deployment", "run", "olora-pipeline/on-demand", "--param", "push=false")
+        assert names == {"nightly-retrain", "on-demand", "sweep", "local-dev"}
+        started = prefect("deployment", "run", "olora-pipeline/on-demand", "--param", "push=true",
+                          "--param", 'overrides={"adapter.r": 2}', "--param", "name=deployed")
         run_id = next(line.split()[-1] for line in started.splitlines() if "UUID" in line)
         prefect("worker", "start", "--pool", "olora-process", "--run-once", timeout=600)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/flow_runs/{run_id}", timeout=10) as response:
             state = json.loads(response.read())["state"]["type"]
         assert state == "COMPLETED"
-        assert (root / "reports" / "registration.json").is_file() and (root / "dvc.lock").is_file()
+        # the worker cloned the remote and pushed its run back as runs/deployed; the remote's checkout is untouched
+        assert not (root / "dvc.lock").exists() and git(root, "status", "--porcelain") == ""
+        assert json.loads(git(root, "show", "runs/deployed:reports/registration.json"))["registered"]
+        assert yaml.safe_load(git(root, "show", "runs/deployed:params.yaml"))["adapter"]["r"] == 2
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/deployments/name/olora-pipeline/nightly-retrain", timeout=10) as response:
             deployment = json.loads(response.read())
         assert any(s["schedule"].get("cron") == "0 3 * * *" for s in deployment["schedules"])
@@ -189,16 +225,17 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path, tiny_model_dir):
         server.wait(timeout=30)
 
 
-def test_sweep_runs_variants_as_dvc_experiments(harness, project):
+def test_sweep_runs_each_variant_as_its_own_recorded_run(harness, project):
     import olora_pipeline as flows
     from prefect.artifacts import Artifact
 
-    rows = flows.olora_sweep(root=str(project), grid={"adapter.init": ["olora", "lora"], "adapter.r": [2]})
+    before = _snapshot(project)
+    rows = flows.olora_sweep(root=str(project), grid={"adapter.init": ["olora", "lora"], "adapter.r": [2]}, push=False)
     assert [r["variant"] for r in rows] == [{"adapter.init": "olora", "adapter.r": 2}, {"adapter.init": "lora", "adapter.r": 2}]
-    assert all(0.0 <= r["mean_acc"] <= 1.0 and r["final_val_loss"] > 0 and "run" in r["run"] for r in rows)
+    assert all(r["state"] == "COMPLETED" and 0.0 <= r["mean_acc"] <= 1.0 and r["final_val_loss"] > 0 for r in rows)
     assert rows[0]["run"] != rows[1]["run"]  # each variant has its own MLflow run
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    shown = subprocess.run(["dvc", "exp", "show", "--json"], cwd=project, capture_output=True, text=True, env=env)
-    assert shown.returncode == 0 and '"lora"' in shown.stdout
+    for row in rows:  # and its own runs/ branch, holding that variant's params
+        assert yaml.safe_load(git(project, "show", f"{row['branch']}:params.yaml"))["adapter"]["init"] == row["variant"]["adapter.init"]
+    assert _snapshot(project) == before  # the sweep never touched the deploying checkout
     artifact = Artifact.get("olora-sweep")
-    assert artifact is not None and "| lora | 2 |" in artifact.data
+    assert artifact is not None and "| lora | 2 | COMPLETED |" in artifact.data

@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--version", help="serve this fixed version instead of an alias (reload is then a no-op)")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     sv.add_argument("--port", type=int, default=5001)
+    rs = sub.add_parser("restore", help="check out a registered version's recorded run here: git fetch + checkout + dvc pull")
+    rs.add_argument("--model", help="registered model name (default: from params)")
+    rs.add_argument("--alias", default="champion", help="alias to restore (default: champion)")
+    rs.add_argument("--version", help="restore this version instead of an alias")
     sub.add_parser("check", help="validate params.yaml and print the resolved configuration")
     dy = sub.add_parser("dvc-yaml", help="print dvc.yaml as generated from the stage table")
     dy.add_argument("--write", action="store_true", help="write it to ROOT/dvc.yaml")
@@ -102,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(("PROMOTED: " if decision.promote else "KEPT CHAMPION: ") + decision.reason)
             else:
                 print(f"champion is now version {registry.rollback(cfg, layout.root, args.model)}")
+        elif args.command == "restore":
+            from olora.config import load_config
+            from olora.tracking import registry
+
+            cfg = load_config(layout.params, overrides)
+            restored = registry.restore(cfg, layout.root, args.model, args.alias, args.version)
+            print(json.dumps(restored, indent=2))
         elif args.command == "serve":
             return _serve(layout, overrides, args)
         elif args.command == "dvc-yaml":

@@ -123,6 +123,11 @@ def _hub_error(ref: ModelRef, exc: Exception) -> OloraError:
             "model.safetensors, or download it and convert it into a local folder under models/base/ "
             "(from_pretrained(..., use_safetensors=False) then save_pretrained, with code you trust)."
         )
+    if ref.local:
+        return ConfigError(
+            f"could not load the local model folder {ref.path} (model.name={ref.name!r}): {exc}. It needs "
+            "config.json, the tokenizer files and model.safetensors, as save_pretrained writes them."
+        )
     return OloraError(
         f"could not load {ref.name!r} (revision {ref.revision!r}) from the Hugging Face hub: {exc}. "
         "If this machine is offline, use a local model folder or the embedded default "
@@ -139,6 +144,12 @@ def load_model_config(ref: ModelRef):
         )
     except OSError as exc:
         raise _hub_error(ref, exc) from exc
+    except (ValueError, KeyError) as exc:  # a model_type this transformers version does not know
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"model.name={ref.name!r}: its config.json has a model type this transformers version does not know "
+            f"({first}); use a decoder-only model that transformers supports"
+        ) from exc
 
 
 def load_tokenizer(ref: ModelRef):
@@ -184,8 +195,14 @@ def linear_layers(ref: ModelRef) -> dict[str, tuple[int, int]]:
     from transformers.pytorch_utils import Conv1D
 
     config = load_model_config(ref)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=ref.trust_remote_code)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=ref.trust_remote_code)
+    except ValueError as exc:
+        raise ConfigError(
+            f"model.name={ref.name!r}: model_type {config.model_type!r} is not a causal language model; "
+            "use a decoder-only model (e.g. Llama, Mistral, Gemma, SmolLM2)"
+        ) from exc
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):

@@ -10,6 +10,8 @@ rebuilt from the untouched base by subtracting each layer's s*B0*A0 (`load_for_t
 
 from __future__ import annotations
 
+import contextlib
+
 import shutil
 import tempfile
 from pathlib import Path
@@ -108,22 +110,38 @@ def orthonormality_errors(model, adapter: str = "default") -> dict[str, float]:
     return out
 
 
-def reproducible_config(model, base_name: str, adapter: str = "default") -> None:
-    """Make the saved adapter_config.json (and PEFT's model card) the same on every machine and run.
+@contextlib.contextmanager
+def reproducible(model, base_name: str, adapter: str = "default"):
+    """While saving: the same adapter_config.json and model card (README.md) on every machine and run.
 
-    PEFT records the base's absolute folder and keeps target_modules in a set, whose order varies
-    with the process's hash seed: either would give the same adapter a different DVC hash per clone.
+    PEFT records the base's absolute folder (config and card) and keeps target_modules in a set,
+    whose order varies with the process's hash seed: either would give the same adapter a
+    different DVC hash in every clone. The configured model name stands in for the folder.
     """
     cfg = model.peft_config[adapter]
     cfg.base_model_name_or_path = base_name
     if isinstance(cfg.target_modules, (set, frozenset)):
         cfg.target_modules = sorted(cfg.target_modules)
+    base = model.get_base_model()
+    base_config = getattr(base, "config", None)  # None: a bare torch module (tests)
+    saved = (getattr(base_config, "_name_or_path", None), base.__dict__.get("name_or_path"))
+    if base_config is not None:
+        base_config._name_or_path = base_name
+    if "name_or_path" in base.__dict__:
+        base.name_or_path = base_name
+    try:
+        yield
+    finally:
+        if base_config is not None:
+            base_config._name_or_path = saved[0]
+        if saved[1] is not None:
+            base.name_or_path = saved[1]
 
 
 def save_adapter(model, out_dir: Path, base_name: str) -> None:
-    """save_pretrained with a reproducible config (`reproducible_config`)."""
-    reproducible_config(model, base_name)
-    model.save_pretrained(str(out_dir))
+    """save_pretrained, reproducibly (`reproducible`)."""
+    with reproducible(model, base_name):
+        model.save_pretrained(str(out_dir))
 
 
 def save_initial(model, out_dir: Path, base_name: str) -> None:
@@ -170,11 +188,11 @@ def export_plain_lora(model, out_dir: Path, init_dir: Path, init: str, base_name
     rewrites the initial adapter's config in place, so it works on a temporary copy, leaving the
     versioned initial adapter untouched.
     """
-    reproducible_config(model, base_name)
-    if init != "olora":
-        model.save_pretrained(str(out_dir))
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / "initial"
-        shutil.copytree(init_dir, copy)
-        model.save_pretrained(str(out_dir), path_initial_model_for_weight_conversion=str(copy))
+    with reproducible(model, base_name):
+        if init != "olora":
+            model.save_pretrained(str(out_dir))
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / "initial"
+            shutil.copytree(init_dir, copy)
+            model.save_pretrained(str(out_dir), path_initial_model_for_weight_conversion=str(copy))

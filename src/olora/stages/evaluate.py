@@ -81,7 +81,9 @@ def _check_hub_tasks(tasks: list[str], manager) -> None:
     known = set(manager.all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
-        close = sorted(k for k in known if any(u.split("_")[0] in k for u in unknown))[:20]
+        import difflib
+
+        close = sorted({m for u in unknown for m in difflib.get_close_matches(u, known, n=5, cutoff=0.6)})
         raise ConfigError(f"evaluate.tasks has unknown lm-eval task(s) {unknown}; similar tasks that exist: {close}")
 
 
@@ -215,15 +217,15 @@ def _evaluate(which: str, layout: Layout, overrides: dict[str, Any] | None) -> d
 
     cfg, ref, runtime = setup(layout, overrides)
     check_tasks(cfg.evaluate)
+    base = read_json(layout.metrics("eval_base")) if which == "adapter" else None  # before the expensive part
     model = load_model_for_eval(ref, runtime, layout.exported if which == "adapter" else None)
     metrics = run_lm_eval(model, load_tokenizer(ref), cfg.evaluate)
     marker("evaluate:scored" if which == "adapter" else "evaluate_base:scored")
-    if which == "adapter":
-        base = read_json(layout.metrics("eval_base"))
+    if base is not None:
         metrics = with_deltas(metrics, base)
         write_text(layout.report, report_markdown(base, metrics, f"{cfg.adapter.init} r={cfg.adapter.r} on {ref.name}"))
     write_json(layout.metrics(f"eval_{which}"), metrics)
-    if which == "adapter":
+    if base is not None:
         _log_to_run(cfg, layout, base, metrics)
     log.info("evaluate %s: mean acc %.4f", which, metrics["mean_acc"])
     return metrics

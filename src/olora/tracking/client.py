@@ -67,8 +67,9 @@ def resolve_uri(cfg: TrackingConfig, root: Path) -> str:
     return f"sqlite:///{(Path(root).resolve() / 'mlflow.db')}"
 
 
-def artifact_location(root: Path) -> str:
-    return (Path(root).resolve() / "mlartifacts").as_uri()
+def artifact_location(uri: str) -> str:
+    """Artifacts of a SQLite store live beside its database file (the project's mlartifacts/)."""
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
 
 
 def with_retries(what: str, uri: str, fn: Callable[[], T], attempts: int = 3, base_delay: float = 1.0) -> T:
@@ -115,5 +116,5 @@ def experiment_id(c, cfg: TrackingConfig, root: Path) -> str:
     if found is not None:
         return found.experiment_id
     uri = c.tracking_uri
-    location = artifact_location(root) if uri.startswith("sqlite:") else None
+    location = artifact_location(uri) if uri.startswith("sqlite:///") else None
     return c.create_experiment(cfg.experiment, artifact_location=location)

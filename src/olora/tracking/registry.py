@@ -233,3 +233,31 @@ def rollback(cfg: Config, root: Path, name: str | None = None) -> str:
 
 def registration_record(reg: Registration, uri: str) -> dict[str, Any]:
     return {**asdict(reg), "model_uri": f"models:/{reg.name}/{reg.version}", "tracking_uri": uri}
+
+
+def restore(cfg: Config, root: Path, name: str | None = None, alias: str | None = CHAMPION,
+            version: str | None = None) -> dict[str, Any]:
+    """Check out the recorded run that produced a registered version: its params, data and adapter, here.
+
+    The version carries the git branch and commit its run was recorded as (`olora.git_branch`,
+    `olora.git_commit`); this fetches that ref from `origin`, checks the commit out and pulls its
+    DVC outputs from the DVC remote.
+    """
+    from olora import workspace
+
+    c = client(cfg.tracking, root)
+    name = name or model_name(cfg)
+    _check_model(c, name)
+    if version is None:
+        version = _alias_version(c, name, alias or CHAMPION)
+        if version is None:
+            raise OloraError(f"{name} has no {alias!r} version; name one with --version")
+    tags = c.get_model_version(name, version).tags
+    branch, commit = tags.get("olora.git_branch"), tags.get("olora.git_commit")
+    if not branch or not commit:
+        raise OloraError(
+            f"{name} version {version} was not registered by a recorded (isolated) run: it has no olora.git_branch / "
+            "olora.git_commit tags. Runs of the olora-pipeline flow record them; `dvc repro` in a checkout does not"
+        )
+    workspace.restore(Path(root), branch, commit)
+    return {"name": name, "version": str(version), "branch": branch, "commit": commit}

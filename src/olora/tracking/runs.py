@@ -171,3 +171,15 @@ def log_evaluation(c, run_id: str, base: dict[str, Any], tuned: dict[str, Any], 
         values[f"delta/{task}"] = delta
     with_retries("logging evaluation", c.tracking_uri, lambda: log_values(c, run_id, values), retries)
     with_retries("uploading the report", c.tracking_uri, lambda: c.log_artifact(run_id, str(report)), retries)
+
+
+def tag_recorded(cfg: Config, root: Path, tags: dict[str, str], run_id: str | None,
+                 model: str | None = None, version: str | None = None) -> None:
+    """Put a recorded run's git state (`olora.git_branch`, `olora.git_commit`, ...) on its MLflow run and model version."""
+    c = client(cfg.tracking, root)
+    uri, retries = c.tracking_uri, cfg.tracking.retries
+    for key, value in tags.items():
+        if run_id:
+            with_retries("tagging the run", uri, lambda: c.set_tag(run_id, key, value), retries)
+        if model and version:
+            with_retries("tagging the model version", uri, lambda: c.set_model_version_tag(model, version, key, value), retries)

@@ -1,0 +1,147 @@
+"""Isolated run workspaces, recorded as git commits on a runs branch, their data in the DVC remote.
+
+A scheduled or on-demand run never works in the checkout that deployed it: `create` clones that
+checkout's commit into a folder of its own (git objects hard-linked, DVC cache shared with the
+source, so nothing is copied twice), brings over its git-ignored DVC remote settings
+(`.dvc/config.local`), and checks out whatever outputs the shared cache already holds, so DVC
+skips the stages that are up to date. Overrides are written to that workspace's params.yaml only.
+
+`record` ends a run as git-recorded state: a commit of params.yaml, dvc.lock, metrics, plots and
+reports on the branch `runs/<name>`, pushed to the git remote (`origin`, when the source has one,
+else the source repository itself), after `dvc push` has put the data and adapters in the DVC
+remote. `restore` is the way back: in any clone, fetch that ref, check its commit out and `dvc
+pull`, and the exact params, data and adapter are there again.
+
+A failed run's workspace is kept (its outputs and checkpoints intact) and its path logged, so the
+run can be resumed or re-pushed; a recorded one is removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from olora import dvc
+from olora.errors import OloraError
+
+log = logging.getLogger("olora")
+RUNS_BRANCH = "runs"  # recorded runs are branches runs/<name>
+RECORDED = ("params.yaml", "dvc.lock", "metrics", "plots", "reports")  # what git holds of a run (DVC holds the rest)
+
+
+class WorkspaceError(OloraError):
+    """A workspace could not be created or recorded (git or DVC refused); the message names the step."""
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    name: str
+    branch: str
+    commit: str
+    source_commit: str
+    git_remote: str
+    dvc_pushed: bool
+
+
+def _git(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    if check and out.returncode != 0:
+        raise WorkspaceError(f"`git {' '.join(args)}` failed in {root}: {out.stderr.strip()[-1500:]}")
+    return out
+
+
+def runs_dir(root: Path) -> Path:
+    """Where workspaces are made: $OLORA_RUNS_DIR, else a git-ignored folder beside the source checkout's files."""
+    return Path(os.environ.get("OLORA_RUNS_DIR") or Path(root).resolve() / ".olora" / "runs")
+
+
+def safe_name(name: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
+    if not cleaned:
+        raise WorkspaceError(f"run name {name!r} has no usable characters; use letters, digits, '.', '_' or '-'")
+    return cleaned
+
+
+def git_remote(source: Path) -> str:
+    """The team's git remote for recorded runs: the source's `origin`, else the source repository itself."""
+    out = _git(source, "remote", "get-url", "origin", check=False)
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else str(Path(source).resolve())
+
+
+def dvc_cache(source: Path) -> Path:
+    """The DVC cache runs share: $OLORA_DVC_CACHE, else the source checkout's own cache."""
+    configured = dvc.run(source, "cache", "dir", check=False).stdout.strip()
+    return Path(os.environ.get("OLORA_DVC_CACHE") or configured or Path(source).resolve() / ".dvc" / "cache")
+
+
+def has_dvc_remote(root: Path) -> bool:
+    return bool(dvc.run(root, "remote", "list", check=False).stdout.strip())
+
+
+def create(source: Path, name: str) -> Path:
+    """Clone the source checkout's commit into runs_dir/<name>, sharing its DVC cache; returns the workspace."""
+    source = Path(source).resolve()
+    if _git(source, "rev-parse", "--is-inside-work-tree", check=False).returncode != 0:
+        raise WorkspaceError(f"{source} is not a git checkout; isolated runs clone the deployment's commit (git init and commit first)")
+    commit = _git(source, "rev-parse", "HEAD").stdout.strip()
+    target = runs_dir(source) / safe_name(name)
+    if target.exists():
+        raise WorkspaceError(f"the workspace {target} already exists: a run of that name is in progress or failed there; "
+                             "resume it with `olora run --resume` in that folder, or choose another run name")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _git(target.parent, "clone", "--quiet", "--no-checkout", str(source), str(target))
+    _git(target, "checkout", "--quiet", "--detach", commit)
+    remote = git_remote(source)
+    _git(target, "remote", "set-url", "origin", remote)
+    local = source / ".dvc" / "config.local"  # DVC remote credentials and settings that git does not hold
+    if local.is_file():
+        shutil.copy(local, target / ".dvc" / "config.local")
+    dvc.run(target, "cache", "dir", "--local", str(dvc_cache(source)))
+    # outputs of earlier runs that the shared cache holds, so DVC skips what is up to date
+    if has_dvc_remote(target):
+        dvc.run(target, "pull", "--allow-missing", check=False)
+    else:
+        dvc.run(target, "checkout", "--allow-missing", check=False)
+    log.info("workspace %s: commit %s of %s", target, commit[:12], source)
+    return target
+
+
+def record(workspace: Path, name: str, message: str, push: bool = True) -> RunRecord:
+    """Commit the run's params, lock, metrics and reports on runs/<name>; push data (DVC) and the branch (git)."""
+    workspace = Path(workspace)
+    source_commit = _git(workspace, "rev-parse", "HEAD").stdout.strip()
+    branch = f"{RUNS_BRANCH}/{safe_name(name)}"
+    pushed = False
+    if push and has_dvc_remote(workspace):
+        dvc.run(workspace, "push")  # the data first: a ref never points at data the remote lacks
+        pushed = True
+    _git(workspace, "checkout", "--quiet", "-B", branch)
+    present = [p for p in RECORDED if (workspace / p).exists()]
+    _git(workspace, "add", "--force", *present)
+    _git(workspace, "-c", "user.name=olora-pipeline", "-c", "user.email=olora-pipeline@localhost",
+         "commit", "--quiet", "--allow-empty", "-m", message)
+    commit = _git(workspace, "rev-parse", "HEAD").stdout.strip()
+    remote = _git(workspace, "remote", "get-url", "origin").stdout.strip()
+    if push:
+        _git(workspace, "push", "--quiet", "origin", f"{branch}:refs/heads/{branch}")
+    log.info("recorded run %s as %s (%s) in %s", name, branch, commit[:12], remote)
+    return RunRecord(name, branch, commit, source_commit, remote, pushed)
+
+
+def remove(workspace: Path) -> None:
+    shutil.rmtree(workspace, ignore_errors=True)
+
+
+def restore(root: Path, branch: str, commit: str) -> None:
+    """In a clone: fetch `branch` from origin, check out `commit` (detached) and pull its data and adapter."""
+    root = Path(root)
+    _git(root, "fetch", "--quiet", "origin", f"+refs/heads/{branch}:refs/remotes/origin/{branch}")
+    _git(root, "checkout", "--quiet", "--detach", commit)
+    if not has_dvc_remote(root):
+        raise WorkspaceError(f"{root} has no DVC remote configured; add the team's remote (`dvc remote add -d ...`) to pull the run's data")
+    dvc.run(root, "pull")
