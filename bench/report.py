@@ -20,6 +20,7 @@ SECTIONS = [
     ("eval_", "Evaluation throughput (bench_eval.py)"),
     ("overheads", "Orchestration overheads (bench_overheads.py)"),
     ("prefect", "Prefect overhead (bench_prefect.py)"),
+    ("serve", "Serving: batched generation and HTTP load (bench_serve.py)"),
 ]
 
 

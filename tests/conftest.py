@@ -127,7 +127,8 @@ class PausedRun:
         _PAUSED.append(self)
 
     def output(self) -> str:
-        self.handle.flush()
+        if not self.handle.closed:
+            self.handle.flush()
         return self.log.read_text()
 
     def wait(self, marker: str, seconds: float = 600) -> None:

@@ -51,12 +51,10 @@ CATEGORIES: dict[str, tuple[str, str]] = {
                  "`olora promote` / `olora rollback` / `olora register` against an MLflow store (SQLite here)."),
     "cli": ("Command line", "Mistakes in the `olora` command itself (argparse answers with exit code 2 too)."),
     "serving": ("Serving requests",
-                "Requests to `olora serve` (the registered pyfunc model)."),
+                "Requests to `olora serve` or `mlflow models serve` (the registered pyfunc model): each is answered "
+                "HTTP 400 with this message (MLflow's INVALID_PARAMETER_VALUE) before any generation."),
 }
-EMPTY_CATEGORY = {
-    "serving": "No cases yet: request validation is being built in `src/olora/tracking/pyfunc.py`; "
-               "its cases belong here once it lands.",
-}
+EMPTY_CATEGORY: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -176,6 +174,34 @@ def _base_scores(ctx) -> None:
     """The base model's scores, so `evaluate adapter` goes on to look at the adapter folder."""
     (ctx.root / "metrics").mkdir(exist_ok=True)
     (ctx.root / "metrics" / "eval_base.json").write_text(json.dumps({"mean_acc": 0.5, "tasks": {}}))
+
+
+_GENERATOR: dict[str, object] = {}
+
+
+def serve(ctx, model_input, params: dict | None = None) -> str:
+    """The registered model's predict() on the tiny Llama (its context: 512 tokens), as the scoring server calls it."""
+    from mlflow.exceptions import MlflowException
+
+    from olora.data.templates import resolve_template
+    from olora.tracking.pyfunc import AdapterGenerator
+
+    if "g" not in _GENERATOR:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = ctx.request.getfixturevalue("tiny_model_dir")
+        g = AdapterGenerator()
+        g.model, g.tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+        if g.tokenizer.pad_token is None:
+            g.tokenizer.pad_token = g.tokenizer.eos_token
+        g.template = resolve_template("alpaca")
+        _GENERATOR["g"] = g
+    try:
+        _GENERATOR["g"].predict(None, model_input, params)
+    except MlflowException as exc:
+        assert exc.error_code == "INVALID_PARAMETER_VALUE", exc.error_code
+        return exc.message
+    raise AssertionError("the request was accepted")
 
 
 def jsonl(*rows) -> str:
@@ -705,9 +731,9 @@ CASES: list[Case] = [
          lambda ctx: cli(ctx.registry(), "promote", "--version", "99")),
     Case("promote-version-not-a-number", "registry",
          "`olora promote --version latest`",
-         "(traceback) ValueError: invalid literal for int() with base 10: 'latest'",
+         "olora promote: error: --version 'latest' is not a version number; versions of olora-tiny-llama: [1, 2]",
          "Give the version number (`--version 2`); without --version the challenger is promoted.",
-         lambda ctx: uncaught(lambda: cli(ctx.registry(), "promote", "--version", "latest"), ValueError)),
+         lambda ctx: cli(ctx.registry(), "promote", "--version", "latest")),
     Case("promote-no-challenger", "registry",
          "`olora promote` when no version carries the alias `challenger`",
          "olora promote: error: olora-tiny-llama has no 'challenger' version; register one first (`dvc repro register`)",
@@ -754,6 +780,42 @@ CASES: list[Case] = [
          "olora evaluate: error: the following arguments are required: which",
          "Write `olora evaluate base` or `olora evaluate adapter`.",
          lambda ctx: cli(ctx.root, "evaluate")),
+    # ---- serving requests (the registered pyfunc; the scoring server answers HTTP 400 with the message)
+    Case("serve-max-new-tokens-zero", "serving",
+         '`{"inputs": {"prompt": ["Hi"]}, "params": {"max_new_tokens": 0}}`',
+         "max_new_tokens must be between 1 and 1024, got 0",
+         "Ask for 1 to 1024 new tokens.",
+         lambda ctx: serve(ctx, {"prompt": ["Hi"]}, {"max_new_tokens": 0})),
+    Case("serve-max-new-tokens-too-many", "serving",
+         '`"params": {"max_new_tokens": 5000}`',
+         "max_new_tokens must be between 1 and 1024, got 5000",
+         "Ask for at most 1024 new tokens.",
+         lambda ctx: serve(ctx, {"prompt": ["Hi"]}, {"max_new_tokens": 5000})),
+    Case("serve-min-over-max", "serving",
+         '`"params": {"max_new_tokens": 4, "min_new_tokens": 5}`',
+         "min_new_tokens must be between 0 and max_new_tokens (4), got 5",
+         "Keep min_new_tokens at or below max_new_tokens.",
+         lambda ctx: serve(ctx, {"prompt": ["Hi"]}, {"max_new_tokens": 4, "min_new_tokens": 5})),
+    Case("serve-temperature-zero", "serving",
+         '`"params": {"do_sample": true, "temperature": 0}`',
+         "temperature must be > 0 when do_sample is true, got 0.0",
+         "Use a positive temperature, or do_sample false (greedy).",
+         lambda ctx: serve(ctx, {"prompt": ["Hi"]}, {"do_sample": True, "temperature": 0.0})),
+    Case("serve-no-prompts", "serving",
+         '`{"inputs": {"prompt": []}}`',
+         "a request must hold between 1 and 64 prompts, got 0",
+         "Send 1 to 64 prompts per request.",
+         lambda ctx: serve(ctx, {"prompt": []})),
+    Case("serve-no-prompt-field", "serving",
+         '`{"inputs": {"question": ["Hi"]}}`',
+         "the input needs a 'prompt' field; got ['question']",
+         "Name the input column `prompt`.",
+         lambda ctx: serve(ctx, {"question": ["Hi"]})),
+    Case("serve-prompt-too-long", "serving",
+         "A prompt longer than the model's context less max_new_tokens",
+         "prompt 0 is 480 tokens (in the template); the model's context is 512 tokens, so with max_new_tokens=64 a prompt may hold at most 448",
+         "Shorten the prompt or ask for fewer new tokens.",
+         lambda ctx: serve(ctx, {"prompt": ["word " * 450]})),
 ]
 
 

@@ -70,8 +70,15 @@ def project(tmp_path_factory, tiny_model_dir) -> Path:
     return root
 
 
-def _snapshot(root: Path) -> tuple[str, str, list[str]]:
-    return git(root, "status", "--porcelain"), (root / "params.yaml").read_text(), sorted(p.name for p in root.iterdir())
+def _snapshot(root: Path) -> tuple[str, str, str, str]:
+    """What the deploying checkout shows: git status, params.yaml, HEAD, and every output a run would write there.
+
+    (Git-ignored state it shares with its runs is allowed: the tracking store mlflow.db and the
+    runs' workspaces under .olora/runs.)"""
+    outputs = sorted(str(p.relative_to(root)) for d in ("data/prepared", "models/init", "models/adapter", "metrics", "reports")
+                     if (root / d).exists() for p in [root / d])
+    return (git(root, "status", "--porcelain", "--untracked-files=all"), (root / "params.yaml").read_text(),
+            git(root, "rev-parse", "HEAD"), " ".join(outputs) + str((root / "dvc.lock").exists()))
 
 
 def test_isolated_run_is_recorded_and_restores_in_a_fresh_clone(harness, project, tmp_path, monkeypatch):
@@ -128,7 +135,7 @@ def test_isolated_run_is_recorded_and_restores_in_a_fresh_clone(harness, project
     shutil.copy(project / ".dvc" / "config.local", fresh / ".dvc" / "config.local")
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
-    restored = subprocess.run([str(bin_dir / "olora"), "restore", "--model", registration["name"]], cwd=fresh, env=env,
+    restored = subprocess.run([str(bin_dir / "olora"), "restore", "--model", registration["name"], "--alias", "champion"], cwd=fresh, env=env,
                               capture_output=True, text=True)
     assert restored.returncode == 0, restored.stderr[-3000:]
     assert git(fresh, "rev-parse", "HEAD").strip() == out["olora.git_commit"]

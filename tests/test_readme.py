@@ -21,7 +21,8 @@ COVERED = {
     "curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' -d '{\"inputs\": {\"prompt\": "
     "[\"What is the capital of France?\"]}, \"params\": {\"max_new_tokens\": 32}}'":
         "tests/test_mlflow.py::test_served_model_answers_over_http_in_the_training_template",
-    "python flows/olora_pipeline.py": "tests/test_flows.py::test_flow_runs_stages_retries_transients_and_backs_off_on_oom",
+    "python flows/olora_pipeline.py": "tests/test_flows.py::test_isolated_run_is_recorded_and_restores_in_a_fresh_clone",
+    "olora restore --model olora-tiny-llama --alias champion": "tests/test_flows.py::test_isolated_run_is_recorded_and_restores_in_a_fresh_clone",
     "prefect server start --host 127.0.0.1": "tests/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
     "export PREFECT_API_URL=http://127.0.0.1:4200/api": "tests/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
     "prefect work-pool create olora-process --type process": "tests/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",

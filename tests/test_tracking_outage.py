@@ -25,7 +25,7 @@ from overlay import write_params
 
 pytestmark = pytest.mark.integration
 
-FAST_HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0.2"}
+FAST_HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 class MlflowServer:

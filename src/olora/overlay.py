@@ -96,7 +96,7 @@ def write_params(folder: Path, model_dir: Path | str, extra: dict | None = None)
 def copy_project(folder: Path) -> None:
     """The files a user's clone has that the pipeline needs: dvc.yaml, .dvcignore, the lock, the code, input folders."""
     folder = Path(folder)
-    for name in ("dvc.yaml", ".dvcignore", "requirements.lock"):
+    for name in ("dvc.yaml", ".dvcignore", "requirements.lock", ".gitignore"):
         shutil.copy(REPO / name, folder / name)
     shutil.copytree(REPO / "src" / "olora", folder / "src" / "olora", ignore=shutil.ignore_patterns("__pycache__"))
     for inputs in ("data/raw", MODEL_INPUTS):

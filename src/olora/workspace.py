@@ -112,7 +112,11 @@ def create(source: Path, name: str) -> Path:
 
 
 def record(workspace: Path, name: str, message: str, push: bool = True) -> RunRecord:
-    """Commit the run's params, lock, metrics and reports on runs/<name>; push data (DVC) and the branch (git)."""
+    """Commit the run's params, lock, metrics and reports on runs/<name>; push its data (DVC, when `push`) and the branch (git).
+
+    The branch is always pushed (it is the run's record); `push=False` only skips `dvc push`, for a
+    machine without a DVC remote (the outputs then stay in the shared DVC cache only).
+    """
     workspace = Path(workspace)
     source_commit = _git(workspace, "rev-parse", "HEAD").stdout.strip()
     branch = f"{RUNS_BRANCH}/{safe_name(name)}"
@@ -122,13 +126,13 @@ def record(workspace: Path, name: str, message: str, push: bool = True) -> RunRe
         pushed = True
     _git(workspace, "checkout", "--quiet", "-B", branch)
     present = [p for p in RECORDED if (workspace / p).exists()]
+    _git(workspace, "add", "--all")  # DVC's .gitignore entries for new outputs, among others
     _git(workspace, "add", "--force", *present)
     _git(workspace, "-c", "user.name=olora-pipeline", "-c", "user.email=olora-pipeline@localhost",
          "commit", "--quiet", "--allow-empty", "-m", message)
     commit = _git(workspace, "rev-parse", "HEAD").stdout.strip()
     remote = _git(workspace, "remote", "get-url", "origin").stdout.strip()
-    if push:
-        _git(workspace, "push", "--quiet", "origin", f"{branch}:refs/heads/{branch}")
+    _git(workspace, "push", "--quiet", "origin", f"{branch}:refs/heads/{branch}")
     log.info("recorded run %s as %s (%s) in %s", name, branch, commit[:12], remote)
     return RunRecord(name, branch, commit, source_commit, remote, pushed)
 

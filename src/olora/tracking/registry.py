@@ -182,6 +182,8 @@ def promote(cfg: Config, root: Path, name: str | None = None, version: str | Non
             raise OloraError(f"{name} has no {CHALLENGER!r} version; register one first (`dvc repro register`)")
     else:
         known = sorted(int(v.version) for v in c.search_model_versions(f"name='{name}'"))
+        if not str(version).isdigit():
+            raise OloraError(f"--version {version!r} is not a version number; versions of {name}: {known}")
         if int(version) not in known:
             raise OloraError(f"{name} has no version {version}; versions: {known}")
     champion = _alias_version(c, name, CHAMPION)
