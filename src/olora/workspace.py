@@ -3,7 +3,8 @@
 A scheduled or on-demand run never works in the checkout that deployed it: `create` clones that
 checkout's commit into a folder of its own (git objects hard-linked, DVC cache shared with the
 source, so nothing is copied twice), brings over its git-ignored DVC remote settings
-(`.dvc/config.local`), and checks out whatever outputs the shared cache already holds, so DVC
+(`.dvc/config.local`; on a worker that has none, the remote named by $OLORA_DVC_REMOTE, with
+$AWS_ENDPOINT_URL for an S3-compatible store), and checks out whatever outputs the shared cache already holds, so DVC
 skips the stages that are up to date. Overrides are written to that workspace's params.yaml only.
 
 `record` ends a run as git-recorded state: a commit of params.yaml, dvc.lock, metrics, plots and
@@ -101,6 +102,11 @@ def create(source: Path, name: str) -> Path:
     local = source / ".dvc" / "config.local"  # DVC remote credentials and settings that git does not hold
     if local.is_file():
         shutil.copy(local, target / ".dvc" / "config.local")
+    team_remote = os.environ.get("OLORA_DVC_REMOTE")  # a worker on another machine: the remote from its environment
+    if team_remote and not has_dvc_remote(target):
+        dvc.run(target, "remote", "add", "--local", "--default", "--force", "team", team_remote)
+        if os.environ.get("AWS_ENDPOINT_URL"):  # an S3-compatible store (keys come from AWS_* variables)
+            dvc.run(target, "remote", "modify", "--local", "team", "endpointurl", os.environ["AWS_ENDPOINT_URL"])
     dvc.run(target, "cache", "dir", "--local", str(dvc_cache(source)))
     # outputs of earlier runs that the shared cache holds, so DVC skips what is up to date
     if has_dvc_remote(target):
