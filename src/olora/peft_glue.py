@@ -116,7 +116,9 @@ def reproducible(model, base_name: str, adapter: str = "default"):
 
     PEFT records the base's absolute folder (config and card) and keeps target_modules in a set,
     whose order varies with the process's hash seed: either would give the same adapter a
-    different DVC hash in every clone. The configured model name stands in for the folder.
+    different DVC hash in every clone. The configured model name stands in for the folder (saves
+    pass save_embedding_layers=False: only linear layers are adapted, and PEFT would otherwise look
+    that name up on the hub to compare vocabularies).
     """
     cfg = model.peft_config[adapter]
     cfg.base_model_name_or_path = base_name
@@ -141,7 +143,7 @@ def reproducible(model, base_name: str, adapter: str = "default"):
 def save_adapter(model, out_dir: Path, base_name: str) -> None:
     """save_pretrained, reproducibly (`reproducible`)."""
     with reproducible(model, base_name):
-        model.save_pretrained(str(out_dir))
+        model.save_pretrained(str(out_dir), save_embedding_layers=False)
 
 
 def save_initial(model, out_dir: Path, base_name: str) -> None:
@@ -190,9 +192,9 @@ def export_plain_lora(model, out_dir: Path, init_dir: Path, init: str, base_name
     """
     with reproducible(model, base_name):
         if init != "olora":
-            model.save_pretrained(str(out_dir))
+            model.save_pretrained(str(out_dir), save_embedding_layers=False)
             return
         with tempfile.TemporaryDirectory() as tmp:
             copy = Path(tmp) / "initial"
             shutil.copytree(init_dir, copy)
-            model.save_pretrained(str(out_dir), path_initial_model_for_weight_conversion=str(copy))
+            model.save_pretrained(str(out_dir), path_initial_model_for_weight_conversion=str(copy), save_embedding_layers=False)
