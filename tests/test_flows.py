@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -213,17 +214,46 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path, tiny_model_dir):
                                      headers={"Content-Type": "application/json"})
         names = {d["name"] for d in json.loads(urllib.request.urlopen(req, timeout=10).read())}
         assert names == {"nightly-retrain", "on-demand", "sweep", "local-dev"}
-        started = prefect("deployment", "run", "olora-pipeline/on-demand", "--param", "push=true",
-                          "--param", 'overrides={"adapter.r": 2}', "--param", "name=deployed")
+        # the sweep deployment starts one on-demand flow run per variant; two workers pick them up at once
+        started = prefect("deployment", "run", "olora-pipeline/sweep", "--param", 'grid={"adapter.r": [2, 4]}',
+                          "--param", "push=false")
         run_id = next(line.split()[-1] for line in started.splitlines() if "UUID" in line)
-        prefect("worker", "start", "--pool", "olora-process", "--run-once", timeout=600)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/flow_runs/{run_id}", timeout=10) as response:
-            state = json.loads(response.read())["state"]["type"]
+        workers = [subprocess.Popen([str(bin_dir / "prefect"), "worker", "start", "--pool", "olora-process", "--name", f"w{i}"],
+                                    cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True) for i in (1, 2)]
+        try:
+            deadline = time.monotonic() + 900
+            while time.monotonic() < deadline:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/flow_runs/{run_id}", timeout=10) as response:
+                    state = json.loads(response.read())["state"]["type"]
+                if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                    break
+                time.sleep(3)
+        finally:
+            for w in workers:
+                os.killpg(w.pid, 15)
+                w.wait(timeout=60)
         assert state == "COMPLETED"
-        # the worker cloned the remote and pushed its run back as runs/deployed; the remote's checkout is untouched
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/flow_runs/filter", data=json.dumps(
+            {"deployments": {"name": {"any_": ["on-demand"]}}}).encode(), headers={"Content-Type": "application/json"})
+        variants = json.loads(urllib.request.urlopen(req, timeout=10).read())
+        assert len(variants) == 2 and {v["state"]["type"] for v in variants} == {"COMPLETED"}
+        # each variant: cloned from the remote, recorded as its own runs/ branch there; the remote's checkout untouched
         assert not (root / "dvc.lock").exists() and git(root, "status", "--porcelain") == ""
-        assert json.loads(git(root, "show", "runs/deployed:reports/registration.json"))["registered"]
-        assert yaml.safe_load(git(root, "show", "runs/deployed:params.yaml"))["adapter"]["r"] == 2
+        branches = git(root, "branch", "--list", "runs/*", "--format=%(refname:short)").split()
+        assert len(branches) == 2
+        assert sorted(yaml.safe_load(git(root, "show", f"{b}:params.yaml"))["adapter"]["r"] for b in branches) == [2, 4]
+        assert all(json.loads(git(root, "show", f"{b}:reports/registration.json"))["registered"] for b in branches)
+        from mlflow import MlflowClient
+
+        registry = MlflowClient(env["MLFLOW_TRACKING_URI"])
+        name = json.loads(git(root, "show", f"{branches[0]}:reports/registration.json"))["name"]
+        tagged = {v.tags.get("olora.git_branch") for v in registry.search_model_versions(f"name='{name}'")}
+        assert tagged == set(branches)  # two versions, each carrying its run's git ref
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/artifacts/filter", data=json.dumps(
+            {"artifacts": {"key": {"any_": ["olora-sweep"]}}}).encode(), headers={"Content-Type": "application/json"})
+        table = json.loads(urllib.request.urlopen(req, timeout=10).read())[0]["data"]
+        assert "| 2 | COMPLETED |" in table and "| 4 | COMPLETED |" in table
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/deployments/name/olora-pipeline/nightly-retrain", timeout=10) as response:
             deployment = json.loads(response.read())
         assert any(s["schedule"].get("cron") == "0 3 * * *" for s in deployment["schedules"])
@@ -237,10 +267,10 @@ def test_sweep_runs_each_variant_as_its_own_recorded_run(harness, project):
     from prefect.artifacts import Artifact
 
     before = _snapshot(project)
-    rows = flows.olora_sweep(root=str(project), grid={"adapter.init": ["olora", "lora"], "adapter.r": [2]}, push=False)
-    assert [r["variant"] for r in rows] == [{"adapter.init": "olora", "adapter.r": 2}, {"adapter.init": "lora", "adapter.r": 2}]
+    # here, without a deployment, variants run as subflows (the deployment path: the real-server test above)
+    rows = flows.olora_sweep(root=str(project), grid={"adapter.init": ["lora"], "adapter.r": [2]}, push=False)
+    assert [r["variant"] for r in rows] == [{"adapter.init": "lora", "adapter.r": 2}]
     assert all(r["state"] == "COMPLETED" and 0.0 <= r["mean_acc"] <= 1.0 and r["final_val_loss"] > 0 for r in rows)
-    assert rows[0]["run"] != rows[1]["run"]  # each variant has its own MLflow run
     for row in rows:  # and its own runs/ branch, holding that variant's params
         assert yaml.safe_load(git(project, "show", f"{row['branch']}:params.yaml"))["adapter"]["init"] == row["variant"]["adapter.init"]
     assert _snapshot(project) == before  # the sweep never touched the deploying checkout
