@@ -244,14 +244,25 @@ def olora_sweep(root: str = ".", grid: dict[str, list[Any]] | None = None, deplo
     prefix = run_name()
     names = [f"{prefix}-v{i}" for i in range(len(variants))]
     states: dict[str, str] = {}
-    if deployment:
-        from prefect.deployments import run_deployment
-        from prefect.flow_runs import wait_for_flow_run
+    cfg = load_config(source / "params.yaml")
+    if cfg.tracking.enabled:  # reach (and, for a new SQLite store, create) the tracking store once, before variants race to
+        from olora.tracking.client import client
 
-        started = [run_deployment(deployment, parameters={"overrides": v, "name": n, "promote": False, "push": push},
-                                  timeout=0) for v, n in zip(variants, names)]
-        for n, flow_run in zip(names, started):
-            states[n] = wait_for_flow_run(flow_run.id, timeout=24 * 3600, log_states=True).state.type.value
+        client(cfg.tracking, source)
+    if deployment:
+        from prefect.client.orchestration import get_client
+        from prefect.deployments import run_deployment
+
+        started = {n: run_deployment(deployment, parameters={"overrides": v, "name": n, "promote": False, "push": push},
+                                     timeout=0).id for v, n in zip(variants, names)}
+        with get_client(sync_client=True) as prefect_client:  # wait for all of them, whichever workers run them
+            while len(states) < len(started):
+                for n, flow_run_id in started.items():
+                    state = prefect_client.read_flow_run(flow_run_id).state
+                    if n not in states and state is not None and state.is_final():
+                        states[n] = state.type.value
+                        get_run_logger().info("variant %s: %s", n, states[n])
+                time.sleep(2)
     else:
         shared_tracking(source)
         for v, n in zip(variants, names):
@@ -261,7 +272,6 @@ def olora_sweep(root: str = ".", grid: dict[str, list[Any]] | None = None, deplo
             except Exception as exc:  # noqa: BLE001 - one failed variant must not hide the others
                 get_run_logger().error("variant %s failed: %s", v, exc)
                 states[n] = "FAILED"
-    cfg = load_config(source / "params.yaml")
     rows = [{"variant": v, "name": n, "state": states[n], **variant_result(cfg, source, n)} for v, n in zip(variants, names)]
     table = ["| " + " | ".join(keys) + " | state | mean acc | val loss | MLflow run | recorded as |", "|" + "---|" * (len(keys) + 5)]
     for row in rows:

@@ -215,7 +215,7 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path, tiny_model_dir):
         names = {d["name"] for d in json.loads(urllib.request.urlopen(req, timeout=10).read())}
         assert names == {"nightly-retrain", "on-demand", "sweep", "local-dev"}
         # the sweep deployment starts one on-demand flow run per variant; two workers pick them up at once
-        started = prefect("deployment", "run", "olora-pipeline/sweep", "--param", 'grid={"adapter.r": [2, 4]}',
+        started = prefect("deployment", "run", "olora-sweep/sweep", "--param", 'grid={"adapter.r": [2, 4]}',
                           "--param", "push=false")
         run_id = next(line.split()[-1] for line in started.splitlines() if "UUID" in line)
         workers = [subprocess.Popen([str(bin_dir / "prefect"), "worker", "start", "--pool", "olora-process", "--name", f"w{i}"],
@@ -233,7 +233,11 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path, tiny_model_dir):
             for w in workers:
                 os.killpg(w.pid, 15)
                 w.wait(timeout=60)
-        assert state == "COMPLETED"
+        if state != "COMPLETED":
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/api/logs/filter", data=json.dumps(
+                {"logs": {"level": {"ge_": 30}}, "limit": 50}).encode(), headers={"Content-Type": "application/json"})
+            logs = "\n".join(entry["message"][-1500:] for entry in json.loads(urllib.request.urlopen(req, timeout=10).read()))
+            pytest.fail(f"the sweep ended {state}:\n{logs}")
         req = urllib.request.Request(f"http://127.0.0.1:{port}/api/flow_runs/filter", data=json.dumps(
             {"deployments": {"name": {"any_": ["on-demand"]}}}).encode(), headers={"Content-Type": "application/json"})
         variants = json.loads(urllib.request.urlopen(req, timeout=10).read())
