@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from olora import layout as L
 from olora.layout import Layout
+from olora.locking import stage_lock  # module level: every stage runs under it (and so depends on it)
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,6 @@ class Stage:
         return "olora " + " ".join(self.cli or (self.name,))
 
     def run(self, layout: Layout = Layout(), overrides: dict[str, Any] | None = None, **kwargs) -> dict[str, Any]:
-        from olora.locking import stage_lock
-
         module, name = self.function.split(":")
         fn: Callable[..., dict[str, Any]] = getattr(importlib.import_module(module), name)
         with stage_lock(layout.root, self.name):
