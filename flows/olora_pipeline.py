@@ -13,6 +13,7 @@ the accumulation (the same effective batch), written back to params.yaml so dvc.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -149,13 +150,23 @@ def run_name() -> str:
     return time.strftime("local-%Y%m%d-%H%M%S")
 
 
-def shared_tracking(source: Path) -> None:
-    """Runs in workspaces log to the source project's tracking store, not to one inside the workspace."""
+@contextlib.contextmanager
+def shared_tracking(source: Path, enabled: bool = True):
+    """While a flow runs: runs in workspaces log to the source project's tracking store, not to one in the workspace.
+
+    Set for this flow only and restored afterwards, so nothing else in the process inherits it.
+    """
     import os
 
     cfg = load_config(source / "params.yaml")
-    if not cfg.tracking.uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+    set_here = enabled and not cfg.tracking.uri and not os.environ.get("MLFLOW_TRACKING_URI")
+    if set_here:
         os.environ["MLFLOW_TRACKING_URI"] = resolve_uri(cfg.tracking, source)
+    try:
+        yield
+    finally:
+        if set_here:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_condition_fn=_retry_condition)
@@ -199,11 +210,13 @@ def olora_pipeline(root: str = ".", overrides: dict[str, Any] | None = None, pro
     if overrides:
         config_from_dict(apply_overrides(yaml.safe_load((source / "params.yaml").read_text()), overrides))  # and bad overrides
     name = name or run_name()
-    if isolate:
-        shared_tracking(source)
-        path = Path(open_workspace(str(source), name))
-    else:
-        path = source
+    with shared_tracking(source, isolate):
+        return _pipeline(source, overrides, promote, push, isolate, name)
+
+
+def _pipeline(source: Path, overrides: dict[str, Any] | None, promote: bool, push: bool, isolate: bool,
+              name: str) -> dict[str, Any]:
+    path = Path(open_workspace(str(source), name)) if isolate else source
     if overrides:
         write_overrides(path, overrides)
     results = [run_stage(stage, str(path)) for stage in STAGES]
@@ -243,8 +256,14 @@ def olora_sweep(root: str = ".", grid: dict[str, list[Any]] | None = None, deplo
         config_from_dict(apply_overrides(base, variant))
     prefix = run_name()
     names = [f"{prefix}-v{i}" for i in range(len(variants))]
-    states: dict[str, str] = {}
     cfg = load_config(source / "params.yaml")
+    with shared_tracking(source, not deployment):
+        return _sweep(source, cfg, keys, variants, names, deployment, push)
+
+
+def _sweep(source: Path, cfg, keys: list[str], variants: list[dict[str, Any]], names: list[str],
+           deployment: str | None, push: bool) -> list[dict[str, Any]]:
+    states: dict[str, str] = {}
     if cfg.tracking.enabled:  # reach (and, for a new SQLite store, create) the tracking store once, before variants race to
         from olora.tracking.client import client
 
@@ -264,7 +283,6 @@ def olora_sweep(root: str = ".", grid: dict[str, list[Any]] | None = None, deplo
                         get_run_logger().info("variant %s: %s", n, states[n])
                 time.sleep(2)
     else:
-        shared_tracking(source)
         for v, n in zip(variants, names):
             try:
                 olora_pipeline(root=str(source), overrides=v, name=n, promote=False, push=push)
