@@ -13,7 +13,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: install run test test-unit test-all bench study lock clean
+.PHONY: install run test test-unit test-all bench study lock clean stack stack-down stack-status
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,18 @@ bench: install
 study: install
 	@[ -d .dvc ] || $(BIN)/dvc init --quiet
 	$(BENCH_ENV) $(BIN)/python experiments/convergence.py
+
+# The team's shared services on loopback (PostgreSQL, S3, MLflow, Prefect + WORKERS process workers), from
+# packages in the venv; state in .stack/, client settings in stack.env. See README "Shared services".
+WORKERS ?= 1
+stack: install
+	$(BIN)/python -m olora.stack up --workers $(WORKERS)
+
+stack-down:
+	$(BIN)/python -m olora.stack down
+
+stack-status:
+	$(BIN)/python -m olora.stack status
 
 # Re-resolve the lock from the venv (run after changing dependencies); torch keeps its plain version (no +cpu).
 lock:

@@ -232,7 +232,11 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path, tiny_model_dir):
         finally:
             for w in workers:
                 os.killpg(w.pid, 15)
-                w.wait(timeout=60)
+                try:
+                    w.wait(timeout=60)
+                except subprocess.TimeoutExpired:  # a loaded machine: a worker slow to stop is not the test's subject
+                    os.killpg(w.pid, 9)
+                    w.wait(timeout=60)
         if state != "COMPLETED":
             req = urllib.request.Request(f"http://127.0.0.1:{port}/api/logs/filter", data=json.dumps(
                 {"logs": {"level": {"ge_": 30}}, "limit": 50}).encode(), headers={"Content-Type": "application/json"})

@@ -59,7 +59,7 @@ class MlflowServer:
     def client(self):
         from mlflow import MlflowClient
 
-        return MlflowClient(self.url)
+        return MlflowClient(self.url, registry_uri=self.url)  # explicit: never a registry from the environment
 
 
 @pytest.fixture(scope="module")

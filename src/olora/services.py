@@ -39,7 +39,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from olora.errors import OloraError
 
@@ -76,12 +76,48 @@ class Service:
     stop_timeout: float = 15.0
     host: str = LOOPBACK
     port: int | None = None  # checked to be free before starting, so the health check cannot hit a stranger
+    # Extensions for servers that are not plain HTTP (PostgreSQL) or run as another user:
+    ready: Callable[[], bool] | None = field(default=None, repr=False, compare=False)  # replaces the health-URL probe
+    user: str | None = None  # run as this system user (needs root); PostgreSQL refuses to run as root
+    cwd: Path | None = None
+    stop_signal: int = signal.SIGTERM  # PostgreSQL: SIGINT is its fast shutdown (SIGTERM waits for clients)
+
+
+class _Adopted:
+    """A server started by another process (`python -m olora.stack up`), driven through psutil like a Popen."""
+
+    def __init__(self, proc) -> None:
+        self._proc = proc
+        self.pid = proc.pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        import psutil
+
+        try:
+            if self._proc.is_running() and self._proc.status() != psutil.STATUS_ZOMBIE:
+                return None
+        except psutil.NoSuchProcess:
+            pass
+        self.returncode = -1 if self.returncode is None else self.returncode
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        import psutil
+
+        try:
+            self._proc.wait(timeout)
+        except psutil.NoSuchProcess:
+            pass
+        except psutil.TimeoutExpired as exc:
+            raise subprocess.TimeoutExpired(str(self.pid), timeout or 0) from exc
+        return self.poll() or 0
 
 
 @dataclass
 class RunningService:
     service: Service
-    process: subprocess.Popen
+    process: subprocess.Popen  # or _Adopted (see adopt)
     stopped: bool = False
 
     @property
@@ -116,6 +152,34 @@ class RunningService:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def adopt(service: Service, pid: int, create_time: float | None = None) -> RunningService | None:
+    """A handle on a server that an earlier process started (its pid recorded), so that `stop` can end it.
+
+    None when no such process runs, or when the pid now belongs to another process (its start time differs).
+    """
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if create_time is not None and abs(proc.create_time() - create_time) > 1.0:
+            return None
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+    except psutil.NoSuchProcess:
+        return None
+    return RunningService(service, _Adopted(proc))  # type: ignore[arg-type]
+
+
+def as_user(user: str | None) -> dict:
+    """subprocess keyword arguments that run a child as `user`, with that user's group only (not root's)."""
+    if not user:
+        return {}
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
 
 def check_password(password: str | None, variable: str) -> None:
@@ -180,6 +244,8 @@ def start(service: Service) -> RunningService:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: stop() reaches every worker it forks
+            cwd=service.cwd,
+            **as_user(service.user),
         )
     running = RunningService(service, process)
     deadline = time.monotonic() + service.start_timeout
@@ -190,7 +256,13 @@ def start(service: Service) -> RunningService:
                 f"{service.name} exited with status {process.returncode} before answering at {service.health_url}; "
                 f"last lines of {service.log_path}:\n{log_tail(service.log_path)}"
             )
-        if _answers(service.health_url):
+        try:
+            ok = service.ready() if service.ready is not None else _answers(service.health_url)
+        except ServiceError as exc:  # it answers, but refuses us (wrong credentials): waiting will not help
+            stop(running)
+            raise ServiceError(f"{service.name} at {service.url}: {exc}; last lines of {service.log_path}:\n"
+                               f"{log_tail(service.log_path)}") from exc
+        if ok:
             return running
         time.sleep(0.5)
     stop(running)
@@ -231,7 +303,7 @@ def stop(running: RunningService, timeout: float | None = None) -> None:
         return
     timeout = running.service.stop_timeout if timeout is None else timeout
     procs = running.processes()
-    _signal_all(running, procs, signal.SIGTERM)
+    _signal_all(running, procs, running.service.stop_signal)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         running.process.poll()  # reap our own child

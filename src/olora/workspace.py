@@ -3,7 +3,7 @@
 A scheduled or on-demand run never works in the checkout that deployed it: `create` clones that
 checkout's commit into a folder of its own (git objects hard-linked, DVC cache shared with the
 source, so nothing is copied twice), brings over its git-ignored DVC remote settings
-(`.dvc/config.local`; on a worker that has none, the remote named by $OLORA_DVC_REMOTE, with
+(`.dvc/config.local`; on a worker that has none, the remote at $OLORA_DVC_REMOTE_URL (as stack.env names it), with
 $AWS_ENDPOINT_URL for an S3-compatible store), and checks out whatever outputs the shared cache already holds, so DVC
 skips the stages that are up to date. Overrides are written to that workspace's params.yaml only.
 
@@ -102,7 +102,7 @@ def create(source: Path, name: str) -> Path:
     local = source / ".dvc" / "config.local"  # DVC remote credentials and settings that git does not hold
     if local.is_file():
         shutil.copy(local, target / ".dvc" / "config.local")
-    team_remote = os.environ.get("OLORA_DVC_REMOTE")  # a worker on another machine: the remote from its environment
+    team_remote = os.environ.get("OLORA_DVC_REMOTE_URL")  # a worker on another machine: the remote from its environment
     if team_remote and not has_dvc_remote(target):
         dvc.run(target, "remote", "add", "--local", "--default", "--force", "team", team_remote)
         if os.environ.get("AWS_ENDPOINT_URL"):  # an S3-compatible store (keys come from AWS_* variables)

@@ -1,0 +1,271 @@
+"""`make stack`: the shared services (PostgreSQL, an S3 store, MLflow, Prefect + workers, a DVC remote) on loopback.
+
+The `stack` tests start the real stack once, in a temporary project on free loopback ports, with 2 workers,
+then stop it, start it again (data must survive) and stop it for good. The other tests need no server.
+Credentials are the stack's own generated ones, read at run time: this file holds none.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from olora import services, stack
+
+WORKERS = 2
+
+
+# ------------------------------------------------------------------ no server
+
+
+def test_load_env_reads_stack_env_without_overriding(tmp_path, monkeypatch):
+    values = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000", "PREFECT_API_AUTH_STRING": "olora:a b'c",
+              "OLORA_DVC_REMOTE_URL": "s3://olora/dvc"}
+    stack.write_env_file(tmp_path / "stack.env", values)
+    assert (tmp_path / "stack.env").stat().st_mode & 0o777 == 0o600
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://already.set:1")
+    for name in ("PREFECT_API_AUTH_STRING", "OLORA_DVC_REMOTE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    applied = stack.load_env(tmp_path)
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://already.set:1"  # what the user set wins
+    assert os.environ["PREFECT_API_AUTH_STRING"] == "olora:a b'c"  # shell quoting round-trips
+    assert set(applied) == {"PREFECT_API_AUTH_STRING", "OLORA_DVC_REMOTE_URL"}
+    assert stack.load_env(tmp_path / "nowhere") == {}
+    # the file is what a shell sources
+    out = subprocess.run(["bash", "-c", f"set -a; . {tmp_path / 'stack.env'}; set +a; printf %s \"$PREFECT_API_AUTH_STRING\""],
+                         capture_output=True, text=True, check=True).stdout
+    assert out == "olora:a b'c"
+
+
+def test_stack_env_example_documents_every_variable():
+    text = (REPO / "stack.env.example").read_text()
+    documented = {line.split("=", 1)[0] for line in text.splitlines() if "=" in line and not line.startswith("#")}
+    assert set(stack.ENV_VARS) <= documented
+    assert not subprocess.run(["git", "check-ignore", "-q", "stack.env"], cwd=REPO).returncode
+    assert not subprocess.run(["git", "check-ignore", "-q", ".stack/secrets.json"], cwd=REPO).returncode
+    assert subprocess.run(["git", "check-ignore", "-q", "stack.env.example"], cwd=REPO).returncode
+
+
+def test_ports_default_loopback_and_a_taken_port_names_its_service(tmp_path):
+    config = stack.load_config(tmp_path, environ={})
+    assert config.host == "127.0.0.1" and config.state_dir == tmp_path.resolve() / ".stack"
+    assert {config.ports[k] for k in ("postgres", "mlflow", "prefect", "s3")} == {5433, 5000, 4200, 8333}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ports = iter(_free_ports(len(stack.PORTS)))
+        environ = {var: str(next(ports) if key != "prefect" else port) for key, (_, var, _) in stack.PORTS.items()}
+        with pytest.raises(services.ServiceError, match=f"prefect: port {port} on 127.0.0.1 is already in use.*OLORA_STACK_PREFECT_PORT"):
+            stack.check_ports(stack.load_config(tmp_path, environ=environ))
+    with pytest.raises(services.ServiceError, match="OLORA_STACK_S3_PORT"):
+        stack.load_config(tmp_path, environ={"OLORA_STACK_S3_PORT": "eighty"})
+
+
+# ------------------------------------------------------------------ the real stack
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+class Stack:
+    def __init__(self, root: Path, env: dict[str, str]):
+        self.root, self.env = root, env
+        self.config = stack.load_config(root, workers=WORKERS, environ=env)
+        self.timings: dict[str, list[float]] = {}
+
+    def run(self, command: str, timeout: float = 400) -> subprocess.CompletedProcess:
+        start = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "olora.stack", command, "--workers", str(WORKERS)], cwd=self.root,
+                              env=self.env, capture_output=True, text=True, timeout=timeout)
+        self.timings.setdefault(command, []).append(round(time.monotonic() - start, 1))
+        assert done.returncode == 0, f"olora.stack {command} failed:\n{done.stdout}\n{done.stderr}"
+        return done
+
+    @property
+    def secret(self) -> dict[str, str]:
+        return json.loads((self.config.state_dir / "secrets.json").read_text())
+
+    @property
+    def values(self) -> dict[str, str]:
+        return stack.read_env_file(self.root / "stack.env")
+
+    def processes(self) -> list:
+        state = json.loads((self.config.state_dir / "stack.json").read_text())
+        found = []
+        for name, entry in state["services"].items():
+            handle = stack._adopted(name, entry)
+            assert handle is not None, f"{name} is not running"
+            found += handle.processes()
+        return found
+
+
+@pytest.fixture(scope="module")
+def running_stack(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stack-project")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "AWS_", "OLORA_STACK_"))}
+    env["DVC_NO_ANALYTICS"] = "1"
+    for (key, (_, var, _)), port in zip(stack.PORTS.items(), _free_ports(len(stack.PORTS))):
+        env[var] = str(port)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=root, env=env, check=True)
+    s = Stack(root, env)
+    s.run("up")
+    yield s
+    subprocess.run([sys.executable, "-m", "olora.stack", "down"], cwd=root, env=env, capture_output=True, timeout=300)
+    print(f"\nstack timings (s; first up is cold): {json.dumps(s.timings)}")
+
+
+def _http(url: str, headers: dict | None = None, data: dict | None = None) -> tuple[int, object]:
+    return stack._request(url, headers=headers, data=data)
+
+
+@pytest.mark.stack
+def test_stack_env_holds_what_clients_need(running_stack):
+    values = running_stack.values
+    assert set(values) == set(stack.ENV_VARS)
+    assert values["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{running_stack.config.ports['mlflow']}"
+    assert values["PREFECT_API_URL"] == f"http://127.0.0.1:{running_stack.config.ports['prefect']}/api"
+    assert values["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{running_stack.config.ports['s3']}"
+    assert (running_stack.root / "stack.env").stat().st_mode & 0o777 == 0o600
+    out = subprocess.run([sys.executable, "-m", "olora.stack", "status"], cwd=running_stack.root, env=running_stack.env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for name in ("postgres", "s3", "mlflow", "prefect", *[f"olora-worker-{i}" for i in range(1, WORKERS + 1)]):
+        assert any(line.startswith(name) and " up " in line for line in out.stdout.splitlines()), out.stdout
+
+
+@pytest.mark.stack
+def test_postgres_takes_the_role_password_and_refuses_a_wrong_one(running_stack):
+    config, secret = running_stack.config, running_stack.secret
+    for database in stack.PG_DATABASES:
+        stack.check_postgres_login(config, secret["postgres_password"], database=database)
+    with pytest.raises(services.ServiceError, match=r"PostgreSQL at 127.0.0.1:\d+ refused the password of role 'olora'"):
+        stack.check_postgres_login(config, "wrong-" + secret["postgres_password"])
+    with pytest.raises(services.ServiceError, match="refused the password of role 'postgres'"):
+        stack.check_postgres_login(config, secret["postgres_password"], user="postgres", database="postgres")
+
+
+@pytest.mark.stack
+def test_s3_needs_the_keys(running_stack):
+    config, values = running_stack.config, running_stack.values
+    key, secret_key = values["AWS_ACCESS_KEY_ID"], values["AWS_SECRET_ACCESS_KEY"]
+    client = stack.s3_client(config, key, secret_key)
+    client.put_object(Bucket=stack.BUCKET, Key="checks/hello.txt", Body=b"hello")
+    assert client.get_object(Bucket=stack.BUCKET, Key="checks/hello.txt")["Body"].read() == b"hello"
+    for wrong in ((key, secret_key + "x"), ("OLORANOSUCHKEY000000", secret_key)):
+        with pytest.raises(services.ServiceError, match=r"the S3 store \(SeaweedFS\) at http://127.0.0.1:\d+ refused"):
+            stack.check_s3(config, *wrong)
+    with pytest.raises(urllib.error.HTTPError) as info:  # anonymous
+        urllib.request.urlopen(f"{config.s3_url}/{stack.BUCKET}/checks/hello.txt", timeout=10)
+    assert info.value.code == 403
+    with pytest.raises(urllib.error.HTTPError) as info:  # SeaweedFS's own filer port needs its JWT
+        urllib.request.urlopen(f"http://127.0.0.1:{config.ports['weed_filer']}/buckets/{stack.BUCKET}/checks/hello.txt", timeout=10)
+    assert info.value.code == 401
+
+
+@pytest.mark.stack
+def test_mlflow_logs_a_run_whose_artifact_lands_in_the_bucket(running_stack, monkeypatch):
+    from mlflow import MlflowClient
+
+    values = running_stack.values
+    url = values["MLFLOW_TRACKING_URI"]
+    assert _http(f"{url}/api/2.0/mlflow/experiments/search", data={"max_results": 1})[0] == 401
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, values[name])
+    client = MlflowClient(url)
+    experiment = client.create_experiment("stack-check")
+    run = client.create_run(experiment)
+    client.log_metric(run.info.run_id, "loss", 0.5)
+    client.log_text(run.info.run_id, "hello from the stack", "notes/hello.txt")
+    client.set_terminated(run.info.run_id)
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # served through the tracking server
+    s3 = stack.s3_client(running_stack.config, values["AWS_ACCESS_KEY_ID"], values["AWS_SECRET_ACCESS_KEY"])
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=stack.BUCKET, Prefix="mlflow-artifacts/").get("Contents", [])]
+    assert f"mlflow-artifacts/{experiment}/{run.info.run_id}/artifacts/notes/hello.txt" in keys, keys
+    running_stack.run_id = run.info.run_id
+
+
+@pytest.mark.stack
+def test_prefect_answers_with_its_auth_string_and_has_the_pool_and_workers(running_stack):
+    values, config = running_stack.values, running_stack.config
+    api = values["PREFECT_API_URL"]
+    right = {"Authorization": "Basic " + base64.b64encode(values["PREFECT_API_AUTH_STRING"].encode()).decode()}
+    assert _http(f"{api}/work_pools/{stack.WORK_POOL}")[0] == 401
+    status, pool = _http(f"{api}/work_pools/{stack.WORK_POOL}", headers=right)
+    assert status == 200 and pool["type"] == "process" and pool["base_job_template"]
+    online = stack.online_workers(config, running_stack.secret)
+    assert set(online) == {f"olora-worker-{i}" for i in range(1, WORKERS + 1)}, online
+
+
+@pytest.mark.stack
+def test_dvc_pushes_to_the_stack_remote(running_stack):
+    root = running_stack.root
+    local = (root / ".dvc" / "config.local").read_text()
+    assert "remote = stack" in local and "endpointurl" in local
+    assert (root / ".dvc" / "config.local").stat().st_mode & 0o777 == 0o600
+    env = {k: v for k, v in running_stack.env.items() if not k.startswith("AWS_")}  # config.local alone suffices
+    dvc = str(Path(sys.executable).parent / "dvc")
+    (root / "tiny.txt").write_text("a tiny tracked file\n")
+    for command in (["add", "-q", "tiny.txt"], ["push"], ["status", "-c"]):
+        done = subprocess.run([dvc, *command], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert "in sync" in done.stdout, done.stdout
+    values = running_stack.values
+    s3 = stack.s3_client(running_stack.config, values["AWS_ACCESS_KEY_ID"], values["AWS_SECRET_ACCESS_KEY"])
+    assert s3.list_objects_v2(Bucket=stack.BUCKET, Prefix="dvc/").get("KeyCount", 0) >= 1
+
+
+@pytest.mark.stack
+def test_every_listening_socket_is_on_loopback(running_stack):
+    import psutil
+
+    pids = {p.pid for p in running_stack.processes()}
+    listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.pid in pids}
+    assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening
+    assert set(running_stack.config.ports.values()) <= {port for _, port in listening}
+
+
+@pytest.mark.stack
+def test_down_leaves_no_process_and_data_survives_up_again(running_stack, monkeypatch):
+    from mlflow import MlflowClient
+
+    procs = running_stack.processes()
+    assert len(procs) >= 6
+    running_stack.run("down")
+    assert services._alive(procs) == []
+    assert all(services.port_free("127.0.0.1", port) for port in running_stack.config.ports.values())
+    before = running_stack.values
+    running_stack.run("up")  # warm: the same secrets, the data in place
+    assert running_stack.values == before
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, before[name])
+    run_id = getattr(running_stack, "run_id", None)
+    if run_id is None:
+        pytest.skip("the MLflow test did not run")
+    run = MlflowClient(before["MLFLOW_TRACKING_URI"]).get_run(run_id)
+    assert run.data.metrics["loss"] == 0.5
+    s3 = stack.s3_client(running_stack.config, before["AWS_ACCESS_KEY_ID"], before["AWS_SECRET_ACCESS_KEY"])
+    assert s3.get_object(Bucket=stack.BUCKET, Key="checks/hello.txt")["Body"].read() == b"hello"
