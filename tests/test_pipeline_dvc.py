@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from overlay import copy_project, write_params
+from conftest import make_dvc_project
 
 pytestmark = pytest.mark.integration
 
@@ -43,16 +43,7 @@ def sh(args: list[str], cwd: Path, check: bool = True, extra_env: dict | None = 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_model_dir) -> Path:
-    root = tmp_path_factory.mktemp("project")
-    copy_project(root)
-    write_params(root, tiny_model_dir)
-    sh(["git", "init", "-q"], root)
-    sh(["git", "config", "user.email", "t@example.com"], root)
-    sh(["git", "config", "user.name", "t"], root)
-    sh([str(BIN / "dvc"), "init", "-q"], root)
-    sh(["git", "add", "-A"], root)
-    sh(["git", "commit", "-qm", "init"], root)
-    return root
+    return make_dvc_project(tmp_path_factory.mktemp("project"), tiny_model_dir)
 
 
 def _run_count(root: Path) -> int:
