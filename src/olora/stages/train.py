@@ -457,6 +457,8 @@ def train(layout: Layout = Layout(), overrides: dict[str, Any] | None = None, ca
         return result.metrics
     if run:
         result.metrics["tracking_seconds"] = round(batch_logger.seconds, 4)
+        result.metrics["tracking_sends"] = batch_logger.sends
+        result.metrics["tracking_values_sent"] = batch_logger.values_sent
         result.metrics["tracking_share_of_train_time"] = round(batch_logger.seconds / max(result.metrics["train_seconds"], 1e-9), 6)
         runs.finish_training_run(*run, cfg, result.metrics, result.history, layout.exported, layout.adapter)
     _write_curve(layout.plot("train_loss"), [(h["step"], h["loss"]) for h in result.history if "loss" in h], "loss")

@@ -39,6 +39,8 @@ class BatchLogger:
         self.held = held or set()  # (name, step) the run already holds: a resumed run re-logs them
         self.seconds = 0.0
         self.failures = 0
+        self.sends = 0  # successful batch sends: the request count the server saw
+        self.values_sent = 0
         self.last = time.perf_counter()
         self.callback = _Callback()
 
@@ -79,6 +81,8 @@ class BatchLogger:
             return False
         finally:
             self.seconds += time.perf_counter() - start
+        self.sends += 1
+        self.values_sent += sum(len(points) for points in batch.values())
         if self.failures:
             log.info("tracking server reachable again: sent the values it missed")
             self.failures = 0
