@@ -25,6 +25,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.tasks import exponential_backoff
 
 from olora import dvc, workspace
+from olora.envfile import stack_env
 from olora.config import apply_overrides, config_from_dict, load_config
 from olora.errors import OloraError
 from olora.layout import RUN_FILE, Layout
@@ -210,7 +211,7 @@ def olora_pipeline(root: str = ".", overrides: dict[str, Any] | None = None, pro
     if overrides:
         config_from_dict(apply_overrides(yaml.safe_load((source / "params.yaml").read_text()), overrides))  # and bad overrides
     name = name or run_name()
-    with shared_tracking(source, isolate):
+    with stack_env(source), shared_tracking(source, isolate):  # the team's services (stack.env), else the source's store
         return _pipeline(source, overrides, promote, push, isolate, name)
 
 
@@ -257,7 +258,7 @@ def olora_sweep(root: str = ".", grid: dict[str, list[Any]] | None = None, deplo
     prefix = run_name()
     names = [f"{prefix}-v{i}" for i in range(len(variants))]
     cfg = load_config(source / "params.yaml")
-    with shared_tracking(source, not deployment):
+    with stack_env(source), shared_tracking(source, not deployment):
         return _sweep(source, cfg, keys, variants, names, deployment, push)
 
 

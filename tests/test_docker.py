@@ -305,9 +305,6 @@ def test_compose_uses_the_variables_of_stack_env(compose, stack_client_env):
     assert set(stack.ENV_VARS) <= set(worker), f"the worker lacks {sorted(set(stack.ENV_VARS) - set(worker))}"
     for var in stack.ENV_VARS:
         ours, theirs = worker[var], stack_client_env[var]
-        if var == "OLORA_DVC_REMOTE":  # a name in stack.env (the remote in .dvc/config.local); olora.workspace
-            assert ours == worker["OLORA_DVC_REMOTE_URL"]  # adds $OLORA_DVC_REMOTE as a URL in a clone that has none
-            continue
         if theirs.startswith("http://"):  # the same endpoint, reached by service name inside the network
             a, b = urlsplit(ours), urlsplit(theirs)
             key = next(k for k, (_, _, default) in stack.PORTS.items() if default == b.port)
@@ -315,11 +312,24 @@ def test_compose_uses_the_variables_of_stack_env(compose, stack_client_env):
             assert a.hostname == COMPOSE_SERVICE[stack.PORTS[key][0]], var
             continue
         ref = VAR_REF.fullmatch(ours)
-        assert ref and ref["var"] in (var, "OLORA_DVC_REMOTE_URL"), f"worker: {var}={ours!r} should come from ${{{var}}}"
+        assert ref and ref["var"] == var, f"worker: {var}={ours!r} should come from ${{{var}}}"
         if ref["op"] == ":-":  # a default: the stack's own value
             assert ref["arg"] == theirs, f"worker: {var} defaults to {ref['arg']!r}, make stack writes {theirs!r}"
         else:
             assert ref["op"] == ":?", var
+
+
+def test_compose_workers_are_set_up_as_make_stack_sets_up_its_workers(compose, tmp_path):
+    config = stack.load_config(tmp_path, environ={})
+    dummy = {key: f"dummy-{key}" for key in ("mlflow_admin_password", "prefect_password", "s3_access_key", "s3_secret_key")}
+    ours = stack.worker_service(config, dummy, 1).env
+    theirs = env_of(compose["services"]["worker"])
+    assert set(stack.ENV_VARS) <= set(ours)  # make stack's workers get stack.env's settings, as compose's do
+    # workspaces and DVC cache that outlive the worker (a crashed run's rerun continues), and heartbeats
+    for var in ("OLORA_RUNS_DIR", "OLORA_DVC_CACHE"):
+        assert ours[var].startswith(str(config.state_dir)) and theirs[var].startswith("/home/olora/.cache/")
+    assert theirs["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == ours["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(stack.HEARTBEAT_SECONDS)
+    assert any("worker-cache:/home/olora/.cache" in v for v in compose["services"]["worker"]["volumes"])
 
 
 def test_compose_servers_are_configured_as_make_stack_configures_them(compose, tmp_path, monkeypatch, stack_client_env):

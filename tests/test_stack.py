@@ -269,3 +269,17 @@ def test_down_leaves_no_process_and_data_survives_up_again(running_stack, monkey
     assert run.data.metrics["loss"] == 0.5
     s3 = stack.s3_client(running_stack.config, before["AWS_ACCESS_KEY_ID"], before["AWS_SECRET_ACCESS_KEY"])
     assert s3.get_object(Bucket=stack.BUCKET, Key="checks/hello.txt")["Body"].read() == b"hello"
+
+
+def test_crash_detection_setting_is_checked_and_the_automation_is_prefects_zombie_recipe():
+    assert stack.crash_after_seconds({}) == 90
+    assert stack.crash_after_seconds({stack.CRASH_AFTER_VAR: "75"}) == 75
+    for bad in ("30", "soon", "-1"):
+        with pytest.raises(services.ServiceError, match=rf"{stack.CRASH_AFTER_VAR}='{bad}': expected whole seconds, at least 60"):
+            stack.crash_after_seconds({stack.CRASH_AFTER_VAR: bad})
+    body = stack.crash_automation(75)
+    from prefect.events.schemas.automations import AutomationCore
+
+    parsed = AutomationCore.model_validate(body)  # Prefect's own schema accepts it
+    assert parsed.trigger.posture.value == "Proactive" and parsed.trigger.within.total_seconds() == 75
+    assert parsed.actions[0].type == "change-flow-run-state" and parsed.actions[0].state.value == "CRASHED"

@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from olora.envfile import load_env
 from olora.errors import OloraError
 from olora.layout import Layout
 from olora.stages import STAGES
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     layout = Layout(Path(args.root))
     try:
+        if applied := load_env(layout.root):  # the shared services' settings (`make stack`), unless already set
+            logging.getLogger("olora").info("using %s/stack.env (%s)", layout.root, ", ".join(sorted(applied)))
         overrides = _parse_set(args.set)
         stage = _stage_for(args)
         if stage is not None:

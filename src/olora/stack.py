@@ -19,7 +19,7 @@ What `up` starts, each bound to 127.0.0.1 unless OLORA_STACK_HOST says otherwise
 State (databases, objects, logs, auth files, generated secrets) lives in `.stack/` (git-ignored; or
 OLORA_STACK_DIR). Secrets are random on the first `up` and reused; data survives `down` + `up`.
 Clients read `stack.env` (KEY=value, 0600, git-ignored): `set -a; . ./stack.env; set +a`, or
-`olora.stack.load_env(root)` from Python.
+`olora.envfile.load_env(root)` from Python; `olora` commands and the flows load it themselves.
 """
 
 from __future__ import annotations
@@ -45,11 +45,11 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from olora import services
+from olora.envfile import ENV_FILE, load_env, read_env_file  # noqa: F401 - stack.load_env / read_env_file, as documented
 from olora.services import LOOPBACK, Service, ServiceError, port_free, write_private
 
 HOST_VAR = "OLORA_STACK_HOST"
 DIR_VAR = "OLORA_STACK_DIR"
-ENV_FILE = "stack.env"
 BUCKET = "olora"
 WORK_POOL = "olora-process"
 DVC_REMOTE = "stack"
@@ -210,39 +210,6 @@ def write_env_file(path: Path, values: Mapping[str, str]) -> Path:
              "# Load it with: set -a; . ./stack.env; set +a"]
     lines += [f"{key}={shlex.quote(value)}" for key, value in values.items()]
     return write_private(path, "\n".join(lines) + "\n")
-
-
-def read_env_file(path: Path | str) -> dict[str, str]:
-    """KEY=value lines (comments, blanks and `export ` allowed; values may be shell-quoted)."""
-    values = {}
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[len("export "):].lstrip()
-        key, sep, raw = line.partition("=")
-        if not sep or not key.strip().isidentifier():
-            raise ServiceError(f"{path}:{number}: expected KEY=value")
-        parts = shlex.split(raw, comments=True) if raw.strip() else [""]
-        values[key.strip()] = parts[0] if parts else ""
-    return values
-
-
-def load_env(root: Path | str = ".", *, path: Path | str | None = None, override: bool = False) -> dict[str, str]:
-    """Put the stack's client variables (root/stack.env) into os.environ; variables already set win.
-
-    Returns what it set. A missing file sets nothing (no stack: the pipeline's local defaults apply).
-    """
-    path = Path(path) if path is not None else Path(root) / ENV_FILE
-    if not path.is_file():
-        return {}
-    applied = {}
-    for key, value in read_env_file(path).items():
-        if override or key not in os.environ:
-            os.environ[key] = value
-            applied[key] = value
-    return applied
 
 
 def _basic(user_password: str) -> dict[str, str]:
@@ -556,6 +523,63 @@ def ensure_work_pool(config: StackConfig, secret: Mapping[str, str]) -> None:
         raise ServiceError(f"prefect at {config.prefect_url}: creating work pool {WORK_POOL!r} answered {status}")
 
 
+CRASH_AUTOMATION = "olora: mark flow runs whose heartbeats stopped as crashed"
+HEARTBEAT_SECONDS = 30  # Prefect's minimum
+CRASH_AFTER_VAR = "OLORA_STACK_CRASH_AFTER"  # seconds without a heartbeat before a run is marked crashed
+
+
+def crash_after_seconds(environ: Mapping[str, str] | None = None) -> int:
+    environ = os.environ if environ is None else environ
+    raw = environ.get(CRASH_AFTER_VAR, "90")
+    try:
+        seconds = int(raw)
+    except ValueError:
+        seconds = -1
+    if seconds < 2 * HEARTBEAT_SECONDS:
+        raise ServiceError(f"{CRASH_AFTER_VAR}={raw!r}: expected whole seconds, at least {2 * HEARTBEAT_SECONDS} "
+                           f"(two heartbeats of {HEARTBEAT_SECONDS} s), so a busy run is not taken for a dead one")
+    return seconds
+
+
+def crash_automation(within: int) -> dict:
+    """Prefect's documented zombie-flow automation: no heartbeat (and no final state) within `within` s -> CRASHED."""
+    return {
+        "name": CRASH_AUTOMATION,
+        "description": "A worker or machine that dies mid-run stops the run's heartbeats; this marks the run "
+                       "Crashed so it can be retried (`prefect flow-run retry <id>`). Created by olora.stack.",
+        "enabled": True,
+        "trigger": {
+            "type": "event",
+            "posture": "Proactive",
+            "after": ["prefect.flow-run.heartbeat"],
+            "expect": ["prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                       "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"],
+            "match": {"prefect.resource.id": ["prefect.flow-run.*"]},
+            "for_each": ["prefect.resource.id"],
+            "threshold": 1,
+            "within": within,
+        },
+        "actions": [{"type": "change-flow-run-state", "state": "CRASHED",
+                     "message": f"no heartbeat for {within} s: the worker or its machine died (olora.stack automation)"}],
+    }
+
+
+def ensure_crash_automation(config: StackConfig, secret: Mapping[str, str], within: int) -> None:
+    """Create (or update) the zombie-run automation on the stack's Prefect server."""
+    headers = _prefect_headers(secret)
+    body = crash_automation(within)
+    status, found = _request(f"{config.prefect_url}/automations/filter", headers=headers, data={})
+    if status != 200:
+        raise ServiceError(f"prefect at {config.prefect_url}: listing automations answered {status}")
+    existing = [a for a in found if a.get("name") == CRASH_AUTOMATION]
+    if existing:
+        status, _ = _request(f"{config.prefect_url}/automations/{existing[0]['id']}", headers=headers, data=body, method="PUT")
+    else:
+        status, _ = _request(f"{config.prefect_url}/automations/", headers=headers, data=body)
+    if status not in (200, 201, 204):
+        raise ServiceError(f"prefect at {config.prefect_url}: creating the automation {CRASH_AUTOMATION!r} answered {status}")
+
+
 def online_workers(config: StackConfig, secret: Mapping[str, str], since: float = 0.0) -> dict[str, dict]:
     """The pool's workers that are ONLINE (and, with `since`, heartbeat after that Unix time), by name."""
     from datetime import datetime
@@ -576,11 +600,16 @@ def online_workers(config: StackConfig, secret: Mapping[str, str], since: float 
 def worker_service(config: StackConfig, secret: Mapping[str, str], index: int) -> Service:
     name = f"olora-worker-{index}"
     env = _base_env()
+    env.update(client_env(config, secret))  # flow runs log to the stack's MLflow, push to its S3 DVC remote
     env.update({
-        "PREFECT_API_URL": config.prefect_url,
         services.PREFECT_CLIENT_AUTH_VAR: f"{PREFECT_USER}:{secret['prefect_password']}",
         "PREFECT_HOME": str(config.state_dir / "prefect" / name),
         "PYTHONUNBUFFERED": "1",
+        # run workspaces and the DVC cache outlive a worker: a rerun of a crashed flow run continues where it stopped
+        "OLORA_RUNS_DIR": str(config.state_dir / "runs"),
+        "OLORA_DVC_CACHE": str(config.state_dir / "dvc-cache"),
+        # flow runs send heartbeats; the stack's automation marks a run whose heartbeats stop as CRASHED
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS),
     })
     since = time.time() - 1
 
@@ -703,6 +732,7 @@ def up(config: StackConfig, log: Callable[[str], None] = _say) -> dict[str, str]
         values = client_env(config, secret)
         write_env_file(config.root / ENV_FILE, values)
         return values
+    crash_within = crash_after_seconds()  # a bad setting fails before anything starts
     check_ports(config)
     state = {"root": str(config.root), "host": config.host, "ports": dict(config.ports), "workers": config.workers,
              "services": {}}
@@ -740,6 +770,7 @@ def up(config: StackConfig, log: Callable[[str], None] = _say) -> dict[str, str]
         s3_started.result()
         check_s3(config, secret["s3_access_key"], secret["s3_secret_key"], create=True)
         ensure_work_pool(config, secret)
+        ensure_crash_automation(config, secret, crash_within)
         if config.workers:
             phase(*[(lambda i=i: worker_service(config, secret, i)) for i in range(1, config.workers + 1)])
     except BaseException:

@@ -1,0 +1,68 @@
+"""stack.env: the shared services' client settings (written by `make stack`), picked up by the pipeline.
+
+`olora` commands (so `dvc repro`'s stages) and the Prefect flows load `<project>/stack.env` when it
+exists, so they log to the team's MLflow server, use its S3 store and DVC remote, without the user
+exporting anything. Variables already set in the environment win; a missing file changes nothing
+(the project's local defaults apply). The `mlflow`, `prefect` and `dvc` CLIs read the same file
+after `set -a; . ./stack.env; set +a`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+from collections.abc import Iterator
+from pathlib import Path
+
+from olora.errors import OloraError
+
+ENV_FILE = "stack.env"
+
+
+class EnvFileError(OloraError):
+    """A stack.env line that is not KEY=value."""
+
+
+def read_env_file(path: Path | str) -> dict[str, str]:
+    """KEY=value lines (comments, blanks and `export ` allowed; values may be shell-quoted)."""
+    values = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export "):].lstrip()
+        key, sep, raw = line.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise EnvFileError(f"{path}:{number}: expected KEY=value (as `python -m olora.stack up` writes it)")
+        parts = shlex.split(raw, comments=True) if raw.strip() else [""]
+        values[key.strip()] = parts[0] if parts else ""
+    return values
+
+
+def load_env(root: Path | str = ".", *, path: Path | str | None = None, override: bool = False) -> dict[str, str]:
+    """Put the stack's client variables (root/stack.env) into os.environ; variables already set win.
+
+    Returns what it set. A missing file sets nothing (no stack: the pipeline's local defaults apply).
+    """
+    path = Path(path) if path is not None else Path(root) / ENV_FILE
+    if not path.is_file():
+        return {}
+    applied = {}
+    for key, value in read_env_file(path).items():
+        if override or key not in os.environ:
+            os.environ[key] = value
+            applied[key] = value
+    return applied
+
+
+@contextlib.contextmanager
+def stack_env(root: Path | str) -> Iterator[dict[str, str]]:
+    """load_env for the duration of a block (a flow run), then the environment as it was."""
+    applied = load_env(root)
+    try:
+        yield applied
+    finally:
+        for key in applied:
+            os.environ.pop(key, None)
