@@ -126,6 +126,8 @@ def running_stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("stack-project")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "AWS_", "OLORA_STACK_"))}
     env["DVC_NO_ANALYTICS"] = "1"
+    env["OLORA_NUM_THREADS"] = "1"  # the workers' flow runs: two at once on two cores
+    env[stack.CRASH_AFTER_VAR] = "60"  # a dead worker's run is marked CRASHED 60 s after its last heartbeat
     for (key, (_, var, _)), port in zip(stack.PORTS.items(), _free_ports(len(stack.PORTS))):
         env[var] = str(port)
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
@@ -246,6 +248,191 @@ def test_every_listening_socket_is_on_loopback(running_stack):
                  if c.status == psutil.CONN_LISTEN and c.pid in pids}
     assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening
     assert set(running_stack.config.ports.values()) <= {port for _, port in listening}
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout
+
+
+def _wait_final(prefect_url: str, headers: dict, run_ids: list[str], seconds: float, until: set[str] | None = None) -> dict[str, str]:
+    """Poll Prefect's REST API until every run is final (or in `until`); returns id -> state type."""
+    until = until or {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+    deadline, states = time.monotonic() + seconds, {}
+    while time.monotonic() < deadline:
+        for run_id in run_ids:
+            status, run = _http(f"{prefect_url}/flow_runs/{run_id}", headers=headers)
+            assert status == 200, status
+            states[run_id] = run["state"]["type"]
+        if all(state in until for state in states.values()):
+            return states
+        time.sleep(3)
+    return states
+
+
+def _prefect_logs(prefect_url: str, headers: dict, run_id: str) -> str:
+    status, logs = _http(f"{prefect_url}/logs/filter", headers=headers,
+                         data={"logs": {"flow_run_id": {"any_": [run_id]}, "level": {"ge_": 30}}, "limit": 30})
+    return "\n".join(entry["message"][-1500:] for entry in logs or [])
+
+
+@pytest.mark.stack
+def test_two_deployment_runs_on_two_workers_recorded_restored_and_a_killed_worker_rerun(running_stack, tmp_path, tiny_model_dir):
+    """The production loop on the real stack: prefect.yaml deployed, two on-demand runs at once on two workers.
+
+    One of them is paused in `train` and its worker killed (SIGKILL, worker and flow-run process, as a lost
+    machine): the stack's heartbeat automation marks it CRASHED, `prefect flow-run retry` reruns it on the other
+    worker, and it resumes from its checkpoint in the workspace the dead worker left. Then: two MLflow runs in
+    the PostgreSQL-backed server (its REST API), two registered versions carrying their git refs, artifacts in
+    the S3 store, both refs in the git remote, both adapters in the DVC remote, the deploying checkout untouched,
+    and `olora restore` in a fresh clone (with nothing but stack.env) giving the registered adapter's hashes.
+    """
+    from olora.overlay import copy_project, write_params
+
+    s, values = running_stack, running_stack.values
+    bin_dir = Path(sys.executable).parent
+    headers = stack._prefect_headers(s.secret)
+    mlflow_auth = {"Authorization": "Basic " + base64.b64encode(
+        f"{values['MLFLOW_TRACKING_USERNAME']}:{values['MLFLOW_TRACKING_PASSWORD']}".encode()).decode()}
+    # the team's git remote and the checkout that deploys (with stack.env, as `make stack` leaves it)
+    remote, root = tmp_path / "team.git", tmp_path / "deployer"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(remote)], check=True)
+    root.mkdir()
+    copy_project(root)
+    write_params(root, tiny_model_dir, {"evaluate.tasks": ["arc_easy"]})
+    for name in ("prefect.yaml",):
+        (root / name).write_text((REPO / name).read_text())
+    subprocess.run(["cp", "-r", str(REPO / "flows"), str(root / "flows")], check=True)
+    env = {k: v for k, v in s.env.items() if not k.startswith(("MLFLOW_", "PREFECT_", "AWS_"))}
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", PREFECT_HOME=str(tmp_path / "prefect-home"),
+               OLORA_GIT_REMOTE=str(remote), OLORA_GIT_BRANCH="main")
+    for args in (["git", "init", "-q", "-b", "main"], ["git", "config", "user.email", "t@e.com"], ["git", "config", "user.name", "t"],
+                 ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"],
+                 ["git", "remote", "add", "origin", str(remote)], ["git", "push", "-q", "origin", "main"]):
+        subprocess.run(args, cwd=root, check=True, env=env, capture_output=True)
+    stack.write_env_file(root / "stack.env", values)  # git-ignored
+    env.update(values)  # `set -a; . ./stack.env; set +a`
+
+    def cli(*args: str, cwd: Path = root, timeout: int = 300) -> str:
+        out = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        assert out.returncode == 0, f"{' '.join(args)}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+        return out.stdout
+
+    cli("prefect", "--no-prompt", "deploy", "--all")
+    before = (_git(root, "status", "--porcelain", "--untracked-files=all"), (root / "params.yaml").read_text(), _git(root, "rev-parse", "HEAD"))
+
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    start = time.monotonic()
+    first = cli("prefect", "deployment", "run", "olora-pipeline/on-demand", "--param", 'overrides={"adapter.r": 2}')
+    second = cli("prefect", "deployment", "run", "olora-pipeline/on-demand", "--param", 'overrides={"adapter.r": 4}',
+                 "--job-variable", "env=" + json.dumps({"OLORA_PAUSE_AT": "train:saved-4", "OLORA_PAUSE_DIR": str(pause)}))
+    ids = [next(line.split()[-1] for line in out.splitlines() if "UUID" in line) for out in (first, second)]
+
+    # the second run pauses right after a checkpoint; its worker (and the flow-run process under it) is killed
+    reached = pause / "train:saved-4.reached"
+    deadline = time.monotonic() + 600
+    while not reached.exists():
+        assert time.monotonic() < deadline, f"the paused run never reached train:saved-4:\n{_prefect_logs(s.config.prefect_url, headers, ids[1])}"
+        time.sleep(0.5)
+    import psutil
+
+    paused_pid = int(reached.read_text())
+    state = json.loads((s.config.state_dir / "stack.json").read_text())["services"]
+    workers = {name: psutil.Process(entry["pid"]) for name, entry in state.items() if name.startswith("olora-worker-")}
+    holder = next(name for name, proc in workers.items() if paused_pid in {c.pid for c in proc.children(recursive=True)})
+    other = next(name for name in workers if name != holder)
+    doomed = [workers[holder], *workers[holder].children(recursive=True)]
+    for proc in doomed:
+        proc.kill()
+    psutil.wait_procs(doomed, timeout=30)
+    killed_at = time.monotonic()
+
+    crashed = _wait_final(s.config.prefect_url, headers, [ids[1]], 240)
+    assert crashed[ids[1]] == "CRASHED", f"the killed run is {crashed[ids[1]]}, not CRASHED (heartbeat automation)"
+    message = _http(f"{s.config.prefect_url}/flow_runs/{ids[1]}", headers=headers)[1]["state"]["message"]
+    assert "no heartbeat for 60 s" in message, message  # marked by the stack's automation, nothing else
+    crash_seconds = time.monotonic() - killed_at
+    (pause / "train:saved-4").touch()  # the rerun passes the marker
+    cli("prefect", "flow-run", "retry", ids[1])
+    states = _wait_final(s.config.prefect_url, headers, ids, 900)
+    elapsed = time.monotonic() - start
+    if set(states.values()) != {"COMPLETED"}:
+        pytest.fail(f"runs ended {states}:\n" + "\n".join(_prefect_logs(s.config.prefect_url, headers, i) for i in ids))
+    runs = [_http(f"{s.config.prefect_url}/flow_runs/{i}", headers=headers)[1] for i in ids]
+    assert runs[1]["run_count"] >= 2  # the same flow run, run again
+    names = [f"{r['name']}-{r['id'][:8]}" for r in runs]  # flows.run_name(): the workspace and runs/ branch name
+    print(f"\ntwo runs on two workers, one killed and rerun: {elapsed:.0f} s; crash detected {crash_seconds:.0f} s after the kill")
+
+    # both refs in the git remote, each holding its own overrides; the rerun resumed from the checkpoint
+    branches = [f"runs/{n}" for n in names]
+    assert set(_git(remote, "branch", "--list", "runs/*", "--format=%(refname:short)").split()) == set(branches)
+    assert [yaml_r(_git(remote, "show", f"{b}:params.yaml")) for b in branches] == [2, 4]
+    assert json.loads(_git(remote, "show", f"{branches[1]}:metrics/train.json"))["resumed"] is True
+    assert json.loads(_git(remote, "show", f"{branches[0]}:metrics/train.json"))["resumed"] is False
+    registrations = [json.loads(_git(remote, "show", f"{b}:reports/registration.json")) for b in branches]
+    model = registrations[0]["name"]
+
+    # MLflow (PostgreSQL-backed, over REST): one run per flow run, FINISHED, tagged with its ref; two versions
+    mlflow = values["MLFLOW_TRACKING_URI"]
+    status, experiment = _http(f"{mlflow}/api/2.0/mlflow/experiments/get-by-name?experiment_name=olora", headers=mlflow_auth)
+    assert status == 200
+    status, found = _http(f"{mlflow}/api/2.0/mlflow/runs/search", headers=mlflow_auth, data={
+        "experiment_ids": [experiment["experiment"]["experiment_id"]], "max_results": 100})
+    tagged = {}
+    for run in found.get("runs", []):
+        tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+        if tags.get("olora.run_name") in names:
+            tagged.setdefault(tags["olora.run_name"], []).append((run["info"], tags))
+    assert {n: len(v) for n, v in tagged.items()} == {n: 1 for n in names}  # exactly one run each, the rerun's included
+    for n, branch in zip(names, branches):
+        info, tags = tagged[n][0]
+        assert info["status"] == "FINISHED" and tags["olora.git_branch"] == branch
+        assert tags["olora.git_commit"] == _git(remote, "rev-parse", branch).strip()
+    status, versions = _http(f"{mlflow}/api/2.0/mlflow/model-versions/search?filter=" + urllib.request.quote(f"name='{model}'"),
+                             headers=mlflow_auth)
+    by_branch = {next(t["value"] for t in v["tags"] if t["key"] == "olora.git_branch"): v for v in versions["model_versions"]}
+    assert set(by_branch) == set(branches)
+    # their artifacts in the S3 store (served through the tracking server)
+    s3 = stack.s3_client(s.config, values["AWS_ACCESS_KEY_ID"], values["AWS_SECRET_ACCESS_KEY"])
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=stack.BUCKET) for o in page.get("Contents", [])]
+    for n in names:
+        run_id = tagged[n][0][0]["run_id"]
+        assert any(run_id in k and k.endswith("loss_curve.png") for k in keys), f"no artifacts of run {run_id} in the bucket"
+
+    # the deploying checkout is untouched
+    assert (_git(root, "status", "--porcelain", "--untracked-files=all"), (root / "params.yaml").read_text(),
+            _git(root, "rev-parse", "HEAD")) == before and not (root / "dvc.lock").exists()
+
+    # a fresh clone with only stack.env restores each registered version: exact params, data and adapter
+    import hashlib
+
+    fresh = tmp_path / "fresh"
+    subprocess.run(["git", "clone", "-q", str(remote), str(fresh)], check=True)
+    stack.write_env_file(fresh / "stack.env", values)
+    clean = {k: v for k, v in env.items() if k not in values}  # nothing exported: olora reads stack.env itself
+    for branch in branches:
+        version = by_branch[branch]
+        done = subprocess.run(["olora", "restore", "--model", model, "--version", version["version"]], cwd=fresh, env=clean,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert _git(fresh, "rev-parse", "HEAD").strip() == _git(remote, "rev-parse", branch).strip()
+        assert "Data and pipelines are up to date" in cli("dvc", "status", cwd=fresh)
+        assert "in sync" in cli("dvc", "status", "-c", cwd=fresh)  # the DVC remote holds every output of this run
+        recorded = json.loads(next(t["value"] for t in version["tags"] if t["key"] == "artifact_sha256"))
+        assert hashlib.sha256((fresh / "models/exported/adapter_model.safetensors").read_bytes()).hexdigest() == \
+            recorded["adapter/adapter_model.safetensors"]
+
+    # `make stack` again brings the dead worker back
+    restarted_after = time.time()
+    assert f"{holder:<16} restarted" in s.run("up").stdout
+    assert holder in stack.online_workers(s.config, s.secret, since=restarted_after)  # `up` waits for it to be online
+    assert other in stack.online_workers(s.config, s.secret)
+
+
+def yaml_r(text: str) -> int:
+    import yaml
+
+    return yaml.safe_load(text)["adapter"]["r"]
 
 
 @pytest.mark.stack

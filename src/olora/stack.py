@@ -618,7 +618,9 @@ def worker_service(config: StackConfig, secret: Mapping[str, str], index: int) -
 
     return Service(
         name=name,
-        command=[sys.executable, "-m", "prefect", "worker", "start", "--pool", WORK_POOL, "--type", "process", "--name", name],
+        # one flow run at a time per worker: a training run takes the machine (or its GPU); more runs, more workers
+        command=[sys.executable, "-m", "prefect", "worker", "start", "--pool", WORK_POOL, "--type", "process", "--name", name,
+                 "--limit", "1"],
         env=env, cwd=config.root, url=f"{config.prefect_url}/work_pools/{WORK_POOL}",
         health_url=f"{config.prefect_url}/work_pools/{WORK_POOL}/workers/filter",
         log_path=config.state_dir / "prefect" / f"{name}.log", host=config.host, port=None, ready=ready,
@@ -725,9 +727,15 @@ def up(config: StackConfig, log: Callable[[str], None] = _say) -> dict[str, str]
     if alive:
         state = _read_state(config)
         missing = [n for n in state["services"] if n not in alive]
-        if missing:
+        if [n for n in missing if not n.startswith("olora-worker-")]:
             raise ServiceError(f"the stack is partly running ({', '.join(sorted(alive))} up; {', '.join(missing)} not): "
                                "run `python -m olora.stack down` first")
+        if missing:  # a worker died (killed, OOM): start it again; its crashed runs can then be retried
+            stored = replace(config, host=state.get("host", config.host), ports=state.get("ports", config.ports))
+            for name in missing:
+                running = services.start(worker_service(stored, secret, int(name.rsplit("-", 1)[1])))
+                _record(config, running, state)
+                log(f"{name:<16} restarted (it had stopped)")
         log(f"the stack is already running ({len(alive)} processes); `python -m olora.stack down` stops it")
         values = client_env(config, secret)
         write_env_file(config.root / ENV_FILE, values)

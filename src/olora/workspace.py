@@ -4,7 +4,7 @@ A scheduled or on-demand run never works in the checkout that deployed it: `crea
 checkout's commit into a folder of its own (git objects hard-linked, DVC cache shared with the
 source, so nothing is copied twice), brings over its git-ignored DVC remote settings
 (`.dvc/config.local`; on a worker that has none, the remote at $OLORA_DVC_REMOTE_URL (as stack.env names it), with
-$AWS_ENDPOINT_URL for an S3-compatible store), and checks out whatever outputs the shared cache already holds, so DVC
+$AWS_ENDPOINT_URL for an S3-compatible store: `add_team_remote`), and checks out whatever outputs the shared cache already holds, so DVC
 skips the stages that are up to date. Overrides are written to that workspace's params.yaml only.
 
 `record` ends a run as git-recorded state: a commit of params.yaml, dvc.lock, metrics, plots and
@@ -84,6 +84,21 @@ def has_dvc_remote(root: Path) -> bool:
     return bool(dvc.run(root, "remote", "list", check=False).stdout.strip())
 
 
+def add_team_remote(root: Path) -> bool:
+    """A clone without a DVC remote (a worker's, a fresh one) gets $OLORA_DVC_REMOTE_URL (stack.env) as its default.
+
+    With $AWS_ENDPOINT_URL for an S3-compatible store; its keys come from the AWS_* variables. Returns whether it added one.
+    """
+    team_remote = os.environ.get("OLORA_DVC_REMOTE_URL")
+    if not team_remote or has_dvc_remote(root):
+        return False
+    name = os.environ.get("OLORA_DVC_REMOTE") or "team"
+    dvc.run(root, "remote", "add", "--local", "--default", "--force", name, team_remote)
+    if os.environ.get("AWS_ENDPOINT_URL"):
+        dvc.run(root, "remote", "modify", "--local", name, "endpointurl", os.environ["AWS_ENDPOINT_URL"])
+    return True
+
+
 def create(source: Path, name: str) -> Path:
     """Clone the source checkout's commit into runs_dir/<name>, sharing its DVC cache; returns the workspace."""
     source = Path(source).resolve()
@@ -102,11 +117,7 @@ def create(source: Path, name: str) -> Path:
     local = source / ".dvc" / "config.local"  # DVC remote credentials and settings that git does not hold
     if local.is_file():
         shutil.copy(local, target / ".dvc" / "config.local")
-    team_remote = os.environ.get("OLORA_DVC_REMOTE_URL")  # a worker on another machine: the remote from its environment
-    if team_remote and not has_dvc_remote(target):
-        dvc.run(target, "remote", "add", "--local", "--default", "--force", "team", team_remote)
-        if os.environ.get("AWS_ENDPOINT_URL"):  # an S3-compatible store (keys come from AWS_* variables)
-            dvc.run(target, "remote", "modify", "--local", "team", "endpointurl", os.environ["AWS_ENDPOINT_URL"])
+    add_team_remote(target)
     dvc.run(target, "cache", "dir", "--local", str(dvc_cache(source)))
     # outputs of earlier runs that the shared cache holds, so DVC skips what is up to date
     if has_dvc_remote(target):
@@ -152,6 +163,7 @@ def restore(root: Path, branch: str, commit: str) -> None:
     root = Path(root)
     _git(root, "fetch", "--quiet", "origin", f"+refs/heads/{branch}:refs/remotes/origin/{branch}")
     _git(root, "checkout", "--quiet", "--detach", commit)
-    if not has_dvc_remote(root):
-        raise WorkspaceError(f"{root} has no DVC remote configured; add the team's remote (`dvc remote add -d ...`) to pull the run's data")
+    if not has_dvc_remote(root) and not add_team_remote(root):
+        raise WorkspaceError(f"{root} has no DVC remote configured; add the team's remote (`dvc remote add -d ...`), "
+                             "or put the stack's stack.env here (it names the remote), to pull the run's data")
     dvc.run(root, "pull")
