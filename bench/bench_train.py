@@ -6,8 +6,12 @@ subprocess (so peak memory is its own; the initial adapters are made beforehand,
   Trainer, response-only loss, the stage's callbacks) with the OLoRA init;
 - `stage-lora`: the same with PEFT's LoRA init (OLoRA's step should cost the same: same shapes);
 - `hand-olora`: a minimal loop (PeftModel + torch's fused AdamW, as the Trainer's default: forward,
-  backward, clip, step) on the same OLoRA-initialised adapter and the same tokenised rows.
-Every example is exactly `--seq-len` tokens (rows that tokenise shorter are left out, longer
+  backward, clip, step) on the same OLoRA-initialised adapter and the same tokenised rows;
+- `default-olora`: the train stage as `dvc repro` runs it on the embedded default: params.yaml's own
+  data (rows of every length, its max_seq_length and micro-batch) and batching (padding-free when
+  params.yaml says so), the same model and OLoRA adapter. Its tokens/s counts real tokens only, so its
+  ratio to `stage-olora` is the share of the unpadded rate the default run reaches.
+In the first three, every example is exactly `--seq-len` tokens (rows that tokenise shorter are left out, longer
 responses are cut), so every step of every case processes the same micro-batch x seq-len tokens
 with no padding, whatever order each case draws the rows in. Steps are timed end to end (data
 loading and logging included); the first `--warmup` are not counted. Model FLOP/s uses
@@ -32,7 +36,7 @@ from pathlib import Path
 from common import device_label, publish, run_case
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = ["stage-olora", "stage-lora", "hand-olora"]
+CASES = ["stage-olora", "stage-lora", "hand-olora", "default-olora"]
 
 
 def build_config(args, init: str):
@@ -52,6 +56,18 @@ def build_config(args, init: str):
     if args.micro_batch:
         overrides["train.micro_batch_size"] = args.micro_batch
     return load_config(REPO / "params.yaml", overrides)
+
+
+def default_config(args):
+    """params.yaml as the embedded default runs it: only the model, the step count and the timing window set here."""
+    from olora.config import load_config
+
+    steps = args.steps + args.warmup
+    return load_config(REPO / "params.yaml", {
+        "model.name": args.model, "train.max_steps": steps, "train.eval_steps": steps * 100,
+        "train.save_steps": steps * 100, "train.warmup_steps": 1, "tracking.enabled": False,
+        **({"data.max_examples": args.default_max_examples} if args.default_max_examples else {}),
+    })
 
 
 def fixed_length_rows(data_dir: Path, tokenizer, length: int, needed: int) -> int:
@@ -140,7 +156,7 @@ def measure_case(case: str, args, data_dir: Path, init_dir: Path) -> dict:
     from olora.stages.train import tokenize_split, train_adapter
 
     kind, init = case.split("-")
-    cfg = build_config(args, init)
+    cfg = default_config(args) if kind == "default" else build_config(args, init)
     runtime = resolve_runtime(cfg.model)
     ref = models.resolve_model(cfg.model)
     sync = (lambda: torch.cuda.synchronize(runtime.device)) if runtime.is_cuda else (lambda: None)
@@ -148,7 +164,7 @@ def measure_case(case: str, args, data_dir: Path, init_dir: Path) -> dict:
     counts: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        if kind == "stage":
+        if kind in ("stage", "default"):
             class Timing(TrainerCallback):
                 def on_train_begin(self, a, state, control, model=None, **kw):
                     counts["n_linear"], counts["n_adapter"] = flops_per_token(model)
@@ -163,8 +179,9 @@ def measure_case(case: str, args, data_dir: Path, init_dir: Path) -> dict:
                 def on_train_end(self, a, state, control, **kw):
                     counts["peak"] = peak_memory_bytes(runtime)  # before the stage's final evaluation and export
 
-            train_adapter(cfg, ref, runtime, data_dir, init_dir, tmp / "adapter", tmp / "exported",
-                          tmp / "checkpoints", callbacks=[Timing()])
+            result = train_adapter(cfg, ref, runtime, data_dir, init_dir, tmp / "adapter", tmp / "exported",
+                                   tmp / "checkpoints", callbacks=[Timing()])
+            counts["padding_free"] = bool(result.metrics.get("padding_free"))
         else:
             from transformers import DataCollatorForSeq2Seq
 
@@ -211,7 +228,7 @@ def measure_case(case: str, args, data_dir: Path, init_dir: Path) -> dict:
         "seq_len": cfg.data.max_seq_length, "device": str(runtime.device), "dtype": runtime.dtype_name,
         "threads": torch.get_num_threads(), "model_gflops": round(flops / summary["seconds"] / 1e9, 2),
         "n_linear": counts["n_linear"], "n_adapter": counts["n_adapter"],
-        "peak_memory_mb": round(counts["peak"] / 2**20, 1),
+        "peak_memory_mb": round(counts["peak"] / 2**20, 1), "padding_free": counts.get("padding_free", False),
         "matmul_gflops": round(matmul_rate(str(runtime.device), runtime.dtype), 2),
     }
 
@@ -227,6 +244,8 @@ def main() -> int:
     parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per case (interleaved); the median is shown")
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--default-max-examples", type=int, default=0,
+                        help="default-olora: rows prepared (0: params.yaml's data.max_examples)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--init", help=argparse.SUPPRESS)
@@ -249,16 +268,20 @@ def main() -> int:
         prepare(cfg.data, tokenizer, tmp / "data")
         kept = fixed_length_rows(tmp / "data", tokenizer, args.seq_len, cfg.train.micro_batch_size * cfg.train.max_steps)
         print(f"  {kept} training rows of exactly {args.seq_len} tokens", file=sys.stderr)
+        if "default-olora" in args.cases:  # the default's own data: params.yaml's rows, lengths and seq length
+            default_cfg = default_config(args)
+            prepare(default_cfg.data, tokenizer, tmp / "data-default")
         for init in sorted({case.split("-")[1] for case in args.cases}):
             init_cfg = build_config(args, init)
             initialise_adapter(init_cfg, ref, resolve_runtime(init_cfg.model), tmp / f"init-{init}")
         runs: dict[str, list[dict]] = {case: [] for case in args.cases}
         for repeat in range(args.repeats):  # interleaved, so slow drifts of a shared machine hit every case alike
             for case in args.cases:
-                cmd = [sys.executable, __file__, "--one", case, "--data", str(tmp / "data"), "--init",
+                data = tmp / ("data-default" if case.startswith("default-") else "data")
+                cmd = [sys.executable, __file__, "--one", case, "--data", str(data), "--init",
                        str(tmp / f"init-{case.split('-')[1]}"), "--model", args.model, "--steps", str(args.steps),
                        "--warmup", str(args.warmup), "--micro-batch", str(args.micro_batch), "--seq-len", str(args.seq_len),
-                       "--max-examples", str(args.max_examples)]
+                       "--max-examples", str(args.max_examples), "--default-max-examples", str(args.default_max_examples)]
                 row = run_case(cmd)
                 if row is None:
                     return 1
@@ -290,6 +313,11 @@ def main() -> int:
         so, sl = by["stage-olora"], by["stage-lora"]
         per_tok = statistics.median(so["repeat_seconds_per_token"]) / statistics.median(sl["repeat_seconds_per_token"])
         lines += ["", f"OLoRA / LoRA time per token in the train stage (medians over processes): {per_tok:.3f}"]
+    if "default-olora" in by and "stage-olora" in by:
+        d = by["default-olora"]
+        lines += ["", f"Embedded default train stage (params.yaml's data, up to {d['seq_len']} tokens per row, micro-batch "
+                  f"{d['micro_batch']}, {'padding-free' if d['padding_free'] else 'padded'} batches) / the unpadded stage rate: "
+                  f"{d['tokens_per_second'] / by['stage-olora']['tokens_per_second']:.2f}"]
     lines += ["", "Peak memory: CUDA max allocated on a GPU; on CPU the process's peak RSS (model, data and Python included)."]
     publish(args.out, "train_" + first["device"].split(":")[0], {"device": device, "model": args.model, "rows": rows},
             "\n".join(lines))

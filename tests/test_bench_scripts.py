@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from overlay import REPO
@@ -45,11 +46,20 @@ def tiny_adapter(tmp_path_factory, tiny_model_dir) -> Path:
 def test_train_eval_benchmarks_and_report(tmp_path, tiny_model_dir, tiny_adapter):
     out = tmp_path / "results"
     table = bench("bench_train.py", "--model", str(tiny_model_dir), "--steps", "2", "--warmup", "1",
-                  "--max-examples", "300", "--micro-batch", "2", "--seq-len", "64", "--repeats", "2", "--out", str(out))
+                  "--max-examples", "300", "--micro-batch", "2", "--seq-len", "64", "--repeats", "2",
+                  "--default-max-examples", "200", "--out", str(out))
     assert "| stage-olora |" in table and "| hand-olora |" in table and "OLoRA / LoRA time per token" in table
+    assert "Embedded default train stage (params.yaml's data" in table and "padding-free batches) / the unpadded stage rate" in table
     train = json.loads((out / "train_cpu.json").read_text())
-    assert {row["case"] for row in train["rows"]} == {"stage-olora", "stage-lora", "hand-olora"}
-    for row in train["rows"]:  # every case timed the same work: 2 steps x 2 examples x 64 tokens, no padding
+    assert {row["case"] for row in train["rows"]} == {"stage-olora", "stage-lora", "hand-olora", "default-olora"}
+    default = next(row for row in train["rows"] if row["case"] == "default-olora")
+    train["rows"].remove(default)
+    # the default case: params.yaml's micro-batch and sequence length, packed, real tokens counted only
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert default["micro_batch"] == params["train"]["micro_batch_size"] and default["seq_len"] == params["data"]["max_seq_length"]
+    assert default["padding_free"] is True and default["timed_steps"] == 2
+    assert 0 < default["tokens"] <= 2 * default["micro_batch"] * default["seq_len"]  # real tokens of rows of every length
+    for row in train["rows"]:  # every other case timed the same work: 2 steps x 2 examples x 64 tokens, no padding
         assert row["timed_steps"] == 2 and row["tokens"] == 2 * 2 * 64 and row["micro_batch"] == 2
         assert row["n_adapter"] > 0 and row["n_linear"] > row["n_adapter"]
         assert len(row["repeat_tokens_per_second"]) == 2

@@ -11,6 +11,7 @@ versions, so that either side drifting fails here. No credential appears in thes
 from __future__ import annotations
 
 import collections
+import json
 import re
 import shutil
 import subprocess
@@ -330,6 +331,10 @@ def test_compose_workers_are_set_up_as_make_stack_sets_up_its_workers(compose, t
         assert ours[var].startswith(str(config.state_dir)) and theirs[var].startswith("/home/olora/.cache/")
     assert theirs["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == ours["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(stack.HEARTBEAT_SECONDS)
     assert any("worker-cache:/home/olora/.cache" in v for v in compose["services"]["worker"]["volumes"])
+    command = compose["services"]["worker"]["command"]
+    assert command[command.index("--limit") + 1] == "1" and "--limit" in stack.worker_service(config, dummy, 1).command
+    # the zombie-run automation `make stack` creates, as a file for `prefect automation create --from-file`
+    assert json.loads((DOCKER / "crash-automation.json").read_text()) == stack.crash_automation(stack.crash_after_seconds({}))
 
 
 def test_compose_servers_are_configured_as_make_stack_configures_them(compose, tmp_path, monkeypatch, stack_client_env):

@@ -139,8 +139,8 @@ def running_stack(tmp_path_factory):
     print(f"\nstack timings (s; first up is cold): {json.dumps(s.timings)}")
 
 
-def _http(url: str, headers: dict | None = None, data: dict | None = None) -> tuple[int, object]:
-    return stack._request(url, headers=headers, data=data)
+def _http(url: str, headers: dict | None = None, data: dict | None = None, method: str | None = None) -> tuple[int, object]:
+    return stack._request(url, headers=headers, data=data, method=method)
 
 
 @pytest.mark.stack
@@ -219,6 +219,20 @@ def test_prefect_answers_with_its_auth_string_and_has_the_pool_and_workers(runni
     assert status == 200 and pool["type"] == "process" and pool["base_job_template"]
     online = stack.online_workers(config, running_stack.secret)
     assert set(online) == {f"olora-worker-{i}" for i in range(1, WORKERS + 1)}, online
+    # the zombie-run automation, as `up` created it (and as docker/crash-automation.json holds it)
+    status, automations = _http(f"{api}/automations/filter", headers=right, data={})
+    ours = [a for a in automations if a["name"] == stack.CRASH_AUTOMATION]
+    assert status == 200 and len(ours) == 1 and ours[0]["enabled"] and ours[0]["trigger"]["within"] == 60.0
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}, **values,
+           "PREFECT_HOME": str(running_stack.root / ".stack" / "cli-home")}
+    prefect = [str(Path(sys.executable).parent / "prefect")]
+    done = subprocess.run([*prefect, "automation", "create", "--from-file", str(REPO / "docker" / "crash-automation.json")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    status, automations = _http(f"{api}/automations/filter", headers=right, data={})
+    created = [a for a in automations if a["name"] == stack.CRASH_AUTOMATION and a["id"] != ours[0]["id"]]
+    assert len(created) == 1 and created[0]["trigger"]["within"] == 90.0  # the file, as the compose route creates it
+    assert _http(f"{api}/automations/{created[0]['id']}", headers=right, data=None, method="DELETE")[0] in (200, 204)
 
 
 @pytest.mark.stack
@@ -286,29 +300,19 @@ def test_two_deployment_runs_on_two_workers_recorded_restored_and_a_killed_worke
     the S3 store, both refs in the git remote, both adapters in the DVC remote, the deploying checkout untouched,
     and `olora restore` in a fresh clone (with nothing but stack.env) giving the registered adapter's hashes.
     """
-    from olora.overlay import copy_project, write_params
+    from olora.overlay import team_checkout
 
     s, values = running_stack, running_stack.values
     bin_dir = Path(sys.executable).parent
     headers = stack._prefect_headers(s.secret)
     mlflow_auth = {"Authorization": "Basic " + base64.b64encode(
         f"{values['MLFLOW_TRACKING_USERNAME']}:{values['MLFLOW_TRACKING_PASSWORD']}".encode()).decode()}
-    # the team's git remote and the checkout that deploys (with stack.env, as `make stack` leaves it)
-    remote, root = tmp_path / "team.git", tmp_path / "deployer"
-    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(remote)], check=True)
-    root.mkdir()
-    copy_project(root)
-    write_params(root, tiny_model_dir, {"evaluate.tasks": ["arc_easy"]})
-    for name in ("prefect.yaml",):
-        (root / name).write_text((REPO / name).read_text())
-    subprocess.run(["cp", "-r", str(REPO / "flows"), str(root / "flows")], check=True)
     env = {k: v for k, v in s.env.items() if not k.startswith(("MLFLOW_", "PREFECT_", "AWS_"))}
-    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", PREFECT_HOME=str(tmp_path / "prefect-home"),
-               OLORA_GIT_REMOTE=str(remote), OLORA_GIT_BRANCH="main")
-    for args in (["git", "init", "-q", "-b", "main"], ["git", "config", "user.email", "t@e.com"], ["git", "config", "user.name", "t"],
-                 ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"],
-                 ["git", "remote", "add", "origin", str(remote)], ["git", "push", "-q", "origin", "main"]):
-        subprocess.run(args, cwd=root, check=True, env=env, capture_output=True)
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", PREFECT_HOME=str(tmp_path / "prefect-home"))
+    # the team's git remote and the checkout that deploys (with stack.env, as `make stack` leaves it)
+    remote = tmp_path / "team.git"
+    root = team_checkout(tmp_path / "deployer", remote, tiny_model_dir, {"evaluate.tasks": ["arc_easy"]}, env)
+    env.update(OLORA_GIT_REMOTE=str(remote), OLORA_GIT_BRANCH="main")
     stack.write_env_file(root / "stack.env", values)  # git-ignored
     env.update(values)  # `set -a; . ./stack.env; set +a`
 

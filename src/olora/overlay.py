@@ -104,3 +104,24 @@ def copy_project(folder: Path) -> None:
         readme = REPO / inputs / "README.md"
         if readme.is_file():
             shutil.copy(readme, folder / inputs / "README.md")
+
+
+def team_checkout(folder: Path, remote: Path, model_dir: Path | str, extra: dict | None = None,
+                  env: dict[str, str] | None = None) -> Path:
+    """A deploying checkout as a team has one: the tiny-overlay project with prefect.yaml and flows/, committed
+    with git and DVC initialised, its `main` pushed to the bare git repository `remote` (created here)."""
+    import subprocess
+
+    folder, remote = Path(folder), Path(remote)
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(remote)], check=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    copy_project(folder)
+    write_params(folder, model_dir, extra)
+    shutil.copy(REPO / "prefect.yaml", folder / "prefect.yaml")
+    shutil.copytree(REPO / "flows", folder / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    for args in (["git", "init", "-q", "-b", "main"], ["git", "config", "user.email", "team@example.com"],
+                 ["git", "config", "user.name", "team"], ["dvc", "init", "-q"], ["git", "add", "-A"],
+                 ["git", "commit", "-qm", "init"], ["git", "remote", "add", "origin", str(remote)],
+                 ["git", "push", "-q", "origin", "main"]):
+        subprocess.run(args, cwd=folder, check=True, env=env, capture_output=True)
+    return folder
