@@ -37,7 +37,7 @@ from olora.tracking.client import TrackingError, resolve_uri
 
 def is_transient(exc: BaseException) -> bool:
     """Retry infrastructure failures; never retry a user error (bad params, bad data)."""
-    if isinstance(exc, (TrackingError, WorkspaceBusyError)):  # a server that comes back, a run that finishes
+    if isinstance(exc, (TrackingError, WorkspaceBusyError, workspace.GitPushError)):  # a server that comes back, a run that finishes
         return True
     return not isinstance(exc, (OloraError, KeyboardInterrupt))
 

@@ -30,6 +30,8 @@ COVERED = {
     "prefect deploy --all": "tests/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
     "prefect worker start --pool olora-process": "tests/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
     "prefect deployment run 'olora-sweep/sweep' --param 'grid={\"adapter.r\": [2, 4]}' --param push=false": "tests/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
+    "prefect flow-run retry <flow run id>":
+        "tests/test_stack.py::test_two_deployment_runs_on_two_workers_recorded_restored_and_a_killed_worker_rerun",
     "dvc exp run -S adapter.init=lora -S adapter.r=2": "tests/test_pipeline_dvc.py::test_experiment_variants_rerun_only_what_changed",
     "dvc exp show": RUN_IN_TINY_PROJECT,
     "dvc metrics diff": RUN_IN_TINY_PROJECT,

@@ -39,6 +39,10 @@ class WorkspaceError(OloraError):
     """A workspace could not be created or recorded (git or DVC refused); the message names the step."""
 
 
+class GitPushError(WorkspaceError):
+    """The git remote refused or could not be reached when pushing a run's record (transient: the flows retry it)."""
+
+
 @dataclass(frozen=True)
 class RunRecord:
     name: str
@@ -135,8 +139,11 @@ def record(workspace: Path, name: str, message: str, push: bool = True) -> RunRe
     machine without a DVC remote (the outputs then stay in the shared DVC cache only).
     """
     workspace = Path(workspace)
-    source_commit = _git(workspace, "rev-parse", "HEAD").stdout.strip()
     branch = f"{RUNS_BRANCH}/{safe_name(name)}"
+    # a retried record (its git push failed): the run's commit exists, on top of the source's commit
+    already = _git(workspace, "symbolic-ref", "--quiet", "HEAD", check=False).stdout.strip() == f"refs/heads/{branch}" and \
+        _git(workspace, "log", "-1", "--format=%s", check=False).stdout.strip() == message.splitlines()[0]
+    source_commit = _git(workspace, "rev-parse", "HEAD^" if already else "HEAD").stdout.strip()
     pushed = False
     if push and has_dvc_remote(workspace):
         dvc.run(workspace, "push")  # the data first: a ref never points at data the remote lacks
@@ -145,11 +152,16 @@ def record(workspace: Path, name: str, message: str, push: bool = True) -> RunRe
     present = [p for p in RECORDED if (workspace / p).exists()]
     _git(workspace, "add", "--all")  # DVC's .gitignore entries for new outputs, among others
     _git(workspace, "add", "--force", *present)
-    _git(workspace, "-c", "user.name=olora-pipeline", "-c", "user.email=olora-pipeline@localhost",
-         "commit", "--quiet", "--allow-empty", "-m", message)
+    if not (already and _git(workspace, "diff", "--cached", "--quiet", check=False).returncode == 0):
+        _git(workspace, "-c", "user.name=olora-pipeline", "-c", "user.email=olora-pipeline@localhost",
+             "commit", "--quiet", "--allow-empty", "-m", message)  # (a retried record whose push failed commits nothing new)
     commit = _git(workspace, "rev-parse", "HEAD").stdout.strip()
     remote = _git(workspace, "remote", "get-url", "origin").stdout.strip()
-    _git(workspace, "push", "--quiet", "origin", f"{branch}:refs/heads/{branch}")
+    pushed_ref = _git(workspace, "push", "--quiet", "origin", f"{branch}:refs/heads/{branch}", check=False)
+    if pushed_ref.returncode != 0:
+        raise GitPushError(f"pushing {branch} to the git remote {remote} failed: {pushed_ref.stderr.strip()[-1500:]}. "
+                           f"The run is committed in its workspace {workspace} (kept); rerun the flow run, or "
+                           f"`git push origin {branch}` there, once the remote is reachable")
     log.info("recorded run %s as %s (%s) in %s", name, branch, commit[:12], remote)
     return RunRecord(name, branch, commit, source_commit, remote, pushed)
 
