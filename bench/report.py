@@ -21,6 +21,7 @@ SECTIONS = [
     ("overheads", "Orchestration overheads (bench_overheads.py)"),
     ("prefect", "Prefect overhead (bench_prefect.py)"),
     ("serve", "Serving: batched generation and HTTP load (bench_serve.py)"),
+    ("stack", "Shared stack and isolated runs (bench_stack.py)"),
 ]
 
 
