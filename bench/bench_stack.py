@@ -30,7 +30,7 @@ from pathlib import Path
 from common import publish
 
 REPO = Path(__file__).resolve().parents[1]
-from olora import stack
+from olora import envfile, stack
 from olora.overlay import build_tiny_llama, team_checkout
 
 BIN = Path(sys.executable).parent
@@ -109,7 +109,7 @@ def main() -> None:
         try:
             config = stack.load_config(root, workers=2, environ=env)
             secret = json.loads((config.state_dir / "secrets.json").read_text())
-            env.update(stack.read_env_file(root / "stack.env"), OLORA_GIT_REMOTE=str(remote), OLORA_GIT_BRANCH="main")
+            env.update(envfile.read_env_file(root / "stack.env"), OLORA_GIT_REMOTE=str(remote), OLORA_GIT_BRANCH="main")
             timed([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], root, env)
             runs = Runs(config, secret, root, env)
             warmup = runs.start(0)

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from olora import services, stack
+from olora import envfile, services, stack
 
 DOCKER = REPO / "docker"
 COMPOSE = DOCKER / "compose.yaml"
@@ -266,7 +266,7 @@ def test_every_published_port_binds_loopback(compose):
     reason="no docker compose plugin on this machine (structure checked with PyYAML above)",
 )
 def test_docker_compose_config_accepts_the_file(tmp_path):
-    example = stack.read_env_file(REPO / "stack.env.example")
+    example = envfile.read_env_file(REPO / "stack.env.example")
     env = tmp_path / "stack.env"
     env.write_text("".join(f"{k}={v}\n" for k, v in {**example, **{v: "x" * 16 for v in COMPOSE_ONLY_VARS}}.items()))
     for extra in ([], ["--profile", "cuda"]):
@@ -294,7 +294,7 @@ def test_compose_publishes_the_stack_services_on_make_stacks_ports(compose):
 
 
 def test_compose_uses_the_variables_of_stack_env(compose, stack_client_env):
-    example = stack.read_env_file(REPO / "stack.env.example")
+    example = envfile.read_env_file(REPO / "stack.env.example")
     assert set(example) == set(stack.ENV_VARS) == set(stack_client_env)  # the three declarations agree
     port_vars = {var for _, var, _ in stack.PORTS.values()}
     referenced = {m["var"] for text in walk_strings(compose) for m in VAR_REF.finditer(text)}

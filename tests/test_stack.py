@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from olora import services, stack
+from olora import envfile, services, stack
 
 WORKERS = 2
 
@@ -37,11 +37,11 @@ def test_load_env_reads_stack_env_without_overriding(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://already.set:1")
     for name in ("PREFECT_API_AUTH_STRING", "OLORA_DVC_REMOTE_URL"):
         monkeypatch.delenv(name, raising=False)
-    applied = stack.load_env(tmp_path)
+    applied = envfile.load_env(tmp_path)
     assert os.environ["MLFLOW_TRACKING_URI"] == "http://already.set:1"  # what the user set wins
     assert os.environ["PREFECT_API_AUTH_STRING"] == "olora:a b'c"  # shell quoting round-trips
     assert set(applied) == {"PREFECT_API_AUTH_STRING", "OLORA_DVC_REMOTE_URL"}
-    assert stack.load_env(tmp_path / "nowhere") == {}
+    assert envfile.load_env(tmp_path / "nowhere") == {}
     # the file is what a shell sources
     out = subprocess.run(["bash", "-c", f"set -a; . {tmp_path / 'stack.env'}; set +a; printf %s \"$PREFECT_API_AUTH_STRING\""],
                          capture_output=True, text=True, check=True).stdout
@@ -109,7 +109,7 @@ class Stack:
 
     @property
     def values(self) -> dict[str, str]:
-        return stack.read_env_file(self.root / "stack.env")
+        return envfile.read_env_file(self.root / "stack.env")
 
     def processes(self) -> list:
         state = json.loads((self.config.state_dir / "stack.json").read_text())

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from olora import services
-from olora.envfile import ENV_FILE, load_env, read_env_file  # noqa: F401 - stack.load_env / read_env_file, as documented
+from olora.envfile import ENV_FILE
 from olora.services import LOOPBACK, Service, ServiceError, port_free, write_private
 
 HOST_VAR = "OLORA_STACK_HOST"

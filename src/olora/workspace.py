@@ -89,12 +89,13 @@ def has_dvc_remote(root: Path) -> bool:
 
 
 def add_team_remote(root: Path) -> bool:
-    """A clone without a DVC remote (a worker's, a fresh one) gets $OLORA_DVC_REMOTE_URL (stack.env) as its default.
+    """For a clone without a DVC remote (a worker's, a fresh one): $OLORA_DVC_REMOTE_URL (stack.env) as its default.
 
-    With $AWS_ENDPOINT_URL for an S3-compatible store; its keys come from the AWS_* variables. Returns whether it added one.
+    With $AWS_ENDPOINT_URL for an S3-compatible store; its keys come from the AWS_* variables. Returns whether it added
+    one (callers check `has_dvc_remote` first: `has_dvc_remote(root) or add_team_remote(root)`).
     """
     team_remote = os.environ.get("OLORA_DVC_REMOTE_URL")
-    if not team_remote or has_dvc_remote(root):
+    if not team_remote:
         return False
     name = os.environ.get("OLORA_DVC_REMOTE") or "team"
     dvc.run(root, "remote", "add", "--local", "--default", "--force", name, team_remote)
@@ -121,10 +122,10 @@ def create(source: Path, name: str) -> Path:
     local = source / ".dvc" / "config.local"  # DVC remote credentials and settings that git does not hold
     if local.is_file():
         shutil.copy(local, target / ".dvc" / "config.local")
-    add_team_remote(target)
+    remote = has_dvc_remote(target) or add_team_remote(target)
     dvc.run(target, "cache", "dir", "--local", str(dvc_cache(source)))
     # outputs of earlier runs that the shared cache holds, so DVC skips what is up to date
-    if has_dvc_remote(target):
+    if remote:
         dvc.run(target, "pull", "--allow-missing", check=False)
     else:
         dvc.run(target, "checkout", "--allow-missing", check=False)
