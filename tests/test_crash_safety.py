@@ -11,6 +11,9 @@ one is in progress is refused by name.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -24,7 +27,7 @@ from olora.layout import Layout
 from olora.locking import WorkspaceBusyError
 from olora.stages import STAGES
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
 # (stage, marker): in pipeline order, so each rerun goes on to the next kill
 KILLS = [
@@ -52,15 +55,38 @@ def _registry(root: Path):
     return c, runs, versions
 
 
+# The uninterrupted run goes on beside the killed one (one core each, so the two runs share the two
+# cores instead of taking turns); the thread count is not a stage input, so it cannot change an output.
+ONE_THREAD = {"runtime.num_threads": 1}
+
+
+class Straight:
+    """An uninterrupted `dvc repro` of the same project, started in the background."""
+
+    def __init__(self, root: Path):
+        self.root, self.log = root, root.parent / f"{root.name}.log"
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                                            env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"},
+                                            start_new_session=True)
+
+    def finished(self) -> Path:
+        code = self.process.wait(900)
+        assert code == 0, f"the uninterrupted dvc repro failed ({code}):\n{self.log.read_text()[-4000:]}"
+        return self.root
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_model_dir) -> Path:
-    root = make_dvc_project(tmp_path_factory.mktemp("straight"), tiny_model_dir)
-    sh([str(BIN / "dvc"), "repro"], root)
-    return root
+def reference(tmp_path_factory, tiny_model_dir):
+    straight = Straight(make_dvc_project(tmp_path_factory.mktemp("straight"), tiny_model_dir, ONE_THREAD))
+    yield straight
+    if straight.process.poll() is None:
+        os.killpg(straight.process.pid, signal.SIGKILL)
+        straight.process.wait(60)
 
 
 def test_sigkill_in_every_stage_then_repro_equals_an_uninterrupted_run(tmp_path, tiny_model_dir, reference):
-    root = make_dvc_project(tmp_path / "killed", tiny_model_dir)
+    root = make_dvc_project(tmp_path / "killed", tiny_model_dir, ONE_THREAD)
     for i, (stage, marker) in enumerate(KILLS):
         run = PausedRun([str(BIN / "dvc"), "repro"], root, [marker], tmp_path / f"pause-{i}")
         run.wait(marker)
@@ -75,6 +101,7 @@ def test_sigkill_in_every_stage_then_repro_equals_an_uninterrupted_run(tmp_path,
     assert not list(root.glob("**/.*.tmp")), "a killed writer's temp folder was left behind"
 
     # the same data and initial adapter (bit for bit), the same trained adapter, scores and registry state
+    reference = reference.finished()
     killed, straight = _outs(root), _outs(reference)
     for path in ("data/prepared", "models/init"):
         assert killed[path] == straight[path], path

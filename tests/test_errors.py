@@ -28,6 +28,8 @@ from typing import Callable
 
 import pytest
 
+pytestmark = pytest.mark.fault
+
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "errors.md"
 MODEL = "models/base/tiny-llama"  # where the tiny project keeps its base model (model.name)
@@ -950,6 +952,14 @@ def _code(text: str) -> str:
     return f"`` {text} ``" if "`" in text else f"`{text}`"
 
 
+def _uncaught_sentence() -> str:
+    uncaught = [case.id for case in CASES if case.message.startswith("(traceback)")]
+    if not uncaught:
+        return "Every case ends in a clear error; none leaves the user with a Python traceback."
+    return (f"{len(uncaught)} lines start with `(traceback)`: errors the code does not catch yet, where the user sees "
+            "a Python traceback ending in that line.")
+
+
 def errors_markdown() -> str:
     lines = [
         "# Error catalogue",
@@ -959,8 +969,7 @@ def errors_markdown() -> str:
         "What each bad input produces, through the entry point a user hits: the first line of the error "
         "(`olora <command>: error: ...` on stderr, exit code 2, for the CLI), what triggers it and how to fix it. "
         "`<project>` is the project folder, `<tmp>` a folder outside it. Every row is a test "
-        "(`tests/test_errors.py`) asserting that exact first line. A line starting with `(traceback)` is an "
-        "error the code does not catch yet: the user sees a Python traceback ending in it.",
+        "(`tests/test_errors.py`) asserting that exact first line. " + _uncaught_sentence(),
         "",
     ]
     by_category: dict[str, list[Case]] = {}

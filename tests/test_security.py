@@ -26,6 +26,8 @@ from olora.config import ModelConfig, TrackingConfig, config_from_dict
 from olora.errors import ConfigError
 from olora.tracking.client import TrackingError, redact_uri, with_retries
 
+pytestmark = pytest.mark.fault
+
 # ------------------------------------------------------------------ the credential scan
 
 # Committed outputs of the pipeline, scanned even if they ever stop being git-tracked.

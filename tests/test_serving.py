@@ -13,6 +13,8 @@ from olora.errors import ConfigError
 from olora.tracking.pyfunc import (MAX_NEW_TOKENS, MAX_PROMPTS, PARAMS, AdapterGenerator, TamperedModelError,
                                    artifact_checksums, generate, signature, verify_artifacts)
 
+pytestmark = pytest.mark.fault
+
 PROMPTS = ["What is the capital of France?", "Name a fruit that is yellow.", "Hi", "Count to three, slowly please.",
            "Why is the sky blue?", "2+2=", "Translate 'cat' into French.", "Name a colour."]
 

@@ -32,7 +32,7 @@ from olora.tracking import registry
 from conftest import free_port, wait_for_http
 from overlay import write_params
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.fault]
 PROMPTS = ["What is the capital of France?", "Name a colour."]
 BIN = Path(sys.executable).parent
 

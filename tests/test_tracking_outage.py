@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from olora.layout import Layout
 from olora.stages import STAGES
 from overlay import write_params
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
 FAST_HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
@@ -133,12 +132,11 @@ def test_outage_at_the_end_of_training_then_register_outage(tmp_path, tiny_model
     STAGES["evaluate_base"].run(layout)
     STAGES["evaluate"].run(layout)
     server.stop()
-    start = time.perf_counter()
     down = sh([str(BIN / "olora"), "register"], layout.root, check=False, extra_env=FAST_HTTP_RETRIES)
     assert down.returncode == 2
-    assert "retrying in" in down.stderr  # backoff before giving up
+    # tracking.retries=2: one backoff ("retrying in 1s"), then a clear error; a bounded number of attempts, not a hang
+    assert down.stderr.count("retrying in 1s") == 1 and "retrying in 2s" not in down.stderr, down.stderr[-2000:]
     assert "olora register: error: " in down.stderr and f"MLflow tracking server {server.url} after 2 attempts" in down.stderr
-    assert time.perf_counter() - start < 120
     server.start()
     sh([str(BIN / "olora"), "register"], layout.root, extra_env=FAST_HTTP_RETRIES)
     again = json.loads(sh([str(BIN / "olora"), "register"], layout.root, extra_env=FAST_HTTP_RETRIES).stdout)
