@@ -3,9 +3,11 @@
 Two parts:
 
 - batch: the serving code path (`olora.tracking.pyfunc.generate` on base + exported adapter,
-  prompts rendered with the training template) in this process on the same 8 prompts, greedy, a
-  fixed number of new tokens, each case repeated; prints prompts/s for a batch of 8 in one padded
-  `generate` vs one by one, and checks that both return the same answers (`serve.json`/`.md`).
+  prompts rendered with the training template) in this process on the same 8 prompts, greedy, up
+  to a fixed number of new tokens, each case repeated; prints prompts/s for a batch of 8 in one
+  padded `generate` vs one by one, each with the adapter's PEFT layers (unmerged) and merged into
+  the base (as the served pyfunc loads it), and checks that all four return the same answers
+  (`serve.json`/`.md`).
 - http: starts `olora serve` (MLflow's scoring app under uvicorn) on a free loopback port, then this
   process (not the server's) sends a bounded number of requests, one prompt each, at each
   concurrency, after a warm-up; prints requests/s and latency p50/p90/p99 and checks every
@@ -61,38 +63,46 @@ def batch_part(args) -> bool:
     ref, runtime = resolve_model(model_cfg), resolve_runtime(model_cfg)
     tokenizer = load_tokenizer(ref)
     model = PeftModel.from_pretrained(load_base(ref, runtime), args.adapter).eval()
+    # what the served pyfunc runs: the same adapter merged into its own copy of the base (merge_and_unload)
+    merged = PeftModel.from_pretrained(load_base(ref, runtime), args.adapter).merge_and_unload().eval()
     template = PromptTemplate.from_dict(json.loads(Path(args.template).read_text()))
     texts = [render_prompt(template, p, "", tokenizer) for p in PROMPTS]
 
-    def batch():
-        return generate(model, tokenizer, texts, args.max_new_tokens, template.stop)
+    def batch(m=model):
+        return generate(m, tokenizer, texts, args.max_new_tokens, template.stop)
 
-    def one_by_one():
-        return [generate(model, tokenizer, [t], args.max_new_tokens, template.stop)[0] for t in texts]
+    def one_by_one(m=model):
+        return [generate(m, tokenizer, [t], args.max_new_tokens, template.stop)[0] for t in texts]
 
-    batch()  # warm-up
-    timings: dict[str, list[float]] = {"batch of 8": [], "one by one": []}
+    cases = {"batch of 8": batch, "one by one": one_by_one,
+             "batch of 8, merged": lambda: batch(merged), "one by one, merged": lambda: one_by_one(merged)}
+    batch(), batch(merged)  # warm-up
+    timings: dict[str, list[float]] = {name: [] for name in cases}
     answers = {}
-    for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits both cases alike
-        for name, fn in (("one by one", one_by_one), ("batch of 8", batch)):
+    for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits every case alike
+        for name in ("one by one", "batch of 8", "one by one, merged", "batch of 8, merged"):
             start = time.perf_counter()
-            answers[name] = fn()
+            answers[name] = cases[name]()
             timings[name].append(time.perf_counter() - start)
     rows = []
     for name, seconds in timings.items():
         median = statistics.median(seconds)
         rows.append({"case": name, "seconds": round(median, 3), "prompts_per_second": round(len(PROMPTS) / median, 2)})
-    speedup = rows[0]["prompts_per_second"] / rows[1]["prompts_per_second"]
-    same = answers["batch of 8"] == answers["one by one"]
+    rate = {r["case"]: r["prompts_per_second"] for r in rows}
+    speedup = rate["batch of 8"] / rate["one by one"]
+    merge_speedup = rate["one by one, merged"] / rate["one by one"]
+    same = len({json.dumps(a) for a in answers.values()}) == 1
     table = "\n".join([
         f"Serving: {len(PROMPTS)} prompts, greedy, up to {args.max_new_tokens} new tokens, {template.kind} template, "
-        f"median of {args.repeats}, {device_label(str(runtime.device), runtime.dtype_name, torch.get_num_threads())}",
+        f"median of {args.repeats}, {device_label(str(runtime.device), runtime.dtype_name, torch.get_num_threads())}; "
+        "unmerged: base + PEFT adapter layers; merged: the adapter merged into the base, as `olora serve` loads it",
         "", "| case | seconds | prompts/s |", "|---|---|---|",
         *[f"| {r['case']} | {r['seconds']} | {r['prompts_per_second']} |" for r in rows], "",
-        f"batch speed-up: **{speedup:.2f}×**; identical answers: {same}",
+        f"batch speed-up: **{speedup:.2f}×**; merged vs unmerged, one by one: **{merge_speedup:.2f}×**; "
+        f"identical answers in all four cases: {same}",
     ])
-    publish(args.out, "serve", {"rows": rows, "speedup": round(speedup, 3), "identical_answers": same,
-                                "answers": answers["batch of 8"], "prompts": PROMPTS}, table)
+    publish(args.out, "serve", {"rows": rows, "speedup": round(speedup, 3), "merge_speedup": round(merge_speedup, 3),
+                                "identical_answers": same, "answers": answers["batch of 8"], "prompts": PROMPTS}, table)
     return same
 
 
@@ -189,6 +199,13 @@ def load_test(base: str, requests: int, concurrencies: list[int], max_new_tokens
     return rows
 
 
+def _default_threads() -> int:
+    """torch's default thread count on this machine: what the server uses when nothing sets it."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 def http_part(args) -> bool:
     from olora.config import load_config
     from olora.runtime import resolve_runtime
@@ -203,7 +220,7 @@ def http_part(args) -> bool:
             alias = "champion" if args.tiny else args.alias
             cfg = load_config(root / "params.yaml")
             runtime = resolve_runtime(cfg.model, cfg.runtime)
-            threads = cfg.runtime.num_threads or int(os.environ.get("OLORA_NUM_THREADS") or 0) or None
+            threads = cfg.runtime.num_threads or int(os.environ.get("OLORA_NUM_THREADS") or 0) or _default_threads()
             subject = ("a tiny random Llama (2 layers, hidden 64) + adapter" if args.tiny else cfg.model.name) + \
                 f", {device_label(str(runtime.device), runtime.dtype_name, threads)}"
             server, base = start_server(root, alias, Path(tmp) / "serve.log")

@@ -80,8 +80,9 @@ def test_train_eval_benchmarks_and_report(tmp_path, tiny_model_dir, tiny_adapter
     table = bench("bench_serve.py", "--model", str(tiny_model_dir), "--adapter", str(tiny_adapter), "--template",
                   str(template), "--max-new-tokens", "4", "--repeats", "1", "--out", str(out))
     serve = json.loads((out / "serve.json").read_text())
-    assert [r["case"] for r in serve["rows"]] == ["batch of 8", "one by one"] and serve["identical_answers"]
-    assert "batch speed-up" in table
+    assert [r["case"] for r in serve["rows"]] == ["batch of 8", "one by one", "batch of 8, merged", "one by one, merged"]
+    assert serve["identical_answers"] and serve["merge_speedup"] > 0
+    assert "batch speed-up" in table and "merged vs unmerged, one by one" in table
 
     report = bench("report.py", "--results", str(out))
     assert "train stage >= 0.9x a hand-written PEFT loop" in report

@@ -176,7 +176,10 @@ class AdapterGenerator(mlflow.pyfunc.PythonModel):
         ref = resolve_model(model_cfg)
         runtime = resolve_runtime(model_cfg)
         self.tokenizer = load_tokenizer(ref)
-        self.model = PeftModel.from_pretrained(load_base(ref, runtime), context.artifacts["adapter"]).eval()
+        # Serving never trains: the adapter is merged into the base once (W + s*B*A, PEFT's merge_and_unload), so
+        # each decoding step runs the base's layers only (bench/bench_serve.py measures merged vs unmerged).
+        adapted = PeftModel.from_pretrained(load_base(ref, runtime), context.artifacts["adapter"])
+        self.model = adapted.merge_and_unload().eval()
 
     def _prompts(self, model_input: Any) -> list[str]:
         if hasattr(model_input, "columns"):  # pandas DataFrame; {"prompt": [...]} arrives as one row holding a list
