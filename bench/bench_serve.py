@@ -55,7 +55,6 @@ def batch_part(args) -> bool:
     from olora.config import ModelConfig
     from olora.data.templates import PromptTemplate, render_prompt
     from olora.models import load_base, load_tokenizer, resolve_model
-    from olora.peft_glue import merged
     from olora.runtime import resolve_runtime, set_threads
     from olora.tracking.pyfunc import generate
 
@@ -64,8 +63,8 @@ def batch_part(args) -> bool:
     ref, runtime = resolve_model(model_cfg), resolve_runtime(model_cfg)
     tokenizer = load_tokenizer(ref)
     model = PeftModel.from_pretrained(load_base(ref, runtime), args.adapter).eval()
-    # what the served pyfunc runs: the same adapter merged into its own copy of the base
-    merged_model = merged(load_base(ref, runtime), args.adapter)
+    # what the served pyfunc runs: the same adapter merged into its own copy of the base (merge_and_unload)
+    merged = PeftModel.from_pretrained(load_base(ref, runtime), args.adapter).merge_and_unload().eval()
     template = PromptTemplate.from_dict(json.loads(Path(args.template).read_text()))
     texts = [render_prompt(template, p, "", tokenizer) for p in PROMPTS]
 
@@ -76,15 +75,14 @@ def batch_part(args) -> bool:
         return [generate(m, tokenizer, [t], args.max_new_tokens, template.stop)[0] for t in texts]
 
     cases = {"batch of 8": batch, "one by one": one_by_one,
-             "batch of 8, merged": lambda: batch(merged_model), "one by one, merged": lambda: one_by_one(merged_model)}
-    batch()  # warm-up
-    batch(merged_model)
+             "batch of 8, merged": lambda: batch(merged), "one by one, merged": lambda: one_by_one(merged)}
+    batch(), batch(merged)  # warm-up
     timings: dict[str, list[float]] = {name: [] for name in cases}
     answers = {}
     for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits every case alike
-        for name, fn in cases.items():
+        for name in ("one by one", "batch of 8", "one by one, merged", "batch of 8, merged"):
             start = time.perf_counter()
-            answers[name] = fn()
+            answers[name] = cases[name]()
             timings[name].append(time.perf_counter() - start)
     rows = []
     for name, seconds in timings.items():
@@ -201,9 +199,14 @@ def load_test(base: str, requests: int, concurrencies: list[int], max_new_tokens
     return rows
 
 
-def http_part(args) -> bool:
+def _default_threads() -> int:
+    """torch's default thread count on this machine: what the server uses when nothing sets it."""
     import torch
 
+    return torch.get_num_threads()
+
+
+def http_part(args) -> bool:
     from olora.config import load_config
     from olora.runtime import resolve_runtime
     from olora.tracking.registry import model_name
@@ -216,8 +219,8 @@ def http_part(args) -> bool:
             root = tiny_project(Path(tmp)) if args.tiny else Path(args.root).resolve()
             alias = "champion" if args.tiny else args.alias
             cfg = load_config(root / "params.yaml")
-            runtime = resolve_runtime(cfg.model, cfg.runtime)  # sets this process's threads as the server sets its own
-            threads = torch.get_num_threads()
+            runtime = resolve_runtime(cfg.model, cfg.runtime)
+            threads = cfg.runtime.num_threads or int(os.environ.get("OLORA_NUM_THREADS") or 0) or _default_threads()
             subject = ("a tiny random Llama (2 layers, hidden 64) + adapter" if args.tiny else cfg.model.name) + \
                 f", {device_label(str(runtime.device), runtime.dtype_name, threads)}"
             server, base = start_server(root, alias, Path(tmp) / "serve.log")

@@ -183,13 +183,6 @@ def load_for_training(base, init_dir: Path, init: str):
     return model
 
 
-def merged(base, adapter_dir: Path | str):
-    """Base with an exported (plain LoRA) adapter merged in, for inference: W + s*B*A once, then only the base's layers run."""
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().eval()
-
-
 def export_plain_lora(model, out_dir: Path, init_dir: Path, init: str, base_name: str) -> None:
     """Save the trained adapter as a plain LoRA that loads on an untouched base.
 

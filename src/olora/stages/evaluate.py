@@ -149,11 +149,12 @@ def load_model_for_eval(ref: models.ModelRef, runtime: Runtime, adapter_dir: Pat
     base = models.load_base(ref, runtime)
     if adapter_dir is None:
         return base
+    from peft import PeftModel
+
     from olora.io import check_adapter_dir
-    from olora.peft_glue import merged
 
     check_adapter_dir(adapter_dir)
-    return merged(base, adapter_dir)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().eval()
 
 
 def with_deltas(metrics: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
