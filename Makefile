@@ -67,13 +67,13 @@ study: install
 # packages in the venv; state in .stack/, client settings in stack.env. See README "Shared services".
 WORKERS ?= 1
 stack: install
-	$(BIN)/python -m olora.stack up --workers $(WORKERS)
+	$(BIN)/python -m olora.ops.stack up --workers $(WORKERS)
 
 stack-down:
-	$(BIN)/python -m olora.stack down
+	$(BIN)/python -m olora.ops.stack down
 
 stack-status:
-	$(BIN)/python -m olora.stack status
+	$(BIN)/python -m olora.ops.stack status
 
 # Re-resolve the lock from the venv (run after changing dependencies); torch keeps its plain version (no +cpu).
 lock:

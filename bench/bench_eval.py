@@ -63,9 +63,9 @@ def run_stage_case(case: str, adapter: Path, limit: int, batch_size: int) -> dic
     import torch
     from peft import PeftModel
 
-    from olora import models
-    from olora.stages.evaluate import load_model_for_eval, run_lm_eval
-    from olora.runtime import resolve_runtime
+    from olora.modeling import models
+    from olora.evaluation.harness import load_model_for_eval, run_lm_eval
+    from olora.modeling.runtime import resolve_runtime
 
     cfg = eval_config(limit, batch_size)
     runtime = resolve_runtime(cfg.model)
@@ -89,9 +89,9 @@ def run_stage_case(case: str, adapter: Path, limit: int, batch_size: int) -> dic
 
 
 def run_cli_case(adapter: Path, limit: int, batch_size: int) -> dict:
-    from olora import models
-    from olora.stages.evaluate import write_offline_tasks
-    from olora.runtime import resolve_runtime
+    from olora.modeling import models
+    from olora.evaluation.tasks import write_offline_tasks
+    from olora.modeling.runtime import resolve_runtime
 
     cfg = eval_config(limit, batch_size)
     runtime = resolve_runtime(cfg.model)

@@ -38,7 +38,7 @@ def run_one(method: str, r: int, layers: int, device: str, dtype: str) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    from olora import peft_glue as adapters
+    from olora.modeling import peft_glue as adapters
     from olora.config import AdapterConfig
 
     torch.manual_seed(0)

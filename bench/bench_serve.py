@@ -2,7 +2,7 @@
 
 Two parts:
 
-- batch: the serving code path (`olora.tracking.pyfunc.generate` on base + exported adapter,
+- batch: the serving code path (`olora.serving.pyfunc.generate` on base + exported adapter,
   prompts rendered with the training template) in this process on the same 8 prompts, greedy, up
   to a fixed number of new tokens, each case repeated; prints prompts/s for a batch of 8 in one
   padded `generate` vs one by one, each with the adapter's PEFT layers (unmerged) and merged into
@@ -54,9 +54,10 @@ def batch_part(args) -> bool:
 
     from olora.config import ModelConfig
     from olora.data.templates import PromptTemplate, render_prompt
-    from olora.models import load_base, load_tokenizer, resolve_model
-    from olora.runtime import resolve_runtime, set_threads
-    from olora.tracking.pyfunc import generate
+    from olora.modeling.merge import merged
+    from olora.modeling.models import load_base, load_tokenizer, resolve_model
+    from olora.modeling.runtime import resolve_runtime, set_threads
+    from olora.serving.pyfunc import generate
 
     set_threads()
     model_cfg = ModelConfig(name=args.model)
@@ -64,7 +65,7 @@ def batch_part(args) -> bool:
     tokenizer = load_tokenizer(ref)
     model = PeftModel.from_pretrained(load_base(ref, runtime), args.adapter).eval()
     # what the served pyfunc runs: the same adapter merged into its own copy of the base (merge_and_unload)
-    merged = PeftModel.from_pretrained(load_base(ref, runtime), args.adapter).merge_and_unload().eval()
+    merged_model = merged(load_base(ref, runtime), args.adapter)
     template = PromptTemplate.from_dict(json.loads(Path(args.template).read_text()))
     texts = [render_prompt(template, p, "", tokenizer) for p in PROMPTS]
 
@@ -75,8 +76,8 @@ def batch_part(args) -> bool:
         return [generate(m, tokenizer, [t], args.max_new_tokens, template.stop)[0] for t in texts]
 
     cases = {"batch of 8": batch, "one by one": one_by_one,
-             "batch of 8, merged": lambda: batch(merged), "one by one, merged": lambda: one_by_one(merged)}
-    batch(), batch(merged)  # warm-up
+             "batch of 8, merged": lambda: batch(merged_model), "one by one, merged": lambda: one_by_one(merged_model)}
+    batch(), batch(merged_model)  # warm-up
     timings: dict[str, list[float]] = {name: [] for name in cases}
     answers = {}
     for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits every case alike
@@ -113,6 +114,7 @@ def tiny_project(folder: Path) -> Path:
     from olora.overlay import build_tiny_llama, write_params
     from olora.stages import STAGES
     from olora.tracking import registry
+    from olora.tracking.client import Tracking
 
     model_dir = build_tiny_llama(folder / "tiny-llama-untied", tie_word_embeddings=False)
     root = folder / "project"
@@ -121,7 +123,7 @@ def tiny_project(folder: Path) -> Path:
     layout = Layout(root)
     for stage in ("prepare", "init", "train", "evaluate_base", "evaluate", "register"):
         STAGES[stage].run(layout)
-    registry.promote(load_config(layout.params), root, force=True)
+    registry.promote(load_config(layout.params), Tracking.of(load_config(layout.params), root), force=True)
     return root
 
 
@@ -208,7 +210,7 @@ def _default_threads() -> int:
 
 def http_part(args) -> bool:
     from olora.config import load_config
-    from olora.runtime import resolve_runtime
+    from olora.modeling.runtime import resolve_runtime
     from olora.tracking.registry import model_name
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -30,7 +30,7 @@ from pathlib import Path
 from common import publish
 
 REPO = Path(__file__).resolve().parents[1]
-from olora import envfile, stack
+from olora.ops import envfile, stack
 from olora.overlay import build_tiny_llama, team_checkout
 
 BIN = Path(sys.executable).parent
@@ -102,9 +102,9 @@ def main() -> None:
         model = build_tiny_llama(tmp / "tiny-llama")
         remote = tmp / "team.git"
         root = team_checkout(tmp / "deployer", remote, model, {"evaluate.tasks": ["arc_easy"]}, env)
-        up = [sys.executable, "-m", "olora.stack", "up", "--workers", "2"]
+        up = [sys.executable, "-m", "olora.ops.stack", "up", "--workers", "2"]
         cold = timed(up, root, env)
-        down = timed([sys.executable, "-m", "olora.stack", "down"], root, env)
+        down = timed([sys.executable, "-m", "olora.ops.stack", "down"], root, env)
         warm = timed(up, root, env)
         try:
             config = stack.load_config(root, workers=2, environ=env)
@@ -126,7 +126,7 @@ def main() -> None:
             par_seconds = time.monotonic() - start
             costs = [runs.costs(i) for i in sequential + parallel]
         finally:
-            subprocess.run([sys.executable, "-m", "olora.stack", "down"], cwd=root, env=env, capture_output=True)
+            subprocess.run([sys.executable, "-m", "olora.ops.stack", "down"], cwd=root, env=env, capture_output=True)
     iso = [c["open_workspace"] + c["record_run"] for c in costs]
     payload = {
         "stack_cold_up_s": round(cold, 1), "stack_down_s": round(down, 1), "stack_warm_up_s": round(warm, 1),

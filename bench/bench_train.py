@@ -2,7 +2,7 @@
 
 In one run, on the same model, data, micro-batch and sequence length, each case in its own
 subprocess (so peak memory is its own; the initial adapters are made beforehand, in the parent):
-- `stage-olora`: the train stage's library function (`olora.stages.train.train_adapter`: transformers'
+- `stage-olora`: the train stage's library function (`olora.training.trainer.train_adapter`: transformers'
   Trainer, response-only loss, the stage's callbacks) with the OLoRA init;
 - `stage-lora`: the same with PEFT's LoRA init (OLoRA's step should cost the same: same shapes);
 - `hand-olora`: a minimal loop (PeftModel + torch's fused AdamW, as the Trainer's default: forward,
@@ -149,11 +149,12 @@ def measure_case(case: str, args, data_dir: Path, init_dir: Path) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from olora import models
-    from olora import peft_glue as adapters
+    from olora.modeling import models
+    from olora.modeling import peft_glue as adapters
     from olora.io import read_jsonl
-    from olora.runtime import peak_memory_bytes, resolve_runtime, seed_everything
-    from olora.stages.train import tokenize_split, train_adapter
+    from olora.modeling.runtime import peak_memory_bytes, resolve_runtime, seed_everything
+    from olora.training.checkpoints import run_fingerprint
+    from olora.training.trainer import TrainPaths, tokenize_split, train_adapter
 
     kind, init = case.split("-")
     cfg = default_config(args) if kind == "default" else build_config(args, init)
@@ -179,8 +180,8 @@ def measure_case(case: str, args, data_dir: Path, init_dir: Path) -> dict:
                 def on_train_end(self, a, state, control, **kw):
                     counts["peak"] = peak_memory_bytes(runtime)  # before the stage's final evaluation and export
 
-            result = train_adapter(cfg, ref, runtime, data_dir, init_dir, tmp / "adapter", tmp / "exported",
-                                   tmp / "checkpoints", callbacks=[Timing()])
+            paths = TrainPaths(data_dir, init_dir, tmp / "adapter", tmp / "exported", tmp / "checkpoints")
+            result = train_adapter(cfg, ref, runtime, paths, run_fingerprint(cfg, data_dir, init_dir), callbacks=[Timing()])
             counts["padding_free"] = bool(result.metrics.get("padding_free"))
         else:
             from transformers import DataCollatorForSeq2Seq
@@ -254,10 +255,10 @@ def main() -> int:
         print(json.dumps(measure_case(args.one, args, Path(args.data), Path(args.init))))
         return 0
 
-    from olora import models
-    from olora.stages.init import init_adapter as initialise_adapter
-    from olora.stages.prepare import prepare_data as prepare
-    from olora.runtime import resolve_runtime
+    from olora.modeling import models
+    from olora.data.prepare import prepare_data as prepare
+    from olora.modeling.initialise import init_adapter as initialise_adapter
+    from olora.modeling.runtime import resolve_runtime
 
     cfg = build_config(args, "olora")
     ref = models.resolve_model(cfg.model)

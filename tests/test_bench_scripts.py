@@ -31,7 +31,7 @@ def bench(script: str, *args: str) -> str:
 def tiny_adapter(tmp_path_factory, tiny_model_dir) -> Path:
     from transformers import AutoModelForCausalLM
 
-    from olora import peft_glue as adapters
+    from olora.modeling import peft_glue as adapters
     from olora.config import AdapterConfig
 
     out = tmp_path_factory.mktemp("adapter")

@@ -113,24 +113,23 @@ def test_yaml_1_1_float_strings_are_the_numbers_users_meant(tmp_path):
         config_from_dict({"adapter": {"r": "4e0"}})  # only float settings take the string form
 
 
-def test_readme_parameter_table_is_generated_from_the_field_docstrings():
-    from olora.cli import README_MARKERS, replace_between_markers
-    from olora.config import params_table
+def test_the_parameter_reference_is_generated_from_the_field_docstrings():
+    from olora.devtools import PARAMS_MARKERS, params_table, replace_between_markers
 
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "parameters.md").read_text()
     assert replace_between_markers(readme, params_table()) == readme, (
-        "README's parameter table is stale: run `olora params-table --write README.md`"
+        "docs/parameters.md is stale: run `olora params-table --write docs/parameters.md`"
     )
     table = params_table()
     assert all(f"`{key}`" in table for key in Config().flat())
-    start, end = README_MARKERS
+    start, end = PARAMS_MARKERS
     assert readme.count(start) == readme.count(end) == 1
 
 
 def test_every_config_field_has_a_docstring():
     import typing
 
-    from olora.config import field_docs
+    from olora.devtools import field_docs
 
     hints = typing.get_type_hints(Config)
     for block in Config().to_dict():

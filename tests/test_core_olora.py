@@ -63,7 +63,7 @@ def test_pipeline_init_turns_a_bad_rank_into_a_config_error():
 
     from olora.config import AdapterConfig
     from olora.errors import ConfigError
-    from olora.peft_glue import initialise
+    from olora.modeling.peft_glue import initialise
 
     class Toy(nn.Module):
         def __init__(self):

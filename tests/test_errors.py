@@ -186,7 +186,7 @@ def serve(ctx, model_input, params: dict | None = None) -> str:
     from mlflow.exceptions import MlflowException
 
     from olora.data.templates import resolve_template
-    from olora.tracking.pyfunc import AdapterGenerator
+    from olora.serving.pyfunc import AdapterGenerator
 
     if "g" not in _GENERATOR:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -248,8 +248,8 @@ def distributed_check(ctx: Ctx, device: str, overrides: dict) -> str:
 
     from olora.config import load_config
     from olora.errors import ConfigError
-    from olora.runtime import Runtime
-    from olora.stages.train import check_distributed
+    from olora.modeling.runtime import Runtime
+    from olora.training.distributed import check_distributed
 
     cfg = load_config(ctx.params(""), overrides)
     return raises(lambda: check_distributed(cfg, Runtime(torch.device(device), torch.float32)), ConfigError)
@@ -301,7 +301,7 @@ def tiny_config(ctx: Ctx, **changes) -> dict:
 def resolve(ctx: Ctx, name: str, root: bool = True) -> str:
     from olora.config import ModelConfig
     from olora.errors import OloraError
-    from olora.models import resolve_model
+    from olora.modeling.models import resolve_model
 
     return raises(lambda: resolve_model(ModelConfig(name=name), ctx.root if root else None), OloraError)
 
@@ -943,56 +943,10 @@ def test_docs_errors_md_is_generated_from_the_catalogue():
 # ---------------------------------------------------------------- docs/errors.md
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
-def _code(text: str) -> str:
-    """A markdown code span that may hold backticks."""
-    return f"`` {text} ``" if "`" in text else f"`{text}`"
-
-
-def _uncaught_sentence() -> str:
-    uncaught = [case.id for case in CASES if case.message.startswith("(traceback)")]
-    if not uncaught:
-        return "Every case ends in a clear error; none leaves the user with a Python traceback."
-    return (f"{len(uncaught)} lines start with `(traceback)`: errors the code does not catch yet, where the user sees "
-            "a Python traceback ending in that line.")
-
-
 def errors_markdown() -> str:
-    lines = [
-        "# Error catalogue",
-        "",
-        "<!-- Generated from tests/test_errors.py by `.venv/bin/python tests/test_errors.py --write docs/errors.md`; do not edit. -->",
-        "",
-        "What each bad input produces, through the entry point a user hits: the first line of the error "
-        "(`olora <command>: error: ...` on stderr, exit code 2, for the CLI), what triggers it and how to fix it. "
-        "`<project>` is the project folder, `<tmp>` a folder outside it. Every row is a test "
-        "(`tests/test_errors.py`) asserting that exact first line. " + _uncaught_sentence(),
-        "",
-    ]
-    by_category: dict[str, list[Case]] = {}
-    for case in CASES:
-        by_category.setdefault(case.category, []).append(case)
-    lines.append("| section | cases |")
-    lines.append("|---|---|")
-    for key, (title, _) in CATEGORIES.items():
-        anchor = re.sub(r"[^a-z0-9 -]", "", title.lower()).replace(" ", "-")
-        lines.append(f"| [{title}](#{anchor}) | {len(by_category.get(key, []))} |")
-    lines.append("")
-    for key, (title, intro) in CATEGORIES.items():
-        lines += [f"## {title}", "", intro, ""]
-        cases = by_category.get(key, [])
-        if not cases:
-            lines += [EMPTY_CATEGORY.get(key, "No cases yet."), ""]
-            continue
-        lines.append("| case | what triggers it | first line of the error | how to fix it |")
-        lines.append("|---|---|---|---|")
-        for case in cases:
-            lines.append(f"| `{case.id}` | {_cell(case.trigger)} | {_cell(_code(case.message))} | {_cell(case.fix)} |")
-        lines.append("")
-    return "\n".join(lines)
+    from olora.devtools import errors_markdown as render
+
+    return render(CASES, CATEGORIES, EMPTY_CATEGORY)
 
 
 if __name__ == "__main__":

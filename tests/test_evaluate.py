@@ -7,7 +7,8 @@ import yaml
 
 from olora.config import EvaluateConfig
 from olora.errors import ConfigError
-from olora.stages.evaluate import OFFLINE_TASKS, run_lm_eval, stock_tasks_dir, write_offline_tasks
+from olora.evaluation.harness import run_lm_eval
+from olora.evaluation.tasks import OFFLINE_TASKS, stock_tasks_dir, write_offline_tasks
 
 
 @pytest.fixture(scope="module")

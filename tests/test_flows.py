@@ -24,11 +24,10 @@ from conftest import REPO, free_port, wait_for_http
 from overlay import copy_project, write_params
 
 pytestmark = pytest.mark.integration
-sys.path.insert(0, str(REPO / "flows"))
 
 
 def test_retry_classification_and_backoff_are_pure():
-    import olora_pipeline as flows
+    from flows import olora_pipeline as flows
     from olora.tracking.client import TrackingError
 
     assert flows.is_transient(ConnectionError("reset")) and flows.is_transient(TrackingError("down"))
@@ -83,7 +82,7 @@ def _snapshot(root: Path) -> tuple[str, str, str, str]:
 
 
 def test_isolated_run_is_recorded_and_restores_in_a_fresh_clone(harness, project, tmp_path, monkeypatch):
-    import olora_pipeline as flows
+    from flows import olora_pipeline as flows
     from mlflow import MlflowClient
 
     calls = {"train": [], "evaluate": 0}
@@ -149,7 +148,7 @@ def test_isolated_run_is_recorded_and_restores_in_a_fresh_clone(harness, project
 
 
 def test_config_error_fails_fast_without_retries(harness, project, monkeypatch):
-    import olora_pipeline as flows
+    from flows import olora_pipeline as flows
 
     calls = []
     real_init = olora.stages.init.init
@@ -271,7 +270,7 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path, tiny_model_dir):
 
 
 def test_sweep_runs_each_variant_as_its_own_recorded_run(harness, project):
-    import olora_pipeline as flows
+    from flows import olora_pipeline as flows
     from prefect.artifacts import Artifact
 
     before = _snapshot(project)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from olora import peft_glue as adapters
+from olora.modeling import peft_glue as adapters
 from olora.stages import STAGES
 from olora.layout import Layout
 from olora.config import AdapterConfig

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from olora.stages import STAGES
+from olora.tracking.client import Tracking
 from olora.tracking import client as tracking
 from olora.tracking import registry
 from olora.layout import Layout
@@ -120,7 +121,7 @@ def _trained_model(layout):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from olora.peft_glue import load_for_training
+    from olora.modeling.peft_glue import load_for_training
 
     cfg = load_config(layout.params)
     model = load_for_training(AutoModelForCausalLM.from_pretrained(layout.root / cfg.model.name), layout.init, "olora")
@@ -174,10 +175,10 @@ def test_promotion_gate_and_rollback_on_the_real_registry(tracked):
     c = _client(tracked)
     name = registry.model_name(cfg)
     v1 = c.get_model_version(name, "1")
-    d = registry.promote(cfg, tracked.root)
+    d = registry.promote(cfg, Tracking.of(cfg, tracked.root))
     assert d.promote and d.reason == "no champion yet"
     assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
-    again = registry.promote(cfg, tracked.root)
+    again = registry.promote(cfg, Tracking.of(cfg, tracked.root))
     assert not again.promote and "already champion" in again.reason
     assert c.get_model_version(name, "1").tags["promotion.decision"] == "promoted"  # the record is kept
 
@@ -188,24 +189,24 @@ def test_promotion_gate_and_rollback_on_the_real_registry(tracked):
 
     champion_acc = float(v1.tags["mean_acc"])
     worse = new_version(champion_acc - 0.1)
-    d = registry.promote(cfg, tracked.root)
+    d = registry.promote(cfg, Tracking.of(cfg, tracked.root))
     assert not d.promote and str(c.get_model_version_by_alias(name, "champion").version) == "1"
     tags = c.get_model_version(name, worse).tags
     assert tags["promotion.decision"] == "rejected" and float(tags["promotion.champion_metric"]) == champion_acc
 
     better = new_version(champion_acc + 0.1)
-    assert registry.promote(cfg, tracked.root).promote
+    assert registry.promote(cfg, Tracking.of(cfg, tracked.root)).promote
     assert str(c.get_model_version_by_alias(name, "champion").version) == better
     assert c.get_model_version(name, better).tags["previous_champion"] == "1"
 
-    assert registry.rollback(cfg, tracked.root) == "1"
+    assert registry.rollback(cfg, Tracking.of(cfg, tracked.root)) == "1"
     assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
 
-    assert registry.promote(cfg, tracked.root, version=worse, force=True).promote
+    assert registry.promote(cfg, Tracking.of(cfg, tracked.root), version=worse, force=True).promote
     with pytest.raises(OloraError, match=r"registered model 'nope' not found; registered models: \['olora-"):
-        registry.promote(cfg, tracked.root, name="nope")
+        registry.promote(cfg, Tracking.of(cfg, tracked.root), name="nope")
     with pytest.raises(OloraError, match=r"has no version 99; versions: \[1, 2, 3\]"):
-        registry.promote(cfg, tracked.root, version="99")
+        registry.promote(cfg, Tracking.of(cfg, tracked.root), version="99")
 
 
 def test_broken_adapter_is_refused_before_registration(tracked, tmp_path):
@@ -216,7 +217,7 @@ def test_broken_adapter_is_refused_before_registration(tracked, tmp_path):
     weights = broken / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: len(weights.read_bytes()) // 2])
     with pytest.raises(OloraError, match="unreadable or truncated"):
-        registry.register(load_config(tracked.params), tracked.root, tracked.adapter, broken, {})
+        registry.register(load_config(tracked.params), Tracking.of(load_config(tracked.params), tracked.root), tracked.root, tracked.adapter, broken, {})
 
 
 def test_unreachable_server_names_the_uri(tracked, monkeypatch, caplog):
@@ -226,7 +227,7 @@ def test_unreachable_server_names_the_uri(tracked, monkeypatch, caplog):
     cfg = load_config(tracked.params, {"tracking.retries": 2})
     with caplog.at_level("WARNING", logger="olora"), \
             pytest.raises(tracking.TrackingError, match=rf"http://127.0.0.1:{port} after 2 attempts.*re-run"):
-        registry.promote(cfg, tracked.root)
+        registry.promote(cfg, Tracking.of(cfg, tracked.root))
     retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
     assert len(retries) == 1 and f"127.0.0.1:{port}" in retries[0], retries  # 2 attempts: one backoff, then the error
 

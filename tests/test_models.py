@@ -7,8 +7,8 @@ import torch
 
 from olora.config import ModelConfig
 from olora.errors import ConfigError
-from olora.models import check_targets, linear_layers, resolve_model
-from olora.runtime import resolve_runtime
+from olora.modeling.models import check_targets, linear_layers, resolve_model
+from olora.modeling.runtime import resolve_runtime
 
 
 def test_local_folder_and_meta_layer_listing(tiny_model_dir):

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from olora import peft_glue as adapters
+from olora.modeling import peft_glue as adapters
 from olora.config import AdapterConfig
 from olora.core.olora import olora_factors
-from olora.peft_glue import olora_init_
+from olora.modeling.peft_glue import olora_init_
 
 
 def _peft(model, r, targets, init, fan_in_fan_out=False):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from olora import peft_glue as adapters
+from olora.modeling import peft_glue as adapters
 from olora.config import AdapterConfig
 
 SHAPES = {"tall": (48, 16), "wide": (16, 48), "square": (32, 32)}  # (out, in)

@@ -109,13 +109,13 @@ def test_each_stage_runs_only_code_its_dvc_deps_list(project, traced_repro):
     """Traced, not hand-listed: every project module a stage's real run loaded is a dep of that stage."""
     import yaml
 
-    from olora.cli import build_parser, _stage_for
+    from olora.cli import _stage_for, base_parser
 
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
     seen = set()
     for trace in traced_repro.glob("*.json"):
         record = json.loads(trace.read_text())
-        stage = _stage_for(build_parser().parse_args(record["argv"]))
+        stage = _stage_for(base_parser().parse_args(record["argv"]))
         seen.add(stage)
         deps = set(stages[stage]["deps"])
         for module in record["modules"]:

@@ -11,7 +11,7 @@ from olora.errors import ConfigError, DataError
 from olora.data.sources import embedded_records
 from olora.data.templates import Record, encode, render
 from olora.io import read_jsonl
-from olora.stages.prepare import prepare_data as prepare
+from olora.data.prepare import prepare_data as prepare
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, free_port
-from olora import services
+from olora.ops import services
 from olora.config import ModelConfig, TrackingConfig, config_from_dict
 from olora.errors import ConfigError
 from olora.tracking.client import TrackingError, redact_uri, with_retries
@@ -253,12 +253,12 @@ def _fake_model(folder: Path, weights: str) -> Path:
 
 
 def test_a_model_folder_with_only_pickle_weights_is_refused(tmp_path):
-    from olora.models import ModelRef, load_base
-    from olora.runtime import resolve_runtime
+    from olora.modeling.models import ModelRef, load_base
+    from olora.modeling.runtime import resolve_runtime
 
     folder = _fake_model(tmp_path / "legacy", "pytorch_model.bin")
     with pytest.raises(ConfigError, match=r"legacy.*only pickle-based weights \(pytorch_model.bin\).*save_pretrained"):
-        from olora.models import resolve_model
+        from olora.modeling.models import resolve_model
 
         resolve_model(ModelConfig(name=str(folder)))
     ref = ModelRef(name=str(folder), revision="local", path=str(folder), local=True)
@@ -272,8 +272,8 @@ def test_a_model_folder_with_only_pickle_weights_is_refused(tmp_path):
 def test_trust_remote_code_is_off_unless_set_and_reaches_transformers(tmp_path, monkeypatch):
     import transformers
 
-    from olora import models
-    from olora.runtime import resolve_runtime
+    from olora.modeling import models
+    from olora.modeling.runtime import resolve_runtime
 
     seen = []
 
@@ -304,8 +304,8 @@ def test_trust_remote_code_is_off_unless_set_and_reaches_transformers(tmp_path, 
 
 
 def test_safetensors_only_loading_still_loads_a_real_model(tiny_model_dir):
-    from olora.models import load_base, load_tokenizer, resolve_model
-    from olora.runtime import resolve_runtime
+    from olora.modeling.models import load_base, load_tokenizer, resolve_model
+    from olora.modeling.runtime import resolve_runtime
 
     ref = resolve_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
     assert ref.trust_remote_code is False
@@ -371,19 +371,19 @@ def test_mlflow_server_refuses_requests_without_credentials(mlflow_server):
 
 @pytest.mark.integration
 def test_tracking_client_with_right_and_wrong_credentials(mlflow_server, tmp_path, monkeypatch, caplog):
-    from olora.tracking.client import client
+    from olora.tracking.client import Tracking
 
     running, password = mlflow_server
     url = running.service.url
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
-    c = client(TrackingConfig(uri=url, retries=3), tmp_path)
+    c = Tracking.resolve(TrackingConfig(uri=url, retries=3), tmp_path).client()
     assert c.create_experiment("security-check")
 
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong-" + secrets.token_urlsafe(8))
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="olora"), pytest.raises(TrackingError) as info:
-        client(TrackingConfig(uri=url, retries=3), tmp_path)
+        Tracking.resolve(TrackingConfig(uri=url, retries=3), tmp_path).client()
     assert not [r for r in caplog.records if "retrying in" in r.getMessage()]  # refused: no retries with backoff
     first = str(info.value).splitlines()[0]
     assert f"the MLflow tracking server {url} refused the credentials (user 'admin')" in first
@@ -394,7 +394,7 @@ def test_tracking_client_with_right_and_wrong_credentials(mlflow_server, tmp_pat
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
     leaked = "admin:url-" + secrets.token_urlsafe(8)
     with pytest.raises(TrackingError) as info:
-        client(TrackingConfig(uri=url.replace("http://", f"http://{leaked}@"), retries=3), tmp_path)
+        Tracking.resolve(TrackingConfig(uri=url.replace("http://", f"http://{leaked}@"), retries=3), tmp_path).client()
     assert leaked.split(":")[1] not in str(info.value) and url in str(info.value).splitlines()[0]
 
 

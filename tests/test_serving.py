@@ -10,7 +10,7 @@ import torch
 
 from olora.data.templates import ALPACA_NO_INPUT, PromptTemplate, Record, render, render_prompt, resolve_template
 from olora.errors import ConfigError
-from olora.tracking.pyfunc import (MAX_NEW_TOKENS, MAX_PROMPTS, PARAMS, AdapterGenerator, TamperedModelError,
+from olora.serving.pyfunc import (MAX_NEW_TOKENS, MAX_PROMPTS, PARAMS, AdapterGenerator, TamperedModelError,
                                    artifact_checksums, generate, signature, verify_artifacts)
 
 pytestmark = pytest.mark.fault

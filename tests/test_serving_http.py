@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from olora.config import load_config
+from olora.tracking.client import Tracking
 from olora.layout import Layout
 from olora.stages import STAGES
 from olora.tracking import client as tracking
@@ -45,7 +46,7 @@ def registered(tmp_path_factory, tiny_untied_model_dir) -> Layout:
     layout = Layout(root)
     for stage in ("prepare", "init", "train", "evaluate_base", "evaluate", "register"):
         STAGES[stage].run(layout)
-    assert registry.promote(load_config(layout.params), root).promote
+    assert registry.promote(load_config(layout.params), Tracking.of(load_config(layout.params), root)).promote
     return layout
 
 
@@ -172,14 +173,14 @@ def test_reload_follows_promotion_and_rollback_while_answering(registered, serve
     windows = []
     try:
         time.sleep(0.5)
-        assert registry.promote(cfg, registered.root, version=v2, force=True).promote
+        assert registry.promote(cfg, Tracking.of(cfg, registered.root), version=v2, force=True).promote
         start = time.monotonic()
         status, body = call(server, "/reload", method="POST", body=b"")
         windows.append((start, time.monotonic()))
         assert status == 200 and body["reloaded"] and body["previous_version"] == "1" and body["version"] == v2
         assert call(server, "/served")[1]["version"] == v2
 
-        assert registry.rollback(cfg, registered.root) == "1"
+        assert registry.rollback(cfg, Tracking.of(cfg, registered.root)) == "1"
         start = time.monotonic()
         status, body = call(server, "/reload", method="POST", body=b"")
         windows.append((start, time.monotonic()))
@@ -209,7 +210,7 @@ def test_a_fixed_version_does_not_reload(registered, monkeypatch):
     """`olora serve --version 1`'s app, called in this process (the same ASGI calls, without a socket)."""
     from starlette.testclient import TestClient
 
-    from olora.serving import ServingApp
+    from olora.serving.server import ServingApp
 
     use_registry(registered, monkeypatch)
     with TestClient(ServingApp(_client(registered), _name(registered), version="1")) as app:
@@ -253,7 +254,7 @@ def test_a_lost_response_is_retried_without_a_second_version(registered, monkeyp
         return version
 
     monkeypatch.setattr(MlflowClient, "create_model_version", created_but_response_lost)
-    reg = registry.register(cfg, registered.root, registered.adapter, registered.exported, {})
+    reg = registry.register(cfg, Tracking.of(cfg, registered.root), registered.root, registered.adapter, registered.exported, {})
     assert len(calls) == 1  # the retry found the version the lost call created, and created none
     c = _client(registered)
     assert [str(v.version) for v in c.search_model_versions("name='olora-lost-response'")] == ["1"] == [reg.version]
@@ -278,13 +279,13 @@ def test_a_rerun_after_a_crash_between_upload_and_create_registers_once(register
 
     monkeypatch.setattr(olora.faults, "marker", crash)
     with pytest.raises(Crash):
-        registry.register(cfg, registered.root, registered.adapter, registered.exported, {})
+        registry.register(cfg, Tracking.of(cfg, registered.root), registered.root, registered.adapter, registered.exported, {})
     assert not c.search_model_versions("name='olora-crashed'")  # uploaded, not registered
     monkeypatch.undo()
-    reg = registry.register(cfg, registered.root, registered.adapter, registered.exported, {})
+    reg = registry.register(cfg, Tracking.of(cfg, registered.root), registered.root, registered.adapter, registered.exported, {})
     assert reg.created and [str(v.version) for v in c.search_model_versions("name='olora-crashed'")] == ["1"]
     assert _version_files(c, run_id) == files  # the re-upload overwrote the same files: no orphans
-    again = registry.register(cfg, registered.root, registered.adapter, registered.exported, {})
+    again = registry.register(cfg, Tracking.of(cfg, registered.root), registered.root, registered.adapter, registered.exported, {})
     assert not again.created and again.version == "1"
 
 
@@ -292,8 +293,8 @@ def test_a_changed_file_fails_on_load_and_on_reload(registered, server, monkeypa
     import mlflow
     import yaml
 
-    from olora.serving import ServingApp
-    from olora.tracking.pyfunc import TamperedModelError, file_sha256
+    from olora.serving.server import ServingApp
+    from olora.serving.pyfunc import TamperedModelError, file_sha256
 
     name, c = _name(registered), _client(registered)
     (weights,) = (registered.root / "mlartifacts").rglob("model/artifacts/adapter/adapter_model.safetensors")

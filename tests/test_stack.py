@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from olora import envfile, services, stack
+from olora.ops import envfile, services, stack
 
 WORKERS = 2
 
@@ -97,10 +97,10 @@ class Stack:
 
     def run(self, command: str, timeout: float = 400) -> subprocess.CompletedProcess:
         start = time.monotonic()
-        done = subprocess.run([sys.executable, "-m", "olora.stack", command, "--workers", str(WORKERS)], cwd=self.root,
+        done = subprocess.run([sys.executable, "-m", "olora.ops.stack", command, "--workers", str(WORKERS)], cwd=self.root,
                               env=self.env, capture_output=True, text=True, timeout=timeout)
         self.timings.setdefault(command, []).append(round(time.monotonic() - start, 1))
-        assert done.returncode == 0, f"olora.stack {command} failed:\n{done.stdout}\n{done.stderr}"
+        assert done.returncode == 0, f"olora.ops.stack {command} failed:\n{done.stdout}\n{done.stderr}"
         return done
 
     @property
@@ -135,7 +135,7 @@ def running_stack(tmp_path_factory):
     s = Stack(root, env)
     s.run("up")
     yield s
-    subprocess.run([sys.executable, "-m", "olora.stack", "down"], cwd=root, env=env, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "olora.ops.stack", "down"], cwd=root, env=env, capture_output=True, timeout=300)
     print(f"\nstack timings (s; first up is cold): {json.dumps(s.timings)}")
 
 
@@ -151,7 +151,7 @@ def test_stack_env_holds_what_clients_need(running_stack):
     assert values["PREFECT_API_URL"] == f"http://127.0.0.1:{running_stack.config.ports['prefect']}/api"
     assert values["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{running_stack.config.ports['s3']}"
     assert (running_stack.root / "stack.env").stat().st_mode & 0o777 == 0o600
-    out = subprocess.run([sys.executable, "-m", "olora.stack", "status"], cwd=running_stack.root, env=running_stack.env,
+    out = subprocess.run([sys.executable, "-m", "olora.ops.stack", "status"], cwd=running_stack.root, env=running_stack.env,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     for name in ("postgres", "s3", "mlflow", "prefect", *[f"olora-worker-{i}" for i in range(1, WORKERS + 1)]):

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, BIN
-from olora import workspace
-
-sys.path.insert(0, str(REPO / "flows"))
+from olora.orchestration import workspace
 
 
 def git(root: Path, *args: str) -> str:
@@ -19,7 +16,7 @@ def git(root: Path, *args: str) -> str:
 
 
 def test_unreachable_git_remote_is_named_kept_and_the_retry_records_once(tmp_path):
-    import olora_pipeline as flows
+    from flows import olora_pipeline as flows
 
     ws = tmp_path / "ws"
     ws.mkdir()

@@ -9,10 +9,8 @@ is allowed. The `runtime` block holds knobs that cannot change any output (no st
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
-import inspect
 import math
 import re
 import types
@@ -426,37 +424,25 @@ def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
         raise ConfigError(f"{path}: {exc}") from None
 
 
+def edit_params(source: str | Path, overrides: dict[str, Any], target: str | Path | None = None) -> Config:
+    """Apply dotted-key overrides to the params file `source`, validate, and write it to `target` (default: back).
+
+    Nothing is written when the result is invalid: a bad override fails here, before any stage runs.
+    With no overrides and no target it only validates.
+    """
+    source = Path(source)
+    target = Path(target) if target is not None else source
+    values = apply_overrides(yaml.safe_load(source.read_text()) or {}, overrides)
+    try:
+        cfg = config_from_dict(values)
+    except ConfigError as exc:
+        raise ConfigError(f"{source} with overrides {overrides}: {exc}") from None
+    if overrides or target != source:
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(yaml.safe_dump(values, sort_keys=False))
+        tmp.replace(target)
+    return cfg
+
+
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
-
-
-# ---------------------------------------------------------------- documentation
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Field name -> the docstring written under it in this module (attribute docstrings)."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
-    out: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-                out[node.target.id] = " ".join(nxt.value.value.split())
-    return out
-
-
-def params_table() -> str:
-    """The README's parameter table, generated from the dataclasses and their field docstrings."""
-    rows = ["| key | default | meaning |", "|---|---|---|"]
-    defaults = Config().to_dict()
-    hints = typing.get_type_hints(Config)
-    for block in defaults:
-        cls = hints[block]
-        docs = field_docs(cls)
-        for f in dataclasses.fields(cls):
-            if f.name not in docs:
-                raise AssertionError(f"config field {block}.{f.name} has no docstring")
-            default = yaml.safe_dump(defaults[block][f.name], default_flow_style=True, width=1000).strip()
-            default = default.removesuffix("...").strip()
-            rows.append(f"| `{block}.{f.name}` | `{default}` | {docs[f.name].replace('|', '&#124;')} |")
-    return "\n".join(rows)

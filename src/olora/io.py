@@ -59,6 +59,20 @@ def write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_csv(path: Path, header: list[str], rows) -> None:
+    """Write a CSV file atomically (temp file + rename): a header row, then `rows`."""
+    import csv
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
 class MissingOutputError(OloraError, FileNotFoundError):
     """A file an earlier stage writes is not there."""
 

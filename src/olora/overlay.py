@@ -11,9 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from olora.config import apply_overrides, load_config
+from olora.config import edit_params
 from olora.layout import MODEL_INPUTS, PARAMS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,7 +26,7 @@ def build_tiny_llama(path: Path, seed: int = 0, tie_word_embeddings: bool = True
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from olora.assets import embedded_model_dir
+    from olora.modeling.assets import embedded_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir("SmolLM2-135M-Instruct"))
     config = LlamaConfig(
@@ -85,11 +84,8 @@ def write_params(folder: Path, model_dir: Path | str, extra: dict | None = None)
     """
     folder = Path(folder)
     name = str(model_dir) if str(model_dir).startswith("embedded:") else install_model(folder, Path(model_dir))
-    values = yaml.safe_load((REPO / PARAMS).read_text())
-    values = apply_overrides(values, {**tiny_overrides(name), **(extra or {})})
     path = folder / PARAMS
-    path.write_text(yaml.safe_dump(values, sort_keys=False))
-    load_config(path)  # the overlay itself must be valid
+    edit_params(REPO / PARAMS, {**tiny_overrides(name), **(extra or {})}, path)  # the overlay itself must be valid
     return path
 
 

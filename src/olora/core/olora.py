@@ -9,7 +9,7 @@ product, 2·m·n·r flops). The residual base W − s·B0·A0 is one more rank-r
 4·m·n·r flops, against O(m·n·min(m, n)) for the full QR that PEFT's `init_lora_weights="olora"` runs.
 
 Computed in float32 on the device the weight lives on (peak extra memory: one float32 copy of the
-weight; none when it is already float32). `olora.peft_glue.olora_init_` applies it to PEFT layers.
+weight; none when it is already float32). `olora.modeling.peft_glue.olora_init_` applies it to PEFT layers.
 """
 
 from __future__ import annotations

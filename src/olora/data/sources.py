@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from olora import assets
+from olora.modeling import assets
 from olora.config import DataConfig
 from olora.data.templates import Record
 from olora.errors import ConfigError, DataError

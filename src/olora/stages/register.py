@@ -12,16 +12,18 @@ from olora.io import read_json, write_json
 from olora.layout import Layout
 
 
-def register(layout: Layout = Layout(), overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def register(layout: Layout = Layout(), overrides: dict[str, Any] | None = None, tracking=None) -> dict[str, Any]:
     """The stage: models/exported + metrics/eval_adapter.json -> a registered version, reports/registration.json."""
     from olora.tracking import registry
-    from olora.tracking.client import resolve_uri
+    from olora.tracking.client import Tracking
 
     cfg = load_config(layout.params, overrides)
     if not cfg.tracking.enabled:
         record: dict[str, Any] = {"registered": False, "reason": "tracking.enabled is false"}
     else:
-        reg = registry.register(cfg, layout.root, layout.adapter, layout.exported, read_json(layout.metrics("eval_adapter")))
-        record = {"registered": True, **registry.registration_record(reg, resolve_uri(cfg.tracking, layout.root))}
+        tracking = tracking or Tracking.of(cfg, layout.root)
+        metrics = read_json(layout.metrics("eval_adapter"))
+        reg = registry.register(cfg, tracking, layout.root, layout.adapter, layout.exported, metrics)
+        record = {"registered": True, **registry.registration_record(reg, tracking.uri)}
     write_json(layout.registration, record)
     return record

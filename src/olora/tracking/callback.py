@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from olora.tracking.client import redact_uri
-from olora.tracking.runs import log_metric_series
+from olora.tracking.series import TRAINER_KEYS, log_metric_series
 
 log = logging.getLogger("olora")
 
@@ -44,7 +44,7 @@ class BatchLogger:
         self.last = time.perf_counter()
         self.callback = _Callback()
 
-    KEYS = {"loss": "train/loss", "eval_loss": "val/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm"}
+    KEYS = TRAINER_KEYS
 
     def add(self, step: int, logs: dict[str, Any]) -> None:
         start = time.perf_counter()

@@ -1,4 +1,8 @@
-"""The MLflow client: which server (one precedence rule), reachability, retries with backoff, experiments."""
+"""The MLflow client: which server (one precedence rule), reachability, retries with backoff, experiments.
+
+Each entry point (a stage, an `olora` command, a flow) resolves the rule once into a `Tracking`
+value and passes it down; nothing below it looks at `tracking.uri` or `$MLFLOW_TRACKING_URI` again.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import logging
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -97,24 +102,46 @@ def with_retries(what: str, uri: str, fn: Callable[[], T], attempts: int = 3, ba
     ) from last
 
 
-def client(cfg: TrackingConfig, root: Path):
-    """An MlflowClient for the resolved URI, checked to be reachable."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    # our own retries (with_retries) handle transient failures: keep MLflow's inner HTTP retries short
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    from mlflow import MlflowClient
+@dataclass(frozen=True)
+class Tracking:
+    """Where runs and models go, resolved once: the server URI (the one rule applied), experiment, retries."""
 
-    uri = resolve_uri(cfg, root)
-    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    with_retries("connecting", uri, lambda: c.search_experiments(max_results=1), attempts=cfg.retries)
-    return c
+    uri: str
+    experiment: str = "olora"
+    retries: int = 3
+    enabled: bool = True
+
+    @classmethod
+    def resolve(cls, cfg: TrackingConfig, root: Path) -> "Tracking":
+        return cls(resolve_uri(cfg, root), cfg.experiment, cfg.retries, cfg.enabled)
+
+    @classmethod
+    def of(cls, cfg, root: Path) -> "Tracking":
+        """From a whole `Config` (its `tracking` block)."""
+        return cls.resolve(cfg.tracking, root)
+
+    def call(self, what: str, fn: Callable[[], T]) -> T:
+        """fn() with this server's retries and error message."""
+        return with_retries(what, self.uri, fn, self.retries)
+
+    def client(self):
+        """An MlflowClient for this server, checked to be reachable."""
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        # our own retries (with_retries) handle transient failures: keep MLflow's inner HTTP retries short
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        from mlflow import MlflowClient
+
+        c = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        with_retries("connecting", self.uri, lambda: c.search_experiments(max_results=1), attempts=self.retries)
+        return c
 
 
-def experiment_id(c, cfg: TrackingConfig, root: Path) -> str:
-    found = c.get_experiment_by_name(cfg.experiment)
+def experiment_id(c, experiment: str) -> str:
+    """The experiment's id, created on first use (a SQLite store keeps its artifacts beside the database)."""
+    found = c.get_experiment_by_name(experiment)
     if found is not None:
         return found.experiment_id
     uri = c.tracking_uri
     location = artifact_location(uri) if uri.startswith("sqlite:///") else None
-    return c.create_experiment(cfg.experiment, artifact_location=location)
+    return c.create_experiment(experiment, artifact_location=location)

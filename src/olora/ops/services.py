@@ -19,8 +19,8 @@ MLflow, Prefect); this module provides the two servers the pipeline talks to:
 Weak passwords (empty, shorter than 12 characters, or MLflow's old default `password1234`) are
 refused before anything starts.
 
-    python -m olora.services mlflow --backend-store-uri sqlite:///mlflow.db --port 5000
-    python -m olora.services prefect --port 4200
+    python -m olora.ops.services mlflow --backend-store-uri sqlite:///mlflow.db --port 5000
+    python -m olora.ops.services prefect --port 4200
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class Service:
 
 
 class _Adopted:
-    """A server started by another process (`python -m olora.stack up`), driven through psutil like a Popen."""
+    """A server started by another process (`python -m olora.ops.stack up`), driven through psutil like a Popen."""
 
     def __init__(self, proc) -> None:
         self._proc = proc
@@ -467,7 +467,7 @@ def serve_forever(service: Service) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m olora.services", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m olora.ops.services", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="service", required=True)
     m = sub.add_parser("mlflow", help="MLflow tracking server with basic auth (admin from MLFLOW_AUTH_ADMIN_USERNAME/PASSWORD)")
     m.add_argument("--backend-store-uri", required=True, help="e.g. sqlite:///mlflow.db or postgresql://host/db")

@@ -26,7 +26,6 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from olora.errors import OloraError
@@ -71,7 +70,7 @@ class ServingApp:
         from mlflow.exceptions import MlflowException
         from mlflow.pyfunc import scoring_server
 
-        from olora.tracking.pyfunc import CHECKSUMS_KEY, TamperedModelError
+        from olora.serving.pyfunc import CHECKSUMS_KEY, TamperedModelError
 
         try:
             tag = self.client.get_model_version(self.name, version).tags.get(CHECKSUMS_KEY)
@@ -129,21 +128,20 @@ class ServingApp:
         await self.current.app(scope, receive, send)
 
 
-def serve(cfg, root: Path, name: str, alias: str | None, version: str | None, host: str, port: int) -> None:
+def serve(cfg, tracking, name: str, alias: str | None, version: str | None, host: str, port: int) -> None:
     """Load the version (before binding, so a bad model never answers), then run uvicorn until stopped."""
     import uvicorn
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
-    from olora.runtime import set_threads
-    from olora.tracking.client import client, resolve_uri
+    from olora.modeling.runtime import set_threads
 
-    uri = resolve_uri(cfg.tracking, root)
+    uri = tracking.uri
     mlflow.set_tracking_uri(uri)  # this process only serves: models:/ URIs resolve against the pipeline's registry
     mlflow.set_registry_uri(uri)
     set_threads(cfg.runtime)
-    app = ServingApp(client(cfg.tracking, root), name, alias, version)
+    app = ServingApp(tracking.client(), name, alias, version)
     print(f"serving {app.follows} (version {app.current.version}) on http://{host}:{port}: POST /invocations, "
           f"GET /served, POST /reload", file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, lifespan="off", log_level="info")

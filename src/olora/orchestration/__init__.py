@@ -1,0 +1,1 @@
+"""Orchestration logic the Prefect flows call: workspaces and recorded runs, retry rules, sweeps, restore."""

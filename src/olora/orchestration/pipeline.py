@@ -1,0 +1,179 @@
+"""What the Prefect flows do, as plain functions: run a stage under DVC's judgement, the retry rule, the
+CUDA out-of-memory back-off, recording a run, and the sweep's variants and comparison table.
+
+The flows (`flows/olora_pipeline.py`) wrap these in tasks; nothing here imports Prefect, so each
+rule is testable on its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from olora import dvc
+from olora.config import edit_params, load_config
+from olora.errors import OloraError
+from olora.layout import RUN_FILE, Layout
+from olora.orchestration import workspace
+from olora.stages import STAGES
+from olora.stages.lock import WorkspaceBusyError
+from olora.tracking.client import Tracking, TrackingError
+
+log = logging.getLogger("olora")
+DEFAULT_GRID = {"adapter.init": ["olora", "lora"], "adapter.r": [8, 16, 32]}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Retry infrastructure failures; never retry a user error (bad params, bad data)."""
+    if isinstance(exc, (TrackingError, WorkspaceBusyError, workspace.GitPushError)):  # a server that comes back, a run that finishes
+        return True
+    return not isinstance(exc, (OloraError, KeyboardInterrupt))
+
+
+def halved_batch(micro_batch_size: int, accumulation: int) -> tuple[int, int]:
+    """OOM back-off: half the micro-batch, twice the accumulation (same effective batch)."""
+    if micro_batch_size <= 1:
+        raise OloraError("out of memory at train.micro_batch_size=1; enable train.gradient_checkpointing or use a smaller model")
+    return micro_batch_size // 2, accumulation * 2
+
+
+def is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def train_with_oom_backoff(layout: Layout, tracking: Tracking | None = None) -> dict[str, Any]:
+    """The train stage; on CUDA out-of-memory, half the micro-batch and twice the accumulation (the same
+    effective batch), written back to params.yaml so dvc.lock tells the truth, until it fits."""
+    while True:
+        try:
+            return STAGES["train"].run(layout, tracking=tracking)
+        except BaseException as exc:  # noqa: BLE001 - re-raised unless it is an OOM
+            if not is_oom(exc):
+                raise
+            t = load_config(layout.params).train
+            micro, accumulation = halved_batch(t.micro_batch_size, t.gradient_accumulation_steps)
+            edit_params(layout.params, {"train.micro_batch_size": micro, "train.gradient_accumulation_steps": accumulation})
+            log.warning("out of memory in train: retrying with micro_batch_size=%s, gradient_accumulation_steps=%s",
+                        micro, accumulation)
+
+
+def run_stage(stage: str, layout: Layout, tracking: Tracking | None = None) -> dict[str, Any]:
+    """Run one stage unless DVC says it is up to date, then record its outputs in dvc.lock (`dvc commit`)."""
+    if dvc.up_to_date(layout.root, stage):
+        log.info("stage %s is up to date (DVC); skipped", stage)
+        return {"stage": stage, "ran": False, "seconds": 0.0}
+    start = time.perf_counter()
+    if stage == "train":
+        train_with_oom_backoff(layout, tracking)
+    else:
+        STAGES[stage].run(layout, **({"tracking": tracking} if STAGES[stage].tracked else {}))
+    dvc.commit(layout.root, stage)
+    seconds = time.perf_counter() - start
+    log.info("stage %s finished in %.1f s", stage, seconds)
+    return {"stage": stage, "ran": True, "seconds": round(seconds, 2)}
+
+
+def promote(layout: Layout, tracking: Tracking) -> str:
+    from olora.tracking import registry
+
+    decision = registry.promote(load_config(layout.params), tracking)
+    return ("promoted: " if decision.promote else "kept champion: ") + decision.reason
+
+
+def open_workspace(source: Path, name: str) -> Path:
+    """The run's own workspace (a clone of the source's commit); a rerun of the same flow run continues in it."""
+    target = workspace.runs_dir(source) / workspace.safe_name(name)
+    if target.is_dir():
+        log.info("continuing in the workspace %s (an earlier attempt of this run)", target)
+        return target
+    return workspace.create(source, name)
+
+
+def record(layout: Layout, name: str, overrides: dict[str, Any] | None, push: bool, tracking: Tracking) -> dict[str, Any]:
+    """Commit the run on runs/<name>, push data (DVC) and branch (git); tag the MLflow run and version with it."""
+    from olora.tracking import runs
+
+    message = f"olora run {name}" + (f": {json.dumps(overrides, sort_keys=True)}" if overrides else "")
+    rec = workspace.record(layout.root, name, message, push=push)
+    tags = {"olora.run_name": name, "olora.git_branch": rec.branch, "olora.git_commit": rec.commit,
+            "olora.git_remote": rec.git_remote, "olora.source_commit": rec.source_commit,
+            "olora.dvc_pushed": str(rec.dvc_pushed).lower()}
+    reg = json.loads(layout.registration.read_text()) if layout.registration.is_file() else {}
+    run = json.loads((layout.adapter / RUN_FILE).read_text()) if (layout.adapter / RUN_FILE).is_file() else {}
+    if tracking.enabled and (run or reg.get("registered")):
+        runs.tag_recorded(tracking, tags, run.get("run_id"), reg.get("name"), reg.get("version"))
+    return {**tags, "registered": reg.get("model_uri", "")}
+
+
+def summary_markdown(root: Path, results: list[dict[str, Any]], extra: str = "") -> str:
+    layout = Layout(root)
+    lines = ["# olora-pipeline run", "", "| stage | ran | seconds |", "|---|---|---|"]
+    lines += [f"| {r['stage']} | {'yes' if r['ran'] else 'cached'} | {r['seconds']} |" for r in results]
+    if layout.registration.is_file():
+        reg = json.loads(layout.registration.read_text())
+        if reg.get("registered"):
+            lines += ["", f"Registered `{reg['model_uri']}` (MLflow run `{reg['run_id']}`, tracking `{reg['tracking_uri']}`)."]
+    if layout.report.is_file():
+        lines += ["", layout.report.read_text()]
+    if extra:
+        lines += ["", extra]
+    return "\n".join(lines)
+
+
+def variants(source: Path, grid: dict[str, list[Any]] | None) -> list[dict[str, Any]]:
+    """Every combination of `grid` (default init × r), each checked against the params before any runs."""
+    grid = grid or DEFAULT_GRID
+    out = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+    for variant in out:
+        check_overrides(source, variant)
+    return out
+
+
+def check_overrides(source: Path, overrides: dict[str, Any] | None) -> None:
+    """Fail on a bad params file or bad overrides before anything runs (nothing is written)."""
+    load_config(source / "params.yaml")
+    if overrides:
+        load_config(source / "params.yaml", overrides)
+
+
+def variant_result(tracking: Tracking, name: str) -> dict[str, Any]:
+    """A recorded run's scores, looked up in the shared MLflow store by its run name tag."""
+    from olora.tracking.client import experiment_id
+
+    c = tracking.client()
+    found = c.search_runs([experiment_id(c, tracking.experiment)], filter_string=f"tags.`olora.run_name` = '{name}'")
+    if not found:
+        return {"mean_acc": None, "final_val_loss": None, "run": "-", "branch": "-"}
+    run = found[0]
+    return {"mean_acc": run.data.metrics.get("eval/mean_acc"), "final_val_loss": run.data.metrics.get("train/final_val_loss"),
+            "run": run.info.run_id, "branch": run.data.tags.get("olora.git_branch", "-")}
+
+
+def sweep_table(keys: list[str], rows: list[dict[str, Any]]) -> str:
+    table = ["| " + " | ".join(keys) + " | state | mean acc | val loss | MLflow run | recorded as |", "|" + "---|" * (len(keys) + 5)]
+    for row in rows:
+        acc = f"{row['mean_acc']:.4f}" if row["mean_acc"] is not None else "-"
+        loss = f"{row['final_val_loss']:.4f}" if row["final_val_loss"] is not None else "-"
+        table.append("| " + " | ".join(str(row["variant"][k]) for k in keys)
+                     + f" | {row['state']} | {acc} | {loss} | {row['run']} | {row['branch']} |")
+    return "# olora sweep\n\n" + "\n".join(table)
+
+
+def wait_for_flow_runs(started: dict[str, Any], read_state: Callable[[Any], Any], poll: float = 2.0) -> dict[str, str]:
+    """Poll until every started flow run is final; returns name -> final state type."""
+    states: dict[str, str] = {}
+    while len(states) < len(started):
+        for name, flow_run_id in started.items():
+            state = read_state(flow_run_id)
+            if name not in states and state is not None and state.is_final():
+                states[name] = state.type.value
+                log.info("variant %s: %s", name, states[name])
+        if len(states) < len(started):
+            time.sleep(poll)
+    return states

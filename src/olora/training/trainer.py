@@ -1,0 +1,283 @@
+"""Fine-tuning the initialised adapter with transformers' Trainer (accelerate underneath).
+
+Response-only loss (prompt tokens masked), padding-free batches where they pay and the model keeps
+examples apart (`olora.training.packing`), validation loss every `train.eval_steps`, checkpoints an
+interrupted run resumes from (`olora.training.checkpoints`), a fixed seed, and a stop on the first
+NaN/inf loss that keeps the last good checkpoint. Under a distributed launch every process trains
+and only rank 0 writes the trained adapter and the exported plain LoRA.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from olora.config import Config, TrainConfig
+from olora.data.templates import encode
+from olora.errors import ConfigError, NonFiniteLossError
+from olora.faults import marker
+from olora.io import atomic_dir, read_json, read_jsonl
+from olora.layout import ADAPTER_WEIGHTS, INIT_META, TEMPLATE_FILE, TRAIN_FILE, VALIDATION_FILE, Layout
+from olora.modeling import models, peft_glue
+from olora.modeling.runtime import Runtime, peak_memory_bytes, seed_everything
+from olora.training import checkpoints
+from olora.training.distributed import gather_checksums, world
+from olora.training.packing import PACKING_MIN_WASTE, packing_is_exact, padding_waste
+
+log = logging.getLogger("olora")
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    """Where training reads (prepared data, initial adapter) and writes (adapter, export, checkpoints)."""
+
+    data: Path
+    init: Path
+    adapter: Path
+    exported: Path
+    checkpoints: Path
+
+    @classmethod
+    def of(cls, layout: Layout) -> "TrainPaths":
+        return cls(layout.data, layout.init, layout.adapter, layout.exported, layout.checkpoints)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    adapter_dir: Path
+    exported_dir: Path
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+
+
+def tokenize_split(tokenizer, rows: list[dict[str, Any]], max_len: int) -> list[dict[str, list[int]]]:
+    out = []
+    for row in rows:
+        encoded = encode(tokenizer, row["prompt"], row["response"], max_len)
+        if encoded is not None:
+            ids, labels, _ = encoded
+            out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    return out
+
+
+def check_initial_adapter(cfg: Config, init_dir: Path) -> None:
+    """Refuse an initial adapter built with other settings (before any model loads)."""
+    meta = read_json(Path(init_dir) / INIT_META)
+    expected = {"init": cfg.adapter.init, "r": cfg.adapter.r, "alpha": cfg.adapter.alpha, "base_model": cfg.model.name}
+    stale = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+    if stale:
+        raise ConfigError(
+            f"the initial adapter in {init_dir} was built with other settings {stale} (saved, configured); "
+            "re-run the init stage (`dvc repro init`)"
+        )
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class FiniteLossTrainer(Trainer):
+        """Trainer that stops on the first non-finite loss, before the optimizer step or a save."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+            loss = result[0] if return_outputs else result
+            if model.training and not torch.isfinite(loss.detach()).all():
+                step = self.state.global_step
+                saved = checkpoints.complete(Path(self.args.output_dir))
+                kept = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved yet"
+                raise NonFiniteLossError(
+                    f"non-finite training loss ({loss.item()}) at step {step + 1}; training stopped and "
+                    f"{kept}. Lower train.learning_rate or check the data."
+                )
+            return result
+
+    return FiniteLossTrainer
+
+
+class _SaveMarker(TrainerCallback):
+    """Logs `olora-marker train:saved-<step>` once a checkpoint is complete on disk (fault tests act on it)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        marker(f"train:saved-{state.global_step}")
+
+
+class _ThroughputMeter(TrainerCallback):
+    """Counts non-padding tokens and seconds of the steps this process runs (after a resume too).
+
+    `elapsed` seconds include periodic validation (a whole-stage throughput); `eval_seconds` is the
+    part spent validating, so the training-only rate can be reported beside it.
+    """
+
+    def __init__(self):
+        self.start_time = self.start_tokens = None
+        self.eval_seconds = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.start_time is None:
+            self.start_time, self.start_tokens = time.perf_counter(), int(state.num_input_tokens_seen or 0)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.start_time is not None and metrics and "eval_runtime" in metrics:
+            self.eval_seconds += float(metrics["eval_runtime"])
+
+    def elapsed(self, state) -> tuple[float, int]:
+        if self.start_time is None:
+            return 0.0, 0
+        return time.perf_counter() - self.start_time, int(state.num_input_tokens_seen or 0) - self.start_tokens
+
+
+def training_arguments(t: TrainConfig, runtime: Runtime, output_dir: Path, packed: bool, world_size: int):
+    """transformers' TrainingArguments for these settings (the one place they are translated)."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=t.max_steps if t.max_steps else -1,
+        num_train_epochs=t.epochs,
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        eval_strategy="steps",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        logging_steps=t.logging_steps,
+        seed=t.seed,
+        data_seed=t.seed,
+        use_cpu=runtime.device.type == "cpu",
+        bf16=runtime.is_cuda and runtime.dtype == torch.bfloat16,
+        fp16=runtime.is_cuda and runtime.dtype == torch.float16,
+        include_num_input_tokens_seen="all" if packed else "non_padding",  # packed batches hold no padding
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        ddp_backend=("gloo" if runtime.device.type == "cpu" else "nccl") if world_size > 1 else None,
+        ddp_find_unused_parameters=False if world_size > 1 else None,
+    )
+
+
+def _take_finished(trainer, model, checkpoint: Path) -> None:
+    """Killed after the last step's checkpoint but before the outputs: that checkpoint is the result
+    (the Trainer would run one step more when resumed at max_steps)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    set_peft_model_state_dict(model, load_file(str(checkpoint / ADAPTER_WEIGHTS)))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    log.info("train: %s already holds the final step; its adapter is the result", checkpoint)
+
+
+def _save_outputs(model, paths: TrainPaths, cfg: Config, base_name: str) -> None:
+    with atomic_dir(paths.adapter) as tmp:
+        peft_glue.save_adapter(model, tmp, base_name)
+        shutil.copy(paths.init / INIT_META, tmp / INIT_META)
+        if (paths.data / TEMPLATE_FILE).is_file():  # what the adapter was trained on, for serving
+            shutil.copy(paths.data / TEMPLATE_FILE, tmp / TEMPLATE_FILE)
+    with atomic_dir(paths.exported) as tmp:
+        peft_glue.export_plain_lora(model, tmp, paths.init, cfg.adapter.init, base_name)
+
+
+def train_adapter(cfg: Config, ref: models.ModelRef, runtime: Runtime, paths: TrainPaths, fingerprint: str,
+                  callbacks: list | None = None, run_id: str | None = None) -> TrainResult:
+    """Fine-tune and write the trained and exported adapters; returns metrics and the loss history.
+
+    `fingerprint` (`checkpoints.run_fingerprint`) decides which checkpoints this run may resume;
+    `run_id` is stored beside them so a resume continues the same MLflow run. The caller removes
+    the checkpoints once everything the run produces is recorded (`checkpoints.remove`).
+    """
+    import datasets
+    from accelerate import PartialState
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    rank, world_size = world()
+    main = rank == 0
+    check_initial_adapter(cfg, paths.init)
+    seed_everything(cfg.train.seed)
+    t = cfg.train
+    tokenizer = models.load_tokenizer(ref)
+    train_rows = tokenize_split(tokenizer, read_jsonl(paths.data / TRAIN_FILE), cfg.data.max_seq_length)
+    val_rows = tokenize_split(tokenizer, read_jsonl(paths.data / VALIDATION_FILE), cfg.data.max_seq_length)
+    if t.max_eval_examples:
+        val_rows = val_rows[: t.max_eval_examples]
+
+    base = models.load_base(ref, runtime)
+    base.config.use_cache = False  # training: no KV cache (it would also hide packed-sequence boundaries)
+    model = peft_glue.load_for_training(base, paths.init, cfg.adapter.init)
+    if t.gradient_checkpointing:
+        model.enable_input_require_grads()
+    waste = padding_waste([len(r["input_ids"]) for r in train_rows], t.micro_batch_size)
+    wanted = t.padding_free and waste >= PACKING_MIN_WASTE
+    packed = wanted and packing_is_exact(model, runtime.device, runtime.dtype)
+    if wanted and not packed:
+        log.warning("train.padding_free: %s does not keep packed examples apart; training with padded batches",
+                    type(base).__name__)
+    args = training_arguments(t, runtime, paths.checkpoints, packed, world_size)
+    state = PartialState()  # the process group, set up by TrainingArguments under a launcher
+    if main:
+        resume = checkpoints.prepare(paths.checkpoints, fingerprint, world_size, run_id)
+    state.wait_for_everyone()
+    if not main:
+        resume = bool(checkpoints.complete(paths.checkpoints))
+    collator = (DataCollatorWithFlattening(return_position_ids=True, separator_id=-100) if packed
+                else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    trainer = _trainer_class()(model=model, args=args, train_dataset=datasets.Dataset.from_list(train_rows),
+                               eval_dataset=datasets.Dataset.from_list(val_rows), data_collator=collator,
+                               callbacks=callbacks or [])
+    meter = _ThroughputMeter()
+    trainer.add_callback(meter)
+    trainer.add_callback(_SaveMarker())
+    done = checkpoints.finished(paths.checkpoints) if resume else None
+    if done is not None:
+        _take_finished(trainer, model, done)
+    else:
+        trainer.train(resume_from_checkpoint=True if resume else None)
+    seconds, tokens = meter.elapsed(trainer.state)
+    train_only = seconds - meter.eval_seconds  # before any final evaluation below
+    if not any("eval_loss" in h and h.get("step") == trainer.state.global_step for h in trainer.state.log_history):
+        trainer.evaluate()
+    history = trainer.state.log_history
+    checksums = gather_checksums(model, world_size)
+    if main:
+        _save_outputs(model, paths, cfg, ref.name)
+    state.wait_for_everyone()
+
+    train_losses = [h["loss"] for h in history if "loss" in h]
+    val_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    metrics = {
+        "steps": trainer.state.global_step,
+        "final_train_loss": train_losses[-1] if train_losses else math.nan,
+        "final_val_loss": val_losses[-1] if val_losses else math.nan,
+        "best_val_loss": min(val_losses) if val_losses else math.nan,
+        "train_seconds": round(seconds, 3),
+        "tokens_trained": tokens,
+        "tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else 0.0,
+        "train_tokens_per_second": round(tokens / train_only, 2) if train_only > 0 else 0.0,
+        "resumed": bool(resume),
+        "processes": world_size,
+        "effective_batch": world_size * t.micro_batch_size * t.gradient_accumulation_steps,
+        "padding_free": packed,
+        "padding_share_avoided": round(waste, 4) if packed else 0.0,
+        "rank_weight_checksums": checksums,
+        "weights_identical_across_ranks": len(set(checksums)) == 1,
+        "peak_memory_mb": round(peak_memory_bytes(runtime) / 2**20, 1),
+        "device": str(runtime.device),
+        "dtype": runtime.dtype_name,
+    }
+    return TrainResult(paths.adapter, paths.exported, metrics, history)
