@@ -30,7 +30,7 @@ from pathlib import Path
 from common import publish
 
 REPO = Path(__file__).resolve().parents[1]
-from olora.ops import envfile, stack
+from olora.ops import envfile, prefect_api, stack
 from olora.overlay import build_tiny_llama, team_checkout
 
 BIN = Path(sys.executable).parent
@@ -57,7 +57,7 @@ def timed(args: list[str], cwd: Path, env: dict[str, str]) -> float:
 
 class Runs:
     def __init__(self, config: stack.StackConfig, secret: dict, root: Path, env: dict[str, str]):
-        self.url, self.headers, self.root, self.env = config.prefect_url, stack._prefect_headers(secret), root, env
+        self.url, self.headers, self.root, self.env = config.prefect_url, prefect_api.headers(secret), root, env
 
     def start(self, seed: int) -> str:
         out = subprocess.run([str(BIN / "prefect"), "deployment", "run", "olora-pipeline/on-demand", "--param",
@@ -68,7 +68,7 @@ class Runs:
     def wait(self, ids: list[str], seconds: float = 1800) -> None:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            states = {i: stack._request(f"{self.url}/flow_runs/{i}", headers=self.headers)[1]["state"]["type"] for i in ids}
+            states = {i: prefect_api.request(f"{self.url}/flow_runs/{i}", headers=self.headers)[1]["state"]["type"] for i in ids}
             if all(s in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for s in states.values()):
                 if set(states.values()) != {"COMPLETED"}:
                     raise SystemExit(f"flow runs ended {states}")
@@ -77,8 +77,8 @@ class Runs:
         raise SystemExit(f"flow runs {ids} not done in {seconds} s")
 
     def costs(self, run_id: str) -> dict[str, float]:
-        run = stack._request(f"{self.url}/flow_runs/{run_id}", headers=self.headers)[1]
-        _, tasks = stack._request(f"{self.url}/task_runs/filter", headers=self.headers,
+        run = prefect_api.request(f"{self.url}/flow_runs/{run_id}", headers=self.headers)[1]
+        _, tasks = prefect_api.request(f"{self.url}/task_runs/filter", headers=self.headers,
                                   data={"flow_runs": {"id": {"any_": [run_id]}}, "limit": 200})
         by = {}
         for t in tasks:
@@ -107,7 +107,7 @@ def main() -> None:
         down = timed([sys.executable, "-m", "olora.ops.stack", "down"], root, env)
         warm = timed(up, root, env)
         try:
-            config = stack.load_config(root, workers=2, environ=env)
+            config = stack.stack_config(root, workers=2, environ=env)
             secret = json.loads((config.state_dir / "secrets.json").read_text())
             env.update(envfile.read_env_file(root / "stack.env"), OLORA_GIT_REMOTE=str(remote), OLORA_GIT_BRANCH="main")
             timed([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], root, env)

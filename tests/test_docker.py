@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from olora.ops import envfile, services, stack
+from olora.ops import envfile, prefect_api, services, stack
 
 DOCKER = REPO / "docker"
 COMPOSE = DOCKER / "compose.yaml"
@@ -55,7 +55,7 @@ def compose() -> dict:
 def stack_client_env(tmp_path_factory) -> dict[str, str]:
     """What `make stack` writes to stack.env (olora.ops.stack.client_env), with dummy secrets, default ports."""
     root = tmp_path_factory.mktemp("stack-root")
-    config = stack.load_config(root, environ={})
+    config = stack.stack_config(root, environ={})
     dummy = {key: f"dummy-{key}" for key in ("mlflow_admin_password", "prefect_password", "s3_access_key", "s3_secret_key")}
     return stack.client_env(config, dummy)
 
@@ -321,7 +321,7 @@ def test_compose_uses_the_variables_of_stack_env(compose, stack_client_env):
 
 
 def test_compose_workers_are_set_up_as_make_stack_sets_up_its_workers(compose, tmp_path):
-    config = stack.load_config(tmp_path, environ={})
+    config = stack.stack_config(tmp_path, environ={})
     dummy = {key: f"dummy-{key}" for key in ("mlflow_admin_password", "prefect_password", "s3_access_key", "s3_secret_key")}
     ours = stack.worker_service(config, dummy, 1).env
     theirs = env_of(compose["services"]["worker"])
@@ -329,12 +329,12 @@ def test_compose_workers_are_set_up_as_make_stack_sets_up_its_workers(compose, t
     # workspaces and DVC cache that outlive the worker (a crashed run's rerun continues), and heartbeats
     for var in ("OLORA_RUNS_DIR", "OLORA_DVC_CACHE"):
         assert ours[var].startswith(str(config.state_dir)) and theirs[var].startswith("/home/olora/.cache/")
-    assert theirs["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == ours["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(stack.HEARTBEAT_SECONDS)
+    assert theirs["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == ours["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(prefect_api.HEARTBEAT_SECONDS)
     assert any("worker-cache:/home/olora/.cache" in v for v in compose["services"]["worker"]["volumes"])
     command = compose["services"]["worker"]["command"]
     assert command[command.index("--limit") + 1] == "1" and "--limit" in stack.worker_service(config, dummy, 1).command
     # the zombie-run automation `make stack` creates, as a file for `prefect automation create --from-file`
-    assert json.loads((DOCKER / "crash-automation.json").read_text()) == stack.crash_automation(stack.crash_after_seconds({}))
+    assert json.loads((DOCKER / "crash-automation.json").read_text()) == prefect_api.crash_automation(prefect_api.crash_after_seconds({}))
 
 
 def test_compose_servers_are_configured_as_make_stack_configures_them(compose, tmp_path, monkeypatch, stack_client_env):
@@ -357,7 +357,7 @@ def test_compose_servers_are_configured_as_make_stack_configures_them(compose, t
     assert weed[0] == "server" and "-s3" in weed and "-s3.port=8333" in weed
     ours = {a for a in weed if a.startswith(("-volume.max", "-master.volumeSizeLimitMB"))}
     secret = collections.defaultdict(lambda: "x" * 24)  # every key s3_service reads
-    config = stack.load_config(tmp_path / "root", environ={"OLORA_STACK_DIR": str(tmp_path / "stack-s3")})
+    config = stack.stack_config(tmp_path / "root", environ={"OLORA_STACK_DIR": str(tmp_path / "stack-s3")})
     theirs = {a for a in stack.s3_service(config, secret).command if a.startswith(("-volume.max", "-master.volumeSizeLimitMB"))}
     assert ours == theirs
 
@@ -393,7 +393,7 @@ def test_compose_servers_are_configured_as_make_stack_configures_them(compose, t
         exec(compile(command[2], "compose:mlflow", "exec"), {"__name__": "__main__"})
     assert done.value.code == 0 and len(made) == 1
     monkeypatch.setattr(services, "mlflow_service", real)
-    config = stack.load_config(tmp_path / "root", environ={"OLORA_STACK_DIR": str(tmp_path / "stack-state")})
+    config = stack.stack_config(tmp_path / "root", environ={"OLORA_STACK_DIR": str(tmp_path / "stack-state")})
     dummy = {"mlflow_admin_password": password, "postgres_password": "p" * 16, "s3_access_key": "k" * 20, "s3_secret_key": "s" * 30}
     theirs = stack.mlflow_service(config, dummy)
 

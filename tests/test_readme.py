@@ -70,3 +70,44 @@ def test_every_readme_command_is_run_by_a_test():
 def test_the_tiny_project_runs_the_commands_mapped_to_it():
     source = (REPO / "tests/test_pipeline_dvc.py").read_text()
     assert "readme_commands(" in source and "RUN_IN_TINY_PROJECT" in source
+
+
+def readme_section_block(text: str, heading: str, lang: str = "text") -> str:
+    """The first ```lang block after `heading` and before the next `## ` heading."""
+    section = text.split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
+    match = re.search(rf"```{lang}\n(.*?)```", section, flags=re.S)
+    assert match, f"no ```{lang} block under {heading!r}"
+    return match.group(1)
+
+
+def test_readme_layout_map_matches_the_tree():
+    block = readme_section_block((REPO / "README.md").read_text(), "## Layout")
+    package = REPO / "src" / "olora"
+    entries = set()
+    for path in package.rglob("*"):
+        if "__pycache__" in path.parts:
+            continue
+        if path.is_dir():
+            entries.add(f"{path.name}/")
+        elif path.suffix == ".py" and path.name != "__init__.py":
+            entries.add(path.name)
+    missing = sorted(e for e in entries if not re.search(rf"(?<![\w.]){re.escape(e)}", block))
+    assert not missing, f"the README's layout map leaves out {missing}"
+    names = {p.name for p in package.rglob("*.py")}
+    stale = sorted(t for t in set(re.findall(r"[\w]+\.py\b", block)) if t not in names)
+    assert not stale, f"the README's layout map names modules that do not exist under src/olora: {stale}"
+
+
+DOC_PAGES = ["architecture", "parameters", "tracking-and-serving", "orchestration", "stack", "performance",
+             "reliability", "testing"]
+
+
+def test_readme_is_a_guide():
+    text = (REPO / "README.md").read_text()
+    assert len(text.splitlines()) <= 220, "the README is a guide: move reference material to docs/"
+    links = set(re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text))
+    for page in DOC_PAGES:
+        assert f"docs/{page}.md" in links, f"the README does not link to docs/{page}.md"
+    for link in links:
+        if "://" not in link:
+            assert (REPO / link).exists(), f"the README links to {link}, which does not exist"

@@ -416,7 +416,7 @@ def test_stopping_the_mlflow_server_leaves_no_process(mlflow_server):
     procs = running.processes()
     assert len(procs) >= 2  # the CLI and its uvicorn worker(s)
     running.stop()
-    assert services._alive(procs) == []
+    assert services.alive(procs) == []
     assert services.port_free("127.0.0.1", running.service.port)
 
 
@@ -439,4 +439,4 @@ def test_prefect_server_refuses_clients_without_its_auth_string(tmp_path):
     finally:
         procs = running.processes()
         running.stop()
-    assert services._alive(procs) == []
+    assert services.alive(procs) == []

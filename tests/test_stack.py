@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from olora.ops import envfile, services, stack
+from olora.ops import envfile, prefect_api, services, stack
 
 WORKERS = 2
 
@@ -58,7 +58,7 @@ def test_stack_env_example_documents_every_variable():
 
 
 def test_ports_default_loopback_and_a_taken_port_names_its_service(tmp_path):
-    config = stack.load_config(tmp_path, environ={})
+    config = stack.stack_config(tmp_path, environ={})
     assert config.host == "127.0.0.1" and config.state_dir == tmp_path.resolve() / ".stack"
     assert {config.ports[k] for k in ("postgres", "mlflow", "prefect", "s3")} == {5433, 5000, 4200, 8333}
     with socket.socket() as taken:
@@ -68,9 +68,9 @@ def test_ports_default_loopback_and_a_taken_port_names_its_service(tmp_path):
         ports = iter(_free_ports(len(stack.PORTS)))
         environ = {var: str(next(ports) if key != "prefect" else port) for key, (_, var, _) in stack.PORTS.items()}
         with pytest.raises(services.ServiceError, match=f"prefect: port {port} on 127.0.0.1 is already in use.*OLORA_STACK_PREFECT_PORT"):
-            stack.check_ports(stack.load_config(tmp_path, environ=environ))
+            stack.check_ports(stack.stack_config(tmp_path, environ=environ))
     with pytest.raises(services.ServiceError, match="OLORA_STACK_S3_PORT"):
-        stack.load_config(tmp_path, environ={"OLORA_STACK_S3_PORT": "eighty"})
+        stack.stack_config(tmp_path, environ={"OLORA_STACK_S3_PORT": "eighty"})
 
 
 # ------------------------------------------------------------------ the real stack
@@ -92,7 +92,7 @@ def _free_ports(n: int) -> list[int]:
 class Stack:
     def __init__(self, root: Path, env: dict[str, str]):
         self.root, self.env = root, env
-        self.config = stack.load_config(root, workers=WORKERS, environ=env)
+        self.config = stack.stack_config(root, workers=WORKERS, environ=env)
         self.timings: dict[str, list[float]] = {}
 
     def run(self, command: str, timeout: float = 400) -> subprocess.CompletedProcess:
@@ -127,7 +127,7 @@ def running_stack(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "AWS_", "OLORA_STACK_"))}
     env["DVC_NO_ANALYTICS"] = "1"
     env["OLORA_NUM_THREADS"] = "1"  # the workers' flow runs: two at once on two cores
-    env[stack.CRASH_AFTER_VAR] = "60"  # a dead worker's run is marked CRASHED 60 s after its last heartbeat
+    env[prefect_api.CRASH_AFTER_VAR] = "60"  # a dead worker's run is marked CRASHED 60 s after its last heartbeat
     for (key, (_, var, _)), port in zip(stack.PORTS.items(), _free_ports(len(stack.PORTS))):
         env[var] = str(port)
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
@@ -140,7 +140,7 @@ def running_stack(tmp_path_factory):
 
 
 def _http(url: str, headers: dict | None = None, data: dict | None = None, method: str | None = None) -> tuple[int, object]:
-    return stack._request(url, headers=headers, data=data, method=method)
+    return prefect_api.request(url, headers=headers, data=data, method=method)
 
 
 @pytest.mark.stack
@@ -217,11 +217,11 @@ def test_prefect_answers_with_its_auth_string_and_has_the_pool_and_workers(runni
     assert _http(f"{api}/work_pools/{stack.WORK_POOL}")[0] == 401
     status, pool = _http(f"{api}/work_pools/{stack.WORK_POOL}", headers=right)
     assert status == 200 and pool["type"] == "process" and pool["base_job_template"]
-    online = stack.online_workers(config, running_stack.secret)
+    online = prefect_api.online_workers(config.prefect_url, prefect_api.headers(running_stack.secret), stack.WORK_POOL)
     assert set(online) == {f"olora-worker-{i}" for i in range(1, WORKERS + 1)}, online
     # the zombie-run automation, as `up` created it (and as docker/crash-automation.json holds it)
     status, automations = _http(f"{api}/automations/filter", headers=right, data={})
-    ours = [a for a in automations if a["name"] == stack.CRASH_AUTOMATION]
+    ours = [a for a in automations if a["name"] == prefect_api.CRASH_AUTOMATION]
     assert status == 200 and len(ours) == 1 and ours[0]["enabled"] and ours[0]["trigger"]["within"] == 60.0
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}, **values,
            "PREFECT_HOME": str(running_stack.root / ".stack" / "cli-home")}
@@ -230,7 +230,7 @@ def test_prefect_answers_with_its_auth_string_and_has_the_pool_and_workers(runni
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     status, automations = _http(f"{api}/automations/filter", headers=right, data={})
-    created = [a for a in automations if a["name"] == stack.CRASH_AUTOMATION and a["id"] != ours[0]["id"]]
+    created = [a for a in automations if a["name"] == prefect_api.CRASH_AUTOMATION and a["id"] != ours[0]["id"]]
     assert len(created) == 1 and created[0]["trigger"]["within"] == 90.0  # the file, as the compose route creates it
     assert _http(f"{api}/automations/{created[0]['id']}", headers=right, data=None, method="DELETE")[0] in (200, 204)
 
@@ -304,7 +304,7 @@ def test_two_deployment_runs_on_two_workers_recorded_restored_and_a_killed_worke
 
     s, values = running_stack, running_stack.values
     bin_dir = Path(sys.executable).parent
-    headers = stack._prefect_headers(s.secret)
+    headers = prefect_api.headers(s.secret)
     mlflow_auth = {"Authorization": "Basic " + base64.b64encode(
         f"{values['MLFLOW_TRACKING_USERNAME']}:{values['MLFLOW_TRACKING_PASSWORD']}".encode()).decode()}
     env = {k: v for k, v in s.env.items() if not k.startswith(("MLFLOW_", "PREFECT_", "AWS_"))}
@@ -429,8 +429,8 @@ def test_two_deployment_runs_on_two_workers_recorded_restored_and_a_killed_worke
     # `make stack` again brings the dead worker back
     restarted_after = time.time()
     assert f"{holder:<16} restarted" in s.run("up").stdout
-    assert holder in stack.online_workers(s.config, s.secret, since=restarted_after)  # `up` waits for it to be online
-    assert other in stack.online_workers(s.config, s.secret)
+    assert holder in prefect_api.online_workers(s.config.prefect_url, prefect_api.headers(s.secret), stack.WORK_POOL, since=restarted_after)  # `up` waits for it to be online
+    assert other in prefect_api.online_workers(s.config.prefect_url, prefect_api.headers(s.secret), stack.WORK_POOL)
 
 
 def yaml_r(text: str) -> int:
@@ -446,7 +446,7 @@ def test_down_leaves_no_process_and_data_survives_up_again(running_stack, monkey
     procs = running_stack.processes()
     assert len(procs) >= 6
     running_stack.run("down")
-    assert services._alive(procs) == []
+    assert services.alive(procs) == []
     assert all(services.port_free("127.0.0.1", port) for port in running_stack.config.ports.values())
     before = running_stack.values
     running_stack.run("up")  # warm: the same secrets, the data in place
@@ -463,12 +463,12 @@ def test_down_leaves_no_process_and_data_survives_up_again(running_stack, monkey
 
 
 def test_crash_detection_setting_is_checked_and_the_automation_is_prefects_zombie_recipe():
-    assert stack.crash_after_seconds({}) == 90
-    assert stack.crash_after_seconds({stack.CRASH_AFTER_VAR: "75"}) == 75
+    assert prefect_api.crash_after_seconds({}) == 90
+    assert prefect_api.crash_after_seconds({prefect_api.CRASH_AFTER_VAR: "75"}) == 75
     for bad in ("30", "soon", "-1"):
-        with pytest.raises(services.ServiceError, match=rf"{stack.CRASH_AFTER_VAR}='{bad}': expected whole seconds, at least 60"):
-            stack.crash_after_seconds({stack.CRASH_AFTER_VAR: bad})
-    body = stack.crash_automation(75)
+        with pytest.raises(services.ServiceError, match=rf"{prefect_api.CRASH_AFTER_VAR}='{bad}': expected whole seconds, at least 60"):
+            prefect_api.crash_after_seconds({prefect_api.CRASH_AFTER_VAR: bad})
+    body = prefect_api.crash_automation(75)
     from prefect.events.schemas.automations import AutomationCore
 
     parsed = AutomationCore.model_validate(body)  # Prefect's own schema accepts it

@@ -142,7 +142,7 @@ class RunningService:
                     found[p.pid] = p
             except (OSError, psutil.Error):
                 pass
-        return _alive(list(found.values()))
+        return alive(list(found.values()))
 
     def stop(self, timeout: float | None = None) -> None:
         stop(self, timeout)
@@ -223,7 +223,7 @@ def log_tail(path: Path, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
 
 
-def _answers(url: str) -> bool:
+def answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200
@@ -257,7 +257,7 @@ def start(service: Service) -> RunningService:
                 f"last lines of {service.log_path}:\n{log_tail(service.log_path)}"
             )
         try:
-            ok = service.ready() if service.ready is not None else _answers(service.health_url)
+            ok = service.ready() if service.ready is not None else answers(service.health_url)
         except ServiceError as exc:  # it answers, but refuses us (wrong credentials): waiting will not help
             stop(running)
             raise ServiceError(f"{service.name} at {service.url}: {exc}; last lines of {service.log_path}:\n"
@@ -272,7 +272,7 @@ def start(service: Service) -> RunningService:
     )
 
 
-def _alive(procs: Sequence) -> list:
+def alive(procs: Sequence) -> list:
     import psutil
 
     out = []
@@ -307,20 +307,20 @@ def stop(running: RunningService, timeout: float | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         running.process.poll()  # reap our own child
-        if not _alive(procs):
+        if not alive(procs):
             break
         time.sleep(0.2)
     else:
-        _signal_all(running, _alive(procs), signal.SIGKILL)
+        _signal_all(running, alive(procs), signal.SIGKILL)
         end = time.monotonic() + 10
-        while _alive(procs) and time.monotonic() < end:
+        while alive(procs) and time.monotonic() < end:
             running.process.poll()
             time.sleep(0.1)
     try:
         running.process.wait(timeout=5)
     except subprocess.TimeoutExpired:
         pass
-    left = _alive(procs)
+    left = alive(procs)
     running.stopped = not left
     if left:
         raise ServiceError(f"{running.service.name}: processes {[p.pid for p in left]} survived SIGKILL")
@@ -332,7 +332,7 @@ def _child_env(environ: Mapping[str, str] | None, drop: Sequence[str] = ()) -> d
     return env
 
 
-def _url_host(host: str) -> str:
+def url_host(host: str) -> str:
     return LOOPBACK if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
 
 
@@ -403,8 +403,8 @@ def mlflow_service(
         name="mlflow",
         command=command,
         env=env,
-        url=f"http://{_url_host(host)}:{port}",
-        health_url=f"http://{_url_host(host)}:{port}/health",
+        url=f"http://{url_host(host)}:{port}",
+        health_url=f"http://{url_host(host)}:{port}/health",
         log_path=state_dir / "mlflow.log",
         host=host,
         port=port,
@@ -440,8 +440,8 @@ def prefect_service(
         name="prefect",
         command=command,
         env=env,
-        url=f"http://{_url_host(host)}:{port}/api",
-        health_url=f"http://{_url_host(host)}:{port}/api/health",
+        url=f"http://{url_host(host)}:{port}/api",
+        health_url=f"http://{url_host(host)}:{port}/api/health",
         log_path=state_dir / "prefect.log",
         host=host,
         port=port,

@@ -25,7 +25,6 @@ Clients read `stack.env` (KEY=value, 0600, git-ignored): `set -a; . ./stack.env;
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import secrets
@@ -37,14 +36,12 @@ import string
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from olora.ops import services
+from olora.ops import prefect_api, services
 from olora.ops.envfile import ENV_FILE
 from olora.ops.services import LOOPBACK, Service, ServiceError, port_free, write_private
 
@@ -58,7 +55,7 @@ PG_SUPERUSER = "postgres"
 PG_DATABASES = ("mlflow", "mlflow_auth", "prefect")
 PG_SYSTEM_USER = "embedded_postgres"  # PostgreSQL refuses to run as root: under root it runs as this user
 MLFLOW_ADMIN = "admin"
-PREFECT_USER = "olora"
+PREFECT_USER = prefect_api.PREFECT_USER
 REGION = "us-east-1"  # SeaweedFS accepts any region; clients need one
 
 # (service, what) -> (environment variable, default port). SeaweedFS needs one HTTP and one gRPC port
@@ -99,7 +96,7 @@ class StackConfig:
 
     @property
     def client_host(self) -> str:
-        return services._url_host(self.host)
+        return services.url_host(self.host)
 
     def url(self, key: str, scheme: str = "http") -> str:
         return f"{scheme}://{self.client_host}:{self.ports[key]}"
@@ -121,7 +118,7 @@ class StackConfig:
         return f"{driver}://{auth}@{self.client_host}:{self.ports['postgres']}/{database}"
 
 
-def load_config(root: Path | str = ".", *, workers: int = 1, environ: Mapping[str, str] | None = None) -> StackConfig:
+def stack_config(root: Path | str = ".", *, workers: int = 1, environ: Mapping[str, str] | None = None) -> StackConfig:
     """Ports and folders from the environment (OLORA_STACK_*), defaults otherwise."""
     environ = os.environ if environ is None else environ
     root = Path(root).resolve()
@@ -210,23 +207,6 @@ def write_env_file(path: Path, values: Mapping[str, str]) -> Path:
              "# Load it with: set -a; . ./stack.env; set +a"]
     lines += [f"{key}={shlex.quote(value)}" for key, value in values.items()]
     return write_private(path, "\n".join(lines) + "\n")
-
-
-def _basic(user_password: str) -> dict[str, str]:
-    return {"Authorization": "Basic " + base64.b64encode(user_password.encode()).decode()}
-
-
-def _request(url: str, *, headers: Mapping[str, str] | None = None, data: dict | None = None, method: str | None = None,
-             timeout: float = 10) -> tuple[int, object]:
-    body = json.dumps(data).encode() if data is not None else None
-    request = urllib.request.Request(url, data=body, method=method,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            text = response.read()
-            return response.status, json.loads(text) if text else None
-    except urllib.error.HTTPError as exc:
-        return exc.code, None
 
 
 # ------------------------------------------------------------------ PostgreSQL
@@ -503,100 +483,6 @@ def prefect_service(config: StackConfig, secret: Mapping[str, str]) -> Service:
     return replace(service, start_timeout=300)  # the first start runs every migration
 
 
-def _prefect_headers(secret: Mapping[str, str]) -> dict[str, str]:
-    return _basic(f"{PREFECT_USER}:{secret['prefect_password']}")
-
-
-def ensure_work_pool(config: StackConfig, secret: Mapping[str, str]) -> None:
-    """The process work pool, with Prefect's default process job template (kept if it exists)."""
-    headers = _prefect_headers(secret)
-    status, _ = _request(f"{config.prefect_url}/work_pools/{WORK_POOL}", headers=headers)
-    if status == 200:
-        return
-    from prefect.workers.process import ProcessWorker
-
-    status, _ = _request(f"{config.prefect_url}/work_pools/", headers=headers, data={
-        "name": WORK_POOL, "type": "process", "description": "OLoRA pipeline runs (olora.ops.stack)",
-        "base_job_template": ProcessWorker.get_default_base_job_template(),
-    })
-    if status not in (200, 201, 409):
-        raise ServiceError(f"prefect at {config.prefect_url}: creating work pool {WORK_POOL!r} answered {status}")
-
-
-CRASH_AUTOMATION = "olora: mark flow runs whose heartbeats stopped as crashed"
-HEARTBEAT_SECONDS = 30  # Prefect's minimum
-CRASH_AFTER_VAR = "OLORA_STACK_CRASH_AFTER"  # seconds without a heartbeat before a run is marked crashed
-
-
-def crash_after_seconds(environ: Mapping[str, str] | None = None) -> int:
-    environ = os.environ if environ is None else environ
-    raw = environ.get(CRASH_AFTER_VAR, "90")
-    try:
-        seconds = int(raw)
-    except ValueError:
-        seconds = -1
-    if seconds < 2 * HEARTBEAT_SECONDS:
-        raise ServiceError(f"{CRASH_AFTER_VAR}={raw!r}: expected whole seconds, at least {2 * HEARTBEAT_SECONDS} "
-                           f"(two heartbeats of {HEARTBEAT_SECONDS} s), so a busy run is not taken for a dead one")
-    return seconds
-
-
-def crash_automation(within: int) -> dict:
-    """Prefect's documented zombie-flow automation: no heartbeat (and no final state) within `within` s -> CRASHED."""
-    return {
-        "name": CRASH_AUTOMATION,
-        "description": "A worker or machine that dies mid-run stops the run's heartbeats; this marks the run "
-                       "Crashed so it can be retried (`prefect flow-run retry <id>`). Created by olora.ops.stack.",
-        "enabled": True,
-        "trigger": {
-            "type": "event",
-            "posture": "Proactive",
-            "after": ["prefect.flow-run.heartbeat"],
-            "expect": ["prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
-                       "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"],
-            "match": {"prefect.resource.id": ["prefect.flow-run.*"]},
-            "for_each": ["prefect.resource.id"],
-            "threshold": 1,
-            "within": within,
-        },
-        "actions": [{"type": "change-flow-run-state", "state": "CRASHED",
-                     "message": f"no heartbeat for {within} s: the worker or its machine died (olora.ops.stack automation)"}],
-    }
-
-
-def ensure_crash_automation(config: StackConfig, secret: Mapping[str, str], within: int) -> None:
-    """Create (or update) the zombie-run automation on the stack's Prefect server."""
-    headers = _prefect_headers(secret)
-    body = crash_automation(within)
-    status, found = _request(f"{config.prefect_url}/automations/filter", headers=headers, data={})
-    if status != 200:
-        raise ServiceError(f"prefect at {config.prefect_url}: listing automations answered {status}")
-    existing = [a for a in found if a.get("name") == CRASH_AUTOMATION]
-    if existing:
-        status, _ = _request(f"{config.prefect_url}/automations/{existing[0]['id']}", headers=headers, data=body, method="PUT")
-    else:
-        status, _ = _request(f"{config.prefect_url}/automations/", headers=headers, data=body)
-    if status not in (200, 201, 204):
-        raise ServiceError(f"prefect at {config.prefect_url}: creating the automation {CRASH_AUTOMATION!r} answered {status}")
-
-
-def online_workers(config: StackConfig, secret: Mapping[str, str], since: float = 0.0) -> dict[str, dict]:
-    """The pool's workers that are ONLINE (and, with `since`, heartbeat after that Unix time), by name."""
-    from datetime import datetime
-
-    status, workers = _request(f"{config.prefect_url}/work_pools/{WORK_POOL}/workers/filter",
-                               headers=_prefect_headers(secret), data={"limit": 200})
-    if status != 200 or not isinstance(workers, list):
-        return {}
-    found = {}
-    for worker in workers:
-        beat = worker.get("last_heartbeat_time")
-        when = datetime.fromisoformat(beat.replace("Z", "+00:00")).timestamp() if beat else 0.0
-        if worker.get("status") == "ONLINE" and when >= since:
-            found[worker["name"]] = worker
-    return found
-
-
 def worker_service(config: StackConfig, secret: Mapping[str, str], index: int) -> Service:
     name = f"olora-worker-{index}"
     env = _base_env()
@@ -609,12 +495,12 @@ def worker_service(config: StackConfig, secret: Mapping[str, str], index: int) -
         "OLORA_RUNS_DIR": str(config.state_dir / "runs"),
         "OLORA_DVC_CACHE": str(config.state_dir / "dvc-cache"),
         # flow runs send heartbeats; the stack's automation marks a run whose heartbeats stop as CRASHED
-        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS),
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(prefect_api.HEARTBEAT_SECONDS),
     })
     since = time.time() - 1
 
     def ready() -> bool:
-        return name in online_workers(config, secret, since=since)
+        return name in prefect_api.online_workers(config.prefect_url, prefect_api.headers(secret), WORK_POOL, since=since)
 
     return Service(
         name=name,
@@ -740,7 +626,7 @@ def up(config: StackConfig, log: Callable[[str], None] = _say) -> dict[str, str]
         values = client_env(config, secret)
         write_env_file(config.root / ENV_FILE, values)
         return values
-    crash_within = crash_after_seconds()  # a bad setting fails before anything starts
+    crash_within = prefect_api.crash_after_seconds()  # a bad setting fails before anything starts
     check_ports(config)
     state = {"root": str(config.root), "host": config.host, "ports": dict(config.ports), "workers": config.workers,
              "services": {}}
@@ -777,8 +663,9 @@ def up(config: StackConfig, log: Callable[[str], None] = _say) -> dict[str, str]
             s3_started.exception()  # wait for it either way, so that a failure stops it too
         s3_started.result()
         check_s3(config, secret["s3_access_key"], secret["s3_secret_key"], create=True)
-        ensure_work_pool(config, secret)
-        ensure_crash_automation(config, secret, crash_within)
+        auth = prefect_api.headers(secret)
+        prefect_api.ensure_work_pool(config.prefect_url, auth, WORK_POOL)
+        prefect_api.ensure_crash_automation(config.prefect_url, auth, crash_within)
         if config.workers:
             phase(*[(lambda i=i: worker_service(config, secret, i)) for i in range(1, config.workers + 1)])
     except BaseException:
@@ -812,14 +699,14 @@ def down(config: StackConfig, log: Callable[[str], None] = _say) -> bool:
     return True
 
 
-def _answers(name: str, entry: Mapping, config: StackConfig) -> bool:
+def answers(name: str, entry: Mapping, config: StackConfig) -> bool:
     if name == "postgres":
         with socket.socket() as s:
             s.settimeout(2)
             return s.connect_ex((config.client_host, config.ports["postgres"])) == 0
     if name.startswith("olora-worker-"):
         return True  # checked below, from Prefect's view
-    return services._answers(entry["health_url"])
+    return services.answers(entry["health_url"])
 
 
 def status(config: StackConfig, log: Callable[[str], None] = _say) -> dict[str, str]:
@@ -831,7 +718,7 @@ def status(config: StackConfig, log: Callable[[str], None] = _say) -> dict[str, 
     stored = StackConfig(root=config.root, state_dir=config.state_dir, host=state.get("host", config.host),
                          ports=state.get("ports", config.ports), workers=state.get("workers", 0))
     secret = load_secrets(config.state_dir)
-    workers = online_workers(stored, secret) if any(n.startswith("olora-worker-") for n in state["services"]) else {}
+    workers = prefect_api.online_workers(stored.prefect_url, prefect_api.headers(secret), WORK_POOL) if any(n.startswith("olora-worker-") for n in state["services"]) else {}
     result = {}
     for name, entry in state["services"].items():
         handle = _adopted(name, entry)
@@ -840,7 +727,7 @@ def status(config: StackConfig, log: Callable[[str], None] = _say) -> dict[str, 
         elif name.startswith("olora-worker-"):
             result[name] = "up" if name in workers else "running, not online in Prefect"
         else:
-            result[name] = "up" if _answers(name, entry, stored) else "running, not answering"
+            result[name] = "up" if answers(name, entry, stored) else "running, not answering"
         url = entry["url"] if not name.startswith("olora-worker-") else f"work pool {WORK_POOL}"
         log(f"{name:<16} {result[name]:<8} {url:<45} pid {entry['pid']}  log {entry['log']}")
     log(f"client settings: {config.root / ENV_FILE}")
@@ -855,7 +742,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=Path("."), help="project folder (stack.env, .dvc/); default: here")
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.root, workers=args.workers)
+        config = stack_config(args.root, workers=args.workers)
         if args.command == "up":
             up(config)
             status(config)
