@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -60,6 +63,40 @@ def wait_for_http(url: str, seconds: float = 90.0) -> None:
 
 
 BIN = Path(sys.executable).parent
+
+
+@contextlib.contextmanager
+def running_server(command, cwd: Path, health: str, env: dict | None = None, seconds: float = 120.0,
+                   log_path: Path | None = None, stop_seconds: float = 30.0, port: int | None = None):
+    """Start a server process on a free loopback port, wait for `health` to answer, yield its base URL, stop it.
+
+    `command(port)` gives the argv. The whole process group is stopped (SIGTERM, then SIGKILL after
+    `stop_seconds`), so nothing outlives the test; with `log_path` its output is kept there and printed
+    when the test fails. `port` when the caller needs it beforehand (e.g. in the server's own environment).
+    """
+    port = port or free_port()
+    log = open(log_path, "w") if log_path else subprocess.DEVNULL
+    try:
+        server = subprocess.Popen(command(port), cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    finally:
+        if log_path:
+            log.close()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{base}{health}", seconds=seconds)
+        yield base
+    except BaseException:
+        if log_path and log_path.is_file():
+            print(log_path.read_text()[-5000:])
+        raise
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=stop_seconds)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=stop_seconds)
 
 
 def sh(args: list[str], cwd: Path, check: bool = True, extra_env: dict | None = None):

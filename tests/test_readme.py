@@ -8,31 +8,31 @@ from conftest import REPO
 
 # README command (comment stripped) -> the test that runs it. `test_readme_commands_run` in
 # test_pipeline_dvc.py runs the ones mapped to it, as written, in the tiny project.
-RUN_IN_TINY_PROJECT = "tests/test_pipeline_dvc.py::test_readme_commands_run"
+RUN_IN_TINY_PROJECT = "tests/stages/test_pipeline_dvc.py::test_readme_commands_run"
 COVERED = {
-    "make run": "tests/test_pipeline_dvc.py::test_repro_produces_every_output_and_a_noop_second_run",
+    "make run": "tests/stages/test_pipeline_dvc.py::test_repro_produces_every_output_and_a_noop_second_run",
     "make test": ".ci/run",
     "mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000": RUN_IN_TINY_PROJECT,
     "olora promote": RUN_IN_TINY_PROJECT,
     "olora promote --force": RUN_IN_TINY_PROJECT,
     "olora rollback": RUN_IN_TINY_PROJECT,
     ".venv/bin/olora promote --force": RUN_IN_TINY_PROJECT,
-    ".venv/bin/olora serve --port 5001": "tests/test_mlflow.py::test_served_model_answers_over_http_in_the_training_template",
+    ".venv/bin/olora serve --port 5001": "tests/tracking/test_mlflow.py::test_served_model_answers_over_http_in_the_training_template",
     "curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' -d '{\"inputs\": {\"prompt\": "
     "[\"What is the capital of France?\"]}, \"params\": {\"max_new_tokens\": 32}}'":
-        "tests/test_mlflow.py::test_served_model_answers_over_http_in_the_training_template",
-    "python flows/olora_pipeline.py": "tests/test_flows.py::test_isolated_run_is_recorded_and_restores_in_a_fresh_clone",
-    "olora restore --model olora-tiny-llama --alias champion": "tests/test_flows.py::test_isolated_run_is_recorded_and_restores_in_a_fresh_clone",
-    "prefect server start --host 127.0.0.1": "tests/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
-    "export PREFECT_API_URL=http://127.0.0.1:4200/api": "tests/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
-    "prefect work-pool create olora-process --type process": "tests/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
-    'export OLORA_GIT_REMOTE="$PWD" OLORA_GIT_BRANCH=main': "tests/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
-    "prefect deploy --all": "tests/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
-    "prefect worker start --pool olora-process": "tests/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
-    "prefect deployment run 'olora-sweep/sweep' --param 'grid={\"adapter.r\": [2, 4]}' --param push=false": "tests/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
+        "tests/tracking/test_mlflow.py::test_served_model_answers_over_http_in_the_training_template",
+    "python flows/olora_pipeline.py": "tests/orchestration/test_flows.py::test_isolated_run_is_recorded_and_restores_in_a_fresh_clone",
+    "olora restore --model olora-tiny-llama --alias champion": "tests/orchestration/test_flows.py::test_isolated_run_is_recorded_and_restores_in_a_fresh_clone",
+    "prefect server start --host 127.0.0.1": "tests/orchestration/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
+    "export PREFECT_API_URL=http://127.0.0.1:4200/api": "tests/orchestration/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
+    "prefect work-pool create olora-process --type process": "tests/orchestration/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
+    'export OLORA_GIT_REMOTE="$PWD" OLORA_GIT_BRANCH=main': "tests/orchestration/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
+    "prefect deploy --all": "tests/orchestration/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
+    "prefect worker start --pool olora-process": "tests/orchestration/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
+    "prefect deployment run 'olora-sweep/sweep' --param 'grid={\"adapter.r\": [2, 4]}' --param push=false": "tests/orchestration/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
     "prefect flow-run retry <flow run id>":
-        "tests/test_stack.py::test_two_deployment_runs_on_two_workers_recorded_restored_and_a_killed_worker_rerun",
-    "dvc exp run -S adapter.init=lora -S adapter.r=2": "tests/test_pipeline_dvc.py::test_experiment_variants_rerun_only_what_changed",
+        "tests/ops/test_stack.py::test_two_deployment_runs_on_two_workers_recorded_restored_and_a_killed_worker_rerun",
+    "dvc exp run -S adapter.init=lora -S adapter.r=2": "tests/stages/test_pipeline_dvc.py::test_experiment_variants_rerun_only_what_changed",
     "dvc exp show": RUN_IN_TINY_PROJECT,
     "dvc metrics diff": RUN_IN_TINY_PROJECT,
     "dvc plots show plots/val_loss.csv": RUN_IN_TINY_PROJECT,
@@ -68,7 +68,7 @@ def test_every_readme_command_is_run_by_a_test():
 
 
 def test_the_tiny_project_runs_the_commands_mapped_to_it():
-    source = (REPO / "tests/test_pipeline_dvc.py").read_text()
+    source = (REPO / "tests/stages/test_pipeline_dvc.py").read_text()
     assert "readme_commands(" in source and "RUN_IN_TINY_PROJECT" in source
 
 

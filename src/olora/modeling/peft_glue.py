@@ -51,7 +51,7 @@ def olora_init_(model, adapter: str = "default") -> None:
 
     bitsandbytes-quantised layers use PEFT's own routine (dequantise, decompose, requantise).
     `orthonormality_errors` checks the result. Exact O(m·n·r) factors from `olora.core.olora`, equal
-    to PEFT's full-QR `init_lora_weights="olora"` (tests/test_peft_glue.py) at a fraction of its cost.
+    to PEFT's full-QR `init_lora_weights="olora"` (tests/modeling/test_olora_init_vs_peft.py) at a fraction of its cost.
     """
     with torch.no_grad():
         for name, layer in lora_layers(model).items():

@@ -30,7 +30,7 @@ from olora.stages import STAGES
 from olora.tracking import client as tracking
 from olora.tracking import registry
 
-from conftest import free_port, wait_for_http
+from conftest import running_server
 from overlay import write_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
@@ -61,26 +61,10 @@ def _name(layout) -> str:
 @contextlib.contextmanager
 def running(command: list[str], layout: Layout, env: dict | None = None):
     """Start a server on a free loopback port; yield its base URL; stop it (its output is shown on failure)."""
-    port = free_port()
-    log_path = layout.root / f"server-{port}.log"
     env = {**{k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")},
            "MLFLOW_DISABLE_TELEMETRY": "true", "PATH": "/usr/bin:/bin", **(env or {})}  # a fresh shell
-    with open(log_path, "w") as log:
-        server = subprocess.Popen([*command, "--port", str(port)], cwd=layout.root, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{base}/ping", seconds=120)
-        yield base
-    except BaseException:
-        print(log_path.read_text()[-5000:])
-        raise
-    finally:
-        os.killpg(server.pid, 15)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, 9)
+    log = layout.root / f"server-{os.getpid()}-{time.monotonic_ns()}.log"
+    return running_server(lambda port: [*command, "--port", str(port)], layout.root, "/ping", env, log_path=log)
 
 
 def olora_serve(layout: Layout, *args: str):

@@ -20,7 +20,7 @@ import olora.stages.train
 from olora.stages import STAGES
 from olora.errors import ConfigError, OloraError
 
-from conftest import REPO, free_port, wait_for_http
+from conftest import REPO, free_port, running_server
 from overlay import copy_project, write_params
 
 pytestmark = pytest.mark.integration
@@ -197,10 +197,8 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path, tiny_model_dir):
         subprocess.run(args, cwd=root, check=True, env=env, capture_output=True)
     env.update(OLORA_GIT_REMOTE=str(root), OLORA_GIT_BRANCH="main")  # the git remote workers clone (here: a local repo)
 
-    server = subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/api/health")
+    command = lambda p: [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(p)]  # noqa: E731
+    with running_server(command, tmp_path, "/api/health", env, seconds=90, port=port):
 
         def prefect(*args: str, timeout: int = 300) -> str:
             out = subprocess.run([str(bin_dir / "prefect"), *args], cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
@@ -264,9 +262,6 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path, tiny_model_dir):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/deployments/name/olora-pipeline/nightly-retrain", timeout=10) as response:
             deployment = json.loads(response.read())
         assert any(s["schedule"].get("cron") == "0 3 * * *" for s in deployment["schedules"])
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
 
 
 def test_sweep_runs_each_variant_as_its_own_recorded_run(harness, project):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, BIN
+from conftest import BIN
 from olora.orchestration import workspace
 
 

@@ -21,7 +21,7 @@ from olora.layout import Layout
 from olora.config import load_config
 from olora.errors import OloraError
 
-from conftest import free_port, wait_for_http
+from conftest import free_port, running_server
 from overlay import write_params
 
 pytestmark = pytest.mark.integration
@@ -239,16 +239,10 @@ def _get(base: str, path: str, **query) -> dict:
 
 
 def test_mlflow_server_shows_runs_metrics_and_registry(tracked):
-    port = free_port()
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tracked.root / 'mlflow.db'}", "--workers", "1"],
-        cwd=tracked.root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{base}/health")
+    command = lambda port: [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),  # noqa: E731
+                            "--backend-store-uri", f"sqlite:///{tracked.root / 'mlflow.db'}", "--workers", "1"]
+    with running_server(command, tracked.root, "/health", env) as base:
         exp = _get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="olora")["experiment"]
         req = urllib.request.Request(
             f"{base}/api/2.0/mlflow/runs/search", data=json.dumps({"experiment_ids": [exp["experiment_id"]]}).encode(),
@@ -265,27 +259,19 @@ def test_mlflow_server_shows_runs_metrics_and_registry(tracked):
         assert "challenger" in aliases
         assert _get(base, "/api/2.0/mlflow/registered-models/alias", name=name, alias="challenger")["model_version"]["run_id"] == run_id
         assert urllib.request.urlopen(base + "/", timeout=10).status == 200  # the UI itself
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
 
 
 def test_served_model_answers_over_http_in_the_training_template(tracked):
     """`olora serve` (MLflow's scoring app under uvicorn) on a free loopback port: answers equal the in-process reference."""
     import urllib.request
 
-    port = free_port()
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PATH": "/usr/bin:/bin"}  # a fresh shell's PATH
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "olora"), "--root", str(tracked.root), "serve", "--alias", "challenger",
-         "--port", str(port)], cwd=tracked.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/ping", seconds=120)
+    command = lambda port: [str(Path(sys.executable).parent / "olora"), "--root", str(tracked.root), "serve",  # noqa: E731
+                            "--alias", "challenger", "--port", str(port)]
+    with running_server(command, tracked.root, "/ping", env, log_path=tracked.root / "serve.log") as base:
 
         def invoke(payload):
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
+            request = urllib.request.Request(f"{base}/invocations", data=json.dumps(payload).encode(),
                                              headers={"Content-Type": "application/json"})
             return json.loads(urllib.request.urlopen(request, timeout=120).read())["predictions"]
 
@@ -294,12 +280,6 @@ def test_served_model_answers_over_http_in_the_training_template(tracked):
         assert served == _reference_answers(tracked, PROMPTS, 8)
         raw = invoke({"inputs": {"prompt": PROMPTS}, "params": {"max_new_tokens": 8, "min_new_tokens": 4, "raw": True}})
         assert raw == _reference_answers(tracked, PROMPTS, 8, raw=True)
-    finally:
-        os.killpg(server.pid, 15)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, 9)
 
 
 def test_a_chat_trained_model_serves_with_the_chat_template(tmp_path_factory, tiny_untied_model_dir):
