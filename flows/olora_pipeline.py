@@ -1,11 +1,6 @@
-"""Prefect flows: the DVC pipeline's stages as scheduled, retryable tasks.
-
-Each task is a thin wrapper of a function in `olora.orchestration.pipeline`, which calls the same
-stage functions as `dvc.yaml`'s commands, after asking DVC whether the stage is up to date, and
-records new outputs in dvc.lock with `dvc commit`. Transient failures are retried with exponential
-backoff (`is_transient`); a bad parameter or bad data fails at once; a CUDA out-of-memory error in
-training retries with half the micro-batch and twice the accumulation. The tracking server is
-resolved once per flow run (stack.env, else the source project's store) and passed to every stage.
+"""Prefect flows: the DVC pipeline's stages as scheduled, retryable tasks, each a thin wrapper of
+`olora.orchestration.pipeline` (stage under DVC's judgement, retry rule, OOM back-off, recording).
+The tracking server is resolved once per flow run (stack.env, else the source's store) and passed down.
 
     python flows/olora_pipeline.py                      # one run, ephemeral Prefect API
     prefect deploy --all && prefect worker start ...    # scheduled runs (see prefect.yaml, docs/orchestration.md)
@@ -129,14 +124,8 @@ def olora_sweep(root: str = ".", grid: dict[str, list[Any]] | None = None, deplo
         tracking = Tracking.of(load_config(source / "params.yaml"), source)
         if tracking.enabled:  # reach (and, for a new SQLite store, create) the store once, before variants race to
             tracking.client()
-        if deployment:
-            from prefect.client.orchestration import get_client
-            from prefect.deployments import run_deployment
-
-            started = {n: run_deployment(deployment, parameters={"overrides": v, "name": n, "promote": False, "push": push},
-                                         timeout=0).id for v, n in zip(variants, names)}
-            with get_client(sync_client=True) as client:  # wait for all of them, whichever workers run them
-                states = P.wait_for_flow_runs(started, lambda flow_run_id: client.read_flow_run(flow_run_id).state)
+        if deployment:  # separate flow runs of that deployment, whichever workers pick them up
+            states = P.run_on_deployment(deployment, variants, names, push)
         else:
             states = {}
             for v, n in zip(variants, names):

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from olora.cli import base_parser, parse_set, setup_process
+from olora.cliargs import base_parser, parse_set, setup_process
 from olora.errors import OloraError
 from olora.layout import Layout
 

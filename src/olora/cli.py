@@ -7,52 +7,14 @@ Every other command (promote, rollback, restore, serve, check, dvc-yaml, params-
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
-import os
 import sys
 from pathlib import Path
 
+from olora.cliargs import base_parser, parse_set, setup_process, stage_commands
 from olora.errors import OloraError
 from olora.layout import Layout
-from olora.ops.envfile import load_env
 from olora.stages import STAGES
-
-
-def parse_set(items: list[str]) -> dict:
-    """`--set key=value` items (values parsed as YAML) -> overrides."""
-    import yaml
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise OloraError(f"--set {item!r} must look like key=value, e.g. adapter.r=16")
-        out[key] = yaml.safe_load(value)
-    return out
-
-
-def base_parser() -> argparse.ArgumentParser:
-    """The global options and one subcommand per stage (`evaluate base` and `evaluate adapter` share one)."""
-    parser = argparse.ArgumentParser(prog="olora", description="OLoRA fine-tuning pipeline stages")
-    parser.add_argument("--root", default=".", help="project root holding params.yaml (default: .)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for head, names in stage_commands().items():
-        p = sub.add_parser(head, help=" / ".join(STAGES[n].help for n in names))
-        choices = [r for n in names for r in (STAGES[n].cli or (n,))[1:]]
-        if choices:
-            p.add_argument("which", choices=choices)
-    return parser
-
-
-def stage_commands() -> dict[str, list[str]]:
-    """First CLI word -> the stages it runs."""
-    commands: dict[str, list[str]] = {}
-    for stage in STAGES.values():
-        commands.setdefault((stage.cli or (stage.name,))[0], []).append(stage.name)
-    return commands
 
 
 def _command_word(argv: list[str]) -> str | None:
@@ -74,14 +36,6 @@ def _stage_for(args) -> str | None:
         if head == args.command and (not rest or getattr(args, "which", None) == rest[0]):
             return stage.name
     return None
-
-
-def setup_process(root: Path) -> None:
-    """What every `olora` command does first: logging, and the shared services' settings (`make stack`)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if applied := load_env(root):  # stack.env, unless already set
-        logging.getLogger("olora").info("using %s/stack.env (%s)", root, ", ".join(sorted(applied)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """What the Prefect flows do, as plain functions: run a stage under DVC's judgement, the retry rule, the
-CUDA out-of-memory back-off, recording a run, and the sweep's variants and comparison table.
+CUDA out-of-memory back-off, recording a run, and the sweep's variants, deployment runs and table.
 
-The flows (`flows/olora_pipeline.py`) wrap these in tasks; nothing here imports Prefect, so each
-rule is testable on its own.
+The flows (`flows/olora_pipeline.py`) wrap these in tasks and flows; only `run_on_deployment` talks
+to Prefect, so each rule is testable without it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from olora import dvc
 from olora.config import edit_params, load_config
@@ -165,15 +165,22 @@ def sweep_table(keys: list[str], rows: list[dict[str, Any]]) -> str:
     return "# olora sweep\n\n" + "\n".join(table)
 
 
-def wait_for_flow_runs(started: dict[str, Any], read_state: Callable[[Any], Any], poll: float = 2.0) -> dict[str, str]:
-    """Poll until every started flow run is final; returns name -> final state type."""
+def run_on_deployment(deployment: str, variants: list[dict[str, Any]], names: list[str], push: bool,
+                      poll: float = 2.0) -> dict[str, str]:
+    """Start one flow run of `deployment` per variant and wait until all are final; returns name -> final state."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    started = {n: run_deployment(deployment, parameters={"overrides": v, "name": n, "promote": False, "push": push},
+                                 timeout=0).id for v, n in zip(variants, names)}
     states: dict[str, str] = {}
-    while len(states) < len(started):
-        for name, flow_run_id in started.items():
-            state = read_state(flow_run_id)
-            if name not in states and state is not None and state.is_final():
-                states[name] = state.type.value
-                log.info("variant %s: %s", name, states[name])
-        if len(states) < len(started):
-            time.sleep(poll)
+    with get_client(sync_client=True) as client:
+        while len(states) < len(started):
+            for name, flow_run_id in started.items():
+                state = client.read_flow_run(flow_run_id).state
+                if name not in states and state is not None and state.is_final():
+                    states[name] = state.type.value
+                    log.info("variant %s: %s", name, states[name])
+            if len(states) < len(started):
+                time.sleep(poll)
     return states
