@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:
 #   make run   - create .venv, install the locked stack and embedded assets, run `dvc repro`
-#   make test  - same install, then the test tiers that fit CI (unit + integration + slow)
+#   make test  - same install, then every test tier but gpu (TEST_WORKERS pytest-xdist workers, one file each)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -32,8 +32,11 @@ run: install
 	@[ -d .dvc ] || $(BIN)/dvc init --quiet
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
+# Test files run side by side on TEST_WORKERS pytest-xdist workers (one torch thread each, see tests/conftest.py);
+# --dist loadfile keeps a file's module fixtures (its tiny project, its servers) on one worker.
+TEST_WORKERS ?= 2
 test: install
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -m "not gpu" -v --durations=15
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -m "not gpu" -v --durations=25 -n $(TEST_WORKERS) --dist loadfile
 
 test-unit: install
 	$(BIN)/pytest

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 
 def bench(script: str, *args: str) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OLORA_NUM_THREADS": "2"}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OLORA_NUM_THREADS": os.environ["OLORA_NUM_THREADS"]}
     done = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], capture_output=True, text=True, env=env)
     assert done.returncode == 0, f"{script} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout

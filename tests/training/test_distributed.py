@@ -78,7 +78,7 @@ def test_packing_check_catches_a_model_that_mixes_examples(tiny_model_dir):
 
 
 def sh(args, cwd, check=True, env=None):
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OLORA_NUM_THREADS": "2", **(env or {})}
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OLORA_NUM_THREADS": "1", **(env or {})}
     out = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
     if check:
         assert out.returncode == 0, f"{args}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
@@ -152,7 +152,7 @@ def test_two_processes_match_one_at_the_same_effective_batch(prepared, tmp_path)
 @pytest.mark.integration
 def test_a_killed_two_process_run_resumes_and_a_changed_count_is_refused(prepared, tmp_path):
     layout = _copy(prepared, tmp_path / "killed")
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OLORA_NUM_THREADS": "2"}
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OLORA_NUM_THREADS": "1"}
     launcher = subprocess.Popen([str(BIN / "olora"), "--set", "train.processes=2", "--set", "tracking.enabled=false",
                                  "train"], cwd=layout.root, env=env, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
