@@ -79,7 +79,7 @@ def run_stage_case(case: str, adapter: Path, limit: int, batch_size: int) -> dic
         model = PeftModel.from_pretrained(models.load_base(ref, runtime), str(adapter)).eval()
     sync()
     loaded = time.perf_counter()
-    metrics = run_lm_eval(model, models.load_tokenizer(ref), cfg.evaluate)
+    metrics = run_lm_eval(model, models.load_tokenizer(ref), cfg.evaluate).metrics
     sync()
     done = time.perf_counter()
     return {"case": case, "requests": counter["requests"], "load_seconds": round(loaded - start, 2),

@@ -48,6 +48,7 @@ def test_dvc_outputs_match_layout():
     expected.add(str(layout.registration))
     expected |= {str(layout.metrics(n)) for n in ("data", "init", "train", "eval_base", "eval_adapter")}
     expected |= {str(layout.plot(n)) for n in ("train_loss", "val_loss")}
+    expected |= {str(layout.samples(n)) for n in ("base", "adapter")}
     assert declared == expected
 
 

@@ -73,7 +73,9 @@ def main(argv: list[str]) -> int:
         if args.command == "promote":
             from olora.tracking import registry
 
-            decision = registry.promote(cfg, tracking, args.model, args.version, args.force)
+            from olora.layout import PROMOTION
+
+            decision = registry.promote(cfg, tracking, args.model, args.version, args.force, layout.path(PROMOTION))
             print(("PROMOTED: " if decision.promote else "KEPT CHAMPION: ") + decision.reason)
         elif args.command == "rollback":
             from olora.tracking import registry

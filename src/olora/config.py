@@ -233,10 +233,18 @@ class RegisterConfig:
     promote_metric: str = "mean_acc"
     """Metric compared by `olora promote` (from the evaluate stage; higher is better): mean_acc | mean_acc_norm."""
     min_improvement: float = 0.0
-    """How much the challenger must beat the champion by to be promoted."""
+    """`olora promote` promotes only when the lower bound of the interval of the challenger's gain over the champion (same questions, paired) exceeds this (accuracy as a fraction: 0.01 is one point)."""
+    confidence: float = 0.95
+    """Confidence of the paired bootstrap intervals (promotion gate, fine-tuned vs base), in (0.5, 1)."""
+    resamples: int = 10000
+    """Bootstrap resamples of those intervals (at least 1000)."""
 
     def validate(self) -> None:
         _at_least("register.min_improvement", self.min_improvement, 0.0)
+        _open_interval("register.confidence", self.confidence, 0.5, 1.0)
+        if self.resamples < 1000:
+            raise ConfigError(f"register.resamples={self.resamples} is too few for a stable interval; use at least 1000 "
+                              "(the default is 10000)")
         _choice("register.promote_metric", self.promote_metric, ["mean_acc", "mean_acc_norm"])
 
 

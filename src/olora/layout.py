@@ -30,12 +30,19 @@ INIT = "models/init"
 ADAPTER = "models/adapter"
 EXPORTED = "models/exported"
 CHECKPOINTS = "checkpoints/train"
+EVAL = "eval"  # per-question results of the evaluate stages (DVC outputs)
 REPORT = "reports/eval.md"
 REGISTRATION = "reports/registration.json"
+PROMOTION = "reports/promotion.json"  # the last `olora promote` decision made in this checkout
 
 
 def metrics_path(name: str) -> str:
     return f"metrics/{name}.json"
+
+
+def samples_path(which: str) -> str:
+    """Per-question results of an evaluation: `base` (evaluate_base) or `adapter` (evaluate)."""
+    return f"{EVAL}/{which}_samples.csv"
 
 
 def plot_path(name: str) -> str:
@@ -85,6 +92,9 @@ class Layout:
 
     def metrics(self, name: str) -> Path:
         return self.path(metrics_path(name))
+
+    def samples(self, which: str) -> Path:
+        return self.path(samples_path(which))
 
     def plot(self, name: str) -> Path:
         return self.path(plot_path(name))

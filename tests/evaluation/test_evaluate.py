@@ -72,9 +72,19 @@ def test_lm_eval_scores_a_real_model(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     cfg = EvaluateConfig(tasks=["arc_easy", "winogrande"], limit=3, batch_size=4)
-    metrics = run_lm_eval(model, tokenizer, cfg)
+    evaluation = run_lm_eval(model, tokenizer, cfg)
+    metrics = evaluation.metrics
     assert set(metrics["tasks"]) == {"arc_easy", "winogrande"}
     assert metrics["tasks"]["arc_easy"]["n"] == 3 and "acc_norm" in metrics["tasks"]["arc_easy"]
     assert "acc_norm" not in metrics["tasks"]["winogrande"]  # stock winogrande reports acc only
     assert 0.0 <= metrics["mean_acc"] <= 1.0
     assert yaml.safe_dump(metrics)  # serialisable for DVC metrics
+    # every question's outcome, and the fingerprint of what was asked
+    rows = evaluation.rows
+    assert [(r["task"], r["doc_id"]) for r in rows] == [("arc_easy", i) for i in range(3)] + [("winogrande", i) for i in range(3)]
+    for task in ("arc_easy", "winogrande"):  # the per-question outcomes are the task's accuracy
+        assert sum(r["acc"] for r in rows if r["task"] == task) / 3 == pytest.approx(metrics["tasks"][task]["acc"])
+    assert all(r["acc_norm"] is None for r in rows if r["task"] == "winogrande")
+    asked = metrics["questions"]
+    assert asked["limit"] == 3 and asked["num_fewshot"] == 0 and set(asked["tasks"]) == {"arc_easy", "winogrande"}
+    assert all(entry["n"] == 3 and entry["version"] is not None for entry in asked["tasks"].values())

@@ -51,7 +51,7 @@ def registered(tmp_path_factory, tiny_untied_model_dir) -> Layout:
 
 
 def _client(layout):
-    return tracking.client(load_config(layout.params).tracking, layout.root)
+    return Tracking.of(load_config(layout.params), layout.root).client()
 
 
 def _name(layout) -> str:

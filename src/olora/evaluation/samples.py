@@ -1,0 +1,115 @@
+"""Per-question results: every question's outcome, the fingerprint of what was asked, and checks.
+
+A samples file (CSV, one row a question: task, doc_id, doc_hash, acc, acc_norm) is written by each
+evaluate stage beside its metrics. The fingerprint records what was asked — tasks, their lm-eval
+versions, a hash of each task's question hashes, limit, few-shot count, seed and data source — so
+two evaluations are compared only when they asked exactly the same questions.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from olora.config import EvaluateConfig
+from olora.errors import OloraError
+
+COLUMNS = ("task", "doc_id", "doc_hash", "acc", "acc_norm")
+
+
+class SamplesError(OloraError):
+    """Per-question results that are missing, unreadable, or disagree with their fingerprint."""
+
+
+def rows_from_lm_eval(raw: dict[str, Any], names: dict[str, str]) -> list[dict[str, Any]]:
+    """lm-eval's per-sample log (`simple_evaluate(log_samples=True)`) -> one row a question, stock task names."""
+    rows = []
+    for stock, name in names.items():
+        for sample in sorted(raw["samples"][name], key=lambda s: int(s["doc_id"])):
+            rows.append({"task": stock, "doc_id": int(sample["doc_id"]), "doc_hash": sample["doc_hash"],
+                         "acc": int(sample["acc"]), "acc_norm": int(sample["acc_norm"]) if "acc_norm" in sample else None})
+    return rows
+
+
+def write_samples(path: Path, rows: list[dict[str, Any]]) -> None:
+    """The samples file, atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if row[k] is None else row[k]) for k in COLUMNS} for row in rows)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(buffer.getvalue())
+    os.replace(tmp, path)
+
+
+def read_samples(path: Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise SamplesError(f"per-question results {path} not found; re-run the evaluate stages (`dvc repro`)")
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if tuple(reader.fieldnames or ()) != COLUMNS:
+            raise SamplesError(f"{path} is not a per-question results file: columns {reader.fieldnames}, expected {list(COLUMNS)}")
+        try:
+            return [{"task": r["task"], "doc_id": int(r["doc_id"]), "doc_hash": r["doc_hash"], "acc": int(r["acc"]),
+                     "acc_norm": int(r["acc_norm"]) if r["acc_norm"] != "" else None} for r in reader]
+        except ValueError as exc:
+            raise SamplesError(f"{path} has an unreadable row ({exc}); re-run the evaluate stages") from None
+
+
+def fingerprint(rows: list[dict[str, Any]], cfg: EvaluateConfig, versions: dict[str, Any]) -> dict[str, Any]:
+    """What was asked: per task its lm-eval version, question count and a hash of its questions; the settings."""
+    tasks: dict[str, Any] = {}
+    for task in sorted({r["task"] for r in rows}):
+        hashes = [f"{r['doc_id']}:{r['doc_hash']}" for r in rows if r["task"] == task]
+        tasks[task] = {"version": versions.get(task), "n": len(hashes),
+                       "questions": hashlib.sha256("\n".join(sorted(hashes)).encode()).hexdigest()}
+    asked = {"tasks": tasks, "limit": cfg.limit, "num_fewshot": cfg.num_fewshot, "seed": cfg.seed, "source": cfg.source}
+    return {**asked, "sha256": hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()}
+
+
+def check_matches(rows: list[dict[str, Any]], recorded: dict[str, Any], where: str) -> None:
+    """The rows are the questions the fingerprint says were asked (else a SamplesError naming the file)."""
+    for task, entry in recorded.get("tasks", {}).items():
+        hashes = [f"{r['doc_id']}:{r['doc_hash']}" for r in rows if r["task"] == task]
+        if hashlib.sha256("\n".join(sorted(hashes)).encode()).hexdigest() != entry["questions"] or len(hashes) != entry["n"]:
+            raise SamplesError(f"{where}: the per-question results of task {task} do not match their recorded fingerprint "
+                               f"({len(hashes)} rows, {entry['n']} recorded); the file was changed or belongs to another "
+                               "evaluation: re-run the evaluate stages")
+    extra = sorted({r["task"] for r in rows} - set(recorded.get("tasks", {})))
+    if extra:
+        raise SamplesError(f"{where}: per-question results for tasks the fingerprint does not list: {extra}")
+
+
+def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """How two fingerprints differ, in words (empty: the same questions were asked)."""
+    out = []
+    if set(a["tasks"]) != set(b["tasks"]):
+        out.append(f"tasks {sorted(a['tasks'])} vs {sorted(b['tasks'])}")
+    for key in ("limit", "num_fewshot", "seed", "source"):
+        if a.get(key) != b.get(key):
+            out.append(f"evaluate.{key} {a.get(key)!r} vs {b.get(key)!r}")
+    for task in sorted(set(a["tasks"]) & set(b["tasks"])):
+        ta, tb = a["tasks"][task], b["tasks"][task]
+        if ta["version"] != tb["version"]:
+            out.append(f"{task} task version {ta['version']} vs {tb['version']}")
+        elif ta["questions"] != tb["questions"]:
+            out.append(f"{task} questions differ ({ta['n']} vs {tb['n']})")
+    return out
+
+
+def table(rows: list[dict[str, Any]], metric: str = "acc") -> dict[str, dict[str, float]]:
+    """task -> {question key -> 0/1} for `olora.core.paired.compare`; `acc_norm` falls back to `acc` where
+    a task has none (as the summary's mean_acc_norm does)."""
+    out: dict[str, dict[str, float]] = {}
+    for r in rows:
+        value = r[metric] if metric == "acc" or r.get(metric) is not None else r["acc"]
+        out.setdefault(r["task"], {})[f"{r['doc_id']}:{r['doc_hash']}"] = value
+    return out
