@@ -194,3 +194,14 @@ class PausedRun:
         code = self.process.wait(seconds)
         self.handle.close()
         return code
+
+
+# The longest test files first: with `make test`'s pytest-xdist workers (--dist loadfile) a long file that
+# starts last would leave the other worker idle at the end (longest-processing-time-first scheduling).
+LONGEST_FIRST = ("test_convergence_study.py", "test_crash_safety.py", "test_stack.py", "test_bench_scripts.py",
+                 "test_flows.py", "test_distributed.py", "test_serving_http.py", "test_mlflow.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept

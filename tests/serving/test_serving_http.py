@@ -58,7 +58,6 @@ def _name(layout) -> str:
     return registry.model_name(load_config(layout.params))
 
 
-@contextlib.contextmanager
 def running(command: list[str], layout: Layout, env: dict | None = None):
     """Start a server on a free loopback port; yield its base URL; stop it (its output is shown on failure)."""
     env = {**{k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")},
