@@ -53,7 +53,7 @@ def test_study_runs_dvc_experiments_tracked_in_mlflow_and_resumes(tmp_path, tiny
     # MLflow holds one run per experiment, and the study's registered model has a version per adapter
     from mlflow import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}", registry_uri=f"sqlite:///{root / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("olora-convergence").experiment_id])
     assert {r.info.run_id for r in runs} == {run["mlflow"]["run_id"] for run in manifest["runs"].values()}
     assert len(client.search_model_versions("name='olora-convergence'")) == 2

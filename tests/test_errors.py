@@ -751,6 +751,14 @@ CASES: list[Case] = [
          "olora promote: error: olora-tiny-llama has no 'challenger' version; register one first (`dvc repro register`)",
          "Register a version (`dvc repro register`), or name one with `--version`.",
          lambda ctx: cli(ctx.registry(), "promote")),
+    Case("promote-without-per-question-results", "registry",
+         "`olora promote --version 2` when the challenger or the champion holds no per-question results (registered "
+         "before per-question evaluation, or not by the evaluate stage)",
+         "olora promote: error: olora-tiny-llama version(s) 2, 1 have no per-question results (registered before "
+         "per-question evaluation, or not by the evaluate stage), so they cannot be compared on the same questions. "
+         "Re-run `dvc repro` for that version (`olora restore --version N`) and register it again, or promote with --force",
+         "Register versions through the pipeline (`dvc repro`), which logs `eval/adapter_samples.csv`; or `--force`.",
+         lambda ctx: cli(ctx.registry(), "promote", "--version", "2")),
     Case("rollback-unknown-model", "registry",
          "`olora rollback --model nope`",
          "olora rollback: error: registered model 'nope' not found; registered models: ['olora-tiny-llama', 'olora-untried']",

@@ -196,7 +196,7 @@ def test_mlflow_logs_a_run_whose_artifact_lands_in_the_bucket(running_stack, mon
     assert _http(f"{url}/api/2.0/mlflow/experiments/search", data={"max_results": 1})[0] == 401
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.setenv(name, values[name])
-    client = MlflowClient(url)
+    client = MlflowClient(url, registry_uri=url)
     experiment = client.create_experiment("stack-check")
     run = client.create_run(experiment)
     client.log_metric(run.info.run_id, "loss", 0.5)
@@ -456,7 +456,7 @@ def test_down_leaves_no_process_and_data_survives_up_again(running_stack, monkey
     run_id = getattr(running_stack, "run_id", None)
     if run_id is None:
         pytest.skip("the MLflow test did not run")
-    run = MlflowClient(before["MLFLOW_TRACKING_URI"]).get_run(run_id)
+    run = MlflowClient(before["MLFLOW_TRACKING_URI"], registry_uri=before["MLFLOW_TRACKING_URI"]).get_run(run_id)
     assert run.data.metrics["loss"] == 0.5
     s3 = stack.s3_client(running_stack.config, before["AWS_ACCESS_KEY_ID"], before["AWS_SECRET_ACCESS_KEY"])
     assert s3.get_object(Bucket=stack.BUCKET, Key="checks/hello.txt")["Body"].read() == b"hello"

@@ -122,7 +122,7 @@ def test_isolated_run_is_recorded_and_restores_in_a_fresh_clone(harness, project
     assert set(lock) == set(STAGES)
     assert not (workspace_dir := project / ".olora" / "runs" / "first").exists(), workspace_dir  # removed once recorded
 
-    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")  # the source's store, not one in the workspace
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}", registry_uri=f"sqlite:///{project / 'mlflow.db'}")  # the source's store, not one in the workspace
     registration = json.loads(git(project, "show", "runs/first:reports/registration.json"))
     assert registration["registered"] and registration["version"] == "1"
     version = client.get_model_version_by_alias(registration["name"], "champion")
@@ -251,7 +251,7 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path, tiny_model_dir):
         assert all(json.loads(git(root, "show", f"{b}:reports/registration.json"))["registered"] for b in branches)
         from mlflow import MlflowClient
 
-        registry = MlflowClient(env["MLFLOW_TRACKING_URI"])
+        registry = MlflowClient(env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
         name = json.loads(git(root, "show", f"{branches[0]}:reports/registration.json"))["name"]
         tagged = {v.tags.get("olora.git_branch") for v in registry.search_model_versions(f"name='{name}'")}
         assert tagged == set(branches)  # two versions, each carrying its run's git ref

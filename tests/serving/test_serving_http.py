@@ -10,7 +10,6 @@ HTTP part measures a running server.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess

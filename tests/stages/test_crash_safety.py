@@ -49,7 +49,7 @@ def _outs(root: Path) -> dict[str, str]:
 def _registry(root: Path):
     from mlflow import MlflowClient
 
-    c = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    c = MlflowClient(f"sqlite:///{root / 'mlflow.db'}", registry_uri=f"sqlite:///{root / 'mlflow.db'}")
     runs = c.search_runs([c.get_experiment_by_name("olora").experiment_id])
     versions = c.search_model_versions("name='olora-tiny-llama'")
     return c, runs, versions

@@ -48,7 +48,7 @@ def project(tmp_path_factory, tiny_model_dir) -> Path:
 def _run_count(root: Path) -> int:
     from mlflow import MlflowClient
 
-    c = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    c = MlflowClient(f"sqlite:///{root / 'mlflow.db'}", registry_uri=f"sqlite:///{root / 'mlflow.db'}")
     return len(c.search_runs([c.get_experiment_by_name("olora").experiment_id]))
 
 

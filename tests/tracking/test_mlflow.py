@@ -170,92 +170,6 @@ def test_registered_model_round_trips_in_a_fresh_process(tracked):
         torch.testing.assert_close(loaded(input_ids=x).logits, trained(input_ids=x).logits, atol=1e-4, rtol=1e-4)
 
 
-def _retrain(tracked: Layout, folder: Path, overrides: dict) -> str:
-    """A retrain of the tracked project in a copy of it (other settings), registered in the same registry."""
-    import shutil
-
-    shutil.copytree(tracked.root, folder, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
-    layout = Layout(folder)
-    overrides = {"tracking.uri": f"sqlite:///{tracked.root / 'mlflow.db'}", **overrides}
-    for stage in ("train", "evaluate_base", "evaluate", "register"):
-        STAGES[stage].run(layout, overrides)
-    return json.loads(layout.registration.read_text())["version"]
-
-
-def test_promotion_gate_on_the_real_registry(tracked, tmp_path):
-    """The gate on real lm-eval results: a seed-only retrain is kept (not significant), a challenger asked other
-    questions is refused by name, a clearly better one is promoted; rollback and --force as before."""
-    cfg = load_config(tracked.params)
-    trk = Tracking.of(cfg, tracked.root)
-    c = _client(tracked)
-    name = registry.model_name(cfg)
-    d = registry.promote(cfg, trk, report=tracked.root / "reports" / "promotion.json")
-    assert d.promote and d.reason == "no champion yet"
-    assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
-    assert json.loads((tracked.root / "reports" / "promotion.json").read_text())["decision"] == "promoted"
-    again = registry.promote(cfg, trk)
-    assert not again.promote and "already champion" in again.reason
-    assert c.get_model_version(name, "1").tags["promotion.decision"] == "promoted"  # the record is kept
-
-    # only the seed changed: whatever the two means say, the gain is noise and the champion stays
-    seed = _retrain(tracked, tmp_path / "seed", {"train.seed": cfg.train.seed + 1})
-    d = registry.promote(cfg, trk)
-    assert not d.promote and d.comparison is not None and d.comparison.n == 2 * 2  # two tasks, two questions each
-    assert "interval" in d.reason and ("not significant" in d.reason or "worse than the champion" in d.reason)
-    assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
-    tags = c.get_model_version(name, seed).tags
-    assert tags["promotion.decision"] == "rejected" and tags["promotion.champion_version"] == "1"
-    assert float(tags["promotion.interval_low"]) <= float(tags["promotion.gain"]) <= float(tags["promotion.interval_high"])
-    assert set(json.loads(tags["promotion.p_values"])) == {"arc_easy", "piqa"}
-    decision_file = c.download_artifacts(c.get_model_version(name, seed).run_id, f"promotion/v{seed}.json", str(tmp_path))
-    assert json.loads(Path(decision_file).read_text())["n"] == 4
-
-    # scored on other questions (one task): never compared by means, refused naming the difference
-    other = _retrain(tracked, tmp_path / "other", {"evaluate.tasks": ["arc_easy"]})
-    with pytest.raises(OloraError, match=rf"challenger {name} v{other} and champion v1 were scored on different "
-                                         r"questions \(tasks \['arc_easy', 'piqa'\] vs \['arc_easy'\]\)"):
-        registry.promote(cfg, trk, version=other)
-    assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
-
-    # clearly better on the same questions: the champion's questions, every one answered right by the challenger
-    better = _clearly_better_version(c, name, tmp_path)
-    d = registry.promote(cfg, trk, version=better)
-    assert d.promote and "interval lies above register.min_improvement" in d.reason and d.comparison.low > 0
-    assert str(c.get_model_version_by_alias(name, "champion").version) == better
-    assert c.get_model_version(name, better).tags["previous_champion"] == "1"
-
-    assert registry.rollback(cfg, trk) == "1"
-    assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
-
-    forced = registry.promote(cfg, trk, version=seed, force=True)
-    assert forced.promote and forced.forced and c.get_model_version(name, seed).tags["promotion.forced"] == "true"
-    with pytest.raises(OloraError, match=r"registered model 'nope' not found; registered models: \['olora-"):
-        registry.promote(cfg, trk, name="nope")
-    with pytest.raises(OloraError, match=r"has no version 99; versions: \[1, 2, 3, 4\]"):
-        registry.promote(cfg, trk, version="99")
-
-
-def _clearly_better_version(c, name: str, folder: Path) -> str:
-    """A version whose run holds v1's evaluation with every question answered right: the same questions and
-    fingerprint (the evaluate stage's own files, changed in their outcomes only), so the gate must promote it."""
-    from olora.evaluation import samples
-
-    v1 = c.get_model_version(name, "1")
-    rows_file = Path(c.download_artifacts(v1.run_id, "eval/adapter_samples.csv", str(folder / "v1")))
-    metrics_file = Path(c.download_artifacts(v1.run_id, "eval/eval_adapter.json", str(folder / "v1")))
-    rows = [{**r, "acc": 1, "acc_norm": 1 if r["acc_norm"] is not None else None} for r in samples.read_samples(rows_file)]
-    out = folder / "better"
-    samples.write_samples(out / "adapter_samples.csv", rows)
-    metrics = json.loads(metrics_file.read_text())
-    metrics["mean_acc"] = 1.0
-    (out / "eval_adapter.json").write_text(json.dumps(metrics))
-    run = c.create_run(c.get_run(v1.run_id).info.experiment_id)
-    for path in (out / "adapter_samples.csv", out / "eval_adapter.json"):
-        c.log_artifact(run.info.run_id, str(path), "eval")
-    version = c.create_model_version(name, v1.source, run_id=run.info.run_id, tags={"mean_acc": "1.0"})
-    return str(version.version)
-
-
 def test_broken_adapter_is_refused_before_registration(tracked, tmp_path):
     import shutil
 
@@ -338,15 +252,111 @@ def test_a_chat_trained_model_serves_with_the_chat_template(tmp_path_factory, ti
         STAGES[stage].run(layout)
     import mlflow
 
+    from mlflow.tracking import _tracking_service
+    from mlflow.tracking._model_registry import utils as registry_utils
+
     uri = tracking.resolve_uri(load_config(layout.params).tracking, root)
-    mlflow.set_tracking_uri(uri)
+    saved = _tracking_service.utils._tracking_uri, registry_utils._registry_uri
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)  # also exports MLFLOW_TRACKING_URI
     mlflow.set_registry_uri(uri)
     try:
         model = mlflow.pyfunc.load_model("models:/olora-chat-test@challenger")
-    finally:
-        mlflow.set_tracking_uri("")
+    finally:  # process-wide settings and variables: restored, so later tests in this process see no stray store
+        _tracking_service.utils._tracking_uri, registry_utils._registry_uri = saved
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     assert model.unwrap_python_model().template.kind == "chat"
     assert model.metadata.metadata["prompt_template"] == "chat"
     assert model.predict({"prompt": PROMPTS}, params={"max_new_tokens": 8, "min_new_tokens": 4}) == _reference_answers(layout, PROMPTS, 8)
     params = {p.name for p in model.metadata.get_params_schema().params}
     assert params == {"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "raw"}
+
+
+def _retrain(tracked: Layout, folder: Path, overrides: dict) -> str:
+    """A retrain of the tracked project in a copy of it (other settings), registered in the same registry."""
+    import shutil
+
+    shutil.copytree(tracked.root, folder, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    layout = Layout(folder)
+    overrides = {"tracking.uri": f"sqlite:///{tracked.root / 'mlflow.db'}", **overrides}
+    for stage in ("train", "evaluate_base", "evaluate", "register"):
+        STAGES[stage].run(layout, overrides)
+    return json.loads(layout.registration.read_text())["version"]
+
+
+def test_promotion_gate_on_the_real_registry(tracked, tmp_path):
+    """The gate on real lm-eval results: a seed-only retrain is kept (not significant), a challenger asked other
+    questions is refused by name, a clearly better one is promoted; rollback and --force as before."""
+    cfg = load_config(tracked.params)
+    trk = Tracking.of(cfg, tracked.root)
+    c = _client(tracked)
+    name = registry.model_name(cfg)
+    d = registry.promote(cfg, trk, report=tracked.root / "reports" / "promotion.json")
+    assert d.promote and d.reason == "no champion yet"
+    assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
+    assert json.loads((tracked.root / "reports" / "promotion.json").read_text())["decision"] == "promoted"
+    again = registry.promote(cfg, trk)
+    assert not again.promote and "already champion" in again.reason
+    assert c.get_model_version(name, "1").tags["promotion.decision"] == "promoted"  # the record is kept
+
+    # only the seed changed: whatever the two means say, the gain is noise and the champion stays
+    seed = _retrain(tracked, tmp_path / "seed", {"train.seed": cfg.train.seed + 1})
+    d = registry.promote(cfg, trk)
+    assert not d.promote and d.comparison is not None and d.comparison.n == 2 * 2  # two tasks, two questions each
+    assert "interval" in d.reason and ("not significant" in d.reason or "worse than the champion" in d.reason)
+    assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
+    tags = c.get_model_version(name, seed).tags
+    assert tags["promotion.decision"] == "rejected" and tags["promotion.champion_version"] == "1"
+    assert float(tags["promotion.interval_low"]) <= float(tags["promotion.gain"]) <= float(tags["promotion.interval_high"])
+    assert set(json.loads(tags["promotion.p_values"])) == {"arc_easy", "piqa"}
+    decision_file = c.download_artifacts(c.get_model_version(name, seed).run_id, f"promotion/v{seed}.json", str(tmp_path))
+    assert json.loads(Path(decision_file).read_text())["n"] == 4
+
+    # scored on other questions (one task): never compared by means, refused naming the difference
+    other = _retrain(tracked, tmp_path / "other", {"evaluate.tasks": ["arc_easy"]})
+    with pytest.raises(OloraError, match=rf"challenger {name} v{other} and champion v1 were scored on different "
+                                         r"questions \(tasks \['arc_easy', 'piqa'\] vs \['arc_easy'\]\)"):
+        registry.promote(cfg, trk, version=other)
+    assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
+
+    # clearly better on the same questions: the champion's questions, every one answered right by the challenger
+    better = _clearly_better_version(c, name, tmp_path)
+    d = registry.promote(cfg, trk, version=better)
+    assert d.promote and "interval lies above register.min_improvement" in d.reason and d.comparison.low > 0
+    assert str(c.get_model_version_by_alias(name, "champion").version) == better
+    assert c.get_model_version(name, better).tags["previous_champion"] == "1"
+
+    assert registry.rollback(cfg, trk) == "1"
+    assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
+
+    forced = registry.promote(cfg, trk, version=seed, force=True)
+    assert forced.promote and forced.forced and c.get_model_version(name, seed).tags["promotion.forced"] == "true"
+    with pytest.raises(OloraError, match=r"registered model 'nope' not found; registered models: \['olora-"):
+        registry.promote(cfg, trk, name="nope")
+    with pytest.raises(OloraError, match=r"has no version 99; versions: \[1, "):
+        registry.promote(cfg, trk, version="99")
+
+
+def _clearly_better_version(c, name: str, folder: Path) -> str:
+    """A version whose run holds v1's evaluation with every question answered right: the same questions and
+    fingerprint (the evaluate stage's own files, changed in their outcomes only), so the gate must promote it."""
+    from olora.evaluation import samples
+
+    v1 = c.get_model_version(name, "1")
+    rows_file = Path(c.download_artifacts(v1.run_id, "eval/adapter_samples.csv", str(folder / "v1")))
+    metrics_file = Path(c.download_artifacts(v1.run_id, "eval/eval_adapter.json", str(folder / "v1")))
+    rows = [{**r, "acc": 1, "acc_norm": 1 if r["acc_norm"] is not None else None} for r in samples.read_samples(rows_file)]
+    out = folder / "better"
+    samples.write_samples(out / "adapter_samples.csv", rows)
+    metrics = json.loads(metrics_file.read_text())
+    metrics["mean_acc"] = 1.0
+    (out / "eval_adapter.json").write_text(json.dumps(metrics))
+    run = c.create_run(c.get_run(v1.run_id).info.experiment_id)
+    for path in (out / "adapter_samples.csv", out / "eval_adapter.json"):
+        c.log_artifact(run.info.run_id, str(path), "eval")
+    version = c.create_model_version(name, v1.source, run_id=run.info.run_id, tags={"mean_acc": "1.0"})
+    return str(version.version)

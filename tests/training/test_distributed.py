@@ -134,7 +134,7 @@ def test_two_processes_match_one_at_the_same_effective_batch(prepared, tmp_path)
     assert metrics["weights_identical_across_ranks"] and len(metrics["rank_weight_checksums"]) == 2
     from mlflow import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{two.root / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{two.root / 'mlflow.db'}", registry_uri=f"sqlite:///{two.root / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("olora").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].info.run_id == json.loads((two.adapter / "mlflow_run.json").read_text())["run_id"]

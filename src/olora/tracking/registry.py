@@ -193,6 +193,8 @@ def version_questions(c, name: str, version: str) -> tuple[list[dict[str, Any]],
     from olora.evaluation import samples
 
     run_id = c.get_model_version(name, version).run_id
+    if not run_id:  # a version registered by hand, from no run
+        return None
     with tempfile.TemporaryDirectory() as tmp:
         try:
             rows_file = c.download_artifacts(run_id, f"eval/{Path(layout.samples_path('adapter')).name}", tmp)
