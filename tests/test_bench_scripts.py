@@ -90,6 +90,14 @@ def test_train_eval_benchmarks_and_report(tmp_path, tiny_model_dir, tiny_adapter
     assert (out / "REPORT.md").is_file()
 
 
+def test_paired_benchmark_prints_its_table(tmp_path):
+    table = bench("bench_paired.py", "--questions", "70", "700", "--resamples", "1000", "--repeats", "1", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "paired.json").read_text())["rows"]
+    assert [r["questions"] for r in rows] == [70, 700] and all(r["resamples"] == 1000 for r in rows)
+    assert all(r["interval"][0] <= r["gain"] <= r["interval"][1] for r in rows)
+    assert "| questions | resamples | median s |" in table
+
+
 def test_eval_benchmark_refuses_a_missing_adapter(tmp_path):
     env = {**os.environ, "OLORA_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_eval.py"), "--adapter", str(tmp_path / "nope")],

