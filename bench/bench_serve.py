@@ -113,7 +113,7 @@ def tiny_project(folder: Path) -> Path:
     from olora.layout import Layout
     from olora.overlay import build_tiny_llama, write_params
     from olora.stages import STAGES
-    from olora.tracking import registry
+    from olora.tracking import gate
     from olora.tracking.client import Tracking
 
     model_dir = build_tiny_llama(folder / "tiny-llama-untied", tie_word_embeddings=False)
@@ -123,7 +123,7 @@ def tiny_project(folder: Path) -> Path:
     layout = Layout(root)
     for stage in ("prepare", "init", "train", "evaluate_base", "evaluate", "register"):
         STAGES[stage].run(layout)
-    registry.promote(load_config(layout.params), Tracking.of(load_config(layout.params), root), force=True)
+    gate.promote(load_config(layout.params), Tracking.of(load_config(layout.params), root), force=True)
     return root
 
 

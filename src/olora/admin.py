@@ -26,7 +26,8 @@ from olora.layout import Layout
 def build_parser():
     parser = base_parser()
     sub = next(a for a in parser._actions if a.dest == "command")  # the subparsers action base_parser made
-    pr = sub.add_parser("promote", help="move alias champion to the challenger if it passes the gate")
+    pr = sub.add_parser("promote", help="move alias champion to the challenger if its gain on the same questions is "
+                        "significant (the paired gate)")
     pr.add_argument("--model", help="registered model name (default: from params)")
     pr.add_argument("--version", help="version to consider (default: the challenger)")
     pr.add_argument("--force", action="store_true", help="promote regardless of the gate")
@@ -71,11 +72,12 @@ def main(argv: list[str]) -> int:
 
         tracking = Tracking.of(cfg, layout.root)
         if args.command == "promote":
-            from olora.tracking import registry
+            from olora.tracking import gate
 
             from olora.layout import PROMOTION
 
-            decision = registry.promote(cfg, tracking, args.model, args.version, args.force, layout.path(PROMOTION))
+            decision = gate.promote(cfg, tracking, args.model, args.version, args.force, layout.path(PROMOTION),
+                                        layout.root)
             print(("PROMOTED: " if decision.promote else "KEPT CHAMPION: ") + decision.reason)
         elif args.command == "rollback":
             from olora.tracking import registry

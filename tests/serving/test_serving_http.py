@@ -28,6 +28,7 @@ from olora.layout import Layout
 from olora.stages import STAGES
 from olora.tracking import client as tracking
 from olora.tracking import registry
+from olora.tracking import gate
 
 from conftest import running_server
 from overlay import write_params
@@ -45,7 +46,7 @@ def registered(tmp_path_factory, tiny_untied_model_dir) -> Layout:
     layout = Layout(root)
     for stage in ("prepare", "init", "train", "evaluate_base", "evaluate", "register"):
         STAGES[stage].run(layout)
-    assert registry.promote(load_config(layout.params), Tracking.of(load_config(layout.params), root)).promote
+    assert gate.promote(load_config(layout.params), Tracking.of(load_config(layout.params), root)).promote
     return layout
 
 
@@ -155,7 +156,7 @@ def test_reload_follows_promotion_and_rollback_while_answering(registered, serve
     windows = []
     try:
         time.sleep(0.5)
-        assert registry.promote(cfg, Tracking.of(cfg, registered.root), version=v2, force=True).promote
+        assert gate.promote(cfg, Tracking.of(cfg, registered.root), version=v2, force=True).promote
         start = time.monotonic()
         status, body = call(server, "/reload", method="POST", body=b"")
         windows.append((start, time.monotonic()))

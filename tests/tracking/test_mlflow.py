@@ -17,6 +17,7 @@ from olora.stages import STAGES
 from olora.tracking.client import Tracking
 from olora.tracking import client as tracking
 from olora.tracking import registry
+from olora.tracking import gate
 from olora.layout import Layout
 from olora.config import load_config
 from olora.errors import OloraError
@@ -217,7 +218,7 @@ def test_unreachable_server_names_the_uri(tracked, monkeypatch, caplog):
     cfg = load_config(tracked.params, {"tracking.retries": 2})
     with caplog.at_level("WARNING", logger="olora"), \
             pytest.raises(tracking.TrackingError, match=rf"http://127.0.0.1:{port} after 2 attempts.*re-run"):
-        registry.promote(cfg, Tracking.of(cfg, tracked.root))
+        gate.promote(cfg, Tracking.of(cfg, tracked.root))
     retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
     assert len(retries) == 1 and f"127.0.0.1:{port}" in retries[0], retries  # 2 attempts: one backoff, then the error
 
@@ -317,24 +318,24 @@ def _retrain(tracked: Layout, folder: Path, overrides: dict) -> str:
     return json.loads(layout.registration.read_text())["version"]
 
 
-def test_promotion_gate_on_the_real_registry(tracked, tmp_path):
+def test_promotion_gate_on_the_real_registry(tracked, tmp_path, caplog):
     """The gate on real lm-eval results: a seed-only retrain is kept (not significant), a challenger asked other
     questions is refused by name, a clearly better one is promoted; rollback and --force as before."""
     cfg = load_config(tracked.params)
     trk = Tracking.of(cfg, tracked.root)
     c = _client(tracked)
     name = registry.model_name(cfg)
-    d = registry.promote(cfg, trk, report=tracked.root / "reports" / "promotion.json")
+    d = gate.promote(cfg, trk, report=tracked.root / "reports" / "promotion.json")
     assert d.promote and d.reason == "no champion yet"
     assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
     assert json.loads((tracked.root / "reports" / "promotion.json").read_text())["decision"] == "promoted"
-    again = registry.promote(cfg, trk)
+    again = gate.promote(cfg, trk)
     assert not again.promote and "already champion" in again.reason
     assert c.get_model_version(name, "1").tags["promotion.decision"] == "promoted"  # the record is kept
 
     # only the seed changed: whatever the two means say, the gain is noise and the champion stays
     seed = _retrain(tracked, tmp_path / "seed", {"train.seed": cfg.train.seed + 1})
-    d = registry.promote(cfg, trk)
+    d = gate.promote(cfg, trk)
     assert not d.promote and d.comparison is not None and d.comparison.n == 2 * 2  # two tasks, two questions each
     assert "interval" in d.reason and ("not significant" in d.reason or "worse than the champion" in d.reason)
     assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
@@ -350,12 +351,23 @@ def test_promotion_gate_on_the_real_registry(tracked, tmp_path):
     other = _retrain(tracked, tmp_path / "other", {"evaluate.tasks": ["arc_easy"]})
     with pytest.raises(OloraError, match=rf"challenger {name} v{other} and champion v1 were scored on different "
                                          r"questions \(tasks \['arc_easy', 'piqa'\] vs \['arc_easy'\]\)"):
-        registry.promote(cfg, trk, version=other)
+        gate.promote(cfg, trk, version=other)
+    assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
+    # from the project (as `olora promote` runs it): the champion is first scored on the challenger's questions,
+    # by the evaluate stage's own code, and that result is kept in the champion's run for the next gate
+    d = gate.promote(cfg, trk, version=other, root=tracked.root)
+    assert d.comparison is not None and set(d.comparison.tasks) == {"arc_easy"} and d.comparison.n == 2
+    v1_run = c.get_model_version(name, "1").run_id
+    rescored = [a.path for a in c.list_artifacts(v1_run, "eval/rescored")]
+    assert len(rescored) == 1
+    with caplog.at_level("INFO", logger="olora"):
+        gate.promote(cfg, trk, version=other, root=tracked.root)
+    assert any("was scored on these questions before" in r.getMessage() for r in caplog.records)
     assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
 
     # clearly better on the same questions: the champion's questions, every one answered right by the challenger
     better = _clearly_better_version(c, name, tmp_path)
-    d = registry.promote(cfg, trk, version=better)
+    d = gate.promote(cfg, trk, version=better)
     assert d.promote and "interval lies above register.min_improvement" in d.reason and d.comparison.low > 0
     assert str(c.get_model_version_by_alias(name, "champion").version) == better
     assert c.get_model_version(name, better).tags["previous_champion"] == "1"
@@ -363,12 +375,12 @@ def test_promotion_gate_on_the_real_registry(tracked, tmp_path):
     assert registry.rollback(cfg, trk) == "1"
     assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
 
-    forced = registry.promote(cfg, trk, version=seed, force=True)
+    forced = gate.promote(cfg, trk, version=seed, force=True)
     assert forced.promote and forced.forced and c.get_model_version(name, seed).tags["promotion.forced"] == "true"
     with pytest.raises(OloraError, match=r"registered model 'nope' not found; registered models: \['olora-"):
-        registry.promote(cfg, trk, name="nope")
+        gate.promote(cfg, trk, name="nope")
     with pytest.raises(OloraError, match=r"has no version 99; versions: \[1, "):
-        registry.promote(cfg, trk, version="99")
+        gate.promote(cfg, trk, version="99")
 
 
 def _clearly_better_version(c, name: str, folder: Path) -> str:

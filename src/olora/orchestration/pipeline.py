@@ -80,11 +80,11 @@ def run_stage(stage: str, layout: Layout, tracking: Tracking | None = None) -> d
 
 
 def promote(layout: Layout, tracking: Tracking) -> str:
-    from olora.tracking import registry
+    from olora.tracking import gate
 
     from olora.layout import PROMOTION
 
-    decision = registry.promote(load_config(layout.params), tracking, report=layout.path(PROMOTION))
+    decision = gate.promote(load_config(layout.params), tracking, report=layout.path(PROMOTION), root=layout.root)
     return ("promoted: " if decision.promote else "kept champion: ") + decision.reason
 
 

@@ -1,0 +1,77 @@
+"""Scoring a registered version on other questions: the champion asked what the challenger was asked.
+
+Used by the promotion gate when the champion was scored on other questions (other tasks, limit,
+few-shot count, task versions) or holds no per-question results at all (registered before them):
+its exported adapter is downloaded from its run, merged into its base and put through the same
+evaluation code as the evaluate stage, with the challenger's evaluation settings. The result is
+cached in the champion's run (`eval/rescored/<fingerprint>/`), so the next gate reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from olora.config import Config, EvaluateConfig, ModelConfig
+from olora.errors import OloraError
+from olora.evaluation import samples
+
+log = logging.getLogger("olora")
+SAMPLES, METRICS = "adapter_samples.csv", "eval_adapter.json"
+
+
+def _cached(c, run_id: str, sha: str, folder: Path):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        rows = samples.read_samples(Path(c.download_artifacts(run_id, f"eval/rescored/{sha}/{SAMPLES}", str(folder))))
+        asked = json.loads(Path(c.download_artifacts(run_id, f"eval/rescored/{sha}/{METRICS}", str(folder))).read_text())
+    except (MlflowException, OSError, samples.SamplesError):
+        return None
+    return rows, asked.get("questions")
+
+
+def rescore(cfg: Config, c, name: str, version: str, asked: dict[str, Any], root: Path) -> tuple[list[dict], dict]:
+    """`version`'s per-question results on the questions `asked` describes (a fingerprint); cached in its run."""
+    mv = c.get_model_version(name, version)
+    if not mv.run_id:
+        raise OloraError(f"{name} version {version} comes from no run, so its adapter cannot be scored again; promote with --force")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        hit = _cached(c, mv.run_id, asked["sha256"], tmp / "cache")
+        if hit is not None:
+            log.info("promote: %s v%s was scored on these questions before (cached in run %s)", name, version, mv.run_id)
+            return hit
+        run = c.get_run(mv.run_id)
+        base = mv.tags.get("base_model") or run.data.tags.get("base_model")
+        try:
+            adapter = Path(c.download_artifacts(mv.run_id, "exported_adapter", str(tmp / "adapter")))
+        except Exception as exc:  # noqa: BLE001 - any storage error: the adapter is not there
+            raise OloraError(f"the exported adapter of {name} version {version} could not be loaded from its run "
+                             f"{mv.run_id} ({type(exc).__name__}: {exc}); it cannot be scored on the challenger's "
+                             "questions. Re-register it, or promote with --force") from None
+        if not base:
+            raise OloraError(f"{name} version {version} does not name its base model (tag base_model); promote with --force")
+        from olora.evaluation.harness import load_model_for_eval, run_lm_eval
+        from olora.modeling.models import load_tokenizer, resolve_model
+        from olora.modeling.runtime import resolve_runtime
+
+        params = run.data.params
+        model_cfg = ModelConfig(name=base, revision=params.get("model.revision", cfg.model.revision),
+                                dtype=cfg.model.dtype, device=cfg.model.device)
+        evaluate = EvaluateConfig(tasks=list(asked["tasks"]), limit=asked["limit"], num_fewshot=asked["num_fewshot"],
+                                  seed=asked["seed"], source=asked["source"], batch_size=cfg.evaluate.batch_size)
+        evaluate.validate()
+        ref = resolve_model(model_cfg, root)
+        log.info("promote: scoring %s v%s on the challenger's questions (%s)", name, version, ", ".join(evaluate.tasks))
+        result = run_lm_eval(load_model_for_eval(ref, resolve_runtime(model_cfg, cfg.runtime), adapter),
+                             load_tokenizer(ref), evaluate)
+        out = tmp / "rescored"
+        samples.write_samples(out / SAMPLES, result.rows)
+        (out / METRICS).write_text(json.dumps(result.metrics, indent=2) + "\n")
+        for path in (out / SAMPLES, out / METRICS):
+            c.log_artifact(mv.run_id, str(path), f"eval/rescored/{asked['sha256']}")
+        return result.rows, result.metrics["questions"]
