@@ -364,6 +364,16 @@ def test_promotion_gate_on_the_real_registry(tracked, tmp_path, caplog):
         gate.promote(cfg, trk, version=other, root=tracked.root)
     assert any("was scored on these questions before" in r.getMessage() for r in caplog.records)
     assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
+    # a champion whose adapter cannot be loaded any more cannot be scored on new questions: refused by name
+    fewer = _retrain(tracked, tmp_path / "fewer", {"evaluate.limit": 1})
+    exported = Path(c.download_artifacts(v1_run, "exported_adapter", str(tmp_path / "where")))
+    stored = Path(c.get_run(v1_run).info.artifact_uri.removeprefix("file://")) / "exported_adapter"
+    assert exported.is_dir() and stored.is_dir()
+    import shutil
+
+    shutil.rmtree(stored)
+    with pytest.raises(OloraError, match=rf"the exported adapter of {name} version 1 could not be loaded from its run"):
+        gate.promote(cfg, trk, version=fewer, root=tracked.root)
 
     # clearly better on the same questions: the champion's questions, every one answered right by the challenger
     better = _clearly_better_version(c, name, tmp_path)
