@@ -100,3 +100,11 @@ def test_tables_of_other_questions_are_refused():
         compare(table({"a": [1, 0]}), table({"a": [1]}))
     with pytest.raises(ValueError, match="scores must be 0 or 1"):
         compare(table({"a": [1, 0]}), {"a": {"0:h0": 0.5, "1:h1": 1.0}})
+
+
+def test_no_float_dust_in_a_zero_difference():
+    """Seven tasks whose differences cancel: the mean is exactly 0 and prints as +0.0, never -0.0."""
+    champion = {f"t{i}": [1, 0, 0] for i in range(7)}
+    challenger = {f"t{i}": ([0, 1, 0] if i % 2 else [1, 0, 0]) for i in range(7)}
+    c = compare(table(champion), table(challenger))
+    assert c.diff == 0.0 and "gain +0.0 points" in c.summary()

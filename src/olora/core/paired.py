@@ -99,6 +99,11 @@ def mcnemar_exact(better: int, worse: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def _clean(x: float) -> float:
+    """A difference of accuracies without float dust: -4.9e-19 is 0 (and never prints as -0.0)."""
+    return round(float(x), 12) + 0.0
+
+
 def _variance(d: np.ndarray, accuracy: float) -> float:
     """Variance of one paired difference; where no question was answered differently (observed variance 0),
     the unpaired bound 2p(1-p), and at least 1/n, so a power statement never claims a perfect instrument."""
@@ -134,16 +139,16 @@ def compare(champion: Table, challenger: Table, confidence: float = 0.95, resamp
         variances.append(var / n)
         low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
         better, worse = int(counts[2]), int(counts[0])
-        tasks[task] = TaskComparison(task, n, float(d.mean()), float(low), float(high), mcnemar_exact(better, worse),
+        tasks[task] = TaskComparison(task, n, _clean(d.mean()), _clean(low), _clean(high), mcnemar_exact(better, worse),
                                      better, worse, z * math.sqrt(var / n))
     overall = np.mean(draws, axis=0)  # tasks weigh equally, as in the metric
     low, high = np.quantile(overall, [alpha / 2, 1 - alpha / 2])
     k = len(tasks)
     return Comparison(
         n=sum(t.n for t in tasks.values()),
-        diff=float(np.mean([t.diff for t in tasks.values()])),
-        low=float(low),
-        high=float(high),
+        diff=_clean(np.mean([t.diff for t in tasks.values()])),
+        low=_clean(low),
+        high=_clean(high),
         confidence=confidence,
         resamples=resamples,
         mde=z * math.sqrt(sum(variances)) / k,
