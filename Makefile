@@ -33,10 +33,11 @@ run: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 # Test files run side by side on TEST_WORKERS pytest-xdist workers (one torch thread each, see tests/conftest.py);
-# --dist loadfile keeps a file's module fixtures (its tiny project, its servers) on one worker.
+# --dist loadfile keeps a file's module fixtures (its tiny project, its servers) on one worker; --no-loadscope-reorder
+# keeps tests/conftest.py's order (longest files first) instead of xdist's "files with most tests first".
 TEST_WORKERS ?= 2
 test: install
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -m "not gpu" -v --durations=25 -n $(TEST_WORKERS) --dist loadfile
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -m "not gpu" -v --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-unit: install
 	$(BIN)/pytest
