@@ -6,13 +6,17 @@ In one run, on the same base, adapter, tasks, limit and batch size, each case in
 - `stage-unmerged`: the same, with the adapter left as a PEFT wrapper (LoRA matmuls on every call);
 - `lm-eval-cli`: lm-eval's own command line (`lm-eval run --model hf --model_args
   pretrained=BASE,peft=ADAPTER`) on the same offline task files.
+- `backends`: lm-eval's `hf` backend against `olora-prefix` (`evaluate.backend: prefix`, the stage's
+  default) on the same captured loglikelihood requests, task by task, alternating: requests/s of
+  each, the speed-up, the largest log-likelihood difference and whether every question's decision
+  (acc and acc_norm) is the same (its own table, `eval_backends_<device>`).
 Requests are lm-eval's loglikelihood requests (one per answer choice), counted in the stage cases.
 "load s" is model loading (+ merge); "lm-eval s" is lm-eval from its start to its scores (for the
 CLI, lm-eval's own `total_evaluation_time_seconds`, which includes its model loading); "process s"
 is the whole subprocess (interpreter, imports, load, evaluation), timed the same way for every
 case: the fair whole-run comparison.
 
-    python bench/bench_eval.py [--adapter models/exported] [--limit 20] [--out bench/results]
+    python bench/bench_eval.py [--adapter models/exported] [--limit 20] [--cases ...] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from pathlib import Path
 from common import device_label, publish, run_case
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = ["stage-merged", "stage-unmerged", "lm-eval-cli"]
+CASES = ["stage-merged", "stage-unmerged", "lm-eval-cli", "backends"]
 
 
 MODEL = ""  # --model: base model override (default: params.yaml's model.name)
@@ -117,6 +121,94 @@ def run_cli_case(adapter: Path, limit: int, batch_size: int) -> dict:
             "dtype": runtime.dtype_name, "command": " ".join(cmd[1:])}
 
 
+def capture_requests(lm, evaluate_cfg) -> list:
+    """The loglikelihood requests lm-eval builds for the offline tasks (captured; that run scores nothing)."""
+    from lm_eval import simple_evaluate
+
+    from olora.evaluation.tasks import tasks_for
+
+    captured = []
+    original = type(lm).loglikelihood
+    type(lm).loglikelihood = lambda self, requests, *a, **kw: captured.extend(requests) or [(0.0, False)] * len(requests)
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            manager, names, _ = tasks_for(evaluate_cfg.source, evaluate_cfg.tasks, Path(folder))
+            simple_evaluate(model=lm, tasks=list(names.values()), task_manager=manager, num_fewshot=evaluate_cfg.num_fewshot,
+                            limit=evaluate_cfg.limit or None, bootstrap_iters=0)
+    finally:
+        type(lm).loglikelihood = original
+    return captured
+
+
+def decisions(requests, results) -> dict:
+    """Per question: the choice picked by log-likelihood (acc) and by length-normalised log-likelihood (acc_norm)."""
+    by_question: dict = {}
+    for request, (loglikelihood, _) in zip(requests, results):
+        by_question.setdefault(request.doc_id, []).append((request.idx, loglikelihood, len(request.arguments[1])))
+    return {doc: (max(c, key=lambda x: x[1])[0], max(c, key=lambda x: x[1] / x[2])[0]) for doc, c in by_question.items()}
+
+
+def run_backends_case(adapter: Path, limit: int, batch_size: int) -> dict:
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    from olora.evaluation.harness import load_model_for_eval
+    from olora.evaluation.prefix_lm import PrefixCachedLM
+    from olora.modeling import models
+    from olora.modeling.runtime import resolve_runtime
+
+    cfg = eval_config(limit, batch_size)
+    runtime = resolve_runtime(cfg.model)
+    ref = models.resolve_model(cfg.model)
+    model, tokenizer = load_model_for_eval(ref, runtime, adapter), models.load_tokenizer(ref)
+    sync = (lambda: torch.cuda.synchronize(runtime.device)) if runtime.is_cuda else (lambda: None)
+    backends = {name: cls(pretrained=model, tokenizer=tokenizer, batch_size=cfg.evaluate.batch_size, max_length=2048)
+                for name, cls in (("hf", HFLM), ("prefix", PrefixCachedLM))}
+    requests = capture_requests(backends["hf"], cfg.evaluate)
+    by_task: dict[str, list] = {}
+    for request in requests:
+        by_task.setdefault(request.task_name.removesuffix("_olora_offline"), []).append(request)
+    for lm in backends.values():  # warm-up: first-call allocations and kernel choices
+        lm.loglikelihood(requests[:8], disable_tqdm=True)
+    tasks = []
+    for task, task_requests in by_task.items():
+        seconds, results = {}, {}
+        for name, lm in backends.items():  # alternating, task by task: drift hits both alike
+            sync()
+            start = time.perf_counter()
+            results[name] = lm.loglikelihood(task_requests, disable_tqdm=True)
+            sync()
+            seconds[name] = time.perf_counter() - start
+        tasks.append({"task": task, "requests": len(task_requests), "hf_seconds": round(seconds["hf"], 3),
+                      "prefix_seconds": round(seconds["prefix"], 3),
+                      "max_abs_loglikelihood_diff": max(abs(a[0] - b[0]) for a, b in zip(results["hf"], results["prefix"])),
+                      "greedy_equal": all(a[1] == b[1] for a, b in zip(results["hf"], results["prefix"])),
+                      "decisions_equal": decisions(task_requests, results["hf"]) == decisions(task_requests, results["prefix"]),
+                      "questions": len({r.doc_id for r in task_requests})})
+        print(f"  {task:<14} hf {seconds['hf']:6.2f} s  prefix {seconds['prefix']:6.2f} s", file=sys.stderr)
+    return {"case": "backends", "tasks": tasks, "device": str(runtime.device), "dtype": runtime.dtype_name,
+            "threads": torch.get_num_threads(), "batch_size": cfg.evaluate.batch_size, "limit": limit}
+
+
+def backends_table(row: dict, adapter: Path) -> str:
+    device = device_label(row["device"], row["dtype"], row.get("threads"))
+    lines = [f"lm-eval loglikelihood backends on the same requests (base + {adapter}, {row['limit']} questions a task, "
+             f"batch {row['batch_size']}), {device}", "",
+             "| task | questions | requests | hf req/s | olora-prefix req/s | speed-up | max abs loglik diff | same decisions |",
+             "|---|---|---|---|---|---|---|---|"]
+    for t in row["tasks"]:
+        same = "yes" if t["decisions_equal"] and t["greedy_equal"] else "NO"
+        lines.append(f"| {t['task']} | {t['questions']} | {t['requests']} | {t['requests'] / t['hf_seconds']:.1f} | "
+                     f"{t['requests'] / t['prefix_seconds']:.1f} | {t['hf_seconds'] / t['prefix_seconds']:.2f}x | "
+                     f"{t['max_abs_loglikelihood_diff']:.1e} | {same} |")
+    n = sum(t["requests"] for t in row["tasks"])
+    hf, prefix = sum(t["hf_seconds"] for t in row["tasks"]), sum(t["prefix_seconds"] for t in row["tasks"])
+    same = all(t["decisions_equal"] and t["greedy_equal"] for t in row["tasks"])
+    lines.append(f"| all seven | {sum(t['questions'] for t in row['tasks'])} | {n} | {n / hf:.1f} | {n / prefix:.1f} | "
+                 f"{hf / prefix:.2f}x | {max(t['max_abs_loglikelihood_diff'] for t in row['tasks']):.1e} | {'yes' if same else 'NO'} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", default="models/exported", help="exported (plain LoRA) adapter of the train stage")
@@ -134,6 +226,7 @@ def main() -> int:
         sys.exit(f"{adapter} holds no exported adapter: run `dvc repro` (or `make run`) first, or pass --adapter")
     if args.one:
         row = (run_cli_case(adapter, args.limit, args.batch_size) if args.one == "lm-eval-cli"
+               else run_backends_case(adapter, args.limit, args.batch_size) if args.one == "backends"
                else run_stage_case(args.one, adapter, args.limit, args.batch_size))
         print(json.dumps(row))
         return 0
@@ -147,8 +240,13 @@ def main() -> int:
         if row is None:
             return 1
         row["process_seconds"] = round(time.perf_counter() - start, 2)
-        rows.append(row)
         print(f"  {case:<15} {row['process_seconds']:>8.1f} s", file=sys.stderr)
+        if case == "backends":
+            publish(args.out, "eval_backends_" + row["device"].split(":")[0], row, backends_table(row, adapter))
+        else:
+            rows.append(row)
+    if not rows:
+        return 0
     requests = next((r["requests"] for r in rows if r["requests"]), None)
     first = rows[0]
     device = device_label(first["device"], first["dtype"], first.get("threads"))

@@ -75,7 +75,18 @@ def goals(results: Path) -> list[tuple[str, str, str, str]]:
             share = so["model_gflops"] / so["matmul_gflops"]
             out.append(("achieved model FLOP/s vs matmul rate (reported)", data["device"],
                         f"{so['model_gflops']:.1f} of {so['matmul_gflops']:.0f} GFLOP/s ({100 * share:.0f} %)", "-"))
-    for path in sorted(results.glob("eval_*.json")):
+    for path in sorted(results.glob("eval_backends_*.json")):
+        data = _load(path)
+        n = sum(t["requests"] for t in data["tasks"])
+        ratio = sum(t["hf_seconds"] for t in data["tasks"]) / sum(t["prefix_seconds"] for t in data["tasks"])
+        same = all(t["decisions_equal"] and t["greedy_equal"] for t in data["tasks"])
+        worst = max(t["max_abs_loglikelihood_diff"] for t in data["tasks"])
+        where = f"{data['device']}, {n} requests"
+        out.append(("eval: olora-prefix >= 1.6x hf requests/s over the seven tasks", where, f"{ratio:.2f}x",
+                    "yes" if ratio >= 1.6 else "no"))
+        out.append(("eval: olora-prefix decides as hf on every question, loglik within 1e-4", where,
+                    f"{'same' if same else 'DIFFERENT'}, max {worst:.1e}", "yes" if same and worst < 1e-4 else "no"))
+    for path in sorted(p for p in results.glob("eval_*.json") if not p.name.startswith("eval_backends_")):
         data = _load(path)
         by = {r["case"]: r for r in data["rows"]}
         if "stage-merged" in by and "stage-unmerged" in by:

@@ -15,6 +15,7 @@ import pytest
 import yaml
 import torch
 
+from olora.config import PAPER_TASKS
 from overlay import REPO
 
 pytestmark = pytest.mark.integration
@@ -72,6 +73,11 @@ def test_train_eval_benchmarks_and_report(tmp_path, tiny_model_dir, tiny_adapter
     assert rows["stage-merged"]["mean_acc"] == pytest.approx(rows["stage-unmerged"]["mean_acc"])
     assert rows["stage-merged"]["mean_acc"] == pytest.approx(rows["lm-eval-cli"]["mean_acc"])
     assert rows["stage-merged"]["requests"] == rows["stage-unmerged"]["requests"] > 7 * 2
+    backends = json.loads((out / "eval_backends_cpu.json").read_text())
+    assert sorted(t["task"] for t in backends["tasks"]) == sorted(PAPER_TASKS)
+    assert sum(t["requests"] for t in backends["tasks"]) == rows["stage-merged"]["requests"]  # the same requests
+    assert all(t["decisions_equal"] and t["greedy_equal"] and t["max_abs_loglikelihood_diff"] < 1e-4 for t in backends["tasks"])
+    assert "olora-prefix req/s" in table and "| all seven |" in table
 
     template = tmp_path / "prompt_template.json"
     from olora.data.templates import resolve_template
@@ -87,6 +93,7 @@ def test_train_eval_benchmarks_and_report(tmp_path, tiny_model_dir, tiny_adapter
     report = bench("report.py", "--results", str(out))
     assert "train stage >= 0.9x a hand-written PEFT loop" in report
     assert "eval: merged adapter vs unmerged" in report and "lm-eval CLI, whole process" in report
+    assert "olora-prefix >= 1.6x hf requests/s" in report and "decides as hf on every question" in report
     assert (out / "REPORT.md").is_file()
 
 

@@ -189,12 +189,15 @@ class EvaluateConfig:
     num_fewshot: int = 0
     """Few-shot examples per question."""
     batch_size: int = 16
-    """lm-eval batch size."""
+    """lm-eval batch size (for `prefix`: the padded tokens of `hf`'s batch of this many longest requests)."""
     seed: int = 1234
     """lm-eval's seeds."""
+    backend: str = "prefix"
+    """prefix: lm-eval's `hf` with each shared prompt prefix encoded once (`olora-prefix`; same decisions, faster) | hf: lm-eval's `hf`."""
 
     def validate(self) -> None:
         _choice("evaluate.source", self.source, ["offline", "hub"])
+        _choice("evaluate.backend", self.backend, ["prefix", "hf"])
         _at_least("evaluate.limit", self.limit, 0)
         _at_least("evaluate.num_fewshot", self.num_fewshot, 0)
         _at_least("evaluate.batch_size", self.batch_size, 1)

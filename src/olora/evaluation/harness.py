@@ -46,12 +46,22 @@ class Evaluation:
     """One row a question (`olora.evaluation.samples`)."""
 
 
+def backend_class(backend: str):
+    """The lm-eval model class of `evaluate.backend`: `prefix` (olora-prefix) or lm-eval's own `hf`."""
+    if backend == "prefix":
+        from olora.evaluation.prefix_lm import PrefixCachedLM
+
+        return PrefixCachedLM
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM
+
+
 def run_lm_eval(model, tokenizer, cfg: EvaluateConfig) -> Evaluation:
     """Score an in-memory model with lm-eval's simple_evaluate: the summary and every question's outcome."""
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=2048)
+    lm = backend_class(cfg.backend)(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=2048)
     with tempfile.TemporaryDirectory() as folder:
         manager, names, split = tasks_for(cfg.source, cfg.tasks, Path(folder))
         raw = simple_evaluate(

@@ -1,0 +1,213 @@
+"""The shared-prefix backend (`olora-prefix`) answers exactly as lm-eval's `hf` does, and plans its work soundly."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from olora.config import PAPER_TASKS, EvaluateConfig
+from olora.evaluation.prefix_lm import Group, plan_groups, split_sorted
+
+# --- the pure planning ---------------------------------------------------------------------------
+
+
+def _requests(seed: int, n_docs: int = 30):
+    """Multiple-choice-shaped token lists: per doc a context and 2-4 continuations; some docs share openings."""
+    rng = random.Random(seed)
+    openings = [[rng.randrange(50) for _ in range(rng.randrange(1, 6))] for _ in range(4)]
+    inputs, starts = [], []
+    for _ in range(n_docs):
+        ctx = rng.choice(openings) + [rng.randrange(50) for _ in range(rng.randrange(1, 20))]
+        for _ in range(rng.randrange(2, 5)):
+            cont = [rng.randrange(50) for _ in range(rng.randrange(1, 6))]
+            inputs.append((ctx + cont)[:-1])
+            starts.append(len(ctx) - 1)
+    return inputs, starts
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_groups_partition_the_requests_and_stop_before_every_needed_logit(seed):
+    inputs, starts = _requests(seed)
+    groups = plan_groups(inputs, starts, max_members=6, suffix_weight=1.3)
+    members = sorted(m for g in groups for m in g.members)
+    assert members == list(range(len(inputs)))  # each request exactly once
+    for g in groups:
+        assert 1 <= len(g.members) <= 6
+        for m in g.members:
+            assert inputs[m][: len(g.prefix)] == g.prefix  # the prefix is shared by every member
+            assert len(g.prefix) <= starts[m]  # ...and ends before the first logit that member needs
+
+
+def test_the_choices_of_one_question_share_its_context():
+    ctx = list(range(100, 140))
+    other = list(range(200, 230))
+    inputs = [(ctx + [1, 2, 3])[:-1], (ctx + [4, 5])[:-1], (ctx + [6])[:-1], (other + [7, 8])[:-1], (other + [9])[:-1]]
+    starts = [len(ctx) - 1] * 3 + [len(other) - 1] * 2
+    groups = plan_groups(inputs, starts, max_members=16)
+    assert sorted(sorted(g.members) for g in groups) == [[0, 1, 2], [3, 4]]
+    assert {tuple(g.prefix) for g in groups} == {tuple(ctx[:-1]), tuple(other[:-1])}
+
+
+def test_unrelated_questions_that_share_a_first_word_stay_apart():
+    """Merging them would move each context's tail into the (dearer) suffix pass for one saved token."""
+    a, b = [5] + list(range(100, 150)), [5] + list(range(300, 350))
+    inputs = [(a + [1])[:-1], (a + [2, 3])[:-1], (b + [1])[:-1], (b + [4])[:-1]]
+    starts = [len(a) - 1] * 2 + [len(b) - 1] * 2
+    groups = plan_groups(inputs, starts, max_members=16, suffix_weight=1.3)
+    assert sorted(sorted(g.members) for g in groups) == [[0, 1], [2, 3]]
+
+
+def _cost(lengths, spans, forward_cost):
+    return sum(forward_cost + (b - a) * lengths[b - 1] for a, b in spans)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_batches_cover_the_rows_in_order_within_budget_at_least_cost(seed):
+    rng = random.Random(seed)
+    lengths = sorted(rng.randrange(1, 30) for _ in range(rng.randrange(1, 9)))
+    budget, forward_cost = rng.randrange(20, 120), rng.randrange(0, 40)
+    spans = split_sorted(lengths, budget, forward_cost)
+    assert [a for a, _ in spans] == [0] + [b for _, b in spans[:-1]] and spans[-1][1] == len(lengths)
+    assert all(b - a == 1 or (b - a) * lengths[b - 1] <= budget for a, b in spans)
+    best = None  # brute force over every way to cut the sorted rows
+    for cuts in itertools.product([False, True], repeat=len(lengths) - 1):
+        bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [len(lengths)]
+        candidate = list(zip(bounds, bounds[1:]))
+        if all(b - a == 1 or (b - a) * lengths[b - 1] <= budget for a, b in candidate):
+            cost = _cost(lengths, candidate, forward_cost)
+            best = cost if best is None else min(best, cost)
+    assert _cost(lengths, spans, forward_cost) == best
+
+
+def test_a_group_is_a_plain_value():
+    assert Group(prefix=[1], members=[0]) == Group(prefix=[1], members=[0])
+
+
+# --- against lm-eval's hf backend, on real lm-eval requests -------------------------------------
+
+
+def _captured_requests(lm, tasks: list[str], limit: int):
+    """The loglikelihood requests lm-eval builds for `tasks` (offline), captured from a real run."""
+    from lm_eval import simple_evaluate
+
+    from olora.evaluation.tasks import tasks_for
+
+    captured = []
+    original = type(lm).loglikelihood
+
+    def capture(self, requests, *args, **kwargs):  # collect them; the scores of this run are not used
+        captured.extend(requests)
+        return [(0.0, False)] * len(requests)
+
+    type(lm).loglikelihood = capture
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            manager, names, _ = tasks_for("offline", tasks, Path(folder))
+            simple_evaluate(model=lm, tasks=list(names.values()), task_manager=manager, num_fewshot=0, limit=limit, bootstrap_iters=0)
+    finally:
+        type(lm).loglikelihood = original
+    return captured
+
+
+def _compare(model, tokenizer, tasks, limit, batch_size=8, max_length=2048):
+    from lm_eval.models.huggingface import HFLM
+
+    from olora.evaluation.prefix_lm import PrefixCachedLM
+
+    hf = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    prefix = PrefixCachedLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    requests = _captured_requests(hf, tasks, limit)
+    expected = hf.loglikelihood(requests, disable_tqdm=True)
+    got = prefix.loglikelihood(requests, disable_tqdm=True)
+    return requests, expected, got
+
+
+def _decisions(requests, results) -> dict:
+    """Per question, the choice picked by log-likelihood and by length-normalised log-likelihood (acc, acc_norm)."""
+    by_question: dict = {}
+    for request, (loglikelihood, _) in zip(requests, results):
+        by_question.setdefault((request.task_name, request.doc_id), []).append((request.idx, loglikelihood, len(request.arguments[1])))
+    picked = {}
+    for key, choices in by_question.items():
+        choices.sort()
+        picked[key] = (max(choices, key=lambda c: c[1])[0], max(choices, key=lambda c: c[1] / c[2])[0])
+    return picked
+
+
+def _tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_same_loglikelihoods_and_greedy_flags_as_hf_on_all_seven_tasks(tiny_model_dir):
+    model, tokenizer = _tiny(tiny_model_dir)
+    requests, expected, got = _compare(model, tokenizer, list(PAPER_TASKS), limit=6)
+    assert {r.task_name.split("_olora")[0] for r in requests} == set(PAPER_TASKS)
+    assert len(got) == len(expected) == len(requests)
+    assert max(abs(a[0] - b[0]) for a, b in zip(expected, got)) < 1e-4
+    assert [a[1] for a in expected] == [b[1] for b in got]
+    assert _decisions(requests, expected) == _decisions(requests, got)
+    assert _decisions(requests, expected) == _decisions(requests, got)
+
+
+def test_requests_longer_than_the_window_are_truncated_as_hf_truncates_them(tiny_model_dir):
+    model, tokenizer = _tiny(tiny_model_dir)
+    requests, expected, got = _compare(model, tokenizer, ["boolq", "arc_easy"], limit=3, max_length=48)
+    assert any(len(r.arguments[0]) > 200 for r in requests)  # BoolQ passages exceed 48 tokens
+    assert max(abs(a[0] - b[0]) for a, b in zip(expected, got)) < 1e-4
+    assert [a[1] for a in expected] == [b[1] for b in got]
+    assert _decisions(requests, expected) == _decisions(requests, got)
+
+
+def test_one_token_contexts_share_nothing_and_still_score(tiny_model_dir):
+    """A context of one token leaves no prefix to cache: those requests take the plain pass."""
+    from lm_eval.models.huggingface import HFLM
+
+    from olora.evaluation.prefix_lm import PrefixCachedLM
+
+    model, tokenizer = _tiny(tiny_model_dir)
+    requests = [(("a", "b"), [11], [12, 13]), (("a", "c"), [11], [14]), (("d", "e"), [21, 22, 23, 24], [25])]
+    hf = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4)._loglikelihood_tokens(requests, disable_tqdm=True)
+    ours = PrefixCachedLM(pretrained=model, tokenizer=tokenizer, batch_size=4)._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert max(abs(a[0] - b[0]) for a, b in zip(hf, ours)) < 1e-5
+    assert [a[1] for a in hf] == [b[1] for b in ours]
+
+
+def test_the_stage_gives_the_same_per_question_results_with_either_backend(tiny_model_dir):
+    from olora.evaluation.harness import run_lm_eval
+
+    model, tokenizer = _tiny(tiny_model_dir)
+    runs = {b: run_lm_eval(model, tokenizer, EvaluateConfig(limit=4, batch_size=8, backend=b)) for b in ("hf", "prefix")}
+    assert runs["hf"].rows == runs["prefix"].rows
+    assert runs["hf"].metrics["questions"] == runs["prefix"].metrics["questions"]  # the same questions asked
+    assert runs["hf"].metrics["mean_acc"] == runs["prefix"].metrics["mean_acc"]
+
+
+def test_registered_with_lm_eval_under_its_name():
+    from lm_eval.api.registry import get_model
+
+    from olora.evaluation.prefix_lm import PrefixCachedLM
+
+    assert get_model("olora-prefix") is PrefixCachedLM
+
+
+@pytest.mark.slow
+def test_same_decisions_as_hf_with_the_embedded_model_on_all_seven_tasks():
+    """The claim on the model the pipeline ships: every loglikelihood within 1e-4 and every greedy flag equal."""
+    from olora.config import ModelConfig
+    from olora.modeling import models
+    from olora.modeling.runtime import resolve_runtime
+
+    cfg = ModelConfig()
+    ref = models.resolve_model(cfg)
+    model, tokenizer = models.load_base(ref, resolve_runtime(cfg)), models.load_tokenizer(ref)
+    requests, expected, got = _compare(model, tokenizer, list(PAPER_TASKS), limit=5, batch_size=16)
+    assert {r.task_name.split("_olora")[0] for r in requests} == set(PAPER_TASKS)
+    assert max(abs(a[0] - b[0]) for a, b in zip(expected, got)) < 1e-4
+    assert [a[1] for a in expected] == [b[1] for b in got]
+    assert _decisions(requests, expected) == _decisions(requests, got)
