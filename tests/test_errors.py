@@ -242,7 +242,7 @@ def load(ctx: Ctx, text: str) -> str:
     return raises(lambda: load_config(ctx.params(text)), ConfigError)
 
 
-def distributed_check(ctx: Ctx, device: str, overrides: dict) -> str:
+def distributed_check(ctx: Ctx, device: str, overrides: dict, model_path: str | None = None) -> str:
     """What `olora train` runs before launching train.processes > 1 processes, on a machine whose device is `device`."""
     import torch
 
@@ -252,7 +252,7 @@ def distributed_check(ctx: Ctx, device: str, overrides: dict) -> str:
     from olora.training.distributed import check_distributed
 
     cfg = load_config(ctx.params(""), overrides)
-    return raises(lambda: check_distributed(cfg, Runtime(torch.device(device), torch.float32)), ConfigError)
+    return raises(lambda: check_distributed(cfg, Runtime(torch.device(device), torch.float32), model_path), ConfigError)
 
 
 def adapter_dir(ctx: Ctx, config: str | None = '{"peft_type": "LORA", "r": 4}', weights: str = "whole") -> Path:
@@ -506,6 +506,16 @@ CASES: list[Case] = [
          "train.processes=4 but only 1 CUDA device(s) are visible; use train.processes<=1 (one process per GPU), or model.device=cpu",
          "Use at most one process per GPU, or `model.device: cpu` (gloo).",
          lambda ctx: _more_processes_than_gpus(ctx)),
+    Case("processes-more-than-cores", "train",
+         "`train.processes: 64` on a 2-core CPU machine",
+         "train.processes=64 but this machine has 2 usable CPU core(s); use train.processes<=2 (each process needs a core of its own; raise micro_batch_size or gradient_accumulation_steps for a larger batch)",
+         "Use at most one process per usable core (`nproc`), or a larger batch per process.",
+         lambda ctx: _more_processes_than_cores(ctx)),
+    Case("processes-more-than-memory", "train",
+         "`train.processes: 2` where two copies of the model do not fit in the available memory",
+         "train.processes=2 would hold 2 copies of the model (4 MiB of weights in float32, + 512 MiB a process) = 1.01 GiB, but only 922 MiB of memory is available; use train.processes<=1",
+         "Use fewer processes, a smaller `model.dtype`, or a machine with more memory.",
+         lambda ctx: _more_processes_than_memory(ctx)),
     Case("processes-launch-mismatch", "train",
          "`torchrun --nproc-per-node=2 -m olora.cli train` with `train.processes: 1`",
          "olora train: error: this train stage was launched with 2 processes but train.processes=1; set train.processes=2 so the recorded effective batch is the one that ran",
@@ -854,6 +864,40 @@ def _more_processes_than_gpus(ctx: Ctx) -> str:
 
     ctx.monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     return distributed_check(ctx, "cuda", {"train.processes": 4, "model.device": "cuda"})
+
+
+def _check_passes(ctx: Ctx, overrides: dict, model_path: str | None = None) -> None:
+    import torch
+
+    from olora.config import load_config
+    from olora.modeling.runtime import Runtime
+    from olora.training.distributed import check_distributed
+
+    check_distributed(load_config(ctx.params(""), overrides), Runtime(torch.device("cpu"), torch.float32), model_path)
+
+
+def _more_processes_than_cores(ctx: Ctx) -> str:
+    from olora.training import distributed
+
+    ctx.monkeypatch.setattr(distributed, "usable_cores", lambda: 2)
+    _check_passes(ctx, {"train.processes": 2, "model.device": "cpu"})  # 2 of 2 is fine
+    return distributed_check(ctx, "cpu", {"train.processes": 64, "model.device": "cpu"})
+
+
+def _more_processes_than_memory(ctx: Ctx) -> str:
+    import torch
+    from safetensors.torch import save_file
+
+    from olora.training import distributed
+
+    folder = ctx.tmp / "model"
+    folder.mkdir()
+    save_file({"w": torch.zeros(1024, 512, dtype=torch.bfloat16)}, folder / "model-00001-of-00002.safetensors")
+    save_file({"v": torch.zeros(512, 1024, dtype=torch.bfloat16)}, folder / "model-00002-of-00002.safetensors")
+    ctx.monkeypatch.setattr(distributed, "usable_cores", lambda: 8)
+    ctx.monkeypatch.setattr(distributed, "available_memory", lambda: int(0.9 * 1024**3))
+    _check_passes(ctx, {"train.processes": 1, "model.device": "cpu"}, str(folder))  # one copy fits
+    return distributed_check(ctx, "cpu", {"train.processes": 2, "model.device": "cpu"}, str(folder))
 
 
 def _launch_mismatch(ctx: Ctx) -> str:

@@ -26,7 +26,7 @@ def train(layout: Layout = Layout(), overrides: dict[str, Any] | None = None, ca
     cfg, ref, runtime = setup(layout, overrides)
     rank, world_size = distributed.world()
     if world_size == 1 and cfg.train.processes > 1:
-        distributed.check_distributed(cfg, runtime)
+        distributed.check_distributed(cfg, runtime, ref.path if ref.local else None)
         return distributed.launch(layout.root, overrides, cfg.train.processes, layout.checkpoints, layout.metrics("train"))
     distributed.check_world(cfg)
     main = rank == 0

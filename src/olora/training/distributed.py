@@ -29,9 +29,75 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_distributed(cfg: Config, runtime: Runtime) -> None:
-    """Refuse a process count the machine cannot run, before any model loads."""
+GIB = 1024**3
+PROCESS_BASELINE = GIB // 2
+"""Memory of one training process beyond its model copy (interpreter, torch, transformers): a low estimate."""
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, as a container or `taskset` limits it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (`MemAvailable`); None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def weight_bytes(folder: Path, dtype: torch.dtype) -> int | None:
+    """Bytes of one copy of the model's weights in `dtype`, from its safetensors headers (no weights read)."""
+    files = sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []
+    if not files:
+        return None
+    count = 0
+    for file in files:
+        with open(file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                size = 1
+                for dim in entry["shape"]:
+                    size *= dim
+                count += size
+    return count * torch.empty((), dtype=dtype).element_size()
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 1024**2:.0f} MiB"
+
+
+def check_distributed(cfg: Config, runtime: Runtime, model_path: str | None = None) -> None:
+    """Refuse a process count the machine cannot run, before any model loads.
+
+    On CPU: no more processes than usable cores, and no more model copies (weights in the run's dtype
+    plus PROCESS_BASELINE each) than the memory available; `model_path` is the base model's local folder.
+    """
     n = cfg.train.processes
+    if runtime.device.type == "cpu":
+        cores = usable_cores()
+        if n > cores:
+            raise ConfigError(
+                f"train.processes={n} but this machine has {cores} usable CPU core(s); use train.processes<={cores} "
+                "(each process needs a core of its own; raise micro_batch_size or gradient_accumulation_steps for a larger batch)"
+            )
+        weights = weight_bytes(Path(model_path), runtime.dtype) if model_path else None
+        free = available_memory()
+        if weights is not None and free is not None and n * (weights + PROCESS_BASELINE) > free:
+            fits = max(free // (weights + PROCESS_BASELINE), 1)
+            raise ConfigError(
+                f"train.processes={n} would hold {n} copies of the model ({_size(weights)} of weights in "
+                f"{runtime.dtype_name}, + {_size(PROCESS_BASELINE)} a process) = {_size(n * (weights + PROCESS_BASELINE))}, "
+                f"but only {_size(free)} of memory is available; use train.processes<={fits}"
+            )
     if runtime.device.type == "mps":
         raise ConfigError(f"train.processes={n} is not supported on MPS; use train.processes=1")
     if runtime.device.type == "cuda":
