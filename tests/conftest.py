@@ -17,6 +17,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+for _machine_setting in ("OLORA_NODE_RANK", "OLORA_MASTER_ADDR"):  # a multi-node shell must not leak into tests
+    os.environ.pop(_machine_setting, None)
 # one torch thread per pytest-xdist worker (two workers share the two cores), else two
 os.environ.setdefault("OLORA_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 

@@ -337,7 +337,7 @@ CASES: list[Case] = [
          lambda ctx: load(ctx, "adaptor:\n  r: 4\n")),
     Case("unknown-key-did-you-mean", "params",
          "A misspelt key (`train.learnig_rate`)",
-         "<project>/params.yaml: unknown key(s) 'learnig_rate' in block 'train'; did you mean 'train.learning_rate' for 'learnig_rate'? allowed: epochs, eval_steps, gradient_accumulation_steps, gradient_checkpointing, learning_rate, logging_steps, lr_scheduler, max_eval_examples, max_grad_norm, max_steps, micro_batch_size, padding_free, processes, save_steps, seed, warmup_steps, weight_decay",
+         "<project>/params.yaml: unknown key(s) 'learnig_rate' in block 'train'; did you mean 'train.learning_rate' for 'learnig_rate'? allowed: epochs, eval_steps, gradient_accumulation_steps, gradient_checkpointing, learning_rate, logging_steps, lr_scheduler, max_eval_examples, max_grad_norm, max_steps, micro_batch_size, nodes, padding_free, processes, save_steps, seed, warmup_steps, weight_decay",
          "Use the suggested key.",
          lambda ctx: load(ctx, "train:\n  learnig_rate: 1e-4\n")),
     Case("unknown-key", "params",
@@ -516,6 +516,21 @@ CASES: list[Case] = [
          "train.processes=2 would hold 2 copies of the model (4 MiB of weights in float32, + 512 MiB a process) = 1.01 GiB, but only 922 MiB of memory is available; use train.processes<=1",
          "Use fewer processes, a smaller `model.dtype`, or a machine with more memory.",
          lambda ctx: _more_processes_than_memory(ctx)),
+    Case("nodes-uneven", "train",
+         "`train.processes: 3` with `train.nodes: 2`",
+         "<project>/params.yaml: train.processes=3 cannot be spread evenly over train.nodes=2; use a multiple of 2 processes (each node runs processes / nodes)",
+         "Use a process count that is a multiple of the node count.",
+         lambda ctx: load(ctx, "train:\n  processes: 3\n  nodes: 2\n")),
+    Case("nodes-without-master", "train",
+         "`train.nodes: 2` without `$OLORA_MASTER_ADDR`",
+         "train.nodes=2 needs $OLORA_MASTER_ADDR=host:port, node 0's address and a free port that every node reaches (e.g. 10.0.0.1:29500); got None",
+         "Set `OLORA_MASTER_ADDR=<node 0's address>:<port>` on every node.",
+         lambda ctx: _node_check(ctx, {"OLORA_NODE_RANK": "1"})),
+    Case("node-rank-out-of-range", "train",
+         "`$OLORA_NODE_RANK=2` with `train.nodes: 2`",
+         "$OLORA_NODE_RANK=2 is outside 0 .. 1 for train.nodes=2; give each machine its own rank",
+         "Number the machines 0 .. nodes-1; node 0 is the one at `$OLORA_MASTER_ADDR`.",
+         lambda ctx: _node_check(ctx, {"OLORA_NODE_RANK": "2", "OLORA_MASTER_ADDR": "127.0.0.1:29500"})),
     Case("processes-launch-mismatch", "train",
          "`torchrun --nproc-per-node=2 -m olora.cli train` with `train.processes: 1`",
          "olora train: error: this train stage was launched with 2 processes but train.processes=1; set train.processes=2 so the recorded effective batch is the one that ran",
@@ -898,6 +913,16 @@ def _more_processes_than_memory(ctx: Ctx) -> str:
     ctx.monkeypatch.setattr(distributed, "available_memory", lambda: int(0.9 * 1024**3))
     _check_passes(ctx, {"train.processes": 1, "model.device": "cpu"}, str(folder))  # one copy fits
     return distributed_check(ctx, "cpu", {"train.processes": 2, "model.device": "cpu"}, str(folder))
+
+
+def _node_check(ctx: Ctx, env: dict) -> str:
+    from olora.config import load_config
+    from olora.errors import ConfigError
+    from olora.training.distributed import check_nodes
+
+    for key, value in env.items():
+        ctx.monkeypatch.setenv(key, value)
+    return raises(lambda: check_nodes(load_config(ctx.params(""), {"train.processes": 2, "train.nodes": 2})), ConfigError)
 
 
 def _launch_mismatch(ctx: Ctx) -> str:

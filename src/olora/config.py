@@ -155,6 +155,8 @@ class TrainConfig:
     """Concatenate each micro-batch into one unpadded sequence with per-example position ids (transformers' DataCollatorWithFlattening); the loss is the padded path's. Used when padding would waste >= 10% of the batch tokens (estimated from the data's lengths) and a check on the model shows its attention keeps packed examples apart; otherwise batches are padded."""
     processes: int = 1
     """Data-parallel training processes (all machines together), launched through torch.distributed's launcher: gloo on CPU, NCCL on CUDA (one GPU each). The effective batch is processes x micro_batch_size x gradient_accumulation_steps."""
+    nodes: int = 1
+    """Machines the processes are spread over (processes / nodes on each). With nodes > 1, `olora train` runs on every machine, each with $OLORA_NODE_RANK (0 .. nodes-1; node 0 writes the outputs and the MLflow run) and $OLORA_MASTER_ADDR (host:port of node 0's rendezvous)."""
 
     def validate(self) -> None:
         _at_least("train.max_steps", self.max_steps, 0)
@@ -176,6 +178,12 @@ class TrainConfig:
         _at_least("train.save_steps", self.save_steps, 1)
         _at_least("train.logging_steps", self.logging_steps, 1)
         _at_least("train.processes", self.processes, 1)
+        _at_least("train.nodes", self.nodes, 1)
+        if self.processes % self.nodes:
+            raise ConfigError(
+                f"train.processes={self.processes} cannot be spread evenly over train.nodes={self.nodes}; "
+                f"use a multiple of {self.nodes} processes (each node runs processes / nodes)"
+            )
 
 
 @dataclass

@@ -182,6 +182,49 @@ def test_a_killed_two_process_run_resumes_and_a_changed_count_is_refused(prepare
     assert metrics["resumed"] and metrics["steps"] == 6 and metrics["weights_identical_across_ranks"]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_two_nodes_of_one_process_train_as_one_node_of_two(prepared, tmp_path):
+    """Two "machines" (two clones of the project, one process each) rendezvous over loopback through
+    torchrun: the loss curve and adapter of one node with two processes, one MLflow run, outputs once."""
+    one_node = _copy(prepared, tmp_path / "one-node")
+    sh([str(BIN / "olora"), "--set", "train.processes=2", "--set", "tracking.enabled=false", "train"], one_node.root)
+
+    nodes = [_copy(prepared, tmp_path / f"node{rank}") for rank in range(2)]
+    master = f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OLORA_NUM_THREADS": "1", "OLORA_MASTER_ADDR": master}
+    launchers = [subprocess.Popen([str(BIN / "olora"), "--set", "train.processes=2", "--set", "train.nodes=2", "train"],
+                                  cwd=layout.root, env={**env, "OLORA_NODE_RANK": str(rank)}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for rank, layout in enumerate(nodes)]
+    outputs = [p.communicate(timeout=600) for p in launchers]
+    for p, (out, err) in zip(launchers, outputs):
+        assert p.returncode == 0, f"{out[-2000:]}\n{err[-3000:]}"
+    first, second = nodes
+    metrics = json.loads(first.metrics("train").read_text())
+    assert metrics["processes"] == 2 and metrics["effective_batch"] == 8 and metrics["weights_identical_across_ranks"]
+    for a, b in zip(_losses(first), _losses(one_node), strict=True):
+        assert a == pytest.approx(b, rel=1e-4), (_losses(first), _losses(one_node))
+    for key, value in _adapter(one_node).items():
+        torch.testing.assert_close(_adapter(first)[key], value, rtol=1e-4, atol=1e-6)
+    # node 1 trained but wrote nothing: no adapter, no metrics, no MLflow run
+    assert not (second.adapter / "adapter_model.safetensors").exists() and not second.metrics("train").exists()
+    assert not (second.root / "mlflow.db").exists()
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{first.root / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("olora").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params.get("train.nodes") == "2"
+
+
 def test_process_count_is_validated():
     from olora.config import config_from_dict
     from olora.errors import ConfigError

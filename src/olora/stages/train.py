@@ -26,8 +26,10 @@ def train(layout: Layout = Layout(), overrides: dict[str, Any] | None = None, ca
     cfg, ref, runtime = setup(layout, overrides)
     rank, world_size = distributed.world()
     if world_size == 1 and cfg.train.processes > 1:
+        node_rank, master = distributed.check_nodes(cfg)
         distributed.check_distributed(cfg, runtime, ref.path if ref.local else None)
-        return distributed.launch(layout.root, overrides, cfg.train.processes, layout.checkpoints, layout.metrics("train"))
+        return distributed.launch(layout.root, overrides, cfg.train.processes, layout.checkpoints, layout.metrics("train"),
+                                  cfg.train.nodes, node_rank, master)
     distributed.check_world(cfg)
     main = rank == 0
     paths = TrainPaths.of(layout)

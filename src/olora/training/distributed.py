@@ -24,6 +24,39 @@ from olora.modeling.runtime import Runtime
 log = logging.getLogger("olora")
 
 
+NODE_RANK_ENV = "OLORA_NODE_RANK"
+MASTER_ENV = "OLORA_MASTER_ADDR"
+
+
+def node() -> tuple[int, str | None]:
+    """(this machine's node rank, node 0's rendezvous host:port) from the environment; (0, None) by default."""
+    return int(os.environ.get(NODE_RANK_ENV, "0") or 0), os.environ.get(MASTER_ENV) or None
+
+
+def check_nodes(cfg: Config) -> tuple[int, str | None]:
+    """A multi-node launch needs this node's rank and node 0's address, well formed; refused before any model loads."""
+    nodes = cfg.train.nodes
+    raw_rank = os.environ.get(NODE_RANK_ENV, "0") or "0"
+    try:
+        rank = int(raw_rank)
+    except ValueError:
+        raise ConfigError(f"${NODE_RANK_ENV}={raw_rank!r} is not a whole number; set it to this machine's rank, 0 .. {nodes - 1}")
+    master = os.environ.get(MASTER_ENV) or None
+    if nodes == 1:
+        if rank != 0:
+            raise ConfigError(f"${NODE_RANK_ENV}={rank} but train.nodes=1; set train.nodes to the number of machines, or unset ${NODE_RANK_ENV}")
+        return 0, None
+    if not 0 <= rank < nodes:
+        raise ConfigError(f"${NODE_RANK_ENV}={rank} is outside 0 .. {nodes - 1} for train.nodes={nodes}; give each machine its own rank")
+    host, _, port = (master or "").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"train.nodes={nodes} needs ${MASTER_ENV}=host:port, node 0's address and a free port that every node "
+            f"reaches (e.g. 10.0.0.1:29500); got {master!r}"
+        )
+    return rank, master
+
+
 def world() -> tuple[int, int]:
     """(rank, world size) of this process under a torch.distributed launcher; (0, 1) otherwise."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -81,12 +114,14 @@ def check_distributed(cfg: Config, runtime: Runtime, model_path: str | None = No
     On CPU: no more processes than usable cores, and no more model copies (weights in the run's dtype
     plus PROCESS_BASELINE each) than the memory available; `model_path` is the base model's local folder.
     """
-    n = cfg.train.processes
+    n = cfg.train.processes // cfg.train.nodes  # on this machine
+    per_node = f" ({n} on each of train.nodes={cfg.train.nodes})" if cfg.train.nodes > 1 else ""
     if runtime.device.type == "cpu":
         cores = usable_cores()
         if n > cores:
             raise ConfigError(
-                f"train.processes={n} but this machine has {cores} usable CPU core(s); use train.processes<={cores} "
+                f"train.processes={cfg.train.processes}{per_node} but this machine has {cores} usable CPU core(s); "
+                f"use train.processes<={cores * cfg.train.nodes} "
                 "(each process needs a core of its own; raise micro_batch_size or gradient_accumulation_steps for a larger batch)"
             )
         weights = weight_bytes(Path(model_path), runtime.dtype) if model_path else None
@@ -94,9 +129,9 @@ def check_distributed(cfg: Config, runtime: Runtime, model_path: str | None = No
         if weights is not None and free is not None and n * (weights + PROCESS_BASELINE) > free:
             fits = max(free // (weights + PROCESS_BASELINE), 1)
             raise ConfigError(
-                f"train.processes={n} would hold {n} copies of the model ({_size(weights)} of weights in "
+                f"train.processes={cfg.train.processes}{per_node} would hold {n} copies of the model ({_size(weights)} of weights in "
                 f"{runtime.dtype_name}, + {_size(PROCESS_BASELINE)} a process) = {_size(n * (weights + PROCESS_BASELINE))}, "
-                f"but only {_size(free)} of memory is available; use train.processes<={fits}"
+                f"but only {_size(free)} of memory is available; use train.processes<={fits * cfg.train.nodes}"
             )
     if runtime.device.type == "mps":
         raise ConfigError(f"train.processes={n} is not supported on MPS; use train.processes=1")
@@ -109,8 +144,8 @@ def check_distributed(cfg: Config, runtime: Runtime, model_path: str | None = No
         visible = torch.cuda.device_count()
         if n > visible:
             raise ConfigError(
-                f"train.processes={n} but only {visible} CUDA device(s) are visible; use train.processes<={visible} "
-                "(one process per GPU), or model.device=cpu"
+                f"train.processes={cfg.train.processes}{per_node} but only {visible} CUDA device(s) are visible; "
+                f"use train.processes<={visible * cfg.train.nodes} (one process per GPU), or model.device=cpu"
             )
 
 
@@ -140,14 +175,25 @@ def gather_checksums(model, world_size: int) -> list[float]:
     return checksums
 
 
-def launch(root: Path, overrides: dict[str, Any] | None, processes: int, checkpoints: Path, metrics_file: Path) -> dict[str, Any]:
-    """Run the train stage in `processes` processes through torch.distributed's launcher and wait; rank 0's metrics."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-               "-m", "olora.cli", "--root", str(root)]
+def launch(root: Path, overrides: dict[str, Any] | None, processes: int, checkpoints: Path, metrics_file: Path,
+           nodes: int = 1, node_rank: int = 0, master: str | None = None) -> dict[str, Any]:
+    """Run the train stage in `processes` processes (over `nodes` machines: this one's share) through
+    torch.distributed's launcher and wait; rank 0's metrics (on other nodes: what ran here).
+
+    One node: `--standalone`. Several: torchrun's static rendezvous at node 0's `master` host:port,
+    this node's rank given; every node's launcher waits there until all have joined.
+    """
+    if nodes == 1:
+        where = ["--standalone", f"--nproc-per-node={processes}"]
+    else:
+        host, _, port = master.rpartition(":")
+        where = [f"--nnodes={nodes}", f"--node-rank={node_rank}", f"--nproc-per-node={processes // nodes}",
+                 f"--master-addr={host}", f"--master-port={port}"]
+    command = [sys.executable, "-m", "torch.distributed.run", *where, "-m", "olora.cli", "--root", str(root)]
     for key, value in (overrides or {}).items():
         command += ["--set", f"{key}={json.dumps(value)}"]
     command.append("train")
-    log.info("train: launching %d processes: %s", processes, " ".join(command))
+    log.info("train: launching %d of %d processes: %s", processes // nodes, processes, " ".join(command))
     done = subprocess.run(command, env=os.environ.copy())
     if done.returncode != 0:
         raise OloraError(
@@ -155,4 +201,6 @@ def launch(root: Path, overrides: dict[str, Any] | None, processes: int, checkpo
             f"processes' errors are printed above. Complete checkpoints in {checkpoints} are kept, so a "
             "re-run resumes from the last one"
         )
+    if node_rank != 0:  # node 0's rank 0 wrote the outputs and the MLflow run
+        return {"node_rank": node_rank, "nodes": nodes, "processes": processes, "processes_here": processes // nodes}
     return read_json(metrics_file)

@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 
 from olora.config import Config, TrainConfig
 from olora.data.templates import encode
-from olora.errors import ConfigError, NonFiniteLossError
+from olora.errors import ConfigError, NonFiniteLossError, OloraError
 from olora.faults import marker
 from olora.io import atomic_dir, read_json, read_jsonl
 from olora.layout import ADAPTER_WEIGHTS, INIT_META, TEMPLATE_FILE, TRAIN_FILE, VALIDATION_FILE, Layout
@@ -169,7 +169,24 @@ def training_arguments(t: TrainConfig, runtime: Runtime, output_dir: Path, packe
         remove_unused_columns=False,
         ddp_backend=("gloo" if runtime.device.type == "cpu" else "nccl") if world_size > 1 else None,
         ddp_find_unused_parameters=False if world_size > 1 else None,
+        save_on_each_node=t.nodes > 1,  # each machine resumes from its own copy of the checkpoints
     )
+
+
+def _check_same_resume_point(checkpoint_dir: Path, world_size: int) -> None:
+    """Every process must resume from the same step (on several machines each reads its own copy)."""
+    import torch.distributed as dist
+
+    done = checkpoints.complete(checkpoint_dir)
+    mine = done[-1].name if done else None
+    every: list = [None] * world_size
+    dist.all_gather_object(every, mine)
+    if len(set(every)) > 1:
+        raise OloraError(
+            f"the training processes would resume from different checkpoints ({', '.join(sorted(map(str, set(every))))} "
+            f"by rank: {every}); a machine lost its copy of {checkpoint_dir}. Copy node 0's checkpoints to every node, or "
+            "delete them everywhere to start over"
+        )
 
 
 def _take_finished(trainer, model, checkpoint: Path) -> None:
@@ -230,11 +247,14 @@ def train_adapter(cfg: Config, ref: models.ModelRef, runtime: Runtime, paths: Tr
                     type(base).__name__)
     args = training_arguments(t, runtime, paths.checkpoints, packed, world_size)
     state = PartialState()  # the process group, set up by TrainingArguments under a launcher
-    if main:
-        resume = checkpoints.prepare(paths.checkpoints, fingerprint, world_size, run_id)
+    local_main = state.local_process_index == 0  # each machine keeps its own checkpoints (save_on_each_node)
+    if local_main:
+        resume = checkpoints.prepare(paths.checkpoints, fingerprint, world_size, run_id if main else None)
     state.wait_for_everyone()
-    if not main:
+    if not local_main:
         resume = bool(checkpoints.complete(paths.checkpoints))
+    if world_size > 1:
+        _check_same_resume_point(paths.checkpoints, world_size)
     collator = (DataCollatorWithFlattening(return_position_ids=True, separator_id=-100) if packed
                 else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
     trainer = _trainer_class()(model=model, args=args, train_dataset=datasets.Dataset.from_list(train_rows),
