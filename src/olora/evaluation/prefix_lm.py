@@ -209,7 +209,7 @@ class PrefixCachedLM(HFLM):
         lengths = mask.sum(-1)
         padded = bool((lengths < width).any())
         kwargs = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if padded else {}
-        cache = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs).past_key_values
+        cache = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs).cache
         return cache, mask, lengths, padded
 
     def _encode_suffixes(self, prefix, owners: list[int], rows: list[tuple[int, ...]]) -> list[torch.Tensor]:
