@@ -138,7 +138,7 @@ class PrefixCachedLM(HFLM):
                 results[i] = answer
         short = [i for i, ok in enumerate(fits) if ok]
         if short:
-            for i, answer in zip(short, self._shared_prefix_loglikelihoods([requests[i] for i in short])):
+            for i, answer in zip(short, self._shared_prefix_loglikelihoods([requests[i] for i in short], disable_tqdm)):
                 results[i] = answer
         return results
 
@@ -151,17 +151,23 @@ class PrefixCachedLM(HFLM):
         body = total - embed.weight.numel() - (0 if head.weight is embed.weight else head.weight.numel())
         return 1.0 + head.weight.numel() / max(body, 1)
 
-    def _shared_prefix_loglikelihoods(self, requests) -> list[tuple[float, bool]]:
+    def _shared_prefix_loglikelihoods(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        from tqdm import tqdm
+
         inputs = [(ctx + cont)[:-1] for _, ctx, cont in requests]
         conts = [cont for _, _, cont in requests]
         starts = [len(x) - len(c) for x, c in zip(inputs, conts)]
         groups = plan_groups(inputs, starts, max_members=self.batch_size, suffix_weight=self._suffix_weight())
         budget = self.batch_size * max(len(x) for x in inputs)  # the padded tokens of `hf`'s longest batch
         results: list[tuple[float, bool] | None] = [None] * len(requests)
+        progress = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
+                        desc="Running loglikelihood requests (olora-prefix)")
         for shared in (False, True):  # groups with a prefix never share a batch with those without
             chosen = sorted((g for g in groups if bool(g.prefix) == shared), key=lambda g: len(g.prefix))
             for a, b in split_sorted([len(g.prefix) for g in chosen], budget, self.forward_cost):
                 self._score_chunk(chosen[a:b], inputs, starts, conts, budget, results)
+                progress.update(sum(len(g.members) for g in chosen[a:b]))
+        progress.close()
         for (request_str, _, _), answer in zip(requests, results):
             if request_str is not None:
                 self.cache_hook.add_partial("loglikelihood", request_str, answer)
