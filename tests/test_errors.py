@@ -242,7 +242,7 @@ def load(ctx: Ctx, text: str) -> str:
     return raises(lambda: load_config(ctx.params(text)), ConfigError)
 
 
-def distributed_check(ctx: Ctx, device: str, overrides: dict, model_path: str | None = None) -> str:
+def distributed_check(ctx: Ctx, device: str, overrides: dict, model_path: str | None = None, quantization: str = "none") -> str:
     """What `olora train` runs before launching train.processes > 1 processes, on a machine whose device is `device`."""
     import torch
 
@@ -252,7 +252,18 @@ def distributed_check(ctx: Ctx, device: str, overrides: dict, model_path: str | 
     from olora.training.distributed import check_distributed
 
     cfg = load_config(ctx.params(""), overrides)
-    return raises(lambda: check_distributed(cfg, Runtime(torch.device(device), torch.float32), model_path), ConfigError)
+    runtime = Runtime(torch.device(device), torch.float32, quantization)
+    return raises(lambda: check_distributed(cfg, runtime, model_path), ConfigError)
+
+
+def runtime_check(ctx: Ctx, overrides: dict) -> str:
+    """What every model stage resolves first (device, dtype, quantisation), on this CPU machine."""
+    from olora.config import load_config
+    from olora.errors import ConfigError
+    from olora.modeling.runtime import resolve_runtime
+
+    cfg = load_config(ctx.params(""), overrides)
+    return raises(lambda: resolve_runtime(cfg.model, cfg.runtime), ConfigError)
 
 
 def adapter_dir(ctx: Ctx, config: str | None = '{"peft_type": "LORA", "r": 4}', weights: str = "whole") -> Path:
@@ -337,7 +348,7 @@ CASES: list[Case] = [
          lambda ctx: load(ctx, "adaptor:\n  r: 4\n")),
     Case("unknown-key-did-you-mean", "params",
          "A misspelt key (`train.learnig_rate`)",
-         "<project>/params.yaml: unknown key(s) 'learnig_rate' in block 'train'; did you mean 'train.learning_rate' for 'learnig_rate'? allowed: epochs, eval_steps, gradient_accumulation_steps, gradient_checkpointing, learning_rate, logging_steps, lr_scheduler, max_eval_examples, max_grad_norm, max_steps, micro_batch_size, nodes, padding_free, processes, save_steps, seed, warmup_steps, weight_decay",
+         "<project>/params.yaml: unknown key(s) 'learnig_rate' in block 'train'; did you mean 'train.learning_rate' for 'learnig_rate'? allowed: epochs, eval_steps, gradient_accumulation_steps, gradient_checkpointing, learning_rate, logging_steps, lr_scheduler, max_eval_examples, max_grad_norm, max_steps, micro_batch_size, nodes, padding_free, processes, save_steps, seed, strategy, warmup_steps, weight_decay",
          "Use the suggested key.",
          lambda ctx: load(ctx, "train:\n  learnig_rate: 1e-4\n")),
     Case("unknown-key", "params",
@@ -516,6 +527,31 @@ CASES: list[Case] = [
          "train.processes=2 would hold 2 copies of the model (4 MiB of weights in float32, + 512 MiB a process) = 1.01 GiB, but only 922 MiB of memory is available; use train.processes<=1",
          "Use fewer processes, a smaller `model.dtype`, or a machine with more memory.",
          lambda ctx: _more_processes_than_memory(ctx)),
+    Case("strategy-unknown", "train",
+         "`train.strategy: zero3` (not a strategy)",
+         "<project>/params.yaml: train.strategy='zero3' is not allowed; choose one of: ddp, fsdp, deepspeed",
+         "Use `ddp`, `fsdp` (FSDP2; CPU or CUDA) or `deepspeed` (ZeRO-3; CUDA).",
+         lambda ctx: load(ctx, "train:\n  strategy: zero3\n")),
+    Case("deepspeed-on-cpu", "train",
+         "`train.strategy: deepspeed` on a machine without a GPU",
+         "train.strategy=deepspeed (ZeRO-3) needs CUDA devices, but this run is on cpu; use train.strategy=fsdp to shard on CPU, or run on GPUs",
+         "Use `train.strategy: fsdp` on CPU; DeepSpeed needs an accelerator.",
+         lambda ctx: distributed_check(ctx, "cpu", {"train.strategy": "deepspeed", "train.processes": 2})),
+    Case("sharded-quantised-base", "train",
+         "`train.strategy: fsdp` with `model.quantization: 4bit`",
+         "model.quantization=4bit with train.strategy=fsdp is not supported: a 4-bit base is not sharded here; use train.strategy=ddp (each process holds the 4-bit base)",
+         "Use `train.strategy: ddp` with a 4-bit base (QLoRA keeps the base small already).",
+         lambda ctx: distributed_check(ctx, "cpu", {"train.strategy": "fsdp", "train.processes": 2}, quantization="4bit")),
+    Case("quantization-on-cpu", "params",
+         "`model.quantization: 4bit` (QLoRA) on a machine without a GPU",
+         "model.quantization='4bit' loads the base through bitsandbytes, which needs a CUDA device, but this run is on cpu; use model.quantization=none here, or run on a machine with a GPU",
+         "Use `model.quantization: none` on CPU; QLoRA runs on CUDA with bitsandbytes installed.",
+         lambda ctx: runtime_check(ctx, {"model.quantization": "4bit", "model.device": "cpu"})),
+    Case("quantization-unknown", "params",
+         "`model.quantization: 8bit`",
+         "<project>/params.yaml: model.quantization='8bit' is not allowed; choose one of: none, 4bit",
+         "Use `none` or `4bit`.",
+         lambda ctx: load(ctx, "model:\n  quantization: 8bit\n")),
     Case("nodes-uneven", "train",
          "`train.processes: 3` with `train.nodes: 2`",
          "<project>/params.yaml: train.processes=3 cannot be spread evenly over train.nodes=2; use a multiple of 2 processes (each node runs processes / nodes)",

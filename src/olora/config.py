@@ -39,6 +39,8 @@ class ModelConfig:
     """auto | float32 | bfloat16 | float16. auto is bf16 on CUDA with bf16 support, fp16 on older GPUs, else fp32."""
     trust_remote_code: bool = False
     """Run Python code shipped with the model or tokenizer (transformers' trust_remote_code). Off: only architectures built into transformers load. Turn on only for a model whose code you have read."""
+    quantization: str = "none"
+    """none | 4bit. 4bit is QLoRA: the base loads as 4-bit NF4 through bitsandbytes (double quantisation, computing in model.dtype) and the OLoRA init runs through PEFT's dequantise-initialise-requantise path; needs a CUDA device and the bitsandbytes package."""
 
     def validate(self) -> None:
         kind, sep, index = self.device.partition(":")
@@ -47,6 +49,7 @@ class ModelConfig:
                 f"model.device={self.device!r} is not allowed; choose one of: auto, cpu, cuda, cuda:N (N a GPU index), mps"
             )
         _choice("model.dtype", self.dtype, ["auto", "float32", "bfloat16", "float16"])
+        _choice("model.quantization", self.quantization, ["none", "4bit"])
         if not self.name.strip():
             raise ConfigError("model.name is empty; use e.g. 'embedded:SmolLM2-135M-Instruct' or a hub id")
 
@@ -155,6 +158,8 @@ class TrainConfig:
     """Concatenate each micro-batch into one unpadded sequence with per-example position ids (transformers' DataCollatorWithFlattening); the loss is the padded path's. Used when padding would waste >= 10% of the batch tokens (estimated from the data's lengths) and a check on the model shows its attention keeps packed examples apart; otherwise batches are padded."""
     processes: int = 1
     """Data-parallel training processes (all machines together), launched through torch.distributed's launcher: gloo on CPU, NCCL on CUDA (one GPU each). The effective batch is processes x micro_batch_size x gradient_accumulation_steps."""
+    strategy: str = "ddp"
+    """How the processes share the work: ddp (each holds the whole model) | fsdp (PyTorch FSDP2 through accelerate: parameters, gradients and optimizer state sharded over the processes; CPU (gloo) or CUDA) | deepspeed (DeepSpeed ZeRO-3 through accelerate; CUDA only, needs the deepspeed package). fsdp and deepspeed run under torch.distributed's launcher even with one process."""
     nodes: int = 1
     """Machines the processes are spread over (processes / nodes on each). With nodes > 1, `olora train` runs on every machine, each with $OLORA_NODE_RANK (0 .. nodes-1; node 0 writes the outputs and the MLflow run) and $OLORA_MASTER_ADDR (host:port of node 0's rendezvous)."""
 
@@ -179,6 +184,7 @@ class TrainConfig:
         _at_least("train.logging_steps", self.logging_steps, 1)
         _at_least("train.processes", self.processes, 1)
         _at_least("train.nodes", self.nodes, 1)
+        _choice("train.strategy", self.strategy, ["ddp", "fsdp", "deepspeed"])
         if self.processes % self.nodes:
             raise ConfigError(
                 f"train.processes={self.processes} cannot be spread evenly over train.nodes={self.nodes}; "

@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+
+from olora.layout import ADAPTER_WEIGHTS
 from torch import nn
 
 from olora.modeling import peft_glue as adapters
@@ -141,3 +143,14 @@ def test_export_round_trip_on_untouched_base(tmp_path, tiny_model_dir):
     fresh = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out_dir).eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=x).logits, trained, atol=1e-4, rtol=1e-4)
+
+    # the conversion from files alone (after sharded training) writes PEFT's export: same tensors, same config
+    from safetensors.torch import load_file
+
+    adapters.save_adapter(model, tmp_path / "trained", "tiny")
+    adapters.convert_to_plain_lora(tmp_path / "trained", init_dir, tmp_path / "converted")
+    ours, peft_export = load_file(str(tmp_path / "converted" / ADAPTER_WEIGHTS)), load_file(str(out_dir / ADAPTER_WEIGHTS))
+    assert ours.keys() == peft_export.keys()
+    for key, value in peft_export.items():
+        assert torch.equal(ours[key], value), key
+    assert json.loads((tmp_path / "converted" / "adapter_config.json").read_text()) == exported_cfg

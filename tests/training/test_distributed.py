@@ -182,6 +182,93 @@ def test_a_killed_two_process_run_resumes_and_a_changed_count_is_refused(prepare
     assert metrics["resumed"] and metrics["steps"] == 6 and metrics["weights_identical_across_ranks"]
 
 
+@pytest.mark.integration
+def test_fsdp_on_two_processes_trains_the_ddp_adapter_and_loads_on_an_untouched_base(prepared, tmp_path):
+    """train.strategy=fsdp through the real launcher (gloo): FSDP2 shards the parameters (accelerate's own
+    FSDP2 path), the loss curve and the gathered adapter equal the DDP run's, one MLflow run, and the
+    exported plain LoRA reproduces the trained model on an untouched base."""
+    fsdp, ddp = _copy(prepared, tmp_path / "fsdp"), _copy(prepared, tmp_path / "ddp")
+    sh([str(BIN / "olora"), "--set", "train.processes=2", "--set", "train.strategy=\"fsdp\"", "train"], fsdp.root)
+    sh([str(BIN / "olora"), "--set", "train.processes=2", "--set", "tracking.enabled=false", "train"], ddp.root)
+    metrics = json.loads(fsdp.metrics("train").read_text())
+    assert metrics["strategy"] == "fsdp" and metrics["processes"] == 2 and metrics["steps"] == 6
+    assert metrics["weights_identical_across_ranks"] is None and len(metrics["rank_weight_checksums"]) == 1
+    # rank 0 held about half of every weight (DTensor shards; odd sizes round up on rank 0)
+    assert metrics["sharded"] and 0.45 < metrics["rank0_parameter_share"] < 0.56, metrics
+    for a, b in zip(_losses(fsdp), _losses(ddp), strict=True):
+        assert a == pytest.approx(b, rel=1e-4), (_losses(fsdp), _losses(ddp))
+    reference = _adapter(ddp)
+    assert _adapter(fsdp).keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(_adapter(fsdp)[key], value, rtol=1e-4, atol=1e-6)
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{fsdp.root / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("olora").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.params["train.strategy"] == "fsdp"
+
+    # the export (converted from the files after sharded training) reproduces base-with-residual + trained adapter
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from olora.modeling import peft_glue
+
+    from peft import set_peft_model_state_dict
+
+    model_dir = _model_dir(fsdp)
+    x = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    trained = peft_glue.load_for_training(AutoModelForCausalLM.from_pretrained(model_dir), fsdp.init, "olora")
+    set_peft_model_state_dict(trained, _adapter(fsdp))
+    with torch.no_grad():
+        expected = trained.eval()(input_ids=x).logits
+        untouched = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(fsdp.exported)).eval()
+        torch.testing.assert_close(untouched(input_ids=x).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.integration
+def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_adapter(prepared, tmp_path):
+    layout, reference = _copy(prepared, tmp_path / "killed"), _copy(prepared, tmp_path / "whole")
+    args = ["--set", "train.processes=2", "--set", "train.strategy=\"fsdp\"", "--set", "tracking.enabled=false", "train"]
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OLORA_NUM_THREADS": "1"}
+    whole = subprocess.Popen([str(BIN / "olora"), *args], cwd=reference.root, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    _kill_after_checkpoint(layout, [str(BIN / "olora"), *args], env)
+    sh([str(BIN / "olora"), *args], layout.root)
+    assert whole.wait(600) == 0
+    metrics = json.loads(layout.metrics("train").read_text())
+    assert metrics["resumed"] and metrics["steps"] == 6 and metrics["strategy"] == "fsdp"
+    assert _losses(layout)[-1] == pytest.approx(_losses(reference)[-1], rel=1e-4)
+    for key, value in _adapter(reference).items():
+        torch.testing.assert_close(_adapter(layout)[key], value, rtol=1e-4, atol=1e-6)
+
+
+def _model_dir(layout: Layout) -> str:
+    import yaml
+
+    name = Path(yaml.safe_load((layout.root / "params.yaml").read_text())["model"]["name"])
+    return str(name if name.is_absolute() else layout.root / name)
+
+
+def _kill_after_checkpoint(layout: Layout, command: list[str], env: dict) -> None:
+    """Start `command` in `layout`, SIGKILL the whole launch (olora, torchrun, every rank) once checkpoint-2 is complete."""
+    import psutil
+
+    launcher = subprocess.Popen(command, cwd=layout.root, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = layout.checkpoints / "checkpoint-2" / "trainer_state.json"
+    deadline = time.monotonic() + 300
+    while not marker.is_file() and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.is_file(), "no checkpoint was written"
+    processes = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
+    for process in processes:
+        process.send_signal(signal.SIGKILL)
+    psutil.wait_procs(processes, timeout=30)
+    launcher.wait(30)
+    assert not (layout.adapter / "adapter_model.safetensors").exists()
+
+
 def _free_port() -> int:
     import socket
 

@@ -167,6 +167,7 @@ def load_base(ref: ModelRef, runtime: Runtime):
 
     if ref.local:
         check_safetensors(Path(ref.path), ref.name)
+    quantised = runtime.quantization == "4bit"
     try:
         model = AutoModelForCausalLM.from_pretrained(
             ref.path,
@@ -174,10 +175,19 @@ def load_base(ref: ModelRef, runtime: Runtime):
             dtype=runtime.dtype,
             use_safetensors=True,
             trust_remote_code=ref.trust_remote_code,
+            **(dict(quantization_config=quantisation_config(runtime), device_map={"": runtime.device}) if quantised else {}),
         )
     except OSError as exc:
         raise _hub_error(ref, exc) from exc
-    return model.to(runtime.device).eval()
+    return (model if quantised else model.to(runtime.device)).eval()
+
+
+def quantisation_config(runtime: Runtime):
+    """QLoRA's 4-bit base (Dettmers et al. 2023): NF4 with double quantisation, computing in the run's dtype."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=runtime.dtype)
 
 
 def linear_layers(ref: ModelRef) -> dict[str, tuple[int, int]]:

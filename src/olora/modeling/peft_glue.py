@@ -21,6 +21,7 @@ import torch
 from olora.config import AdapterConfig
 from olora.core.olora import olora_factors
 from olora.errors import ConfigError
+from olora.layout import ADAPTER_WEIGHTS
 
 INIT_META = "olora_init.json"
 
@@ -140,10 +141,12 @@ def reproducible(model, base_name: str, adapter: str = "default"):
             base.name_or_path = saved[1]
 
 
-def save_adapter(model, out_dir: Path, base_name: str) -> None:
-    """save_pretrained, reproducibly (`reproducible`)."""
+def save_adapter(model, out_dir: Path, base_name: str, state_dict: dict | None = None) -> None:
+    """save_pretrained, reproducibly (`reproducible`); `state_dict`: the model's full state gathered from
+    sharded training processes (the model's own parameters are then only this process's shards)."""
     with reproducible(model, base_name):
-        model.save_pretrained(str(out_dir), save_embedding_layers=False)
+        extra = {"state_dict": state_dict} if state_dict is not None else {}
+        model.save_pretrained(str(out_dir), save_embedding_layers=False, **extra)
 
 
 def save_initial(model, out_dir: Path, base_name: str) -> None:
@@ -167,16 +170,36 @@ def apply_residual(model, adapter: str = "default") -> None:
         for layer in lora_layers(model).values():
             weight = layer.get_base_layer().weight
             delta = layer.get_delta_weight(adapter).to(torch.float32)  # s * B @ A, transposed for fan_in_fan_out
-            if weight.dtype == torch.float32:
+            if type(weight).__module__.startswith("bitsandbytes"):
+                _requantised_residual(layer, delta)
+            elif weight.dtype == torch.float32:
                 weight.data.sub_(delta)
             else:
                 weight.data.copy_((weight.data.to(torch.float32) - delta).to(weight.dtype))
 
 
-def load_for_training(base, init_dir: Path, init: str):
-    """Base + initial adapter as a trainable PeftModel; for OLoRA the base becomes the residual."""
-    from peft import PeftModel
+def _requantised_residual(layer, delta: torch.Tensor) -> None:
+    """A bitsandbytes 4-bit base weight W becomes quant(dequant(W) - s*B0*A0), as PEFT's own OLoRA init
+    leaves it (`LoraLayer.olora_init`): the same residual the init stage's factors were computed against."""
+    from peft.utils.integrations import dequantize_module_weight
 
+    base = layer.get_base_layer()
+    weight = base.weight
+    residual = dequantize_module_weight(base).to(torch.float32) - delta
+    base.weight = weight.__class__(residual, quant_type=weight.quant_type, quant_storage=weight.quant_storage,
+                                   compress_statistics=weight.compress_statistics, module=weight.module).to(weight.device)
+
+
+def load_for_training(base, init_dir: Path, init: str, gradient_checkpointing: bool = False):
+    """Base + initial adapter as a trainable PeftModel; for OLoRA the base becomes the residual.
+
+    A 4-bit (QLoRA) base is first made ready for training the PEFT way (`prepare_model_for_kbit_training`:
+    norms in float32, input gradients for checkpointing).
+    """
+    from peft import PeftModel, prepare_model_for_kbit_training
+
+    if getattr(base, "is_loaded_in_4bit", False):
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing)
     model = PeftModel.from_pretrained(base, str(init_dir), is_trainable=True)
     if init == "olora":
         apply_residual(model)
@@ -198,3 +221,38 @@ def export_plain_lora(model, out_dir: Path, init_dir: Path, init: str, base_name
             copy = Path(tmp) / "initial"
             shutil.copytree(init_dir, copy)
             model.save_pretrained(str(out_dir), path_initial_model_for_weight_conversion=str(copy), save_embedding_layers=False)
+
+
+def convert_to_plain_lora(adapter_dir: Path, init_dir: Path, out_dir: Path) -> None:
+    """The trained OLoRA adapter in `adapter_dir` as a plain LoRA, from the saved files alone.
+
+    The same result as `export_plain_lora` (PEFT's `path_initial_model_for_weight_conversion`, compared
+    in tests/modeling/test_olora_invariants.py): A' = [A; A0], B' = [B, -B0], rank and alpha doubled, so
+    that s'*B'A' = s*(BA - B0*A0). PEFT's conversion needs the whole model in one process; after sharded
+    training (train.strategy fsdp or deepspeed) no process holds it, while the files are on rank 0.
+    """
+    from peft import LoraConfig
+    from safetensors.torch import load_file, save_file
+
+    trained = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
+    initial = load_file(str(Path(init_dir) / ADAPTER_WEIGHTS))
+    if trained.keys() != initial.keys():
+        raise ConfigError(f"{adapter_dir} and {init_dir} adapt different layers; re-run the init and train stages")
+    tensors = {}
+    for name, value in trained.items():
+        if "lora_A" in name:
+            tensors[name] = torch.cat([value, initial[name]], dim=0).contiguous()
+        elif "lora_B" in name:
+            tensors[name] = torch.cat([value, -initial[name]], dim=1).contiguous()
+        else:
+            raise ConfigError(f"{adapter_dir}: {name} is not a LoRA A or B matrix; only those can be converted")
+    config = LoraConfig.from_pretrained(str(adapter_dir))
+    if config.use_rslora or config.rank_pattern or config.alpha_pattern:
+        raise ConfigError(f"{adapter_dir}: rsLoRA or per-layer ranks cannot be converted here")
+    config.init_lora_weights, config.r, config.lora_alpha = True, config.r * 2, config.lora_alpha * 2
+    if isinstance(config.target_modules, (set, frozenset)):  # a set's order varies by process (`reproducible`)
+        config.target_modules = sorted(config.target_modules)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out_dir))
+    save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})

@@ -18,6 +18,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class Runtime:
     device: torch.device
     dtype: torch.dtype
+    quantization: str = "none"  # model.quantization: none | 4bit (bitsandbytes NF4, CUDA only)
 
     @property
     def is_cuda(self) -> bool:
@@ -59,7 +60,26 @@ def resolve_runtime(model: ModelConfig, runtime: RuntimeConfig | None = None) ->
             dtype = torch.float32
     else:
         dtype = DTYPES[model.dtype]
-    return Runtime(device=device, dtype=dtype)
+    check_quantization(model.quantization, device)
+    return Runtime(device=device, dtype=dtype, quantization=model.quantization)
+
+
+def check_quantization(quantization: str, device: torch.device) -> None:
+    """A 4-bit (QLoRA) base needs CUDA and bitsandbytes: refused by name before any model loads."""
+    if quantization == "none":
+        return
+    if device.type != "cuda":
+        raise ConfigError(
+            f"model.quantization={quantization!r} loads the base through bitsandbytes, which needs a CUDA device, "
+            f"but this run is on {device.type}; use model.quantization=none here, or run on a machine with a GPU"
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            f"model.quantization={quantization!r} needs the bitsandbytes package, which is not installed; "
+            "`pip install bitsandbytes` on the GPU machine, or use model.quantization=none"
+        )
 
 
 def seed_everything(seed: int) -> None:

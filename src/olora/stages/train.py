@@ -3,7 +3,7 @@
 The training itself is `olora.training` (Trainer set-up, checkpoints and resume, packing, the
 distributed launch). The stage opens the adapter's MLflow run (main process only) and records its
 id in models/adapter; with `train.processes` > 1 it relaunches itself under torch.distributed's
-launcher and returns rank 0's metrics.
+launcher (always, with train.strategy fsdp or deepspeed) and returns rank 0's metrics.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def train(layout: Layout = Layout(), overrides: dict[str, Any] | None = None, ca
 
     cfg, ref, runtime = setup(layout, overrides)
     rank, world_size = distributed.world()
-    if world_size == 1 and cfg.train.processes > 1:
+    if not distributed.launched() and (cfg.train.processes > 1 or cfg.train.strategy != "ddp"):
         node_rank, master = distributed.check_nodes(cfg)
         distributed.check_distributed(cfg, runtime, ref.path if ref.local else None)
         return distributed.launch(layout.root, overrides, cfg.train.processes, layout.checkpoints, layout.metrics("train"),

@@ -57,6 +57,11 @@ def check_nodes(cfg: Config) -> tuple[int, str | None]:
     return rank, master
 
 
+def launched() -> bool:
+    """Whether this process was started by torch.distributed's launcher (which sets LOCAL_RANK)."""
+    return "LOCAL_RANK" in os.environ
+
+
 def world() -> tuple[int, int]:
     """(rank, world size) of this process under a torch.distributed launcher; (0, 1) otherwise."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -116,6 +121,7 @@ def check_distributed(cfg: Config, runtime: Runtime, model_path: str | None = No
     """
     n = cfg.train.processes // cfg.train.nodes  # on this machine
     per_node = f" ({n} on each of train.nodes={cfg.train.nodes})" if cfg.train.nodes > 1 else ""
+    check_strategy(cfg, runtime)
     if runtime.device.type == "cpu":
         cores = usable_cores()
         if n > cores:
@@ -149,6 +155,27 @@ def check_distributed(cfg: Config, runtime: Runtime, model_path: str | None = No
             )
 
 
+def check_strategy(cfg: Config, runtime: Runtime) -> None:
+    """train.strategy against the machine and the model settings, before any model loads."""
+    strategy = cfg.train.strategy
+    if strategy == "deepspeed":
+        if runtime.device.type != "cuda":
+            raise ConfigError(
+                f"train.strategy=deepspeed (ZeRO-3) needs CUDA devices, but this run is on {runtime.device.type}; "
+                "use train.strategy=fsdp to shard on CPU, or run on GPUs"
+            )
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("train.strategy=deepspeed needs the deepspeed package, which is not installed; "
+                              "`pip install deepspeed` on the GPU machines, or use train.strategy=fsdp")
+    if strategy != "ddp" and runtime.quantization != "none":
+        raise ConfigError(
+            f"model.quantization={runtime.quantization} with train.strategy={strategy} is not supported: a 4-bit "
+            "base is not sharded here; use train.strategy=ddp (each process holds the 4-bit base)"
+        )
+
+
 def check_world(cfg: Config) -> None:
     """A stage launched by hand under torchrun must say the process count that ran (it is in the record)."""
     _, world_size = world()
@@ -162,6 +189,12 @@ def check_world(cfg: Config) -> None:
 def weights_checksum(model) -> float:
     """A number that differs when any trainable weight does (compared across ranks after training)."""
     trainable = (q for _, q in sorted(model.named_parameters()) if q.requires_grad)
+    return float(sum(p.detach().double().sum().item() * (i + 1) for i, p in enumerate(trainable)))
+
+
+def weights_checksum_of(state: dict[str, torch.Tensor]) -> float:
+    """`weights_checksum` of a gathered state dict's adapter weights (after sharded training)."""
+    trainable = (v for k, v in sorted(state.items()) if "lora_" in k)
     return float(sum(p.detach().double().sum().item() * (i + 1) for i, p in enumerate(trainable)))
 
 

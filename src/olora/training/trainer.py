@@ -29,7 +29,7 @@ from olora.layout import ADAPTER_WEIGHTS, INIT_META, TEMPLATE_FILE, TRAIN_FILE, 
 from olora.modeling import models, peft_glue
 from olora.modeling.runtime import Runtime, peak_memory_bytes, seed_everything
 from olora.training import checkpoints
-from olora.training.distributed import gather_checksums, world
+from olora.training.distributed import gather_checksums, weights_checksum_of, world
 from olora.training.packing import PACKING_MIN_WASTE, packing_is_exact, padding_waste
 
 log = logging.getLogger("olora")
@@ -86,6 +86,10 @@ def _trainer_class():
     class FiniteLossTrainer(Trainer):
         """Trainer that stops on the first non-finite loss, before the optimizer step or a save."""
 
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            _fsdp_on_cpu(self)
+
         def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
             result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
             loss = result[0] if return_outputs else result
@@ -100,6 +104,70 @@ def _trainer_class():
             return result
 
     return FiniteLossTrainer
+
+
+def _fsdp_on_cpu(trainer) -> None:
+    """train.strategy=fsdp on CPU processes (gloo): accelerate 1.15 takes FSDP for GPU-like devices only and
+    on CPU silently falls back to DDP, although torch's FSDP2 (`fully_shard`) runs over gloo. Select it the
+    way accelerate itself does for GPUs (AcceleratorState and PartialState both say FSDP, with the plugin
+    the Trainer built from `fsdp_config`); from there accelerate's own FSDP2 code wraps, saves and resumes."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    if not trainer.args.fsdp_plugin_args or state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # AcceleratorState() copies it back
+    trainer.is_fsdp_enabled = True
+    if not trainer.accelerator.is_fsdp2:
+        raise OloraError("train.strategy=fsdp: accelerate did not take FSDP2 on CPU; check the accelerate version in requirements.lock")
+
+
+def sharding_arguments(t: TrainConfig, runtime: Runtime, layer_classes: list[str]) -> dict[str, Any]:
+    """TrainingArguments for train.strategy: DDP's backend, FSDP2's config, or a DeepSpeed ZeRO-3 config.
+
+    FSDP2 wraps each decoder layer (`layer_classes`, the model's `_no_split_modules`) and saves full
+    state dicts so that checkpoints hold a loadable adapter; with train.gradient_checkpointing, FSDP's
+    own activation checkpointing is used (the Trainer refuses both at once). ZeRO-3 takes batch, clipping
+    and precision from the Trainer ("auto") and gathers the 16-bit weights on save.
+    """
+    if t.strategy == "fsdp":
+        return {"fsdp": True, "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": layer_classes,
+            "state_dict_type": "FULL_STATE_DICT",
+            "reshard_after_forward": True,
+            "activation_checkpointing": t.gradient_checkpointing,
+        }}
+    if t.strategy == "deepspeed":
+        return {"deepspeed": {
+            "zero_optimization": {"stage": 3, "overlap_comm": True, "stage3_gather_16bit_weights_on_model_save": True},
+            "bf16": {"enabled": "auto"},
+            "fp16": {"enabled": "auto"},
+            "train_micro_batch_size_per_gpu": "auto",
+            "train_batch_size": "auto",
+            "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto",
+        }}
+    return {}
+
+
+def _is_sharded(trainer) -> bool:
+    return bool(trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
+
+
+def held_share(model) -> float:
+    """Share of the model's parameter elements this process holds: 1.0 unsharded, about 1/N under FSDP2
+    (DTensor shards) or ZeRO-3 (partitioned `ds_tensor`s) over N processes."""
+    held = total = 0
+    for p in model.parameters():
+        full = getattr(p, "ds_numel", None) or p.numel()
+        local = p.to_local() if hasattr(p, "to_local") else getattr(p, "ds_tensor", p)
+        held, total = held + local.numel(), total + full
+    return held / total if total else 1.0
 
 
 class _SaveMarker(TrainerCallback):
@@ -134,10 +202,13 @@ class _ThroughputMeter(TrainerCallback):
         return time.perf_counter() - self.start_time, int(state.num_input_tokens_seen or 0) - self.start_tokens
 
 
-def training_arguments(t: TrainConfig, runtime: Runtime, output_dir: Path, packed: bool, world_size: int):
+def training_arguments(t: TrainConfig, runtime: Runtime, output_dir: Path, packed: bool, world_size: int,
+                       layer_classes: list[str] | None = None):
     """transformers' TrainingArguments for these settings (the one place they are translated)."""
     from transformers import TrainingArguments
 
+    ddp = t.strategy == "ddp"
+    sharding = sharding_arguments(t, runtime, list(layer_classes or []))
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=t.max_steps if t.max_steps else -1,
@@ -150,8 +221,8 @@ def training_arguments(t: TrainConfig, runtime: Runtime, output_dir: Path, packe
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        activation_checkpointing=t.gradient_checkpointing and t.strategy != "fsdp",
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing and t.strategy != "fsdp" else None,
         eval_strategy="steps",
         eval_steps=t.eval_steps,
         save_strategy="steps",
@@ -167,9 +238,10 @@ def training_arguments(t: TrainConfig, runtime: Runtime, output_dir: Path, packe
         report_to=[],
         disable_tqdm=True,
         remove_unused_columns=False,
-        ddp_backend=("gloo" if runtime.device.type == "cpu" else "nccl") if world_size > 1 else None,
-        ddp_find_unused_parameters=False if world_size > 1 else None,
+        ddp_backend=("gloo" if runtime.device.type == "cpu" else "nccl") if world_size > 1 or not ddp else None,
+        ddp_find_unused_parameters=False if world_size > 1 and ddp else None,
         save_on_each_node=t.nodes > 1,  # each machine resumes from its own copy of the checkpoints
+        **sharding,
     )
 
 
@@ -201,14 +273,21 @@ def _take_finished(trainer, model, checkpoint: Path) -> None:
     log.info("train: %s already holds the final step; its adapter is the result", checkpoint)
 
 
-def _save_outputs(model, paths: TrainPaths, cfg: Config, base_name: str) -> None:
+def _save_outputs(model, paths: TrainPaths, cfg: Config, base_name: str, full_state: dict | None = None) -> None:
+    """The trained adapter and its plain-LoRA export. `full_state`: gathered from sharded processes; the
+    export is then converted from the saved files (no process holds the whole model)."""
     with atomic_dir(paths.adapter) as tmp:
-        peft_glue.save_adapter(model, tmp, base_name)
+        peft_glue.save_adapter(model, tmp, base_name, state_dict=full_state)
         shutil.copy(paths.init / INIT_META, tmp / INIT_META)
         if (paths.data / TEMPLATE_FILE).is_file():  # what the adapter was trained on, for serving
             shutil.copy(paths.data / TEMPLATE_FILE, tmp / TEMPLATE_FILE)
     with atomic_dir(paths.exported) as tmp:
-        peft_glue.export_plain_lora(model, tmp, paths.init, cfg.adapter.init, base_name)
+        if full_state is not None and cfg.adapter.init == "olora":
+            peft_glue.convert_to_plain_lora(paths.adapter, paths.init, tmp)
+        elif full_state is not None:
+            peft_glue.save_adapter(model, tmp, base_name, state_dict=full_state)
+        else:
+            peft_glue.export_plain_lora(model, tmp, paths.init, cfg.adapter.init, base_name)
 
 
 def train_adapter(cfg: Config, ref: models.ModelRef, runtime: Runtime, paths: TrainPaths, fingerprint: str,
@@ -236,7 +315,7 @@ def train_adapter(cfg: Config, ref: models.ModelRef, runtime: Runtime, paths: Tr
 
     base = models.load_base(ref, runtime)
     base.config.use_cache = False  # training: no KV cache (it would also hide packed-sequence boundaries)
-    model = peft_glue.load_for_training(base, paths.init, cfg.adapter.init)
+    model = peft_glue.load_for_training(base, paths.init, cfg.adapter.init, t.gradient_checkpointing)
     if t.gradient_checkpointing:
         model.enable_input_require_grads()
     waste = padding_waste([len(r["input_ids"]) for r in train_rows], t.micro_batch_size)
@@ -245,7 +324,7 @@ def train_adapter(cfg: Config, ref: models.ModelRef, runtime: Runtime, paths: Tr
     if wanted and not packed:
         log.warning("train.padding_free: %s does not keep packed examples apart; training with padded batches",
                     type(base).__name__)
-    args = training_arguments(t, runtime, paths.checkpoints, packed, world_size)
+    args = training_arguments(t, runtime, paths.checkpoints, packed, world_size, getattr(base, "_no_split_modules", None))
     state = PartialState()  # the process group, set up by TrainingArguments under a launcher
     local_main = state.local_process_index == 0  # each machine keeps its own checkpoints (save_on_each_node)
     if local_main:
@@ -273,9 +352,16 @@ def train_adapter(cfg: Config, ref: models.ModelRef, runtime: Runtime, paths: Tr
     if not any("eval_loss" in h and h.get("step") == trainer.state.global_step for h in trainer.state.log_history):
         trainer.evaluate()
     history = trainer.state.log_history
-    checksums = gather_checksums(model, world_size)
+    sharded = _is_sharded(trainer)
+    share = held_share(trainer.model)
+    # sharded: every process holds a part of each weight; the full state is gathered to rank 0 (a collective)
+    full_state = trainer.accelerator.get_state_dict(trainer.model_wrapped) if sharded else None
+    if sharded:
+        checksums = [weights_checksum_of(full_state)] if main else []
+    else:
+        checksums = gather_checksums(model, world_size)
     if main:
-        _save_outputs(model, paths, cfg, ref.name)
+        _save_outputs(model, paths, cfg, ref.name, full_state)
     state.wait_for_everyone()
 
     train_losses = [h["loss"] for h in history if "loss" in h]
@@ -294,8 +380,11 @@ def train_adapter(cfg: Config, ref: models.ModelRef, runtime: Runtime, paths: Tr
         "effective_batch": world_size * t.micro_batch_size * t.gradient_accumulation_steps,
         "padding_free": packed,
         "padding_share_avoided": round(waste, 4) if packed else 0.0,
-        "rank_weight_checksums": checksums,
-        "weights_identical_across_ranks": len(set(checksums)) == 1,
+        "strategy": t.strategy,
+        "sharded": sharded,
+        "rank0_parameter_share": round(share, 4),
+        "rank_weight_checksums": checksums,  # sharded: one, of the gathered weights
+        "weights_identical_across_ranks": len(set(checksums)) == 1 if not sharded else None,
         "peak_memory_mb": round(peak_memory_bytes(runtime) / 2**20, 1),
         "device": str(runtime.device),
         "dtype": runtime.dtype_name,
