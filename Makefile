@@ -54,6 +54,7 @@ bench: install
 	$(BENCH_ENV) $(BIN)/dvc repro
 	$(BENCH_ENV) $(BIN)/python bench/bench_init.py --ranks 32 64 --layers 22
 	$(BENCH_ENV) $(BIN)/python bench/bench_train.py
+	$(BENCH_ENV) $(BIN)/python bench/bench_train.py --cases stage-olora hand-olora --profile
 	$(BENCH_ENV) $(BIN)/python bench/bench_eval.py
 	$(BENCH_ENV) $(BIN)/python bench/bench_paired.py
 	$(BENCH_ENV) $(BIN)/python bench/bench_overheads.py

@@ -145,6 +145,56 @@ def matmul_rate(device: str, dtype, size: int = 2048, repeats: int = 5) -> float
     return 2 * size**3 / best / 1e9
 
 
+class StepProfile:
+    """torch.profiler over the timed steps (`--profile`): where a step's host time goes, and how often the
+    host reads a tensor's value. Every `.item()`/`float()`/`bool()` of a tensor runs `aten::_local_scalar_dense`;
+    on CUDA a read of a device tensor blocks until the queued kernels finish, a read of a CPU-side tensor
+    (torch.optim's per-tensor step counters) does not, so on CPU the count is an upper bound on the waits a
+    GPU run would have; on CUDA the stream/device synchronisations themselves are counted."""
+
+    SYNC_OPS = ("aten::_local_scalar_dense",)
+    CUDA_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+    def __init__(self, enabled: bool, cuda: bool):
+        self.enabled, self.cuda, self.prof, self.steps = enabled, cuda, None, 0
+
+    def start(self):
+        if self.enabled and self.prof is None:
+            import torch
+
+            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if self.cuda else [])
+            self.prof = torch.profiler.profile(activities=activities)
+            self.prof.__enter__()
+
+    def step(self):
+        if self.prof is not None:
+            self.steps += 1
+
+    def stop(self, timer_syncs_per_step: int) -> dict | None:
+        """Per-step figures; `timer_syncs_per_step`: the benchmark's own device synchronisations, subtracted."""
+        if self.prof is None:
+            return None
+        self.prof.__exit__(None, None, None)
+        events = self.prof.key_averages()
+        steps = max(self.steps, 1)
+        total = sum(e.self_cpu_time_total for e in events) or 1
+        count = {e.key: e.count for e in events}
+        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:6]
+        loader = sum(e.cpu_time_total for e in events if e.key.startswith("enumerate(DataLoader)"))
+        optimizer = sum(e.cpu_time_total for e in events if e.key.startswith("Optimizer.step"))
+        self.prof = None
+        return {
+            "profiled_steps": steps,
+            "host_reads_per_step": round(sum(count.get(k, 0) for k in self.SYNC_OPS) / steps, 2),
+            "cuda_syncs_per_step": round(sum(count.get(k, 0) for k in self.CUDA_SYNCS) / steps - timer_syncs_per_step, 2)
+            if self.cuda else None,
+            "ops_per_step": round(sum(e.count for e in events) / steps),
+            "dataloader_share": round(loader / total, 4),
+            "optimizer_share": round(optimizer / total, 4),
+            "top_self_cpu": [(e.key, round(e.self_cpu_time_total / total, 4)) for e in top],
+        }
+
+
 def measure_case(case: str, args, data_dir: Path, init_dir: Path) -> dict:
     import torch
     from transformers import TrainerCallback
@@ -162,7 +212,8 @@ def measure_case(case: str, args, data_dir: Path, init_dir: Path) -> dict:
     ref = models.resolve_model(cfg.model)
     sync = (lambda: torch.cuda.synchronize(runtime.device)) if runtime.is_cuda else (lambda: None)
     timer = StepTimer()
-    counts: dict[str, int] = {}
+    profile = StepProfile(getattr(args, "profile", False), runtime.is_cuda)
+    counts: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if kind in ("stage", "default"):
@@ -176,8 +227,12 @@ def measure_case(case: str, args, data_dir: Path, init_dir: Path) -> dict:
                     seen = int(state.num_input_tokens_seen or 0)
                     timer.mark(seen - self.seen, sync)
                     self.seen = seen
+                    profile.step()  # counts only once started
+                    if len(timer.times) == args.warmup:
+                        profile.start()
 
                 def on_train_end(self, a, state, control, **kw):
+                    counts["profile"] = profile.stop(1 if runtime.is_cuda else 0)
                     counts["peak"] = peak_memory_bytes(runtime)  # before the stage's final evaluation and export
 
             paths = TrainPaths(data_dir, init_dir, tmp / "adapter", tmp / "exported", tmp / "checkpoints")
@@ -208,7 +263,9 @@ def measure_case(case: str, args, data_dir: Path, init_dir: Path) -> dict:
 
             stream = batches()
             timer.start()
-            for _ in range(cfg.train.max_steps):
+            for step in range(cfg.train.max_steps):
+                if step == args.warmup:
+                    profile.start()
                 batch = {k: v.to(runtime.device) for k, v in next(stream).items()}
                 if autocast:
                     with autocast:
@@ -221,6 +278,8 @@ def measure_case(case: str, args, data_dir: Path, init_dir: Path) -> dict:
                 optim.zero_grad(set_to_none=True)
                 float(loss)
                 timer.mark(int(batch["attention_mask"].sum()), sync)
+                profile.step()
+            counts["profile"] = profile.stop(1 if runtime.is_cuda else 0)
             counts["peak"] = peak_memory_bytes(runtime)
     summary = timer.summary(args.warmup)
     flops = (4 * counts["n_linear"] + 6 * counts["n_adapter"]) * summary["tokens"]
@@ -231,6 +290,7 @@ def measure_case(case: str, args, data_dir: Path, init_dir: Path) -> dict:
         "n_linear": counts["n_linear"], "n_adapter": counts["n_adapter"],
         "peak_memory_mb": round(counts["peak"] / 2**20, 1), "padding_free": counts.get("padding_free", False),
         "matmul_gflops": round(matmul_rate(str(runtime.device), runtime.dtype), 2),
+        "profile": counts.get("profile"),
     }
 
 
@@ -247,6 +307,8 @@ def main() -> int:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--default-max-examples", type=int, default=0,
                         help="default-olora: rows prepared (0: params.yaml's data.max_examples)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also run torch.profiler over the timed steps: host syncs per step, dataloader and optimizer shares, top ops")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--init", help=argparse.SUPPRESS)
@@ -282,7 +344,8 @@ def main() -> int:
                 cmd = [sys.executable, __file__, "--one", case, "--data", str(data), "--init",
                        str(tmp / f"init-{case.split('-')[1]}"), "--model", args.model, "--steps", str(args.steps),
                        "--warmup", str(args.warmup), "--micro-batch", str(args.micro_batch), "--seq-len", str(args.seq_len),
-                       "--max-examples", str(args.max_examples), "--default-max-examples", str(args.default_max_examples)]
+                       "--max-examples", str(args.max_examples), "--default-max-examples", str(args.default_max_examples),
+                       *(["--profile"] if args.profile else [])]
                 row = run_case(cmd)
                 if row is None:
                     return 1
@@ -320,9 +383,32 @@ def main() -> int:
                   f"{d['micro_batch']}, {'padding-free' if d['padding_free'] else 'padded'} batches) / the unpadded stage rate: "
                   f"{d['tokens_per_second'] / by['stage-olora']['tokens_per_second']:.2f}"]
     lines += ["", "Peak memory: CUDA max allocated on a GPU; on CPU the process's peak RSS (model, data and Python included)."]
-    publish(args.out, "train_" + first["device"].split(":")[0], {"device": device, "model": args.model, "rows": rows},
-            "\n".join(lines))
+    if args.profile:
+        lines += profile_table(rows)
+    tag = "train_" + first["device"].split(":")[0] + ("_profile" if args.profile else "")
+    publish(args.out, tag, {"device": device, "model": args.model, "rows": rows}, "\n".join(lines))
     return 0
+
+
+def profile_table(rows: list[dict]) -> list[str]:
+    """The profile of each case's median process (the profiler's own overhead is in these runs' throughput)."""
+    lines = ["", "Profile of the timed steps (torch.profiler, the median process of each case; its overhead is in the "
+             "figures above). Tensor reads: tensor-to-Python reads (`aten::_local_scalar_dense`: `.item()`, `float()`, "
+             "`bool()`); on CUDA those of device tensors wait for the device, those of CPU-side tensors (torch.optim's step "
+             "counters, one per trainable tensor and step) do not, so on CPU this is an upper bound on a GPU run's waits. "
+             "CUDA syncs: the waits themselves, on a GPU only. The hand loop reads the loss and the token count each "
+             "step, as the stage's logging and token counting do.", "",
+             "| case | tensor reads / step | CUDA syncs / step | ops / step | dataloader share | optimizer share | top ops by self CPU time |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        p = row.get("profile")
+        if not p:
+            continue
+        top = ", ".join(f"`{name}` {share:.0%}" for name, share in p["top_self_cpu"][:4])
+        cuda = "-" if p["cuda_syncs_per_step"] is None else f"{p['cuda_syncs_per_step']:.1f}"
+        lines.append(f"| {row['case']} | {p['host_reads_per_step']:.1f} | {cuda} | {p['ops_per_step']} | "
+                     f"{p['dataloader_share']:.1%} | {p['optimizer_share']:.1%} | {top} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -64,6 +64,16 @@ def test_train_eval_benchmarks_and_report(tmp_path, tiny_model_dir, tiny_adapter
         assert row["timed_steps"] == 2 and row["tokens"] == 2 * 2 * 64 and row["micro_batch"] == 2
         assert row["n_adapter"] > 0 and row["n_linear"] > row["n_adapter"]
         assert len(row["repeat_tokens_per_second"]) == 2
+        assert row["profile"] is None  # profiled only when asked
+
+    table = bench("bench_train.py", "--model", str(tiny_model_dir), "--steps", "2", "--warmup", "1", "--max-examples", "300",
+                  "--micro-batch", "2", "--seq-len", "64", "--repeats", "1", "--cases", "stage-olora", "hand-olora",
+                  "--profile", "--out", str(out))
+    assert "| case | tensor reads / step | CUDA syncs / step |" in table
+    for row in json.loads((out / "train_cpu_profile.json").read_text())["rows"]:
+        profile = row["profile"]  # the two timed steps, not the warm-up
+        assert profile["profiled_steps"] == 2 and profile["host_reads_per_step"] >= 1 and profile["cuda_syncs_per_step"] is None
+        assert profile["top_self_cpu"] and 0 < sum(share for _, share in profile["top_self_cpu"]) <= 1
 
     table = bench("bench_eval.py", "--model", str(tiny_model_dir), "--adapter", str(tiny_adapter), "--limit", "2",
                   "--out", str(out))

@@ -32,7 +32,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,
 
 step env_peak 90 $PY gpucheck/env_and_peak.py "$OUT/env.json" $([ "$QUICK" = 1 ] && echo 512)
 
-step pytest_gpu 180 $PY -m pytest -m gpu tests/test_gpu.py -p gpucheck_plugin -v -rA --junitxml="$OUT/pytest_junit.xml"
+step pytest_gpu 180 $PY -m pytest -m gpu tests/modeling/test_gpu.py tests/training/test_gpu_training.py -p gpucheck_plugin -v -rA --junitxml="$OUT/pytest_junit.xml"
 
 if [ "$QUICK" = 1 ]; then IR="--ranks 4 --layers 2"; else IR=""; fi
 step bench_init 240 $PY bench/bench_init.py --device "$DEV" --dtype bfloat16 $IR --out "$W/results/init" \
