@@ -192,6 +192,7 @@ class StepProfile:
             "dataloader_share": round(loader / total, 4),
             "optimizer_share": round(optimizer / total, 4),
             "top_self_cpu": [(e.key, round(e.self_cpu_time_total / total, 4)) for e in top],
+            "calls_per_step": {e.key: round(e.count / steps, 2) for e in sorted(events, key=lambda e: -e.count)[:60]},
         }
 
 
@@ -230,9 +231,10 @@ def measure_case(case: str, args, data_dir: Path, init_dir: Path) -> dict:
                     profile.step()  # counts only once started
                     if len(timer.times) == args.warmup:
                         profile.start()
+                    elif len(timer.times) == args.warmup + args.steps:  # before the Trainer's end-of-training evaluation
+                        counts["profile"] = profile.stop(1 if runtime.is_cuda else 0)
 
                 def on_train_end(self, a, state, control, **kw):
-                    counts["profile"] = profile.stop(1 if runtime.is_cuda else 0)
                     counts["peak"] = peak_memory_bytes(runtime)  # before the stage's final evaluation and export
 
             paths = TrainPaths(data_dir, init_dir, tmp / "adapter", tmp / "exported", tmp / "checkpoints")

@@ -45,6 +45,9 @@ else TA="--steps 8 --warmup 2"; FT=""; fi
 step bench_train_mb8 200 $PY bench/bench_train.py --model "$W/model" --repeats 1 $TA --out "$W/results/mb8" \
   && cp "$W/results/mb8/train_${DEV}.json" "$OUT/train_${DEV}_mb8.json"
 
+step bench_train_profile 200 $PY bench/bench_train.py --model "$W/model" --repeats 1 $TA --cases stage-olora hand-olora --profile --out "$W/results/prof" \
+  && cp "$W/results/prof/train_${DEV}_profile."* "$OUT/"
+
 step finetune 200 $PY gpucheck/finetune.py "$W/model" "$W/ft" "$OUT/finetune.json" "$OUT/env.json" $FT
 
 if [ "$QUICK" = 1 ]; then MB=16; else MB=64; fi
