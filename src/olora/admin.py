@@ -3,7 +3,8 @@
     olora promote [--version N] [--force]    move alias champion to the challenger if it passes the gate
     olora rollback                           restore the previous champion
     olora restore [--version N]              check out a registered version's recorded run here
-    olora serve [--alias champion]           answer HTTP requests with a registered version
+    olora serve [--alias champion]           answer HTTP requests with a registered version, following its alias
+    olora serve-webhook --url URL            register the registry webhook that tells a server the alias moved
     olora check                              validate params.yaml and print the resolved configuration
     olora dvc-yaml [--write|--check]         dvc.yaml from the stage table
     olora params-table [--write FILE]        the parameter table from the config's docstrings
@@ -40,6 +41,13 @@ def build_parser():
     sv.add_argument("--version", help="serve this fixed version instead of an alias (reload is then a no-op)")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     sv.add_argument("--port", type=int, default=5001)
+    sv.add_argument("--poll-seconds", type=float, default=30.0,
+                    help="look at the alias every N seconds and switch when it moved (0: off; the fallback where the "
+                         "registry's webhooks cannot reach this server). Webhooks: set $OLORA_WEBHOOK_SECRET")
+    wh = sub.add_parser("serve-webhook", help="register (or update) the registry webhook (event model_version_alias.created) "
+                        "that tells `olora serve` at URL when an alias moves, signed with $OLORA_WEBHOOK_SECRET")
+    wh.add_argument("--model", help="registered model name (default: from params)")
+    wh.add_argument("--url", required=True, help="the server's webhook endpoint, e.g. http://10.0.0.5:5001/webhook")
     rs = sub.add_parser("restore", help="check out a registered version's recorded run here: git fetch + checkout + dvc pull")
     rs.add_argument("--model", help="registered model name (default: from params)")
     rs.add_argument("--alias", default="champion", help="alias to restore (default: champion)")
@@ -91,7 +99,23 @@ def main(argv: list[str]) -> int:
             from olora.serving.server import serve
             from olora.tracking.names import model_name
 
-            serve(cfg, tracking, args.model or model_name(cfg), args.alias, args.version, args.host, args.port)
+            if args.poll_seconds < 0:
+                raise OloraError(f"--poll-seconds={args.poll_seconds} is negative; use 0 (off) or a number of seconds")
+            serve(cfg, tracking, args.model or model_name(cfg), args.alias, args.version, args.host, args.port,
+                  args.poll_seconds)
+        elif args.command == "serve-webhook":
+            import os
+
+            from olora.serving.server import SECRET_ENV, register_webhook
+            from olora.tracking.names import model_name
+
+            secret = os.environ.get(SECRET_ENV, "")
+            if len(secret) < 16:
+                raise OloraError(f"${SECRET_ENV} must hold the webhook's secret, at least 16 characters (e.g. "
+                                 "`openssl rand -hex 32`); the server is started with the same value")
+            name = args.model or model_name(cfg)
+            hook = register_webhook(tracking.client(), name, args.url, secret)
+            print(f"webhook {hook}: model_version_alias.created of {name} -> {args.url}")
     except OloraError as exc:
         print(f"olora {args.command}: error: {exc}", file=sys.stderr)
         return 2

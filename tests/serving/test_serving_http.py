@@ -30,7 +30,7 @@ from olora.tracking import client as tracking
 from olora.tracking import registry
 from olora.tracking import gate
 
-from conftest import running_server
+from conftest import free_port, running_server
 from overlay import write_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
@@ -88,7 +88,7 @@ def invoke(base: str, prompts=PROMPTS, **params) -> tuple[int, dict]:
 
 @pytest.fixture(scope="module")
 def server(registered):
-    with olora_serve(registered) as base:  # the defaults: alias champion, 127.0.0.1
+    with olora_serve(registered, "--poll-seconds", "0") as base:  # alias champion, 127.0.0.1; switches only on /reload
         yield base
 
 
@@ -310,4 +310,147 @@ def test_a_changed_file_fails_on_load_and_on_reload(registered, server, monkeypa
     finally:
         weights.write_bytes(original)
         mlmodel.write_text(original_mlmodel)
+        c.set_registered_model_alias(name, "champion", "1")
+
+
+# ---------------------------------------------------------------- following the alias: polling and webhooks
+
+SECRET = "test-webhook-secret-0123456789"
+
+
+def _signed(payload: dict, secret: str = SECRET, age: int = 0) -> tuple[bytes, dict[str, str]]:
+    """A delivery signed exactly as MLflow's webhook sender signs it (its own function)."""
+    from mlflow.webhooks.delivery import _generate_hmac_signature
+
+    body, delivery, stamp = json.dumps(payload), "d-1", str(int(time.time()) - age)
+    return body.encode(), {"x-mlflow-signature": _generate_hmac_signature(secret, delivery, stamp, body),
+                           "x-mlflow-delivery-id": delivery, "x-mlflow-timestamp": stamp}
+
+
+def test_webhook_signatures_are_checked():
+    from olora.serving.server import verify_webhook
+
+    event = {"entity": "model_version_alias", "action": "created", "data": {"name": "m", "alias": "champion", "version": "2"}}
+    body, headers = _signed(event)
+    now = time.time()
+    assert verify_webhook(SECRET, headers, body, now) is None
+    assert verify_webhook(SECRET, {}, body, now)[0] == 401  # unsigned
+    assert verify_webhook("another-secret-0123456789", headers, body, now)[0] == 403
+    assert verify_webhook(SECRET, headers, body.replace(b'"2"', b'"3"'), now)[0] == 403  # changed payload
+    old_body, old_headers = _signed(event, age=3600)
+    assert verify_webhook(SECRET, old_headers, old_body, now)[0] == 403  # a replayed old delivery
+    assert verify_webhook(None, headers, body, now)[0] == 403  # no secret configured: webhooks are off
+
+
+def _raw(base: str, path: str, body: bytes = b"", headers: dict | None = None, method: str = "POST"):
+    request = urllib.request.Request(base + path, data=body if method == "POST" else None, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read()), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read()), dict(error.headers)
+
+
+def _wait_for_version(base: str, version: str, seconds: float = 60.0) -> dict:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        served = call(base, "/served")[1]
+        if served["version"] == version:
+            return served
+        time.sleep(0.2)
+    raise AssertionError(f"still serving {call(base, '/served')[1]} after {seconds} s; wanted version {version}")
+
+
+def _new_version(c, name: str, tags_edit=None) -> str:
+    v1 = c.get_model_version(name, "1")
+    tags = dict(v1.tags)
+    if tags_edit:
+        tags_edit(tags)
+    return str(c.create_model_version(name, v1.source, run_id=v1.run_id, tags=tags).version)
+
+
+def test_polling_follows_the_alias_reports_a_broken_version_once_and_says_who_answered(registered):
+    c, name = _client(registered), _name(registered)
+    log = registered.root / "poll-server.log"
+    env = {**{k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")},
+           "MLFLOW_DISABLE_TELEMETRY": "true", "PATH": "/usr/bin:/bin", "OLORA_WEBHOOK_SECRET": SECRET}
+    command = [str(BIN / "olora"), "--root", str(registered.root), "serve", "--poll-seconds", "1"]
+    try:
+        with running_server(lambda port: [*command, "--port", str(port)], registered.root, "/ping", env, log_path=log) as base:
+            status, body, headers = _raw(base, "/invocations", json.dumps(
+                {"inputs": {"prompt": PROMPTS[:1]}, "params": {"max_new_tokens": 2}}).encode())
+            assert status == 200 and headers["x-olora-model-version"] == "1"
+            served = call(base, "/served")[1]
+            assert served["poll_seconds"] == 1 and served["webhook"] and served["last_failure"] is None
+
+            # unsigned or wrongly signed webhook calls are refused and change nothing
+            event = {"entity": "model_version_alias", "action": "created", "data": {"name": name, "alias": "champion", "version": "9"}}
+            assert _raw(base, "/webhook", json.dumps(event).encode())[0] == 401
+            body, headers = _signed(event, secret="not-the-secret-0123456789")
+            assert _raw(base, "/webhook", body, headers)[0] == 403
+            assert call(base, "/served")[1]["version"] == "1"
+
+            # the alias moves (as `olora promote` moves it): the poller switches; every request meanwhile answered
+            good = _new_version(c, name)
+            c.set_registered_model_alias(name, "champion", good)
+            _wait_for_version(base, good)
+            assert _raw(base, "/invocations", json.dumps({"inputs": {"prompt": PROMPTS[:1]},
+                                                           "params": {"max_new_tokens": 2}}).encode())[2]["x-olora-model-version"] == good
+
+            # a version whose registry tag disagrees with its files: reported once, not retried, the old one serves
+            def tamper(tags):
+                checksums = json.loads(tags["artifact_sha256"])
+                checksums[next(iter(checksums))] = "0" * 64
+                tags["artifact_sha256"] = json.dumps(checksums)
+
+            broken = _new_version(c, name, tamper)
+            c.set_registered_model_alias(name, "champion", broken)
+            deadline = time.monotonic() + 60
+            while call(base, "/served")[1]["last_failure"] is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            served = call(base, "/served")[1]
+            assert served["version"] == good and served["last_failure"]["version"] == broken
+            assert "TamperedModelError" in served["last_failure"]["error"] and served["last_failure"]["trigger"] == "poll"
+            assert invoke(base)[0] == 200
+            time.sleep(3.5)  # three more polls
+            assert log.read_text().count(f"could not switch to version {broken}") == 1
+
+            # a signed delivery for another model is accepted as genuine and ignored
+            other = {"entity": "model_version_alias", "action": "created", "data": {"name": "other", "alias": "champion", "version": "1"}}
+            status, body, _ = _raw(base, "/webhook", *_signed(other))
+            assert status == 200 and not body["accepted"]
+    finally:
+        c.set_registered_model_alias(name, "champion", "1")
+
+
+def test_a_real_registry_webhook_switches_the_server(registered, tmp_path):
+    """MLflow's own webhook delivery (a SQL-backed `mlflow server`, loopback allowed) reaches `olora serve`,
+    registered with `olora serve-webhook`; the signed alias event switches the version with polling off."""
+    from mlflow import MlflowClient
+
+    c, name = _client(registered), _name(registered)
+    clean = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow_port = free_port()
+    mlflow_env = {**clean, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+                  "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true"}
+    mlflow_command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--workers", "1",
+                      "--backend-store-uri", f"sqlite:///{registered.root / 'mlflow.db'}",
+                      "--artifacts-destination", str(tmp_path / "artifacts")]
+    serve_env = {**clean, "MLFLOW_DISABLE_TELEMETRY": "true", "PATH": "/usr/bin:/bin", "OLORA_WEBHOOK_SECRET": SECRET}
+    serve_command = [str(BIN / "olora"), "--root", str(registered.root), "serve", "--poll-seconds", "0"]
+    try:
+        with running_server(lambda port: [*mlflow_command, "--port", str(port)], registered.root, "/health", mlflow_env,
+                            log_path=tmp_path / "mlflow.log", port=mlflow_port) as registry_url, \
+             running_server(lambda port: [*serve_command, "--port", str(port)], registered.root, "/ping", serve_env,
+                            log_path=tmp_path / "serve.log") as base:
+            out = subprocess.run([str(BIN / "olora"), "--root", str(registered.root), "serve-webhook", "--url", f"{base}/webhook"],
+                                 env={**serve_env, "MLFLOW_TRACKING_URI": registry_url}, capture_output=True, text=True)
+            assert out.returncode == 0, out.stderr[-3000:]
+            version = _new_version(c, name)
+            MlflowClient(registry_url, registry_uri=registry_url).set_registered_model_alias(name, "champion", version)
+            served = _wait_for_version(base, version)
+            assert served["last_failure"] is None
+            assert f"webhook: models:/{name}@champion now answers with version {version}" in (tmp_path / "serve.log").read_text()
+    finally:
         c.set_registered_model_alias(name, "champion", "1")
