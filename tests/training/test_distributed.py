@@ -199,6 +199,13 @@ def test_fsdp_on_two_processes_trains_the_ddp_adapter_and_loads_on_an_untouched_
         assert a == pytest.approx(b, rel=1e-4), (_losses(fsdp), _losses(ddp))
     reference = _adapter(ddp)
     assert _adapter(fsdp).keys() == reference.keys()
+    # with gradient checkpointing (transformers' own under FSDP): the same losses and a complete adapter
+    checkpointed = _copy(prepared, tmp_path / "fsdp-gc")
+    sh([str(BIN / "olora"), "--set", "train.processes=2", "--set", "train.strategy=fsdp", "--set",
+        "train.gradient_checkpointing=true", "--set", "tracking.enabled=false", "train"], checkpointed.root)
+    for a, b in zip(_losses(checkpointed), _losses(fsdp), strict=True):
+        assert a == pytest.approx(b, rel=1e-4)
+    assert _adapter(checkpointed).keys() == reference.keys()
     for key, value in reference.items():
         torch.testing.assert_close(_adapter(fsdp)[key], value, rtol=1e-4, atol=1e-6)
     from mlflow import MlflowClient

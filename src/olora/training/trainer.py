@@ -129,8 +129,7 @@ def sharding_arguments(t: TrainConfig, runtime: Runtime, layer_classes: list[str
     """TrainingArguments for train.strategy: DDP's backend, FSDP2's config, or a DeepSpeed ZeRO-3 config.
 
     FSDP2 wraps each decoder layer (`layer_classes`, the model's `_no_split_modules`) and saves full
-    state dicts so that checkpoints hold a loadable adapter; with train.gradient_checkpointing, FSDP's
-    own activation checkpointing is used (the Trainer refuses both at once). ZeRO-3 takes batch, clipping
+    state dicts so that checkpoints hold a loadable adapter. ZeRO-3 takes batch, clipping
     and precision from the Trainer ("auto") and gathers the 16-bit weights on save.
     """
     if t.strategy == "fsdp":
@@ -140,7 +139,9 @@ def sharding_arguments(t: TrainConfig, runtime: Runtime, layer_classes: list[str
             "transformer_layer_cls_to_wrap": layer_classes,
             "state_dict_type": "FULL_STATE_DICT",
             "reshard_after_forward": True,
-            "activation_checkpointing": t.gradient_checkpointing,
+            # train.gradient_checkpointing stays transformers' own: FSDP's wraps each layer in a checkpoint
+            # wrapper whose names PEFT no longer finds when it saves the adapter
+            "activation_checkpointing": False,
         }}
     if t.strategy == "deepspeed":
         return {"deepspeed": {
@@ -221,8 +222,8 @@ def training_arguments(t: TrainConfig, runtime: Runtime, output_dir: Path, packe
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        activation_checkpointing=t.gradient_checkpointing and t.strategy != "fsdp",
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing and t.strategy != "fsdp" else None,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         eval_strategy="steps",
         eval_steps=t.eval_steps,
         save_strategy="steps",
