@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import BIN, REPO, sh
 from olora.ops import envfile, prefect_api, services, stack
 
 WORKERS = 2
@@ -207,6 +207,55 @@ def test_mlflow_logs_a_run_whose_artifact_lands_in_the_bucket(running_stack, mon
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=stack.BUCKET, Prefix="mlflow-artifacts/").get("Contents", [])]
     assert f"mlflow-artifacts/{experiment}/{run.info.run_id}/artifacts/notes/hello.txt" in keys, keys
     running_stack.run_id = run.info.run_id
+
+
+@pytest.mark.stack
+def test_the_stacks_registry_delivers_signed_webhooks_to_a_loopback_receiver(running_stack, tmp_path):
+    """`olora serve-webhook` registers with the stack's MLflow (PostgreSQL registry, auth on); MLflow's own test
+    delivery reaches a receiver on loopback, signed so that `olora serve`'s check accepts it."""
+    import http.server
+    import threading
+
+    from mlflow import MlflowClient
+
+    from olora.serving.server import verify_webhook
+
+    received: list[tuple[dict, bytes]] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    values, secret = running_stack.values, "stack-webhook-secret-0123456789"
+    env = {k: values[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    try:
+        (tmp_path / "params.yaml").write_text("register:\n  model_name: stack-webhook-check\n")
+        out = sh([str(BIN / "olora"), "--root", str(tmp_path), "serve-webhook", "--url",
+                  f"http://127.0.0.1:{httpd.server_port}/webhook"], tmp_path, check=False,
+                 extra_env={**env, "OLORA_WEBHOOK_SECRET": secret})
+        assert out.returncode == 0, out.stderr[-3000:]
+        hook_id = out.stdout.split()[1].rstrip(":")
+        client = MlflowClient(values["MLFLOW_TRACKING_URI"], registry_uri=values["MLFLOW_TRACKING_URI"])
+        for name, value in env.items():  # the client authenticates from the environment
+            os.environ[name] = value
+        result = client.test_webhook(hook_id)
+        assert result.success, result
+        headers, body = received[-1]
+        assert verify_webhook(secret, headers, body, time.time()) is None
+        assert verify_webhook("another-secret-0123456789", headers, body, time.time())[0] == 403
+        client.delete_webhook(hook_id)
+    finally:
+        for name in env:
+            os.environ.pop(name, None)
+        httpd.shutdown()
 
 
 @pytest.mark.stack

@@ -457,6 +457,9 @@ def mlflow_service(config: StackConfig, secret: Mapping[str, str]) -> Service:
         "AWS_SECRET_ACCESS_KEY": secret["s3_secret_key"],
         "AWS_DEFAULT_REGION": REGION,
         "MLFLOW_S3_ENDPOINT_URL": config.s3_url,
+        # registry webhooks (`olora serve-webhook`) to `olora serve` on this machine or the team's private network
+        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
     })
     service = services.mlflow_service(
         config.pg_url("mlflow", driver="postgresql+psycopg2"),  # SQLAlchemy 2.1 defaults to psycopg 3
