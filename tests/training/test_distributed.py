@@ -153,25 +153,8 @@ def test_two_processes_match_one_at_the_same_effective_batch(prepared, tmp_path)
 def test_a_killed_two_process_run_resumes_and_a_changed_count_is_refused(prepared, tmp_path):
     layout = _copy(prepared, tmp_path / "killed")
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OLORA_NUM_THREADS": "1"}
-    launcher = subprocess.Popen([str(BIN / "olora"), "--set", "train.processes=2", "--set", "tracking.enabled=false",
-                                 "train"], cwd=layout.root, env=env, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = layout.checkpoints / "checkpoint-2" / "trainer_state.json"
-    deadline = time.monotonic() + 300
-    while not marker.is_file() and launcher.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert marker.is_file(), "no checkpoint was written"
-    import psutil
-
-    # the whole launch, as a preempted node loses it: torchrun starts each rank in a session of its own,
-    # so the ranks are found as descendants rather than through the launcher's process group
-    processes = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
-    assert len(processes) >= 4  # olora, torchrun, two ranks
-    for process in processes:
-        process.send_signal(signal.SIGKILL)
-    psutil.wait_procs(processes, timeout=30)
-    launcher.wait(30)
-    assert not (layout.adapter / "adapter_model.safetensors").exists()
+    _kill_after_checkpoint(layout, [str(BIN / "olora"), "--set", "train.processes=2", "--set", "tracking.enabled=false",
+                                    "train"], env)
 
     refused = sh([str(BIN / "olora"), "--set", "tracking.enabled=false", "train"], layout.root, check=False)
     assert refused.returncode == 2
@@ -268,7 +251,10 @@ def _kill_after_checkpoint(layout: Layout, command: list[str], env: dict) -> Non
     while not marker.is_file() and launcher.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     assert marker.is_file(), "no checkpoint was written"
+    # the whole launch, as a preempted node loses it: torchrun starts each rank in a session of its own,
+    # so the ranks are found as descendants rather than through the launcher's process group
     processes = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
+    assert len(processes) >= 4  # olora, torchrun, two ranks
     for process in processes:
         process.send_signal(signal.SIGKILL)
     psutil.wait_procs(processes, timeout=30)
