@@ -53,7 +53,7 @@ def test_recorded_template_survives_a_changed_tokenizer_template(tiny):
 
 
 def test_chat_template_needs_a_tokenizer_with_one():
-    with pytest.raises(ConfigError, match="data.template=chat needs a tokenizer with a chat template"):
+    with pytest.raises(ConfigError, match="data.template=chat needs a chat template: this tokenizer has none"):
         resolve_template("chat", None)
     with pytest.raises(ConfigError, match="prompt template kind 'xml'"):
         PromptTemplate.from_dict({"kind": "xml"})

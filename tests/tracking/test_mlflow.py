@@ -273,13 +273,45 @@ def test_served_model_answers_over_http_in_the_training_template(tracked):
         assert raw == _reference_answers(tracked, PROMPTS, 8, raw=True)
 
 
-def test_a_chat_trained_model_serves_with_the_chat_template(tmp_path_factory, tiny_untied_model_dir):
-    root = tmp_path_factory.mktemp("chat")
-    write_params(root, tiny_untied_model_dir, {"data.template": "chat", "evaluate.tasks": ["arc_easy"],
-                                        "register.model_name": "olora-chat-test"})
+def _chat_rows(n: int) -> list[list[dict]]:
+    """Multi-turn conversations (a system prompt on every other one), as `messages` lists."""
+    rows = []
+    for i in range(n):
+        turns = [{"role": "system", "content": "Answer briefly."}] if i % 2 else []
+        rows.append(turns + [{"role": "user", "content": f"What is {i} plus one?"},
+                             {"role": "assistant", "content": f"It is {i + 1}."},
+                             {"role": "user", "content": "And minus one?"},
+                             {"role": "assistant", "content": f"It is {i - 1}."}])
+    return rows
+
+
+def test_a_messages_fine_tune_through_dvc_repro_serves_with_the_chat_template(tmp_path_factory, tiny_untied_model_dir):
+    """`dvc repro` on a multi-turn `messages` file: the registered model answers in the chat template, and the same
+    conversations as ShareGPT rows train the same adapter."""
+    from conftest import make_dvc_project, sh
+    from safetensors.torch import load_file
+
+    chat = {"data.template": "chat", "data.format": "messages", "data.source": "data/raw/chat.jsonl",
+            "data.validation_fraction": 0.1, "evaluate.tasks": ["arc_easy"], "register.model_name": "olora-chat-test"}
+    rows = _chat_rows(40)
+    root = make_dvc_project(tmp_path_factory.mktemp("chat"), tiny_untied_model_dir, chat)
+    (root / "data/raw/chat.jsonl").write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
+    sh([str(Path(sys.executable).parent / "dvc"), "repro"], root)
     layout = Layout(root)
-    for stage in ("prepare", "init", "train", "evaluate_base", "evaluate", "register"):
-        STAGES[stage].run(layout)
+    data = json.loads(layout.metrics("data").read_text())
+    assert data["conversations"] == 40 and data["assistant_turns"] == 80
+
+    other = tmp_path_factory.mktemp("sharegpt")  # the same conversations as ShareGPT rows: the same adapter
+    write_params(other, tiny_untied_model_dir, {**chat, "data.format": "sharegpt"})
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    (other / "data/raw").mkdir(parents=True, exist_ok=True)
+    (other / "data/raw/chat.jsonl").write_text("".join(
+        json.dumps({"conversations": [{"from": names[t["role"]], "value": t["content"]} for t in r]}) + "\n" for r in rows))
+    for stage in ("prepare", "init", "train"):
+        STAGES[stage].run(Layout(other))
+    trained, from_sharegpt = (load_file(folder / "models/adapter/adapter_model.safetensors") for folder in (root, other))
+    assert trained.keys() == from_sharegpt.keys()
+    assert all(torch.equal(trained[k], from_sharegpt[k]) for k in trained)
     import mlflow
 
     from mlflow.tracking import _tracking_service
@@ -299,7 +331,9 @@ def test_a_chat_trained_model_serves_with_the_chat_template(tmp_path_factory, ti
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    assert model.unwrap_python_model().template.kind == "chat"
+    served = model.unwrap_python_model()
+    assert served.template.kind == "chat" and served.template.stop == ("<|im_end|>",)
+    assert served.template.chat_template == served.tokenizer.chat_template  # what prepare rendered the turns with
     assert model.metadata.metadata["prompt_template"] == "chat"
     assert model.predict({"prompt": PROMPTS}, params={"max_new_tokens": 8, "min_new_tokens": 4}) == _reference_answers(layout, PROMPTS, 8)
     params = {p.name for p in model.metadata.get_params_schema().params}

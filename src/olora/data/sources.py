@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator
 
 from olora.modeling import assets
 from olora.config import DataConfig
-from olora.data.templates import Record
+from olora.data.templates import SHAREGPT_ROLES, Record, check_conversation
 from olora.errors import ConfigError, DataError
 from olora.layout import DATA_INPUTS
 
@@ -145,35 +145,87 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
 READERS = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}
 
 
+def _turns(value: Any, fmt: str) -> tuple[tuple[str, str], ...] | str:
+    """A row's conversation as (role, content) turns with roles normalised, or what is wrong with it."""
+    if isinstance(value, str):  # a JSON-encoded list (e.g. a CSV or a flattened export)
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return "the turns' field is a string, not a list of turns"
+    if not isinstance(value, list):
+        return f"the turns' field is a {type(value).__name__}, not a list of turns"
+    turns = []
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict):
+            return f"turn {i} is a {type(turn).__name__}, not an object"
+        # messages use role/content, ShareGPT from/value; either shape is read in either format
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if role is None or content is None:
+            return f"turn {i} lacks role/content (or from/value); it has {sorted(turn)}"
+        if not isinstance(content, str):
+            return f"turn {i} content is a {type(content).__name__}, not text"
+        role = str(role)
+        turns.append((SHAREGPT_ROLES.get(role, role) if fmt == "sharegpt" else role, content))
+    return tuple(turns)
+
+
+def _row_record(origin: str, row: dict, cfg: DataConfig) -> Record | str:
+    """One row as a Record, or what is wrong with it (for the error or the drop count)."""
+    if cfg.format in ("messages", "sharegpt"):
+        name = cfg.conversation_field or ("messages" if cfg.format == "messages" else "conversations")
+        if name not in row:
+            return f"{origin}: no field {name!r} (present: {sorted(row)}); set data.conversation_field to the turns' field"
+        turns = _turns(row[name], cfg.format)
+        if isinstance(turns, str):
+            return f"{origin}: {turns} (field {name!r})"
+        problem = check_conversation(turns, origin)
+        return problem or Record("", "", "", origin, turns)
+    if cfg.format == "prompt_completion":
+        fields, extra_name = (cfg.prompt_field, cfg.completion_field), None
+    else:
+        fields, extra_name = (cfg.instruction_field, cfg.output_field), cfg.input_field
+    instruction, output = row.get(fields[0]), row.get(fields[1])
+    extra = row.get(extra_name) if extra_name else ""
+    missing = [name for name, value in zip(fields, (instruction, output))
+               if value is None or (isinstance(value, str) and not value.strip())]
+    if missing:
+        return f"{origin}: missing or empty field(s) {missing} (present: {sorted(row)})"
+    return Record(str(instruction), "" if extra is None else str(extra), str(output), origin)
+
+
+def _fix_hint(cfg: DataConfig) -> str:
+    if cfg.format == "prompt_completion":
+        fields, keys = (cfg.prompt_field, cfg.completion_field), "data.prompt_field / data.completion_field"
+    else:
+        fields, keys = (cfg.instruction_field, cfg.output_field), "data.instruction_field / data.output_field"
+    return (f"data.source={cfg.source!r}: rows lack the required field(s) {fields[0]!r} / {fields[1]!r}; "
+            f"set {keys} to the file's field names, fix the rows, or set "
+            "data.invalid_rows=drop to skip them. First bad rows:\n  ")
+
+
 def _to_records(rows: Iterable[tuple[str, Any]], cfg: DataConfig, counts: dict[str, int]) -> Iterator[Record]:
     bad: list[str] = []
     for origin, row in rows:
         if not isinstance(row, dict):
             problem = f"{origin}: expected an object with fields, got {type(row).__name__}"
         else:
-            instruction, output = row.get(cfg.instruction_field), row.get(cfg.output_field)
-            extra = row.get(cfg.input_field) if cfg.input_field else ""
-            missing = [
-                name
-                for name, value in ((cfg.instruction_field, instruction), (cfg.output_field, output))
-                if value is None or (isinstance(value, str) and not value.strip())
-            ]
-            if not missing:
-                yield Record(str(instruction), "" if extra is None else str(extra), str(output), origin)
+            record = _row_record(origin, row, cfg)
+            if isinstance(record, Record):
+                yield record
                 continue
-            problem = f"{origin}: missing or empty field(s) {missing} (present: {sorted(row)})"
+            problem = record
         if cfg.invalid_rows == "drop":
             counts["dropped_invalid"] += 1
             continue
         bad.append(problem)
         if len(bad) >= 5:
             break
+    if bad and cfg.format in ("messages", "sharegpt"):  # the first line names the row and what is wrong with it
+        more = "\n  ".join(["other bad rows:", *bad[1:]]) if len(bad) > 1 else ""
+        raise DataError(f"{bad[0]}; fix the conversation, or set data.invalid_rows=drop to skip such rows" + (f"\n  {more}" if more else ""))
     if bad:
-        raise DataError(
-            f"data.source={cfg.source!r}: rows lack the required field(s) {cfg.instruction_field!r} / {cfg.output_field!r}; "
-            "set data.instruction_field / data.output_field to the file's field names, fix the rows, or set "
-            "data.invalid_rows=drop to skip them. First bad rows:\n  " + "\n  ".join(bad)
-        )
+        raise DataError(_fix_hint(cfg) + "\n  ".join(bad))
 
 
 def _is_file_source(source: str, root: Path | None = None) -> bool:

@@ -1,7 +1,12 @@
-"""Prompt templates: how an instruction record becomes the text a model is trained and served on.
+"""Prompt templates: how an instruction record or a conversation becomes the text a model is trained and served on.
 
 The same `render` runs in the prepare stage and in serving (the registered model stores the
 rendered template), so what the model sees at inference is what it was fine-tuned on.
+
+Conversations (`data.format: messages | sharegpt`) render through a chat template into segments
+that alternate between text the model reads (system and user turns, the template's markup) and
+text it learns to write (each assistant turn with its end-of-turn marker); `encode_segments`
+tokenizes them so that the loss covers exactly the assistant turns, every one of them.
 """
 
 from __future__ import annotations
@@ -11,6 +16,16 @@ from dataclasses import dataclass
 from olora.errors import ConfigError
 
 TEMPLATES = ("alpaca", "chat")
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+# Named chat templates (`data.chat_template`), for tokenizers that have none or to override the tokenizer's.
+NAMED_CHAT_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+}
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -32,6 +47,8 @@ class Record:
     input: str
     output: str
     origin: str  # file:row or set name:index, for error messages and provenance
+    messages: tuple[tuple[str, str], ...] = ()
+    """A conversation instead of instruction/input/output: (role, content) turns, roles system/user/assistant."""
 
 
 @dataclass(frozen=True)
@@ -66,15 +83,30 @@ class PromptTemplate:
                    values.get("chat_template", ""), tuple(values.get("stop", ())))
 
 
-def resolve_template(kind: str, tokenizer=None) -> PromptTemplate:
-    """The rendered template for `data.template` (chat takes the tokenizer's chat template)."""
+def _end_of_turn(chat: str, tokenizer) -> tuple[str, ...]:
+    """The text a chat template puts after an assistant turn (e.g. `<|im_end|>`): where a served answer stops."""
+    marker = "\x00olora-end\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
+                                         chat_template=chat, tokenize=False)
+    after = text.split(marker, 1)[1].strip() if marker in text else ""
+    return (after,) if after else ()
+
+
+def resolve_template(kind: str, tokenizer=None, named: str = "") -> PromptTemplate:
+    """The rendered template for `data.template`: chat takes the named template if given, else the tokenizer's."""
     if kind == "alpaca":
         return PromptTemplate("alpaca", ALPACA_WITH_INPUT, ALPACA_NO_INPUT, stop=("\n### ",))
     if kind == "chat":
-        chat = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+        if named and named not in NAMED_CHAT_TEMPLATES:
+            raise ConfigError(f"data.chat_template={named!r} is not a named template; choose one of "
+                              f"{', '.join(NAMED_CHAT_TEMPLATES)}, or leave it empty for the tokenizer's own")
+        chat = NAMED_CHAT_TEMPLATES[named] if named else getattr(tokenizer, "chat_template", None)
         if not chat or not isinstance(chat, str):
-            raise ConfigError("data.template=chat needs a tokenizer with a chat template; use data.template=alpaca")
-        return PromptTemplate("chat", chat_template=chat)
+            raise ConfigError(
+                "data.template=chat needs a chat template: this tokenizer has none; set data.chat_template to a named "
+                f"template ({', '.join(NAMED_CHAT_TEMPLATES)}) or use data.template=alpaca"
+            )
+        return PromptTemplate("chat", chat_template=chat, stop=_end_of_turn(chat, tokenizer))
     raise ConfigError(f"data.template={kind!r} is not allowed; choose one of: {', '.join(TEMPLATES)}")
 
 
@@ -92,6 +124,80 @@ def render_prompt(template: PromptTemplate, instruction: str, input: str = "", t
         [{"role": "user", "content": content}], chat_template=template.chat_template, tokenize=False,
         add_generation_prompt=True,
     )
+
+
+def check_conversation(messages: tuple[tuple[str, str], ...], origin: str) -> str | None:
+    """What is wrong with a conversation (None when nothing): roles, empty turns, system placement, the last turn."""
+    if not messages:
+        return f"{origin}: the conversation has no turns"
+    for i, (role, content) in enumerate(messages):
+        if role not in ROLES:
+            return f"{origin}: turn {i} has unknown role {role!r}; allowed: {', '.join(ROLES)}"
+        if not content.strip():
+            return f"{origin}: turn {i} ({role}) has empty content"
+        if role == "system" and i > 0:
+            return f"{origin}: turn {i} is a system turn; a system turn may only open the conversation"
+    if messages[-1][0] != "assistant":
+        return f"{origin}: the conversation ends with a {messages[-1][0]} turn; it must end with an assistant turn"
+    first = next(role for role, _ in messages if role != "system")
+    if first != "user":
+        return f"{origin}: the first turn after the system prompt is {first!r}; it must be a user turn"
+    return None
+
+
+def render_conversation(template: PromptTemplate, messages: tuple[tuple[str, str], ...], tokenizer) -> list[tuple[str, bool]]:
+    """A conversation as (text, trainable) segments whose concatenation is the chat template's rendering.
+
+    An assistant turn's segment is what the template writes after the generation prompt up to the end
+    of that turn (its content and end-of-turn marker): exactly what the served model must produce.
+    """
+    if template.kind != "chat":
+        raise ConfigError("conversations render through a chat template; set data.template=chat")
+
+    def text(turns, generation: bool) -> str:
+        return tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in turns], chat_template=template.chat_template,
+                                             tokenize=False, add_generation_prompt=generation)
+
+    full = text(messages, False)
+    segments: list[tuple[str, bool]] = []
+    done = 0
+    for i, (role, _) in enumerate(messages):
+        if role != "assistant":
+            continue
+        start, end = len(text(messages[:i], True)), len(text(messages[: i + 1], False))
+        if not (full.startswith(text(messages[:i], True)) and full.startswith(text(messages[: i + 1], False)) and done <= start < end):
+            raise ConfigError(
+                f"the chat template does not render turn {i} as a prefix of the whole conversation, so the assistant "
+                "turns cannot be located for the loss mask; use a template that renders turn by turn "
+                f"(e.g. data.chat_template: {', '.join(NAMED_CHAT_TEMPLATES)})"
+            )
+        if start > done:
+            segments.append((full[done:start], False))
+        segments.append((full[start:end], True))
+        done = end
+    if done < len(full):
+        segments.append((full[done:], False))
+    return segments
+
+
+def encode_segments(tokenizer, segments: list[tuple[str, bool]], max_len: int) -> tuple[list[int], list[int], bool] | None:
+    """Token ids and labels where only trainable segments count; None when no trainable token fits in `max_len`.
+
+    Each segment is tokenized on its own (the first with the tokenizer's special tokens, as serving
+    tokenizes a prompt), so every label boundary is a segment boundary; longer sequences are cut at
+    `max_len` and the flag says so.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    for k, (text, trainable) in enumerate(segments):
+        part = tokenizer(text, add_special_tokens=(k == 0))["input_ids"]
+        ids += part
+        labels += part if trainable else [-100] * len(part)
+    truncated = len(ids) > max_len
+    ids, labels = ids[:max_len], labels[:max_len]
+    if all(label == -100 for label in labels):
+        return None
+    return ids, labels, truncated
 
 
 def render(record: Record, template: PromptTemplate | str, tokenizer=None) -> tuple[str, str]:

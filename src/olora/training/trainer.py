@@ -21,7 +21,7 @@ import torch
 from transformers import TrainerCallback
 
 from olora.config import Config, TrainConfig
-from olora.data.templates import encode
+from olora.data.templates import encode, encode_segments
 from olora.errors import ConfigError, NonFiniteLossError, OloraError
 from olora.faults import marker
 from olora.io import atomic_dir, read_json, read_jsonl
@@ -61,7 +61,10 @@ class TrainResult:
 def tokenize_split(tokenizer, rows: list[dict[str, Any]], max_len: int) -> list[dict[str, list[int]]]:
     out = []
     for row in rows:
-        encoded = encode(tokenizer, row["prompt"], row["response"], max_len)
+        if "segments" in row:  # a conversation: the loss on every assistant turn
+            encoded = encode_segments(tokenizer, [(text, bool(trainable)) for text, trainable in row["segments"]], max_len)
+        else:
+            encoded = encode(tokenizer, row["prompt"], row["response"], max_len)
         if encoded is not None:
             ids, labels, _ = encoded
             out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
