@@ -234,6 +234,33 @@ def records(ctx: Ctx, rel: str | None, content: str | bytes = "", **data) -> str
     return raises(lambda: load_records(DataConfig(**data), {"dropped_invalid": 0}, ctx.root), OloraError)
 
 
+GOOD_TURNS = [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "4."}]
+
+
+def conversations(ctx: Ctx, bad_turns: list[dict]) -> str:
+    """`load_records` with data.format=messages on data/raw/chat.jsonl: a good row, then BAD_TURNS (row 2)."""
+    return records(ctx, "data/raw/chat.jsonl", jsonl({"messages": GOOD_TURNS}, {"messages": bad_turns}),
+                   format="messages", template="chat")
+
+
+def _data_config(**data) -> str:
+    from olora.config import DataConfig
+
+    return raises(lambda: DataConfig(**data).validate())
+
+
+def _without_chat_template() -> str:
+    """`resolve_template` (prepare's first step) on the embedded tokenizer with its chat template removed."""
+    from transformers import AutoTokenizer
+
+    from olora.data.templates import resolve_template
+    from olora.modeling.assets import embedded_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir("SmolLM2-135M-Instruct"))
+    tokenizer.chat_template = None
+    return raises(lambda: resolve_template("chat", tokenizer))
+
+
 def load(ctx: Ctx, text: str) -> str:
     """load_config on a params.yaml holding `text`."""
     from olora.config import load_config
@@ -638,6 +665,43 @@ CASES: list[Case] = [
          "olora prepare: error: only 1 example(s) after filtering: too few to split with data.validation_fraction=0.1; add data or lower the fraction",
          "Add data (the validation split takes at least one example).",
          lambda ctx: prepare(ctx, "data/raw/d.jsonl", jsonl(ROWS[0]))),
+    Case("data-conversation-unknown-role", "data",
+         "`data.format: messages` with a turn whose role is not system/user/assistant (row 2)",
+         "<project>/data/raw/chat.jsonl:2: turn 1 has unknown role 'bot'; allowed: system, user, assistant; fix the conversation, or set data.invalid_rows=drop to skip such rows",
+         "Use the roles system, user, assistant (ShareGPT's human/gpt need `data.format: sharegpt`).",
+         lambda ctx: conversations(ctx, [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Hello"}])),
+    Case("data-conversation-empty-turn", "data",
+         "A conversation with an empty turn",
+         "<project>/data/raw/chat.jsonl:2: turn 1 (assistant) has empty content; fix the conversation, or set data.invalid_rows=drop to skip such rows",
+         "Fill in or remove the turn.",
+         lambda ctx: conversations(ctx, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}])),
+    Case("data-conversation-last-turn", "data",
+         "A conversation that does not end with an assistant turn",
+         "<project>/data/raw/chat.jsonl:2: the conversation ends with a user turn; it must end with an assistant turn; fix the conversation, or set data.invalid_rows=drop to skip such rows",
+         "End each conversation with the assistant turn the model should learn (drop a trailing user turn).",
+         lambda ctx: conversations(ctx, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                                         {"role": "user", "content": "Bye"}])),
+    Case("data-conversation-system-turn", "data",
+         "A system turn anywhere but first",
+         "<project>/data/raw/chat.jsonl:2: turn 1 is a system turn; a system turn may only open the conversation; fix the conversation, or set data.invalid_rows=drop to skip such rows",
+         "Move the system prompt to the first turn.",
+         lambda ctx: conversations(ctx, [{"role": "user", "content": "Hi"}, {"role": "system", "content": "Be brief"},
+                                         {"role": "assistant", "content": "Hello"}])),
+    Case("data-conversation-field", "data",
+         "`data.format: sharegpt` on rows whose turns are in another field",
+         "<project>/data/raw/chat.jsonl:1: no field 'conversations' (present: ['dialog']); set data.conversation_field to the turns' field; fix the conversation, or set data.invalid_rows=drop to skip such rows",
+         "Set `data.conversation_field` to the field that holds the turns.",
+         lambda ctx: records(ctx, "data/raw/chat.jsonl", jsonl({"dialog": []}), format="sharegpt", template="chat")),
+    Case("data-conversation-needs-chat", "params",
+         "`data.format: messages` with `data.template: alpaca`",
+         "data.format=messages holds conversations, which render through a chat template; set data.template=chat (the tokenizer's template, or data.chat_template=chatml where it has none)",
+         "Set `data.template: chat`.",
+         lambda ctx: _data_config(source="data/raw/chat.jsonl", format="messages")),
+    Case("data-no-chat-template", "data",
+         "`data.template: chat` with a tokenizer that has no chat template",
+         "data.template=chat needs a chat template: this tokenizer has none; set data.chat_template to a named template (chatml) or use data.template=alpaca",
+         "Set `data.chat_template: chatml` (or the format the base model was trained with), or use the alpaca template.",
+         lambda ctx: _without_chat_template()),
     Case("data-unknown-embedded-set", "data",
          "`data.embedded_sets: [commonsenseqa]`",
          "data.embedded_sets has unknown entries ['commonsenseqa']; did you mean 'commonsense_qa' for 'commonsenseqa'? available: commonsense_qa, social_i_qa, trivia_qa",

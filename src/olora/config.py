@@ -54,6 +54,9 @@ class ModelConfig:
             raise ConfigError("model.name is empty; use e.g. 'embedded:SmolLM2-135M-Instruct' or a hub id")
 
 
+DATA_FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion")
+
+
 @dataclass
 class DataConfig:
     source: str = "embedded"
@@ -71,7 +74,17 @@ class DataConfig:
     output_field: str = "output"
     """Field holding the expected response."""
     template: str = "alpaca"
-    """alpaca (instruction / input / response) | chat (the tokenizer's chat template)."""
+    """alpaca (instruction / input / response) | chat (the tokenizer's chat template, or data.chat_template)."""
+    format: str = "alpaca"
+    """Rows of a file or hub set: alpaca (instruction/input/output fields) | messages (a list of role/content turns) | sharegpt (a list of from/value turns) | prompt_completion (prompt/completion fields). messages and sharegpt need data.template=chat."""
+    conversation_field: str = ""
+    """messages/sharegpt: the field holding the turns ('' = `messages` for messages, `conversations` for sharegpt)."""
+    prompt_field: str = "prompt"
+    """prompt_completion: the field holding the prompt (rendered through data.template like an instruction)."""
+    completion_field: str = "completion"
+    """prompt_completion: the field holding the completion."""
+    chat_template: str = ""
+    """data.template=chat: '' = the tokenizer's chat template | chatml (a named template, for tokenizers without one)."""
     max_examples: int = 0
     """Keep at most this many examples after cleaning (0 = all)."""
     max_seq_length: int = 256
@@ -85,6 +98,20 @@ class DataConfig:
 
     def validate(self) -> None:
         _choice("data.template", self.template, ["alpaca", "chat"])
+        _choice("data.format", self.format, list(DATA_FORMATS))
+        if self.chat_template not in ("", "chatml"):
+            raise ConfigError(f"data.chat_template={self.chat_template!r} is not a named template; choose chatml, "
+                              "or leave it empty ('') for the tokenizer's own chat template")
+        if self.format in ("messages", "sharegpt") and self.template != "chat":
+            raise ConfigError(
+                f"data.format={self.format} holds conversations, which render through a chat template; "
+                "set data.template=chat (the tokenizer's template, or data.chat_template=chatml where it has none)"
+            )
+        if self.source == "embedded" and self.format != "alpaca":
+            raise ConfigError(
+                f"data.format={self.format} applies to files and hub data sets; data.source=embedded is built in "
+                "(instruction pairs): set data.source to your file under data/raw/ or a hub id, or data.format=alpaca"
+            )
         _choice("data.invalid_rows", self.invalid_rows, ["error", "drop"])
         _at_least("data.max_examples", self.max_examples, 0)
         _at_least("data.max_seq_length", self.max_seq_length, 8)
