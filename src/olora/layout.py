@@ -31,6 +31,7 @@ ADAPTER = "models/adapter"
 EXPORTED = "models/exported"
 CHECKPOINTS = "checkpoints/train"
 EVAL = "eval"  # per-question results of the evaluate stages (DVC outputs)
+EVALS = "evals"  # the team's own lm-eval tasks (YAMLs and data): an input of both evaluate stages
 REPORT = "reports/eval.md"
 REGISTRATION = "reports/registration.json"
 PROMOTION = "reports/promotion.json"  # the last `olora promote` decision made in this checkout

@@ -13,7 +13,7 @@ from typing import Any
 
 
 from olora.config import edit_params
-from olora.layout import MODEL_INPUTS, PARAMS
+from olora.layout import EVALS, MODEL_INPUTS, PARAMS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -90,7 +90,8 @@ def write_params(folder: Path, model_dir: Path | str, extra: dict | None = None)
 
 
 def copy_project(folder: Path) -> None:
-    """The files a user's clone has that the pipeline needs: dvc.yaml, .dvcignore, the lock, the code, input folders."""
+    """The files a user's clone has that the pipeline needs: dvc.yaml, .dvcignore, the lock, the code, input folders
+    (evals/ with its tasks)."""
     folder = Path(folder)
     for name in ("dvc.yaml", ".dvcignore", "requirements.lock", ".gitignore"):
         shutil.copy(REPO / name, folder / name)
@@ -100,6 +101,7 @@ def copy_project(folder: Path) -> None:
         readme = REPO / inputs / "README.md"
         if readme.is_file():
             shutil.copy(readme, folder / inputs / "README.md")
+    shutil.copytree(REPO / EVALS, folder / EVALS, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)  # the team's tasks
 
 
 def team_checkout(folder: Path, remote: Path, model_dir: Path | str, extra: dict | None = None,

@@ -108,3 +108,91 @@ def test_no_float_dust_in_a_zero_difference():
     challenger = {f"t{i}": ([0, 1, 0] if i % 2 else [1, 0, 0]) for i in range(7)}
     c = compare(table(champion), table(challenger))
     assert c.diff == 0.0 and "gain +0.0 points" in c.summary()
+
+
+# --- a metric over one task or a weighted set of tasks (register.promote_metric) ---------------------
+
+
+def _flipped(rng, n=80):
+    champion = random_scores(rng, n=n)
+    challenger = {t: [1 - v if rng.random() < (0.3 if t == "boolq" else 0.1) else v for v in vs] for t, vs in champion.items()}
+    return table(champion), table(challenger)
+
+
+def test_one_task_is_that_tasks_comparison():
+    a, b = _flipped(np.random.default_rng(4))
+    c = compare(a, b, weights={"boolq": 1.0})
+    t = c.tasks["boolq"]
+    assert (c.diff, c.low, c.high, c.n) == (t.diff, t.low, t.high, t.n)  # the same resamples, weight 1
+    assert c.mde == pytest.approx(t.mde) and c.weights == {"boolq": 1.0}
+    assert set(c.tasks) == set(TASKS)  # the tasks it does not weigh keep their own comparison
+    assert c.champion_score == pytest.approx(np.mean(list(a["boolq"].values())))
+    assert c.challenger_score == pytest.approx(np.mean(list(b["boolq"].values())))
+
+
+def test_a_weighted_set_weighs_difference_interval_and_power_as_the_metric():
+    a, b = _flipped(np.random.default_rng(5))
+    c = compare(a, b, weights={"arc_easy": 1, "boolq": 2})
+    w = {"arc_easy": 1 / 3, "boolq": 2 / 3}
+    assert c.weights == pytest.approx(w) and c.n == 160
+    assert c.diff == pytest.approx(w["arc_easy"] * c.tasks["arc_easy"].diff + w["boolq"] * c.tasks["boolq"].diff)
+    means = {side: {t: np.mean(list(x[t].values())) for t in w} for side, x in (("a", a), ("b", b))}
+    assert c.champion_score == pytest.approx(sum(w[t] * means["a"][t] for t in w))
+    assert c.challenger_score - c.champion_score == pytest.approx(c.diff)
+    assert c.low <= c.diff <= c.high
+    # the strata combine with the metric's weights: the interval is the quantile of the weighted resampled means
+    rng = np.random.default_rng(0)
+    draws = {}
+    for task in sorted(a):  # compare's own order of draws
+        keys = sorted(a[task])
+        d = np.array([b[task][k] - a[task][k] for k in keys])
+        counts = np.array([(d == v).sum() for v in (-1, 0, 1)])
+        draws[task] = rng.multinomial(len(d), counts / len(d), size=10_000) @ np.array([-1.0, 0.0, 1.0]) / len(d)
+    low, high = np.quantile(w["arc_easy"] * draws["arc_easy"] + w["boolq"] * draws["boolq"], [0.025, 0.975])
+    assert (c.low, c.high) == (pytest.approx(low), pytest.approx(high))
+    # the MDE of a weighted mean: z * sqrt(sum w_t^2 var_t / n_t), from the per-task MDEs (z * sqrt(var_t / n_t))
+    assert c.mde == pytest.approx(np.sqrt(sum((w[t] * c.tasks[t].mde) ** 2 for t in w)))
+    # a task counted twice as heavily moves the difference towards its own
+    heavier = compare(a, b, weights={"arc_easy": 1, "boolq": 10})
+    assert abs(heavier.diff - c.tasks["boolq"].diff) < abs(c.diff - c.tasks["boolq"].diff)
+
+
+def test_equal_weights_are_the_plain_mean_over_tasks():
+    a, b = _flipped(np.random.default_rng(6))
+    plain, weighted = compare(a, b), compare(a, b, weights={t: 1 for t in TASKS})
+    assert (weighted.diff, weighted.low, weighted.high, weighted.mde) == pytest.approx(
+        (plain.diff, plain.low, plain.high, plain.mde))
+    assert plain.weights is None and plain.champion_score == pytest.approx(weighted.champion_score)
+
+
+def test_weights_naming_tasks_the_tables_lack_are_refused():
+    a, b = _flipped(np.random.default_rng(7))
+    with pytest.raises(ValueError, match=r"weighs task\(s\) \['copa_example'\] that the results do not hold"):
+        compare(a, b, weights={"copa_example": 1})
+
+
+@pytest.mark.parametrize("metric, weights", [
+    ("mean_acc", None), ("mean_acc_norm", None), ("copa_example", {"copa_example": 1.0}),
+    ("arc_easy:1+copa_example:2", {"arc_easy": 1.0, "copa_example": 2.0}),
+    (" arc_easy + copa_example:0.5 ", {"arc_easy": 1.0, "copa_example": 0.5}),
+])
+def test_promote_metric_names_its_weights(metric, weights):
+    from olora.config import config_from_dict
+
+    cfg = config_from_dict({"evaluate": {"tasks": ["arc_easy", "copa_example"]}, "register": {"promote_metric": metric}})
+    assert cfg.register.metric_weights() == weights
+
+
+@pytest.mark.parametrize("metric, message", [
+    ("copa_example:0", "the weight of copa_example must be a number > 0, got '0'"),
+    ("arc_easy:1,copa_example:2", "the weight of arc_easy must be a number > 0, got '1,copa_example:2'"),
+    ("arc_easy+arc_easy:2", "names arc_easy twice"),
+    ("mean acc", "is not allowed; choose mean_acc, mean_acc_norm, one task of evaluate.tasks"),
+    ("boolq", r"names task\(s\) \['boolq'\] that evaluate.tasks does not list \(arc_easy, copa_example\)"),
+])
+def test_bad_promote_metrics_are_refused(metric, message):
+    from olora.config import config_from_dict
+    from olora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"evaluate": {"tasks": ["arc_easy", "copa_example"]}, "register": {"promote_metric": metric}})

@@ -1,10 +1,12 @@
 """Paired comparison of two models scored on the same questions: difference, interval, p-values, power.
 
 Pure (numpy and the standard library only, no I/O). A table maps task -> {question key -> score},
-with scores 0/1 (lm-eval's per-sample `acc` or `acc_norm`). The compared metric is the one the
-pipeline reports and promotes on: the mean over tasks of each task's accuracy, so every task weighs
-the same whatever its question count; the interval resamples questions within each task
-(a stratified paired bootstrap) and averages the tasks as the metric does.
+with scores 0/1 (lm-eval's per-sample `acc` or `acc_norm`; exact match for a generative task). The
+compared metric is the one the pipeline reports and promotes on: the mean over tasks of each task's
+accuracy, so every task weighs the same whatever its question count, or a weighted mean of some
+tasks (`register.promote_metric`, e.g. `arc_easy:1+copa_example:2`); the interval resamples
+questions within each task (a stratified paired bootstrap) and combines the tasks with the metric's
+weights.
 
 For 0/1 scores a paired difference takes only the values -1, 0 and 1, so resampling a task's n
 differences with replacement is exactly a multinomial draw of how many of each: the bootstrap is
@@ -53,6 +55,12 @@ class Comparison:
     resamples: int
     mde: float
     tasks: dict[str, TaskComparison]
+    """Every task of the tables, whether the metric weighs it or not."""
+    weights: dict[str, float] | None = None
+    """The metric's task weights, summing to 1 (None: every task weighs the same)."""
+    champion_score: float | None = None
+    challenger_score: float | None = None
+    """The compared metric's value for each side (the weighted mean of task accuracies)."""
 
     @property
     def significant(self) -> bool:
@@ -111,21 +119,48 @@ def _variance(d: np.ndarray, accuracy: float) -> float:
     return var if var > 0 else max(2 * accuracy * (1 - accuracy), 1 / len(d))
 
 
+def normalised(weights: dict[str, float] | None, tasks) -> dict[str, float]:
+    """Task weights summing to 1 over `tasks` (None: equal weights); a ValueError for a task the tables lack."""
+    tasks = sorted(tasks)
+    if weights is None:
+        return {t: 1 / len(tasks) for t in tasks}
+    missing = sorted(set(weights) - set(tasks))
+    if missing:
+        raise ValueError(f"the metric weighs task(s) {missing} that the results do not hold (they hold {tasks})")
+    bad = {t: w for t, w in weights.items() if not (w > 0 and math.isfinite(w))}
+    if bad or not weights:
+        raise ValueError(f"task weights must be finite numbers > 0, got {bad or weights}")
+    total = sum(weights.values())
+    return {t: weights[t] / total for t in sorted(weights)}
+
+
+def score(table: Table, weights: dict[str, float] | None = None) -> float:
+    """The metric of one side: the mean over tasks (or the weighted mean) of each task's mean score."""
+    w = normalised(weights, table)
+    return _clean(sum(w[t] * float(np.mean(list(table[t].values()))) for t in w))
+
+
 def compare(champion: Table, challenger: Table, confidence: float = 0.95, resamples: int = 10_000,
-            seed: int = 0) -> Comparison:
-    """Challenger minus champion on the same questions, per task and for the mean over tasks."""
+            seed: int = 0, weights: dict[str, float] | None = None) -> Comparison:
+    """Challenger minus champion on the same questions, per task and for the metric over tasks.
+
+    `weights` (task -> weight > 0) makes the metric a weighted mean of those tasks' accuracies: its
+    difference, interval (strata combined with the same weights) and minimum detectable effect follow;
+    tasks it leaves out still get their own comparison. None: every task weighs the same.
+    """
     if not 0.5 < confidence < 1:
         raise ValueError(f"confidence must lie in (0.5, 1), got {confidence}")
     if resamples < 1000:
         raise ValueError(f"at least 1000 bootstrap resamples are needed for a stable interval, got {resamples}")
     _check(champion, challenger)
+    w = normalised(weights, champion)
     rng = np.random.default_rng(seed)
     alpha = 1 - confidence
     z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(POWER)
     values = np.array([-1.0, 0.0, 1.0])
     tasks: dict[str, TaskComparison] = {}
-    draws = []
-    variances = []
+    draws: dict[str, np.ndarray] = {}
+    variances: dict[str, float] = {}
     for task in sorted(champion):
         keys = sorted(champion[task])
         a = np.array([champion[task][k] for k in keys])
@@ -134,23 +169,32 @@ def compare(champion: Table, challenger: Table, confidence: float = 0.95, resamp
         n = len(d)
         counts = np.array([(d == v).sum() for v in values])
         means = rng.multinomial(n, counts / n, size=resamples) @ values / n  # the paired bootstrap of this task's mean
-        draws.append(means)
+        draws[task] = means
         var = _variance(d, float((a.mean() + b.mean()) / 2))
-        variances.append(var / n)
+        variances[task] = var / n
         low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
         better, worse = int(counts[2]), int(counts[0])
         tasks[task] = TaskComparison(task, n, _clean(d.mean()), _clean(low), _clean(high), mcnemar_exact(better, worse),
                                      better, worse, z * math.sqrt(var / n))
-    overall = np.mean(draws, axis=0)  # tasks weigh equally, as in the metric
+    if weights is None:  # tasks weigh equally, as in the metric (kept apart: the same floats as before weights)
+        overall = np.mean(list(draws.values()), axis=0)
+        diff = np.mean([t.diff for t in tasks.values()])
+        mde = z * math.sqrt(sum(variances.values())) / len(tasks)
+    else:
+        overall = sum(w[t] * draws[t] for t in w)
+        diff = sum(w[t] * tasks[t].diff for t in w)
+        mde = z * math.sqrt(sum(w[t] ** 2 * variances[t] for t in w))
     low, high = np.quantile(overall, [alpha / 2, 1 - alpha / 2])
-    k = len(tasks)
     return Comparison(
-        n=sum(t.n for t in tasks.values()),
-        diff=_clean(np.mean([t.diff for t in tasks.values()])),
+        n=sum(tasks[t].n for t in w),
+        diff=_clean(diff),
         low=_clean(low),
         high=_clean(high),
         confidence=confidence,
         resamples=resamples,
-        mde=z * math.sqrt(sum(variances)) / k,
+        mde=mde,
         tasks=tasks,
+        weights=None if weights is None else w,
+        champion_score=score(champion, weights),
+        challenger_score=score(challenger, weights),
     )

@@ -3,28 +3,37 @@
 from __future__ import annotations
 
 import math
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from olora.config import EvaluateConfig
 from olora.evaluation import samples
-from olora.evaluation.tasks import tasks_for
+from olora.evaluation.tasks import PreparedTasks, prepared
 from olora.modeling import models
 from olora.modeling.runtime import Runtime
 
-def summarise(raw: dict[str, Any], names: dict[str, str], split: dict[str, str], limit: int) -> dict[str, Any]:
-    """lm-eval's results -> {tasks: {task: {acc, acc_stderr, acc_norm, acc_norm_stderr, n, split}}, means}."""
+
+def summarise(raw: dict[str, Any], names: dict[str, str], split: dict[str, str], limit: int,
+              scoring: dict[str, tuple[str, str]] | None = None) -> dict[str, Any]:
+    """lm-eval's results -> {tasks: {task: {acc, acc_stderr, acc_norm, acc_norm_stderr, n, split}}, means}.
+
+    A task's `acc` is its per-question score's mean: accuracy for multiple-choice tasks, exact match for
+    generative ones (`scoring`: task -> (metric, filter) for the team's tasks; those scored by exact match
+    say so in `scored_by`).
+    """
     tasks = {}
     for stock, name in names.items():
         row = raw["results"][name]
-        entry = {}
-        for metric in ("acc", "acc_norm"):
-            if f"{metric},none" in row:
-                entry[metric] = float(row[f"{metric},none"])
-                stderr = row.get(f"{metric}_stderr,none")
-                entry[f"{metric}_stderr"] = float(stderr) if isinstance(stderr, (int, float)) else math.nan
+        metric, flt = (scoring or {}).get(stock, ("acc", "none"))
+        entry: dict[str, Any] = {}
+        for key, out in ((metric, "acc"), ("acc_norm", "acc_norm")):
+            if f"{key},{flt}" in row and (key == metric or metric == "acc"):
+                entry[out] = float(row[f"{key},{flt}"])
+                stderr = row.get(f"{key}_stderr,{flt}")
+                entry[f"{out}_stderr"] = float(stderr) if isinstance(stderr, (int, float)) else math.nan
+        if metric != "acc":
+            entry["scored_by"] = metric
         entry["n"] = int(raw.get("n-samples", {}).get(name, {}).get("effective", 0))
         entry["split"] = split[stock]
         tasks[stock] = entry
@@ -57,29 +66,37 @@ def backend_class(backend: str):
     return HFLM
 
 
-def run_lm_eval(model, tokenizer, cfg: EvaluateConfig) -> Evaluation:
-    """Score an in-memory model with lm-eval's simple_evaluate: the summary and every question's outcome."""
+def run_lm_eval(model, tokenizer, cfg: EvaluateConfig, evals: Path | None = None,
+                tasks: PreparedTasks | None = None) -> Evaluation:
+    """Score an in-memory model with lm-eval's simple_evaluate: the summary and every question's outcome.
+
+    `evals`: the folder of the team's own tasks (`<project>/evals`); `tasks`: the tasks already prepared
+    and checked (`olora.evaluation.tasks.prepared`, which the stage runs before loading the model).
+    """
+    if tasks is None:
+        with prepared(cfg, evals) as tasks:
+            return run_lm_eval(model, tokenizer, cfg, tasks=tasks)
     from lm_eval import simple_evaluate
 
     lm = backend_class(cfg.backend)(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=2048)
-    with tempfile.TemporaryDirectory() as folder:
-        manager, names, split = tasks_for(cfg.source, cfg.tasks, Path(folder))
-        raw = simple_evaluate(
-            model=lm,
-            tasks=list(names.values()),
-            task_manager=manager,
-            num_fewshot=cfg.num_fewshot,
-            limit=cfg.limit or None,
-            random_seed=cfg.seed,
-            numpy_random_seed=cfg.seed,
-            torch_random_seed=cfg.seed,
-            fewshot_random_seed=cfg.seed,
-            log_samples=True,
-            bootstrap_iters=1000,
-        )
-    rows = samples.rows_from_lm_eval(raw, names)
-    metrics = summarise(raw, names, split, cfg.limit)
-    metrics["questions"] = samples.fingerprint(rows, cfg, {stock: raw["versions"].get(name) for stock, name in names.items()})
+    names = tasks.names
+    raw = simple_evaluate(
+        model=lm,
+        tasks=list(names.values()),
+        task_manager=tasks.manager,
+        num_fewshot=cfg.num_fewshot,
+        limit=cfg.limit or None,
+        random_seed=cfg.seed,
+        numpy_random_seed=cfg.seed,
+        torch_random_seed=cfg.seed,
+        fewshot_random_seed=cfg.seed,
+        log_samples=True,
+        bootstrap_iters=1000,
+    )
+    rows = samples.rows_from_lm_eval(raw, names, tasks.scoring)
+    metrics = summarise(raw, names, tasks.split, cfg.limit, tasks.scoring)
+    metrics["questions"] = samples.fingerprint(rows, cfg, {stock: raw["versions"].get(name) for stock, name in names.items()},
+                                               tasks.definitions)
     return Evaluation(metrics, rows)
 
 

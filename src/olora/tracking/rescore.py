@@ -1,10 +1,11 @@
 """Scoring a registered version on other questions: the champion asked what the challenger was asked.
 
 Used by the promotion gate when the champion was scored on other questions (other tasks, limit,
-few-shot count, task versions) or holds no per-question results at all (registered before them):
-its exported adapter is downloaded from its run, merged into its base and put through the same
-evaluation code as the evaluate stage, with the challenger's evaluation settings. The result is
-cached in the champion's run (`eval/rescored/<fingerprint>/`), so the next gate reuses it.
+few-shot count, task versions, the definition of a team task under evals/) or holds no per-question
+results at all (registered before them): its exported adapter is downloaded from its run, merged
+into its base and put through the same evaluation code as the evaluate stage, with the challenger's
+evaluation settings and this checkout's evals/. The result is cached in the champion's run
+(`eval/rescored/<fingerprint>/`), so the next gate reuses it.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def rescore(cfg: Config, c, name: str, version: str, asked: dict[str, Any], root
         if not base:
             raise OloraError(f"{name} version {version} does not name its base model (tag base_model); promote with --force")
         from olora.evaluation.harness import load_model_for_eval, run_lm_eval
+        from olora.evaluation.tasks import prepared
+        from olora.layout import EVALS
         from olora.modeling.models import load_tokenizer, resolve_model
         from olora.modeling.runtime import resolve_runtime
 
@@ -67,8 +70,9 @@ def rescore(cfg: Config, c, name: str, version: str, asked: dict[str, Any], root
         evaluate.validate()
         ref = resolve_model(model_cfg, root)
         log.info("promote: scoring %s v%s on the challenger's questions (%s)", name, version, ", ".join(evaluate.tasks))
-        result = run_lm_eval(load_model_for_eval(ref, resolve_runtime(model_cfg, cfg.runtime), adapter),
-                             load_tokenizer(ref), evaluate)
+        with prepared(evaluate, Path(root) / EVALS) as tasks:  # the team's tasks as this checkout defines them
+            result = run_lm_eval(load_model_for_eval(ref, resolve_runtime(model_cfg, cfg.runtime), adapter),
+                                 load_tokenizer(ref), evaluate, tasks=tasks)
         out = tmp / "rescored"
         samples.write_samples(out / SAMPLES, result.rows)
         (out / METRICS).write_text(json.dumps(result.metrics, indent=2) + "\n")
