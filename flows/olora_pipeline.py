@@ -57,8 +57,8 @@ def dvc_push(root: str) -> str:
 
 
 @task(retries=2, **RETRY)
-def open_workspace(source: str, name: str) -> str:
-    return str(P.open_workspace(Path(source), name))
+def open_workspace(source: str, name: str, commit: str | None = None) -> str:
+    return str(P.open_workspace(Path(source), name, commit))
 
 
 @task(retries=3, **RETRY)
@@ -75,20 +75,22 @@ def run_name() -> str:
 
 @flow(name="olora-pipeline", log_prints=True)
 def olora_pipeline(root: str = ".", overrides: dict[str, Any] | None = None, promote: bool = False,
-                   push: bool = True, isolate: bool = True, name: str | None = None) -> dict[str, Any]:
+                   push: bool = True, isolate: bool = True, name: str | None = None,
+                   commit: str | None = None) -> dict[str, Any]:
     """prepare -> init -> train -> evaluate_base -> evaluate -> register [-> promote], in a workspace of its own.
 
     With `isolate` (the default) the run clones `root`'s commit into its own workspace, applies the
     overrides there, and ends as a commit on runs/<name> pushed to the git remote, its data and
     adapters pushed to the DVC remote (`push`); `root` itself is never written. `isolate=False`
-    runs in `root` (a developer's own checkout), as `dvc repro` would.
+    runs in `root` (a developer's own checkout), as `dvc repro` would. `commit` runs on that commit
+    instead of `root`'s (an `olora.data.published` event's, through the on-new-data deployment).
     """
     source = Path(root).resolve()
     P.check_overrides(source, overrides)  # a bad params file or override fails before any work
     name = name or run_name()
     with stack_env(source):  # the team's services (stack.env), else the source project's own store
         tracking = Tracking.of(load_config(source / "params.yaml"), source)
-        path = Path(open_workspace(str(source), name)) if isolate else source
+        path = Path(open_workspace(str(source), name, commit)) if isolate else P.not_a_commit(source, commit)
         if overrides:
             edit_params(path / "params.yaml", overrides)
         results = [run_stage(stage, str(path), tracking) for stage in STAGES]

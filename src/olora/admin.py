@@ -5,6 +5,7 @@
     olora restore [--version N]              check out a registered version's recorded run here
     olora serve [--alias champion]           answer HTTP requests with a registered version, following its alias
     olora serve-webhook --url URL            register the registry webhook that tells a server the alias moved
+    olora publish-data PATH [-m MSG]         dvc add + dvc push + commit + git push + the Prefect data event
     olora check                              validate params.yaml and print the resolved configuration
     olora dvc-yaml [--write|--check]         dvc.yaml from the stage table
     olora params-table [--write FILE]        the parameter table from the config's docstrings
@@ -52,6 +53,12 @@ def build_parser():
     rs.add_argument("--model", help="registered model name (default: from params)")
     rs.add_argument("--alias", default="champion", help="alias to restore (default: champion)")
     rs.add_argument("--version", help="restore this version instead of an alias")
+    pd = sub.add_parser("publish-data", help="publish a data file under data/raw/ as a new data version: dvc add, dvc push, "
+                        "commit its .dvc pointer, git push, then the Prefect event olora.data.published that starts a retrain")
+    pd.add_argument("path", help="the data file, e.g. data/raw/train.jsonl")
+    pd.add_argument("-m", "--message", help="commit message (default: 'data: PATH')")
+    pd.add_argument("--no-event", action="store_true",
+                    help="send no event (no Prefect API here); the data watcher deployment announces the version")
     sub.add_parser("check", help="validate params.yaml and print the resolved configuration")
     dy = sub.add_parser("dvc-yaml", help="print dvc.yaml as generated from the stage table")
     dy.add_argument("--write", action="store_true", help="write it to ROOT/dvc.yaml")
@@ -70,6 +77,14 @@ def main(argv: list[str]) -> int:
             return _dvc_yaml(layout, args.write, args.check)
         if args.command == "params-table":
             return _params_table(args.write)
+        if args.command == "publish-data":
+            from olora.orchestration.publish import publish_data
+
+            done = publish_data(layout.root, args.path, args.message, event=not args.no_event)
+            print(f"published {done.path}: commit {done.commit[:12]} on {done.branch} ({done.git_remote}), content in "
+                  f"{done.dvc_remote}, data version {done.data_version[:16]}; event "
+                  + ("olora.data.published sent" if done.event_sent else "not sent (the data watcher announces it)"))
+            return 0
         from olora.config import dump_config, load_config
 
         cfg = load_config(layout.params, parse_set(args.set))

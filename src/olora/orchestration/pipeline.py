@@ -16,6 +16,7 @@ from typing import Any
 
 from olora import dvc
 from olora.config import edit_params, load_config
+from olora.data.versions import data_version
 from olora.errors import OloraError
 from olora.layout import RUN_FILE, Layout
 from olora.orchestration import workspace
@@ -88,13 +89,21 @@ def promote(layout: Layout, tracking: Tracking) -> str:
     return ("promoted: " if decision.promote else "kept champion: ") + decision.reason
 
 
-def open_workspace(source: Path, name: str) -> Path:
-    """The run's own workspace (a clone of the source's commit); a rerun of the same flow run continues in it."""
+def open_workspace(source: Path, name: str, commit: str | None = None) -> Path:
+    """The run's own workspace (a clone of the source's commit, or of `commit`); a rerun of the same flow run continues in it."""
     target = workspace.runs_dir(source) / workspace.safe_name(name)
     if target.is_dir():
         log.info("continuing in the workspace %s (an earlier attempt of this run)", target)
         return target
-    return workspace.create(source, name)
+    return workspace.create(source, name, commit)
+
+
+def not_a_commit(source: Path, commit: str | None) -> Path:
+    """`isolate=False` runs in the checkout as it is: a requested commit is refused rather than ignored."""
+    if commit:
+        raise OloraError(f"commit={commit!r} needs isolate=True (the run checks that commit out in a workspace of its "
+                         f"own); {source} itself is never switched to another commit")
+    return source
 
 
 def record(layout: Layout, name: str, overrides: dict[str, Any] | None, push: bool, tracking: Tracking) -> dict[str, Any]:
@@ -106,6 +115,11 @@ def record(layout: Layout, name: str, overrides: dict[str, Any] | None, push: bo
     tags = {"olora.run_name": name, "olora.git_branch": rec.branch, "olora.git_commit": rec.commit,
             "olora.git_remote": rec.git_remote, "olora.source_commit": rec.source_commit,
             "olora.dvc_pushed": str(rec.dvc_pushed).lower()}
+    try:  # the data version the run trained on (the event-triggered runs' key): data/raw's content ids at that commit
+        tags["olora.data_version"] = data_version(layout.root, rec.source_commit).hash
+        tags["olora.data_commit"] = rec.source_commit
+    except OloraError as exc:
+        log.warning("no data version recorded: %s", exc)
     reg = json.loads(layout.registration.read_text()) if layout.registration.is_file() else {}
     run = json.loads((layout.adapter / RUN_FILE).read_text()) if (layout.adapter / RUN_FILE).is_file() else {}
     if tracking.enabled and (run or reg.get("registered")):

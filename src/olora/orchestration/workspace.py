@@ -104,21 +104,33 @@ def add_team_remote(root: Path) -> bool:
     return True
 
 
-def create(source: Path, name: str) -> Path:
-    """Clone the source checkout's commit into runs_dir/<name>, sharing its DVC cache; returns the workspace."""
+def create(source: Path, name: str, commit: str | None = None) -> Path:
+    """Clone the source checkout's commit (or `commit`, fetched from the team's remote when the source lacks it)
+    into runs_dir/<name>, sharing its DVC cache; returns the workspace.
+
+    The data the commit tracks must be in the DVC remote (or the shared cache): a data input that
+    cannot be brought is an error naming the file and the remote, before any stage runs.
+    """
     source = Path(source).resolve()
     if _git(source, "rev-parse", "--is-inside-work-tree", check=False).returncode != 0:
         raise WorkspaceError(f"{source} is not a git checkout; isolated runs clone the deployment's commit (git init and commit first)")
-    commit = _git(source, "rev-parse", "HEAD").stdout.strip()
+    requested = commit
+    commit = commit or _git(source, "rev-parse", "HEAD").stdout.strip()
     target = runs_dir(source) / safe_name(name)
     if target.exists():
         raise WorkspaceError(f"the workspace {target} already exists: a run of that name is in progress or failed there; "
                              "resume it with `olora run --resume` in that folder, or choose another run name")
     target.parent.mkdir(parents=True, exist_ok=True)
     _git(target.parent, "clone", "--quiet", "--no-checkout", str(source), str(target))
-    _git(target, "checkout", "--quiet", "--detach", commit)
     remote = git_remote(source)
     _git(target, "remote", "set-url", "origin", remote)
+    if _git(target, "cat-file", "-e", f"{commit}^{{commit}}", check=False).returncode != 0:
+        fetched = _git(target, "fetch", "--quiet", "origin", commit, check=False)  # a shallow worker clone lacks older commits
+        if fetched.returncode != 0:
+            shutil.rmtree(target, ignore_errors=True)
+            raise WorkspaceError(f"commit {commit} is neither in {source} nor fetchable from {remote}: "
+                                 f"{fetched.stderr.strip()[-600:]}; check the commit id and that it was pushed")
+    _git(target, "checkout", "--quiet", "--detach", commit)
     local = source / ".dvc" / "config.local"  # DVC remote credentials and settings that git does not hold
     if local.is_file():
         shutil.copy(local, target / ".dvc" / "config.local")
@@ -129,8 +141,34 @@ def create(source: Path, name: str) -> Path:
         dvc.run(target, "pull", "--allow-missing", check=False)
     else:
         dvc.run(target, "checkout", "--allow-missing", check=False)
-    log.info("workspace %s: commit %s of %s", target, commit[:12], source)
+    absent = [path for path in tracked_inputs(target) if not (target / path).exists()]
+    if absent:
+        from olora.data.versions import remote_url
+
+        where = remote_url(target) if remote else "(none configured)"
+        shutil.rmtree(target, ignore_errors=True)  # a retry starts afresh (the content may have been pushed since)
+        raise WorkspaceError(
+            f"the data of commit {commit[:12]} is not available: {', '.join(absent)} "
+            f"{'is' if len(absent) == 1 else 'are'} missing from the DVC remote {where}"
+            f" and the shared cache; run `dvc push` where the data was added (or publish with `olora publish-data`), "
+            f"then rerun. Nothing was trained"
+        )
+    log.info("workspace %s: commit %s of %s%s", target, commit[:12], source, " (requested)" if requested else "")
     return target
+
+
+def tracked_inputs(root: Path) -> list[str]:
+    """The data files (or folders) under data/raw/ that DVC tracks in `root`'s checkout, project-relative."""
+    import yaml
+
+    from olora.layout import DATA_INPUTS
+
+    found = []
+    for pointer in sorted((Path(root) / DATA_INPUTS).rglob("*.dvc")):
+        for out in (yaml.safe_load(pointer.read_text()) or {}).get("outs") or []:
+            if isinstance(out, dict) and out.get("path"):
+                found.append(str((pointer.parent / out["path"]).relative_to(root)))
+    return found
 
 
 def record(workspace: Path, name: str, message: str, push: bool = True) -> RunRecord:

@@ -1,0 +1,31 @@
+"""Prefect flow: the data watcher. Each run looks at the branch it was cloned from (prefect.yaml's
+`data-watch` deployment, every minute) and announces each new data version there with one
+`olora.data.published` event, which the `on-new-data` deployment's trigger turns into one pipeline
+run on that commit. A thin wrapper of `olora.orchestration.publish.announce_new_versions`.
+
+    prefect deployment run 'olora-data-watch/data-watch'      # look now instead of waiting for the schedule
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "olora")  # the library's log lines show in the flow run's logs
+from prefect import flow  # noqa: E402
+
+from olora.ops.envfile import stack_env  # noqa: E402
+from olora.orchestration.publish import announce_new_versions  # noqa: E402
+
+
+@flow(name="olora-data-watch", log_prints=True)
+def olora_data_watch(root: str = ".", ref: str = "HEAD", depth: int = 100) -> list[dict]:
+    """Announce every data version on `ref` (the cloned branch) that was not announced before, whose content is in
+    the DVC remote; the first run on a server only records what is there."""
+    source = Path(root).resolve()
+    with stack_env(source):
+        return announce_new_versions(source, ref, depth)
+
+
+if __name__ == "__main__":
+    print(olora_data_watch())
