@@ -61,6 +61,7 @@ bench: install
 	$(BENCH_ENV) $(BIN)/python bench/bench_prefect.py --repeats 3
 	$(BENCH_ENV) $(BIN)/python bench/bench_serve.py
 	$(BENCH_ENV) $(BIN)/python bench/bench_stack.py
+	$(BENCH_ENV) $(BIN)/python bench/bench_continuous.py
 	$(BIN)/python bench/report.py
 
 # The convergence study (OLoRA vs LoRA, lr sweep, 2 ranks x 3 seeds) as DVC experiments tracked in

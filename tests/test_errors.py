@@ -54,6 +54,8 @@ CATEGORIES: dict[str, tuple[str, str]] = {
     "registry": ("Tracking and the model registry",
                  "`olora promote` / `olora rollback` / `olora register` against an MLflow store (SQLite here)."),
     "cli": ("Command line", "Mistakes in the `olora` command itself (argparse answers with exit code 2 too)."),
+    "publish": ("Publishing data (olora publish-data)",
+                "Checked before anything is added, pushed or committed; a failed `dvc push` stops before the commit."),
     "serving": ("Serving requests",
                 "Requests to `olora serve` or `mlflow models serve` (the registered pyfunc model): each is answered "
                 "HTTP 400 with this message (MLflow's INVALID_PARAMETER_VALUE) before any generation."),
@@ -268,6 +270,19 @@ def conversations(ctx: Ctx, bad_turns: list[dict]) -> str:
     """`load_records` with data.format=messages on data/raw/chat.jsonl: a good row, then BAD_TURNS (row 2)."""
     return records(ctx, "data/raw/chat.jsonl", jsonl({"messages": GOOD_TURNS}, {"messages": bad_turns}),
                    format="messages", template="chat")
+
+
+def _publish(ctx: Ctx, path: str, origin: bool = False) -> str:
+    """`olora publish-data PATH` in a git + DVC checkout of <project> (with `origin` when asked, no DVC remote)."""
+    import subprocess
+
+    ctx.monkeypatch.delenv("OLORA_DVC_REMOTE_URL", raising=False)
+    for args in (["git", "init", "-q", "-b", "main"], *([["git", "remote", "add", "origin", str(ctx.tmp / "team.git")]] if origin else []),
+                 [str(Path(sys.executable).parent / "dvc"), "init", "-q"]):
+        subprocess.run(args, cwd=ctx.root, check=True, capture_output=True)
+    ctx.file("data/raw/rows.jsonl", jsonl(*ROWS))
+    (ctx.tmp / "rows.jsonl").write_text(jsonl(*ROWS))
+    return cli(ctx.root, "publish-data", path)
 
 
 def _data_config(**data) -> str:
@@ -1028,6 +1043,27 @@ CASES: list[Case] = [
          "Set the same long random secret for `olora serve-webhook` and `olora serve`.",
          lambda ctx: (ctx.params(""), ctx.monkeypatch.setenv("OLORA_WEBHOOK_SECRET", "short"),
                       cli(ctx.root, "serve-webhook", "--url", "http://127.0.0.1:5001/webhook"))[2]),
+    # ---- publishing data
+    Case("publish-not-git", "publish",
+         "`olora publish-data` in a folder that is not a git checkout",
+         "olora publish-data: error: <project> is not a git checkout; publish-data commits and pushes the data's .dvc pointer",
+         "Run it in the project's clone.",
+         lambda ctx: (ctx.file("data/raw/rows.jsonl", jsonl(*ROWS)), cli(ctx.root, "publish-data", "data/raw/rows.jsonl"))[1]),
+    Case("publish-outside-raw", "publish",
+         "A file outside data/raw/",
+         "olora publish-data: error: <tmp>/rows.jsonl is not under data/raw/, the folder prepare reads; copy it there (data/raw/rows.jsonl) and publish that",
+         "Copy the file under data/raw/ and publish that path.",
+         lambda ctx: _publish(ctx, str(ctx.tmp / "rows.jsonl"))),
+    Case("publish-no-git-remote", "publish",
+         "A clone without the git remote `origin`",
+         "olora publish-data: error: <project> has no git remote `origin`; add the team's remote (`git remote add origin <url>`)",
+         "Add the team's git remote as `origin`.",
+         lambda ctx: _publish(ctx, "data/raw/rows.jsonl")),
+    Case("publish-no-dvc-remote", "publish",
+         "No DVC remote (none configured, no `OLORA_DVC_REMOTE_URL`)",
+         "olora publish-data: error: no DVC remote is configured: add one (`dvc remote add -d team <url>`) or set OLORA_DVC_REMOTE_URL (stack.env does)",
+         "Add the team's DVC remote, or load `stack.env`.",
+         lambda ctx: _publish(ctx, "data/raw/rows.jsonl", origin=True)),
     # ---- serving requests (the registered pyfunc; the scoring server answers HTTP 400 with the message)
     Case("serve-max-new-tokens-zero", "serving",
          '`{"inputs": {"prompt": ["Hi"]}, "params": {"max_new_tokens": 0}}`',

@@ -202,6 +202,9 @@ def test_readme_commands_run(project, traced_repro):
     # after the variant experiment: versions 1 and 2 are registered; make v1 the champion first
     sh([str(BIN / "olora"), "promote", "--version", "1", "--force"], project)
     params = (project / "params.yaml").read_text()
+    chat = [[{"role": "user", "content": f"What is {i} plus one?"}, {"role": "assistant", "content": f"It is {i + 1}."},
+             {"role": "user", "content": "And plus two?"}, {"role": "assistant", "content": f"It is {i + 2}."}] for i in range(40)]
+    (project / "data/raw/chat.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in chat))
     for command in commands:
         args = shlex.split(command)
         if args[0] == "mlflow":  # a server: start it on a free port, check it answers, stop it
@@ -226,12 +229,20 @@ def test_readme_commands_run(project, traced_repro):
         if "TinyLlama" in command:  # needs the hub: offline it must fail at once, naming the fix
             assert result.returncode != 0
             assert "is a hub id but HF_HUB_OFFLINE is set" in result.stdout + result.stderr
+            (project / "params.yaml").write_text(params)  # the failed run's params stay behind: the next command
+            sh([str(BIN / "dvc"), "checkout", "-q"], project)  # starts from the committed ones, as a user would
             continue
         assert result.returncode == 0, f"{command}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
         if command == "olora promote":  # challenger v2 against champion v1, through the gate
             assert result.stdout.startswith(("PROMOTED: ", "KEPT CHAMPION: ")), result.stdout
         if command == "olora rollback":  # after `promote --force` made v2 champion, v1 is back
             assert "champion is now version 1" in result.stdout
+        if "data.format=messages" in command:  # the README's conversational fine-tune
+            data = read(project, "metrics/data.json")
+            assert data["conversations"] + data["dropped_duplicate"] == 40 and data["assistant_turns"] == 2 * data["conversations"]
+        if "copa_example" in command:  # the team's task, with its interval, in the metrics DVC shows
+            tuned = read(project, "metrics/eval_adapter.json")
+            assert tuned["tasks"]["copa_example"]["n"] > 0 and "copa_example" in tuned["vs_base"]["tasks"]
     # a failed `dvc exp run -S` leaves its params behind, and DVC removed the failed stage's outputs
     # before running it: both come back from git and the DVC cache
     (project / "params.yaml").write_text(params)

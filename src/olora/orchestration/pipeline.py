@@ -18,7 +18,7 @@ from olora import dvc
 from olora.config import edit_params, load_config
 from olora.data.versions import data_version
 from olora.errors import OloraError
-from olora.layout import RUN_FILE, Layout
+from olora.layout import DATA, RUN_FILE, Layout
 from olora.orchestration import workspace
 from olora.stages import STAGES
 from olora.stages.lock import WorkspaceBusyError
@@ -118,6 +118,7 @@ def record(layout: Layout, name: str, overrides: dict[str, Any] | None, push: bo
     try:  # the data version the run trained on (the event-triggered runs' key): data/raw's content ids at that commit
         tags["olora.data_version"] = data_version(layout.root, rec.source_commit).hash
         tags["olora.data_commit"] = rec.source_commit
+        tags["dvc.data_hash"] = dvc.out_hash(layout.root, "prepare", DATA)  # the prepared data, as the run records it
     except OloraError as exc:
         log.warning("no data version recorded: %s", exc)
     reg = json.loads(layout.registration.read_text()) if layout.registration.is_file() else {}
