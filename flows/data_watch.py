@@ -24,7 +24,13 @@ def olora_data_watch(root: str = ".", ref: str = "HEAD", depth: int = 100) -> li
     the DVC remote; the first run on a server only records what is there."""
     source = Path(root).resolve()
     with stack_env(source):
-        return announce_new_versions(source, ref, depth)
+        rows = announce_new_versions(source, ref, depth)
+    for row in rows:  # in the flow run's log (the library's own lines are in the worker's)
+        print(f"commit {row['commit'][:12]}: data version {row['data_version'][:16]} announced" if row["announced"] else
+              f"commit {row['commit'][:12]}: the DVC remote {row['dvc_remote']} lacks {row['missing']}; not announced")
+    if not rows:
+        print("no new data version")
+    return rows
 
 
 if __name__ == "__main__":

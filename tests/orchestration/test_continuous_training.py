@@ -174,7 +174,10 @@ def test_new_data_retrains_on_its_commit_and_the_server_follows_the_champion(tmp
             sh("git", "push", "-q", "origin", "main")
             unpushed = sh("git", "rev-parse", "HEAD").strip()
             run3 = watch()
-            assert "lacks ['data/raw/train.jsonl']; not announced" in logs_of(base, run3["id"])
+            deadline = time.monotonic() + 30  # logs arrive shortly after the run's final state
+            while "lacks ['data/raw/train.jsonl']; not announced" not in logs_of(base, run3["id"]):
+                assert time.monotonic() < deadline, logs_of(base, run3["id"])
+                time.sleep(1)
             assert len(runs_of(base, "on-new-data")) == 1
 
             # 4. its content pushed with plain DVC: the watcher announces it; the run on that commit is registered,
