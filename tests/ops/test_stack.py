@@ -489,6 +489,36 @@ def yaml_r(text: str) -> int:
 
 
 @pytest.mark.stack
+def test_continuous_training_on_the_stack(running_stack, tmp_path, tiny_untied_model_dir):
+    """tests/continuous.py's scenario on the stack's services: a data version published with `olora publish-data` (its
+    content in the S3 store) starts one run on its commit on the stack's workers, registered in the PostgreSQL-backed
+    registry with its data version; docs-only and unpushed data commits start none; `olora serve --alias champion`
+    follows the promotion through the registry's signed webhook (polling off), every request answered."""
+    from continuous import MODEL, Team, scenario, start_project
+    from olora.overlay import team_checkout
+
+    s, values = running_stack, running_stack.values
+    env = {k: v for k, v in s.env.items() if not k.startswith(("MLFLOW_", "PREFECT_", "AWS_"))}
+    env.update(PATH=f"{BIN}:{os.environ['PATH']}", PREFECT_HOME=str(tmp_path / "prefect-home"))
+    remote = tmp_path / "team.git"
+    root = team_checkout(tmp_path / "deployer", remote, tiny_untied_model_dir,
+                         {"evaluate.tasks": ["arc_easy"], "data.source": "data/raw/train.jsonl", "register.model_name": MODEL}, env)
+    env.update(OLORA_GIT_REMOTE=str(remote), OLORA_GIT_BRANCH="main")
+    stack.write_env_file(root / "stack.env", values)  # git-ignored
+    env.update(values)  # `set -a; . ./stack.env; set +a`: the S3 DVC remote, MLflow and Prefect with their credentials
+    start_project(root, env)
+    done = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    try:
+        timings = scenario(Team(root, remote, env, s.config.prefect_url, prefect_api.headers(s.secret), webhook=True), tmp_path)
+    finally:  # the watcher's schedule must not outlive this test on the shared stack
+        for name in ("olora-data-watch/data-watch", "olora-pipeline/on-new-data"):
+            subprocess.run([str(BIN / "prefect"), "deployment", "delete", name], cwd=root, env=env, capture_output=True, timeout=120)
+    print(f"\ncontinuous training on the stack: {json.dumps(timings)}")
+
+
+@pytest.mark.stack
 def test_down_leaves_no_process_and_data_survives_up_again(running_stack, monkeypatch):
     from mlflow import MlflowClient
 
