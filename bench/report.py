@@ -22,6 +22,7 @@ SECTIONS = [
     ("prefect", "Prefect overhead (bench_prefect.py)"),
     ("serve", "Serving: batched generation and HTTP load (bench_serve.py)"),
     ("stack", "Shared stack and isolated runs (bench_stack.py)"),
+    ("continuous", "Continuous training latencies (bench_continuous.py)"),
 ]
 
 

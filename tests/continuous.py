@@ -243,7 +243,7 @@ def scenario(team: Team, tmp_path: Path) -> dict:
 
     if team.screenshots:  # the automation, the run it started, and the version now served, as the UIs show them
         ui_base = base.removesuffix("/api")
-        screenshot(f"{ui_base}/automations/automation/{trigger['id']}", team.screenshots / "ct_prefect_automation.png")
+        screenshot(f"{ui_base}/automations", team.screenshots / "ct_prefect_automation.png")
         screenshot(f"{ui_base}/runs/flow-run/{run2['id']}", team.screenshots / "ct_prefect_triggered_run.png")
         with running_server(lambda p: [str(BIN / "mlflow"), "server", "--backend-store-uri", env["MLFLOW_TRACKING_URI"],
                                        "--host", "127.0.0.1", "--port", str(p)], tmp_path, "/health", env, seconds=120) as ui:
