@@ -201,7 +201,7 @@ def test_readme_commands_run(project, traced_repro):
     assert len(commands) >= 8
     # after the variant experiment: versions 1 and 2 are registered; make v1 the champion first
     sh([str(BIN / "olora"), "promote", "--version", "1", "--force"], project)
-    params = (project / "params.yaml").read_text()
+    params, lock = (project / "params.yaml").read_text(), (project / "dvc.lock").read_text()
     chat = [[{"role": "user", "content": f"What is {i} plus one?"}, {"role": "assistant", "content": f"It is {i + 1}."},
              {"role": "user", "content": "And plus two?"}, {"role": "assistant", "content": f"It is {i + 2}."}] for i in range(40)]
     (project / "data/raw/chat.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in chat))
@@ -245,9 +245,11 @@ def test_readme_commands_run(project, traced_repro):
             assert tuned["tasks"]["copa_example"]["n"] > 0 and "copa_example" in tuned["vs_base"]["tasks"]
     # a failed `dvc exp run -S` leaves its params behind, and DVC removed the failed stage's outputs
     # before running it: both come back from git and the DVC cache
+    # and the experiments run in the workspace leave their params and lock: back to the state before them
     (project / "params.yaml").write_text(params)
+    (project / "dvc.lock").write_text(lock)
     sh([str(BIN / "dvc"), "checkout", "-q"], project)
-    assert (project / "data/prepared/train.jsonl").is_file()
+    assert (project / "data/prepared/train.jsonl").is_file() and "segments" not in (project / "data/prepared/train.jsonl").read_text()
 
 
 def test_failed_stage_keeps_earlier_outputs(project):
