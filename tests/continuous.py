@@ -150,7 +150,9 @@ def scenario(team: Team, tmp_path: Path) -> dict:
     assert trigger["trigger"]["expect"] == ["olora.data.published"]
 
     watch()  # the first run records what the branch holds (data v1) and announces nothing
-    assert api("/variables/name/olora_data_versions")["value"]
+    from olora.orchestration.events import seen_variable
+
+    assert api(f"/variables/name/{seen_variable(str(team.remote), 'main')}")["value"]
 
     # 1. `olora publish-data`: one run on exactly that commit, recorded and registered with its data version
     write_rows(dev / "data/raw/train.jsonl", ROWS)

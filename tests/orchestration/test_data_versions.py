@@ -157,3 +157,15 @@ def test_a_run_on_a_commit_whose_data_is_not_in_the_remote_fails_before_training
     assert len((made / "data/raw/train.jsonl").read_text().splitlines()) == 16
     with pytest.raises(workspace.WorkspaceError, match="is neither in .* nor fetchable from"):
         workspace.create(worker, "r4", "0" * 40)
+
+
+def test_one_repository_key_for_every_spelling_of_a_remote():
+    from olora.orchestration.events import repository_key, seen_variable
+
+    same = ["git@github.com:team/olora.git", "ssh://git@github.com/team/olora", "https://github.com/team/olora.git",
+            "https://user@github.com/team/olora/", "HTTPS://GitHub.com/team/olora"]
+    assert len({repository_key(r, "main") for r in same}) == 1
+    assert repository_key(same[0], "main") != repository_key(same[0], "dev")
+    assert repository_key("/srv/git/olora.git", "main") == repository_key("file:///srv/git/olora", "main")
+    assert repository_key("/srv/git/olora.git", "main") != repository_key(same[0], "main")
+    assert seen_variable(same[0], "main").startswith("olora_data_versions_")

@@ -3,8 +3,9 @@
 `olora publish-data` and the data watcher (`flows/olora_pipeline.py:olora_data_watch`) send one
 event `olora.data.published` per data version, on resource `olora.data.<version>`, with the commit
 that published it in the payload; the `on-new-data` deployment's trigger (prefect.yaml) turns each
-into one pipeline run on that commit. The versions already announced are kept in the Prefect
-variable `olora_data_versions`, so a version is announced once, whoever sees it first.
+into one pipeline run on that commit. The versions already announced are kept in a Prefect variable
+per repository and branch (`olora_data_versions_<key>`: one server may watch several), so a
+version is announced once, whoever sees it first.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from olora.data.versions import DataVersion
 log = logging.getLogger("olora")
 EVENT = "olora.data.published"
 RESOURCE_PREFIX = "olora.data."
-SEEN_VARIABLE = "olora_data_versions"
+SEEN_PREFIX = "olora_data_versions_"
 SEEN_KEPT = 500  # the newest announced versions kept in the variable
 
 
@@ -67,26 +68,49 @@ def emit(event: dict[str, Any]) -> None:
         raise EventError(f"the Prefect API at {url} refused the event ({response.status_code}: {response.text[:300]})")
 
 
-def _variable(call):
+def repository_key(remote: str, branch: str) -> str:
+    """The same key for every spelling of one remote (ssh, scp-like, https, file://, with or without `.git`) and branch."""
+    import hashlib
+    import re
+
+    where = remote.strip()
+    scp = re.match(r"^(?:[^@/]+@)?([^:/]+):(?!//)(.+)$", where)  # git@host:org/repo
+    if "://" in where:
+        where = re.sub(r"^[a-z0-9+.-]+://(?:[^@/]+@)?", "", where, flags=re.I)  # the scheme and any user
+    elif scp:
+        where = f"{scp.group(1)}/{scp.group(2)}"
+    where = where.rstrip("/").removesuffix(".git").lower()
+    return hashlib.sha256(f"{where}#{branch}".encode()).hexdigest()[:12]
+
+
+def seen_variable(remote: str, branch: str) -> str:
+    """The Prefect variable holding the versions announced for that repository and branch."""
+    return SEEN_PREFIX + repository_key(remote, branch)
+
+
+def _variable(name: str, call):
     try:
         return call()
     except Exception as exc:  # httpx and Prefect raise several types for an unreachable or refusing server
         raise EventError(f"the Prefect API at {api_url() or '(none configured)'} could not be reached for the variable "
-                         f"{SEEN_VARIABLE} ({exc}); start it or fix PREFECT_API_URL") from exc
+                         f"{name} ({exc}); start it or fix PREFECT_API_URL") from exc
 
 
-def seen_versions() -> set[str] | None:
-    """Data versions already announced; None when nothing was ever recorded (a watcher's first run)."""
+def seen_versions(remote: str, branch: str) -> set[str] | None:
+    """Data versions already announced for that repository and branch; None when nothing was recorded (a watcher's
+    first run)."""
     from prefect.variables import Variable
 
-    value = _variable(lambda: Variable.get(SEEN_VARIABLE, default=None))
+    name = seen_variable(remote, branch)
+    value = _variable(name, lambda: Variable.get(name, default=None))
     return None if value is None else set(value)
 
 
-def mark_seen(hashes: list[str]) -> None:
-    """Add versions to the announced set (the newest SEEN_KEPT are kept)."""
+def mark_seen(remote: str, branch: str, hashes: list[str]) -> None:
+    """Add versions to the repository's announced set (the newest SEEN_KEPT are kept)."""
     from prefect.variables import Variable
 
-    known = list(_variable(lambda: Variable.get(SEEN_VARIABLE, default=None)) or [])
+    name = seen_variable(remote, branch)
+    known = list(_variable(name, lambda: Variable.get(name, default=None)) or [])
     known += [h for h in hashes if h not in known]
-    _variable(lambda: Variable.set(SEEN_VARIABLE, known[-SEEN_KEPT:], overwrite=True))
+    _variable(name, lambda: Variable.set(name, known[-SEEN_KEPT:], overwrite=True))

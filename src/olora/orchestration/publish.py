@@ -97,9 +97,9 @@ def publish_data(root: Path, path: str, message: str | None = None, event: bool 
     sent = False
     if event and version.hash != before:
         try:
-            if version.hash not in (events.seen_versions() or set()):
+            if version.hash not in (events.seen_versions(remote, branch) or set()):
                 events.emit(events.data_event(version, commit, branch, remote, by="olora publish-data"))
-                events.mark_seen([version.hash])
+                events.mark_seen(remote, branch, [version.hash])
                 sent = True
         except events.EventError as exc:
             raise PublishError(f"{rel} is published (commit {commit[:12]} pushed to {remote}, content in {target}) but "
@@ -131,14 +131,15 @@ def announce_new_versions(source: Path, ref: str = "HEAD", depth: int = 100) -> 
 
     source = Path(source).resolve()
     _deepen(source, depth)
-    seen = events.seen_versions()
-    if seen is None:
-        baseline = [version.hash for _, version in new_versions(source, ref, set(), depth)]
-        events.mark_seen(baseline)
-        log.info("data watcher: first run, %d data version(s) on %s recorded as known; nothing announced", len(baseline), ref)
-        return []
     branch = _git(source, "rev-parse", "--abbrev-ref", ref).stdout.strip()
     remote = _git(source, "remote", "get-url", "origin", check=False).stdout.strip() or str(source)
+    seen = events.seen_versions(remote, branch)
+    if seen is None:
+        baseline = [version.hash for _, version in new_versions(source, ref, set(), depth)]
+        events.mark_seen(remote, branch, baseline)
+        log.info("data watcher: first run for %s (%s), %d data version(s) recorded as known; nothing announced",
+                 remote, branch, len(baseline))
+        return []
     results = []
     for commit, version in new_versions(source, ref, seen, depth):
         folder = Path(tempfile.mkdtemp(prefix="olora-watch-"))
@@ -166,7 +167,7 @@ def announce_new_versions(source: Path, ref: str = "HEAD", depth: int = 100) -> 
             results.append({**row, "missing": sorted(missing), "dvc_remote": target})
             continue
         events.emit(events.data_event(version, commit, branch, remote, by="olora data watcher"))
-        events.mark_seen([version.hash])
+        events.mark_seen(remote, branch, [version.hash])
         log.info("data watcher: announced data version %s (commit %s)", version.short, commit[:12])
         results.append(row)
     return results
