@@ -84,7 +84,7 @@ stack-status:
 
 # Re-resolve the lock from the venv (run after changing dependencies); torch keeps its plain version (no +cpu).
 lock:
-	{ grep '^#' requirements.lock; $(BIN)/python -m pip freeze --exclude-editable | grep -v "^olora-pipeline" | sed -E "s/^(torch==[^+]*)\+.*/\1/"; } > requirements.lock.new
+	{ grep -E '^#| ; ' requirements.lock; $(BIN)/python -m pip freeze --exclude-editable | grep -v "^olora-pipeline" | sed -E "s/^(torch==[^+]*)\+.*/\1/"; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
 clean:

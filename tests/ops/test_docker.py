@@ -151,7 +151,7 @@ def test_images_install_from_the_lock_like_the_makefile(variant):
     steps = instructions(DOCKERFILES[variant])
     runs = [args for kind, args in steps if kind == "RUN"]
     copies = [args for kind, args in steps if kind == "COPY"]
-    assert any(c.split()[0] == "requirements.lock" for c in copies), "requirements.lock is not copied into the image"
+    assert any(c.split()[:2] == ["requirements.lock", "docker/not-in-image.txt"] for c in copies), "the lock is not copied"
 
     def index(predicate, what):
         found = [i for i, run in enumerate(runs) if predicate(run)]
@@ -159,10 +159,13 @@ def test_images_install_from_the_lock_like_the_makefile(variant):
         return found[0]
 
     torch_step = index(lambda r: torch_pin in r and "pip install" in r, "installs torch from the lock's pin")
-    lock_step = index(lambda r: re.search(r"pip install .*--no-deps.* -r requirements\.lock", r), "installs the lock --no-deps")
+    # the lock less docker/not-in-image.txt (the test and `make stack` tools), --no-deps
+    lock_step = index(lambda r: re.search(r"grep -v -i -E -f /tmp/not-in-image requirements\.lock > /tmp/image\.lock", r)
+                      and re.search(r"pip install .*--no-deps.* -r /tmp/image\.lock", r), "installs the lock --no-deps")
     project_step = index(lambda r: re.search(r"pip install .*--no-deps \.(\s|$)", r), "installs the project --no-deps")
-    assert torch_step < lock_step < project_step  # the Makefile's order
+    assert torch_step <= lock_step < project_step  # the Makefile's order (torch and the lock share a layer)
     torch_run = runs[torch_step]
+    assert torch_run.index("grep '^torch==' requirements.lock") < torch_run.index("/tmp/image.lock")
     if variant == "cpu":
         assert "download.pytorch.org/whl/cpu" in DOCKERFILES[variant].read_text() and "--index-url" in torch_run
     else:
@@ -171,6 +174,34 @@ def test_images_install_from_the_lock_like_the_makefile(variant):
     for run in runs:
         for command in re.findall(r"pip install[^&;|]*", run):
             assert "-r " in command or re.search(r"--no-deps \.(\s|$)", command), f"unlocked install: {command}"
+
+
+def not_in_image() -> set[str]:
+    return {line.strip().lower() for line in (DOCKER / "not-in-image.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
+
+
+def test_what_the_images_leave_out_is_locked_and_needed_by_nothing_they_keep():
+    """docker/not-in-image.txt names packages of the lock, and no package the images keep (nor the project) requires
+    one of them (installed metadata of this venv, which `make` installed from the same lock)."""
+    import importlib.metadata as md
+
+    names = not_in_image()
+    pinned = {line.split("==")[0].strip().lower() for line in LOCK.read_text().splitlines() if "==" in line and not line.startswith("#")}
+    assert names and names <= pinned, f"not in the lock: {sorted(names - pinned)}"
+    norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()  # noqa: E731
+    kept = {norm(n) for n in pinned} - {norm(n) for n in names}
+    needs = collections.defaultdict(set)
+    for dist in md.distributions():
+        who = norm(dist.metadata["Name"])
+        if who not in kept and who != "olora-pipeline":
+            continue
+        for requirement in dist.requires or []:
+            if "extra ==" in requirement:
+                continue
+            needs[norm(re.split(r"[ ;<>=!~\[(]", requirement)[0])].add(who)
+    offending = {name: sorted(needs[norm(name)]) for name in names if needs.get(norm(name))}
+    assert not offending, f"left out of the images but required by what they keep: {offending}"
 
 
 @pytest.mark.parametrize("variant", sorted(DOCKERFILES))
@@ -200,7 +231,7 @@ def test_images_are_pinned_non_root_with_a_worker_default(variant):
     ignore = [line.strip() for line in (DOCKER / f"{DOCKERFILES[variant].name}.dockerignore").read_text().splitlines()
               if line.strip() and not line.startswith("#")]
     assert ignore[0] == "*"
-    assert {line for line in ignore if line.startswith("!")} <= {"!requirements.lock", "!pyproject.toml", "!README.md", "!src/"}
+    assert {line for line in ignore if line.startswith("!")} <= {"!requirements.lock", "!docker/not-in-image.txt", "!pyproject.toml", "!README.md", "!src/"}
 
 
 def test_no_literal_secret_in_the_container_files(compose):
