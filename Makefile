@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:
 #   make run   - create .venv, install the locked stack and embedded assets, run `dvc repro`
-#   make test  - same install, then every test tier but gpu (TEST_WORKERS pytest-xdist workers, one file each)
+#   make test  - same install, then every test tier but gpu and container (TEST_WORKERS pytest-xdist workers, one file each)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -37,7 +37,7 @@ run: install
 # keeps tests/conftest.py's order (longest files first) instead of xdist's "files with most tests first".
 TEST_WORKERS ?= 2
 test: install
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -m "not gpu" -v --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -m "not gpu and not container" -v --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-unit: install
 	$(BIN)/pytest
