@@ -24,9 +24,7 @@ import pytest
 from conftest import free_port
 from olora.ops import stack
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import harness  # noqa: E402
+import harness  # tests/containers/harness.py (pytest puts this test's folder on the import path)
 
 pytestmark = pytest.mark.container
 BIN = Path(sys.executable).parent
