@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -63,12 +64,21 @@ def build_times(skip_cold: bool) -> dict[str, float]:
     return out
 
 
+def layer_label(created_by: str) -> str:
+    """A Dockerfile step as `podman history` records it, without the build-argument prefix and the shell."""
+    words = " ".join(created_by.split())
+    words = re.sub(r"^\|\d+ (\S+=\S+ )+", "", words)
+    words = words.replace("/bin/sh -c #(nop) ", "").replace("/bin/sh -c ", "RUN ")
+    words = re.sub(r"--mount=type=secret,\S+ ", "", words)
+    return (words[:80] + "…") if len(words) > 80 else words
+
+
 def size_breakdown() -> dict:
     layers = []
-    for line in harness.podman("history", "--format", "{{.Size}}\t{{.CreatedBy}}", harness.IMAGE).stdout.splitlines():
+    for line in harness.podman("history", "--no-trunc", "--format", "{{.Size}}\t{{.CreatedBy}}", harness.IMAGE).stdout.splitlines():
         size, created = line.split("\t", 1)
         if size not in ("0 B", "0B"):
-            layers.append([size, " ".join(created.split())[:90]])
+            layers.append([size, layer_label(created)])
     script = ("import json, pathlib, subprocess; site = pathlib.Path('/opt/venv/lib/python3.11/site-packages'); "
               "sizes = {p.name: int(subprocess.run(['du', '-sk', str(p)], capture_output=True, text=True).stdout.split()[0]) "
               "for p in site.iterdir() if p.is_dir() and not p.name.endswith('-info')}; "
@@ -131,6 +141,23 @@ def stack_start() -> dict:
     return {"ready_s": total, "per_service": ready, "down_s": down, "left": left}
 
 
+def render(payload: dict) -> str:
+    builds, size, repro, started = payload["builds"], payload["size"], payload["tiny_repro"], payload["stack"]
+    rows = ["| measure | value |", "|---|---|"]
+    rows += [f"| build {k} | {v:.1f} s |" for k, v in builds.items()]
+    rows += [f"| image size ({harness.IMAGE}) | {size['bytes'] / 1e9:.2f} GB |",
+             f"| .pyc files in the venv | {size['pyc_kb'] / 1e3:.0f} MB |"]
+    rows += ["| layer: " + created.replace("|", "\\|") + f" | {s} |" for s, created in size["layers"]]
+    rows += [f"| package {name} | {kb / 1e3:.0f} MB |" for name, kb in size["packages"]]
+    rows += [f"| tiny `dvc repro`, container | {repro['container']:.1f} s |", f"| tiny `dvc repro`, host | {repro['host']:.1f} s |",
+             f"| container / host | {repro['container'] / repro['host']:.2f} |",
+             f"| compose stack: `up` until every service is ready | {started['ready_s']:.1f} s |",
+             f"| compose stack: `down --volumes` | {started['down_s']:.1f} s |",
+             f"| left after `down` | {sum(len(v) for v in started['left'].values())} |"]
+    return (f"Containers with podman ({payload['machine']}; one run, shared machine)\n\n" + "\n".join(rows)
+             + "\n\nPer service, seconds from `up` until ready: " + json.dumps(started["per_service"]) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
@@ -145,20 +172,7 @@ def main() -> None:
     started = stack_start()
     payload = {"prepared": prepared, "builds": builds, "size": size, "tiny_repro": repro, "stack": started,
                "machine": f"{os.cpu_count()} cores, podman {harness.podman('version', '--format', '{{.Client.Version}}').stdout.strip()}"}
-    rows = ["| measure | value |", "|---|---|"]
-    rows += [f"| build {k} | {v:.1f} s |" for k, v in builds.items()]
-    rows += [f"| image size ({harness.IMAGE}) | {size['bytes'] / 1e9:.2f} GB |",
-             f"| .pyc files in the venv | {size['pyc_kb'] / 1e3:.0f} MB |"]
-    rows += [f"| layer: {created} | {s} |" for s, created in size["layers"]]
-    rows += [f"| package {name} | {kb / 1e3:.0f} MB |" for name, kb in size["packages"]]
-    rows += [f"| tiny `dvc repro`, container | {repro['container']:.1f} s |", f"| tiny `dvc repro`, host | {repro['host']:.1f} s |",
-             f"| container / host | {repro['container'] / repro['host']:.2f} |",
-             f"| compose stack: `up` until every service is ready | {started['ready_s']:.1f} s |",
-             f"| compose stack: `down --volumes` | {started['down_s']:.1f} s |",
-             f"| left after `down` | {sum(len(v) for v in started['left'].values())} |"]
-    table = (f"Containers with podman ({payload['machine']}; one run, shared machine)\n\n" + "\n".join(rows)
-             + "\n\nPer service, seconds from `up` until ready: " + json.dumps(started["per_service"]) + "\n")
-    publish(args.out, "containers", payload, table)
+    publish(args.out, "containers", payload, render(payload))
 
 
 if __name__ == "__main__":
