@@ -8,14 +8,15 @@ run on that commit. A thin wrapper of `olora.orchestration.publish.announce_new_
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "olora")  # the library's log lines show in the flow run's logs
-from prefect import flow  # noqa: E402
+from prefect import flow
 
-from olora.ops.envfile import stack_env  # noqa: E402
-from olora.orchestration.publish import announce_new_versions  # noqa: E402
+from olora.ops.envfile import stack_env
+from olora.orchestration.pipeline import library_logs_to_prefect
+from olora.orchestration.publish import announce_new_versions
+
+library_logs_to_prefect()  # the library's lines (what the watcher looked at, and why) in the flow run's logs
 
 
 @flow(name="olora-data-watch", log_prints=True)
@@ -25,7 +26,7 @@ def olora_data_watch(root: str = ".", ref: str = "HEAD", depth: int = 100) -> li
     source = Path(root).resolve()
     with stack_env(source):
         rows = announce_new_versions(source, ref, depth)
-    for row in rows:  # in the flow run's log (the library's own lines are in the worker's)
+    for row in rows:  # a summary in the flow run's log
         print(f"commit {row['commit'][:12]}: data version {row['data_version'][:16]} announced" if row["announced"] else
               f"commit {row['commit'][:12]}: the DVC remote {row['dvc_remote']} lacks {row['missing']}; not announced")
     if not rows:

@@ -8,24 +8,24 @@ The tracking server is resolved once per flow run (stack.env, else the source's 
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "olora")  # the library's log lines show in the flow run's logs
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
-from prefect.tasks import exponential_backoff  # noqa: E402
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.tasks import exponential_backoff
 
-from olora import dvc  # noqa: E402
-from olora.config import edit_params, load_config  # noqa: E402
-from olora.layout import Layout  # noqa: E402
-from olora.ops.envfile import stack_env  # noqa: E402
-from olora.orchestration import pipeline as P  # noqa: E402
-from olora.orchestration import workspace  # noqa: E402
-from olora.stages import STAGES  # noqa: E402
-from olora.tracking.client import Tracking  # noqa: E402
+from olora import dvc
+from olora.config import edit_params, load_config
+from olora.layout import Layout
+from olora.ops.envfile import stack_env
+from olora.orchestration import pipeline as P
+from olora.orchestration import workspace
+from olora.stages import STAGES
+from olora.tracking.client import Tracking
+
+P.library_logs_to_prefect()  # the workspace, stage and recording lines in the flow run's logs
 
 is_transient, halved_batch = P.is_transient, P.halved_batch  # the retry rule and the OOM back-off (olora.orchestration)
 
@@ -73,7 +73,9 @@ def run_name() -> str:
     return f"{flow_run.name}-{str(flow_run.id)[:8]}" if flow_run.id else time.strftime("local-%Y%m%d-%H%M%S")
 
 
-@flow(name="olora-pipeline", log_prints=True)
+# log_prints stays off: it turns every print() into a log line, dill's own (it prints a disassembly to a captured
+# stdout to find a function's globals while datasets fingerprints a map) included; the library logs instead.
+@flow(name="olora-pipeline", log_prints=False)
 def olora_pipeline(root: str = ".", overrides: dict[str, Any] | None = None, promote: bool = False,
                    push: bool = True, isolate: bool = True, name: str | None = None,
                    commit: str | None = None) -> dict[str, Any]:
@@ -90,6 +92,7 @@ def olora_pipeline(root: str = ".", overrides: dict[str, Any] | None = None, pro
     name = name or run_name()
     with stack_env(source):  # the team's services (stack.env), else the source project's own store
         tracking = Tracking.of(load_config(source / "params.yaml"), source)
+        P.check_durable(source, name if isolate else None, tracking, push)  # stores that outlive the run, or refused
         path = Path(open_workspace(str(source), name, commit)) if isolate else P.not_a_commit(source, commit)
         if overrides:
             edit_params(path / "params.yaml", overrides)
@@ -108,7 +111,7 @@ def olora_pipeline(root: str = ".", overrides: dict[str, Any] | None = None, pro
     return {"name": name, "stages": results, **record}
 
 
-@flow(name="olora-sweep", log_prints=True)
+@flow(name="olora-sweep", log_prints=False)
 def olora_sweep(root: str = ".", grid: dict[str, list[Any]] | None = None, deployment: str | None = None,
                 push: bool = True) -> list[dict[str, Any]]:
     """Every combination of `grid` (default init × r) as its own isolated pipeline run; compared in one table.
@@ -124,6 +127,7 @@ def olora_sweep(root: str = ".", grid: dict[str, list[Any]] | None = None, deplo
     names = [f"{run_name()}-v{i}" for i in range(len(variants))]
     with stack_env(source):
         tracking = Tracking.of(load_config(source / "params.yaml"), source)
+        P.check_durable(source, None, tracking, push)
         if tracking.enabled:  # reach (and, for a new SQLite store, create) the store once, before variants race to
             tracking.client()
         if deployment:  # separate flow runs of that deployment, whichever workers pick them up

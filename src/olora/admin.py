@@ -6,7 +6,8 @@
     olora serve [--alias champion]           answer HTTP requests with a registered version, following its alias
     olora serve-webhook --url URL            register the registry webhook that tells a server the alias moved
     olora publish-data PATH [-m MSG]         dvc add + dvc push + commit + git push + the Prefect data event
-    olora check                              validate params.yaml and print the resolved configuration
+    olora check [--deployment]               validate params.yaml and print the resolved configuration
+                                             (--deployment: a worker's run would record outside its clone)
     olora dvc-yaml [--write|--check]         dvc.yaml from the stage table
     olora params-table [--write FILE]        the parameter table from the config's docstrings
 
@@ -59,7 +60,9 @@ def build_parser():
     pd.add_argument("-m", "--message", help="commit message (default: 'data: PATH')")
     pd.add_argument("--no-event", action="store_true",
                     help="send no event (no Prefect API here); the data watcher deployment announces the version")
-    sub.add_parser("check", help="validate params.yaml and print the resolved configuration")
+    ck = sub.add_parser("check", help="validate params.yaml and print the resolved configuration")
+    ck.add_argument("--deployment", action="store_true", help="also check, on a clone of HEAD as a worker makes it, that "
+                    "a deployment run's MLflow store and DVC remote lie outside that clone (else they are lost with it)")
     dy = sub.add_parser("dvc-yaml", help="print dvc.yaml as generated from the stage table")
     dy.add_argument("--write", action="store_true", help="write it to ROOT/dvc.yaml")
     dy.add_argument("--check", action="store_true", help="exit 1 when ROOT/dvc.yaml differs")
@@ -90,6 +93,10 @@ def main(argv: list[str]) -> int:
         cfg = load_config(layout.params, parse_set(args.set))
         if args.command == "check":
             print(dump_config(cfg), end="")
+            if args.deployment:
+                from olora.orchestration.durable import check_deployment
+
+                print(check_deployment(layout.root, cfg))
             return 0
         from olora.tracking.client import Tracking
 

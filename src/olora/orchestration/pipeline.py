@@ -19,7 +19,7 @@ from olora.config import edit_params, load_config
 from olora.data.versions import data_version
 from olora.errors import OloraError
 from olora.layout import DATA, RUN_FILE, Layout
-from olora.orchestration import workspace
+from olora.orchestration import durable, workspace
 from olora.stages import STAGES
 from olora.stages.lock import WorkspaceBusyError
 from olora.tracking.client import Tracking, TrackingError
@@ -87,6 +87,29 @@ def promote(layout: Layout, tracking: Tracking) -> str:
 
     decision = gate.promote(load_config(layout.params), tracking, report=layout.path(PROMOTION), root=layout.root)
     return ("promoted: " if decision.promote else "kept champion: ") + decision.reason
+
+
+def check_durable(source: Path, name: str | None, tracking: Tracking, push: bool) -> None:
+    """Before any stage: refuse a run whose tracking store or DVC remote lies in a folder deleted when it ends (its
+    workspace `name`, or the deployment's temporary clone `source`), naming the store and the fix."""
+    ws = workspace.runs_dir(source) / workspace.safe_name(name) if name else None
+    durable.check(source, tracking, durable.run_folders(source, ws), push, f"flow run {name}" if name else "this flow run")
+
+
+def library_logs_to_prefect() -> None:
+    """The library's own lines (logger `olora`: workspace, stages, recording) in the flow run's logs.
+
+    Deployments set PREFECT_LOGGING_EXTRA_LOGGERS=olora in the worker's job environment (prefect.yaml), read when the
+    engine configures logging; a flow started otherwise (`python flows/...`, a test) gets the same handlers here. The
+    level: Prefect's root logger passes WARNING and up only.
+    """
+    import prefect  # noqa: F401 - importing it configures Prefect's logging (the handlers copied below)
+
+    logger = logging.getLogger("olora")
+    logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
+    for handler in logging.getLogger("prefect.extra").handlers:
+        if not any(type(h) is type(handler) for h in logger.handlers):
+            logger.addHandler(handler)
 
 
 def open_workspace(source: Path, name: str, commit: str | None = None) -> Path:

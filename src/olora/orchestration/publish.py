@@ -18,7 +18,7 @@ from pathlib import Path
 from olora import dvc
 from olora.errors import OloraError
 from olora.layout import DATA_INPUTS
-from olora.orchestration import events, workspace
+from olora.orchestration import durable, events, workspace
 from olora.data.versions import data_version, remote_url
 
 log = logging.getLogger("olora")
@@ -130,6 +130,9 @@ def announce_new_versions(source: Path, ref: str = "HEAD", depth: int = 100) -> 
     from olora.data.versions import new_versions, unpublished
 
     source = Path(source).resolve()
+    # in a deployment's temporary clone, a remote inside it holds nothing pushed from elsewhere: every version would
+    # look unpublished forever
+    durable.check(source, None, durable.run_folders(source, None), push=False, what="the data watcher")
     _deepen(source, depth)
     branch = _git(source, "rev-parse", "--abbrev-ref", ref).stdout.strip()
     remote = _git(source, "remote", "get-url", "origin", check=False).stdout.strip() or str(source)
@@ -150,6 +153,7 @@ def announce_new_versions(source: Path, ref: str = "HEAD", depth: int = 100) -> 
             local = source / ".dvc" / "config.local"
             if local.is_file():
                 shutil.copy(local, checkout / ".dvc" / "config.local")
+            workspace.pin_remote(source, checkout)
             if not (workspace.has_dvc_remote(checkout) or workspace.add_team_remote(checkout)):
                 raise PublishError("no DVC remote to check the data against: commit one in .dvc/config or set "
                                    "OLORA_DVC_REMOTE_URL (stack.env does)")

@@ -104,6 +104,20 @@ def add_team_remote(root: Path) -> bool:
     return True
 
 
+def pin_remote(source: Path, target: Path) -> None:
+    """A relative DVC remote (`url = ../.dvc-remote`) resolves against each checkout's own folder: make `target`'s
+    (a workspace or a clone, removed later) the folder it names in `source`, so what is pushed there outlives it."""
+    texts = [p.read_text() for p in (Path(source) / ".dvc" / "config", Path(source) / ".dvc" / "config.local") if p.is_file()]
+    if not any(re.search(r"^\s*url\s*=\s*(?![/~])(?!\S*://)\S", t, flags=re.M) for t in texts):
+        return  # every remote is absolute or a server: nothing resolves differently there
+    name = dvc.run(source, "remote", "default", check=False).stdout.strip()
+    url = dvc.run(source, "config", f"remote.{name}.url", check=False).stdout.strip() if name else ""
+    if url and "://" not in url and Path(url).is_absolute() and \
+            dvc.run(target, "config", f"remote.{name}.url", check=False).stdout.strip() != url:
+        dvc.run(target, "remote", "modify", "--local", name, "url", url)
+        log.info("DVC remote %r of %s: %s (as %s resolves it)", name, target, url, source)
+
+
 def create(source: Path, name: str, commit: str | None = None) -> Path:
     """Clone the source checkout's commit (or `commit`, fetched from the team's remote when the source lacks it)
     into runs_dir/<name>, sharing its DVC cache; returns the workspace.
@@ -134,6 +148,7 @@ def create(source: Path, name: str, commit: str | None = None) -> Path:
     local = source / ".dvc" / "config.local"  # DVC remote credentials and settings that git does not hold
     if local.is_file():
         shutil.copy(local, target / ".dvc" / "config.local")
+    pin_remote(source, target)
     remote = has_dvc_remote(target) or add_team_remote(target)
     dvc.run(target, "cache", "dir", "--local", str(dvc_cache(source)))
     # outputs of earlier runs that the shared cache holds, so DVC skips what is up to date
