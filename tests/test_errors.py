@@ -56,6 +56,9 @@ CATEGORIES: dict[str, tuple[str, str]] = {
     "cli": ("Command line", "Mistakes in the `olora` command itself (argparse answers with exit code 2 too)."),
     "publish": ("Publishing data (olora publish-data)",
                 "Checked before anything is added, pushed or committed; a failed `dvc push` stops before the commit."),
+    "deployment": ("Deployment runs (stores that outlive a worker's clone)",
+                   "Every flow run and the data watcher check, before any stage, that the MLflow store and the DVC "
+                   "remote lie outside the folders deleted when the run ends (by hand: `olora check --deployment`)."),
     "serving": ("Serving requests",
                 "Requests to `olora serve` or `mlflow models serve` (the registered pyfunc model): each is answered "
                 "HTTP 400 with this message (MLflow's INVALID_PARAMETER_VALUE) before any generation."),
@@ -283,6 +286,24 @@ def _publish(ctx: Ctx, path: str, origin: bool = False) -> str:
     ctx.file("data/raw/rows.jsonl", jsonl(*ROWS))
     (ctx.tmp / "rows.jsonl").write_text(jsonl(*ROWS))
     return cli(ctx.root, "publish-data", path)
+
+
+def _deployment(ctx: Ctx, tracking: bool, remote: str) -> str:
+    """`olora check --deployment` in a committed git + DVC checkout of <project> whose DVC remote `local` is `remote`
+    (as written in .dvc/config), with MLFLOW_TRACKING_URI an absolute store under <tmp> when `tracking`."""
+    import subprocess
+
+    ctx.monkeypatch.delenv("OLORA_DVC_REMOTE_URL", raising=False)
+    if tracking:
+        ctx.monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ctx.tmp / 'mlflow.db'}")
+    ctx.params("")
+    for args in (["git", "init", "-q", "-b", "main"], [str(Path(sys.executable).parent / "dvc"), "init", "-q"]):
+        subprocess.run(args, cwd=ctx.root, check=True, capture_output=True)
+    with (ctx.root / ".dvc" / "config").open("a") as config:
+        config.write(f"[core]\n    remote = local\n['remote \"local\"']\n    url = {remote}\n")
+    for args in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@e.com", "commit", "-qm", "init"]):
+        subprocess.run(args, cwd=ctx.root, check=True, capture_output=True)
+    return cli(ctx.root, "check", "--deployment")
 
 
 def _data_config(**data) -> str:
@@ -1064,6 +1085,17 @@ CASES: list[Case] = [
          "olora publish-data: error: no DVC remote is configured: add one (`dvc remote add -d team <url>`) or set OLORA_DVC_REMOTE_URL (stack.env does)",
          "Add the team's DVC remote, or load `stack.env`.",
          lambda ctx: _publish(ctx, "data/raw/rows.jsonl", origin=True)),
+    # ---- deployment runs whose stores would be deleted with their clone
+    Case("deployment-tracking-in-clone", "deployment",
+         "`olora check --deployment` (or a worker's flow run) with no `MLFLOW_TRACKING_URI`: the store falls back to the clone's `mlflow.db`",
+         "olora check: error: a deployment run of this checkout cannot record durably, so it was not started: the MLflow tracking store sqlite:///<clone>/mlflow.db lies inside the Prefect worker's temporary folder <worker temp>, deleted when the flow run ends: the run and its registered version would be lost with it (`olora promote` and `olora serve` elsewhere would find nothing); set MLFLOW_TRACKING_URI, where the worker (or this command) starts, to a tracking server (`make stack` writes it to stack.env) or to a store outside it, e.g. sqlite:////abs/path/mlflow.db. Nothing was run",
+         "Export `MLFLOW_TRACKING_URI` (a server, or an absolute `sqlite:///` path outside the clone) before `prefect worker start`, or use `make stack`'s `stack.env`.",
+         lambda ctx: _deployment(ctx, tracking=False, remote=str(ctx.tmp / "dvc-remote"))),
+    Case("deployment-dvc-remote-in-clone", "deployment",
+         "The committed relative DVC remote (`url = ../.dvc-remote`), which resolves inside a worker's clone",
+         "olora check: error: a deployment run of this checkout cannot record durably, so it was not started: the DVC remote 'local' (<clone>/.dvc-remote) lies inside the Prefect worker's temporary folder <worker temp>, deleted when the flow run ends: the adapter and data `dvc push` writes there would be lost, and the run's runs/* branch would point at objects that exist nowhere; make the default DVC remote a server URL or an absolute folder outside it (`dvc remote add -d --force NAME /abs/path`, committed in .dvc/config for workers that clone, or in .dvc/config.local beside a checkout), or set OLORA_DVC_REMOTE_URL (stack.env does). Nothing was run",
+         "`dvc remote add -d --force local /abs/path` and commit `.dvc/config` (or set `OLORA_DVC_REMOTE_URL`, as `stack.env` does).",
+         lambda ctx: _deployment(ctx, tracking=True, remote="../.dvc-remote")),
     # ---- serving requests (the registered pyfunc; the scoring server answers HTTP 400 with the message)
     Case("serve-max-new-tokens-zero", "serving",
          '`{"inputs": {"prompt": ["Hi"]}, "params": {"max_new_tokens": 0}}`',

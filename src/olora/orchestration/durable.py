@@ -43,8 +43,8 @@ class Folder:
     """A deployment's temporary clone: its DVC cache goes too, so a DVC remote is required."""
 
 
-def temporary_clone(source: Path) -> str | None:
-    """Why `source` is a deployment's temporary clone (deleted when the flow run ends), or None.
+def temporary_clone(source: Path) -> Folder | None:
+    """The deployment's temporary folder that holds `source` (deleted when the flow run ends, with why), or None.
 
     Either it lies under a Prefect process worker's temporary working folder, or this flow run's
     deployment clones its code with a `git_clone` pull step (asked of the Prefect API).
@@ -52,7 +52,7 @@ def temporary_clone(source: Path) -> str | None:
     source, temp = Path(source).resolve(), Path(tempfile.gettempdir()).resolve()
     for parent in (source, *source.parents):
         if parent.parent == temp and WORKER_TEMP.match(parent.name):
-            return f"the Prefect worker's temporary folder {parent}, deleted when the flow run ends"
+            return Folder(parent, f"the Prefect worker's temporary folder {parent}, deleted when the flow run ends", True)
     try:
         from prefect.runtime import deployment
 
@@ -70,7 +70,8 @@ def temporary_clone(source: Path) -> str | None:
         log.warning("could not read deployment %s's pull steps (%s); assuming its code was cloned", deployment_id, exc)
         steps = [{"git_clone": {}}]
     if any("git_clone" in name for step in steps for name in step):
-        return f"the folder deployment {deployment.name!r}'s git_clone pull step cloned this run's code into, deleted when the flow run ends"
+        return Folder(source, f"the folder {source} that deployment {deployment.name!r}'s git_clone pull step cloned this "
+                      "run's code into, deleted when the flow run ends", True)
     return None
 
 
@@ -151,7 +152,7 @@ def check(root: Path, tracking: Tracking | None, folders: list[Folder], push: bo
     problems = [p for p in (tracking_problem(tracking, folders) if tracking else None,
                             dvc_problem(root, folders, required=clone) if push or clone else None) if p]
     if problems:
-        raise DurabilityError(f"{what} cannot record durably, so it was not started: " + " Also: ".join(problems)
+        raise DurabilityError(f"{what} cannot record durably, so it was not started: " + ". Also: ".join(problems)
                               + ". Nothing was run")
     log.info("%s records durably: tracking %s, DVC remote %s", what, redact_uri(tracking.uri) if tracking else "-",
              (dvc_remote(root) or ("-", "none"))[1])
@@ -160,9 +161,9 @@ def check(root: Path, tracking: Tracking | None, folders: list[Folder], push: bo
 def run_folders(source: Path, workspace: Path | None) -> list[Folder]:
     """The folders a flow run deletes: the deployment's temporary clone (when it is one), then its own workspace."""
     folders = []
-    why = temporary_clone(source)
-    if why:
-        folders.append(Folder(Path(source), why, clone=True))
+    clone = temporary_clone(source)
+    if clone:
+        folders.append(clone)
     if workspace is not None:
         folders.append(Folder(Path(workspace), f"the run's own workspace {workspace}, removed once the run is recorded"))
     return folders
