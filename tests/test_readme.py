@@ -9,6 +9,7 @@ from conftest import REPO
 # README command (comment stripped) -> the test that runs it. `test_readme_commands_run` in
 # test_pipeline_dvc.py runs the ones mapped to it, as written, in the tiny project.
 RUN_IN_TINY_PROJECT = "tests/stages/test_pipeline_dvc.py::test_readme_commands_run"
+ONE_MACHINE = "tests/orchestration/test_durable.py::test_readme_deployment_on_one_machine_records_durably"
 COVERED = {
     "make run": "tests/stages/test_pipeline_dvc.py::test_repro_produces_every_output_and_a_noop_second_run",
     "make test": ".ci/run",
@@ -23,12 +24,19 @@ COVERED = {
         "tests/tracking/test_mlflow.py::test_served_model_answers_over_http_in_the_training_template",
     "python flows/olora_pipeline.py": "tests/orchestration/test_flows.py::test_isolated_run_is_recorded_and_restores_in_a_fresh_clone",
     "olora restore --model olora-tiny-llama --alias champion": "tests/orchestration/test_flows.py::test_isolated_run_is_recorded_and_restores_in_a_fresh_clone",
-    "prefect server start --host 127.0.0.1": "tests/orchestration/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
-    "export PREFECT_API_URL=http://127.0.0.1:4200/api": "tests/orchestration/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
-    "prefect work-pool create olora-process --type process": "tests/orchestration/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
-    'export OLORA_GIT_REMOTE="$PWD" OLORA_GIT_BRANCH=main': "tests/orchestration/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
-    "prefect deploy --all": "tests/orchestration/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
-    "prefect worker start --pool olora-process": "tests/orchestration/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
+    # the one-machine deployment set-up: run line by line, as written, by this test
+    'export MLFLOW_TRACKING_URI="sqlite:///$HOME/olora-stores/mlflow.db" PREFECT_API_URL=http://127.0.0.1:4200/api '
+    'OLORA_GIT_REMOTE="$PWD" OLORA_GIT_BRANCH=main': ONE_MACHINE,
+    'dvc remote add -d --force local ~/olora-stores/dvc-remote && git commit -qm "DVC remote outside the clones" .dvc/config':
+        ONE_MACHINE,
+    "prefect server start --host 127.0.0.1": ONE_MACHINE,
+    "prefect work-pool create olora-process --type process": ONE_MACHINE,
+    "olora check --deployment && prefect deploy --all": ONE_MACHINE,
+    "prefect worker start --pool olora-process": ONE_MACHINE,
+    "prefect deployment run 'olora-pipeline/on-demand' --watch": ONE_MACHINE,
+    "olora promote --model olora-tiny-llama": ONE_MACHINE,
+    "git clone -q . ../olora-restored && cd ../olora-restored && olora restore --model olora-tiny-llama --alias champion":
+        ONE_MACHINE,
     "prefect deployment run 'olora-sweep/sweep' --param 'grid={\"adapter.r\": [2, 4]}' --param push=false": "tests/orchestration/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
     "prefect flow-run retry <flow run id>":
         "tests/ops/test_stack.py::test_two_deployment_runs_on_two_workers_recorded_restored_and_a_killed_worker_rerun",

@@ -193,7 +193,8 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path, tiny_model_dir):
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",  # the team's store; the worker's clone is temporary
     }
     for args in (["git", "init", "-q", "-b", "main"], ["git", "config", "user.email", "t@e.com"], ["git", "config", "user.name", "t"],
-                 ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+                 ["dvc", "init", "-q"], ["dvc", "remote", "add", "-d", "team", str(tmp_path / "dvc-remote")],  # outside the clones
+                 ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         subprocess.run(args, cwd=root, check=True, env=env, capture_output=True)
     env.update(OLORA_GIT_REMOTE=str(root), OLORA_GIT_BRANCH="main")  # the git remote workers clone (here: a local repo)
 
