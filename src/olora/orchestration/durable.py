@@ -154,8 +154,9 @@ def check(root: Path, tracking: Tracking | None, folders: list[Folder], push: bo
     if problems:
         raise DurabilityError(f"{what} cannot record durably, so it was not started: " + ". Also: ".join(problems)
                               + ". Nothing was run")
-    log.info("%s records durably: tracking %s, DVC remote %s", what, redact_uri(tracking.uri) if tracking else "-",
-             (dvc_remote(root) or ("-", "none"))[1])
+    found = ([f"tracking {redact_uri(tracking.uri)}"] if tracking and tracking.enabled else []) + \
+        [f"DVC remote {(dvc_remote(root) or ('', 'none'))[1]}"]
+    log.info("%s records durably: %s", what, ", ".join(found))
 
 
 def run_folders(source: Path, workspace: Path | None) -> list[Folder]:
