@@ -21,7 +21,6 @@ import yaml
 from conftest import BIN, REPO, free_port, running_server, wait_for_http
 from olora.overlay import copy_project, write_params
 
-pytestmark = pytest.mark.integration
 
 
 def git(root: Path, *args: str) -> str:
@@ -46,6 +45,28 @@ def checkout(root: Path, model_dir: Path, extra: dict | None = None) -> Path:
     return root
 
 
+def test_which_tracking_stores_outlive_a_worker_clone(monkeypatch):
+    """The rule on real folders: a store in Prefect's worker folder (tmp…prefect) or relative to the clone is lost."""
+    from olora.orchestration.durable import run_folders, tracking_problem
+    from olora.tracking.client import Tracking
+
+    with tempfile.TemporaryDirectory(suffix="prefect") as worker:
+        clone = Path(worker) / "olora-main"
+        clone.mkdir()
+        folders = run_folders(clone, clone / ".olora" / "runs" / "r1")
+        assert [f.path for f in folders] == [Path(worker).resolve(), clone / ".olora" / "runs" / "r1"] and folders[0].clone
+        monkeypatch.chdir(clone)  # where set_working_directory leaves the flow run
+        lost = {uri: tracking_problem(Tracking(uri), folders) for uri in (
+            "sqlite:///mlflow.db", f"sqlite:///{clone}/mlflow.db", "mlruns", "sqlite://",
+            "sqlite:////srv/olora/mlflow.db", "file:///srv/olora/mlruns", "http://127.0.0.1:5000", "postgresql://u@db/mlflow")}
+        assert [uri for uri, why in lost.items() if why] == ["sqlite:///mlflow.db", f"sqlite:///{clone}/mlflow.db", "mlruns",
+                                                            "sqlite://"]
+        assert "lies inside the Prefect worker's temporary folder" in lost["sqlite:///mlflow.db"]
+        assert tracking_problem(Tracking("sqlite:///mlflow.db", enabled=False), folders) is None
+    assert run_folders(REPO, None) == []  # a checkout elsewhere, no workspace: nothing is deleted
+
+
+@pytest.mark.integration
 def test_relative_remote_is_pinned_in_workspaces_and_refused_in_a_worker_clone(tmp_path, tiny_model_dir, monkeypatch):
     from olora.orchestration import durable, workspace
     from olora.orchestration.publish import announce_new_versions
@@ -68,6 +89,7 @@ def test_relative_remote_is_pinned_in_workspaces_and_refused_in_a_worker_clone(t
             announce_new_versions(clone)
 
 
+@pytest.mark.integration
 def test_check_deployment_passes_once_both_stores_are_outside(tmp_path, tiny_model_dir, monkeypatch, capsys):
     from olora.cli import main
 
@@ -107,6 +129,7 @@ def logs_of(base: str, run_id: str) -> list[str]:
     return [e["message"] for e in api(base, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})]
 
 
+@pytest.mark.integration
 def test_readme_deployment_on_one_machine_records_durably(tmp_path, tiny_model_dir):
     """The README's lines as written (port changed), then: a run with its store inside the clone is refused."""
     home = tmp_path / "home"

@@ -95,16 +95,15 @@ def tracking_problem(tracking: Tracking, folders: list[Folder]) -> str | None:
         return None
     uri = tracking.uri
     if uri.startswith("sqlite:"):
-        raw = re.sub(r"^sqlite:/{3}", "", uri) if uri.startswith("sqlite:///") else ""
-        path = Path(raw.split("?", 1)[0]) if raw else None
+        raw = uri.removeprefix("sqlite:///").split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+        if not raw:
+            return f"the MLflow tracking store {redact_uri(uri)} is in memory; {FIX_TRACKING}"
+        path = Path(raw)
     else:
         path = _local_path(uri)
-    if path is None and "://" in uri and not uri.startswith(("sqlite:", "file:")):
+    if path is None:
         return None  # a tracking server (reached with retries by the first stage that records)
-    if path is None or not path.is_absolute():
-        return (f"the MLflow tracking store {redact_uri(uri)} is relative, so it resolves inside the run's working "
-                f"folder, which is temporary; {FIX_TRACKING}")
-    found = _inside(path, folders)
+    found = _inside(path, folders)  # a relative path: against the working folder, which is the clone in a deployment
     if found:
         return (f"the MLflow tracking store {redact_uri(uri)} lies inside {found.why}: the run and its registered "
                 f"version would be lost with it (`olora promote` and `olora serve` elsewhere would find nothing); "
@@ -132,7 +131,7 @@ def dvc_problem(root: Path, folders: list[Folder], required: bool) -> str | None
     path = _local_path(url)
     if path is None:
         return None  # s3://, ssh://, ...: a server
-    found = _inside(path, folders) if path.is_absolute() else folders[0]
+    found = _inside(path if path.is_absolute() else Path(root) / path, folders)
     if found:
         return (f"the DVC remote {name!r} ({url}) lies inside {found.why}: the adapter and data `dvc push` writes "
                 f"there would be lost, and the run's runs/* branch would point at objects that exist nowhere; {FIX_DVC}")
