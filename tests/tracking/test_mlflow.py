@@ -381,25 +381,32 @@ def test_promotion_gate_on_the_real_registry(tracked, tmp_path, caplog):
     decision_file = c.download_artifacts(c.get_model_version(name, seed).run_id, f"promotion/v{seed}.json", str(tmp_path))
     assert json.loads(Path(decision_file).read_text())["n"] == 4
 
-    # scored on other questions (one task): never compared by means, refused naming the difference
+    # scored on fewer questions (one task): never compared by means, nor on the smaller set; refused by name
     other = _retrain(tracked, tmp_path / "other", {"evaluate.tasks": ["arc_easy"]})
     with pytest.raises(OloraError, match=rf"challenger {name} v{other} and champion v1 were scored on different "
                                          r"questions \(tasks \['arc_easy', 'piqa'\] vs \['arc_easy'\]\)"):
         gate.promote(cfg, trk, version=other)
     assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
-    # from the project (as `olora promote` runs it): the champion is first scored on the challenger's questions,
-    # by the evaluate stage's own code, and that result is kept in the champion's run for the next gate
+    # from the project (as `olora promote` runs it): the comparison set is the metric's whole set (both tasks), so
+    # the challenger is first scored on the task it lacks, from its registered adapter, by the evaluate stage's own
+    # code, and that result is kept in its run for the next gate; the decision names the set
     d = gate.promote(cfg, trk, version=other, root=tracked.root)
-    assert d.comparison is not None and set(d.comparison.tasks) == {"arc_easy"} and d.comparison.n == 2
+    assert d.comparison is not None and set(d.comparison.tasks) == {"arc_easy", "piqa"} and d.comparison.n == 4
+    assert f"on 4 questions of 2 tasks (limit 2 a task); v{other} re-scored on 4" in d.reason
+    tags = c.get_model_version(name, other).tags
+    assert tags["promotion.question_set"] == f"4 questions of 2 tasks (limit 2 a task); v{other} re-scored on 4"
+    assert f"- compared on 4 questions of 2 tasks" in c.get_model_version(name, other).description
+    other_run = c.get_model_version(name, other).run_id
+    assert len(c.list_artifacts(other_run, "eval/rescored")) == 1
     v1_run = c.get_model_version(name, "1").run_id
-    rescored = [a.path for a in c.list_artifacts(v1_run, "eval/rescored")]
-    assert len(rescored) == 1
+    assert not c.list_artifacts(v1_run, "eval/rescored")  # the champion already held the whole set
     with caplog.at_level("INFO", logger="olora"):
         gate.promote(cfg, trk, version=other, root=tracked.root)
     assert any("was scored on these questions before" in r.getMessage() for r in caplog.records)
     assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
-    # a champion whose adapter cannot be loaded any more cannot be scored on new questions: refused by name
-    fewer = _retrain(tracked, tmp_path / "fewer", {"evaluate.limit": 1})
+    # a challenger asked more rows than the champion: the champion must be scored on them; when its adapter cannot
+    # be loaded any more, refused by name (never a comparison on the champion's smaller set)
+    more = _retrain(tracked, tmp_path / "more", {"evaluate.limit": 3})
     exported = Path(c.download_artifacts(v1_run, "exported_adapter", str(tmp_path / "where")))
     stored = Path(c.get_run(v1_run).info.artifact_uri.removeprefix("file://")) / "exported_adapter"
     assert exported.is_dir() and stored.is_dir()
@@ -407,7 +414,7 @@ def test_promotion_gate_on_the_real_registry(tracked, tmp_path, caplog):
 
     shutil.rmtree(stored)
     with pytest.raises(OloraError, match=rf"the exported adapter of {name} version 1 could not be loaded from its run"):
-        gate.promote(cfg, trk, version=fewer, root=tracked.root)
+        gate.promote(cfg, trk, version=more, root=tracked.root)
 
     # clearly better on the same questions: the champion's questions, every one answered right by the challenger
     better = _clearly_better_version(c, name, tmp_path)
