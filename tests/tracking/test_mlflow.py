@@ -434,6 +434,41 @@ def test_promotion_gate_on_the_real_registry(tracked, tmp_path, caplog):
         gate.promote(cfg, trk, version="99")
 
 
+@pytest.mark.fault
+def test_a_promotion_killed_after_the_alias_moved_is_completed_by_the_next_run(tracked, tmp_path):
+    """`olora promote` moves the alias first, then records the decision: killed in between (SIGKILL at the marker),
+    the champion has no promotion record and no tag claims anything untrue; run again, it records the decision."""
+    from conftest import BIN, PausedRun
+
+    cfg = load_config(tracked.params)
+    c = _client(tracked)
+    name = registry.model_name(cfg)
+    if c.get_registered_model(name).aliases.get("champion") is None:
+        gate.promote(cfg, Tracking.of(cfg, tracked.root))
+    before = str(c.get_model_version_by_alias(name, "champion").version)
+    better = _clearly_better_version(c, name, tmp_path)
+    run = PausedRun([str(BIN / "olora"), "promote", "--version", better], tracked.root, ["promote:alias-moved"],
+                    tmp_path / "pause")
+    run.wait("promote:alias-moved", 300)
+    run.kill()
+    assert str(c.get_model_version_by_alias(name, "champion").version) == better
+    tags = c.get_model_version(name, better).tags
+    assert tags["previous_champion"] == before and not any(k.startswith("promotion.") for k in tags)
+
+    out = subprocess.run([str(BIN / "olora"), "promote", "--version", better], cwd=tracked.root, capture_output=True,
+                         text=True, env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.startswith("PROMOTED: ") and "recorded after an interrupted promotion" in out.stdout
+    tags = c.get_model_version(name, better).tags
+    assert tags["promotion.decision"] == "promoted" and tags["promotion.forced"] == "false"
+    assert tags["promotion.champion_version"] == before and float(tags["promotion.interval_low"]) > 0
+    assert "## Promotion decision" in c.get_model_version(name, better).description
+    assert str(c.get_model_version_by_alias(name, "champion").version) == better
+    again = gate.promote(cfg, Tracking.of(cfg, tracked.root), version=better)  # consistent now: nothing to decide
+    assert not again.promote and "already champion" in again.reason
+    assert registry.rollback(cfg, Tracking.of(cfg, tracked.root)) == before
+
+
 def _clearly_better_version(c, name: str, folder: Path) -> str:
     """A version whose run holds v1's evaluation with every question answered right: the same questions and
     fingerprint (the evaluate stage's own files, changed in their outcomes only), so the gate must promote it."""
