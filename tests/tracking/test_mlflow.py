@@ -434,6 +434,33 @@ def test_promotion_gate_on_the_real_registry(tracked, tmp_path, caplog):
         gate.promote(cfg, trk, version="99")
 
 
+def test_the_sequential_gate_looks_again_only_while_unclear(tracked, tmp_path):
+    """register.stages [1, 3] on the real registry with real lm-eval: the first look is cut from what both sides hold
+    (nothing scored), is unclear at 2 questions, so both sides are scored on 3 a task and the last look decides; the
+    decision records every look (n, interval, adjusted level, seconds) and names them."""
+    cfg = load_config(tracked.params)
+    trk = Tracking.of(cfg, tracked.root)
+    c = _client(tracked)
+    name = registry.model_name(cfg)
+    if c.get_registered_model(name).aliases.get("champion") is None:
+        gate.promote(cfg, trk)
+    champion = str(c.get_model_version_by_alias(name, "champion").version)
+    seed = _retrain(tracked, tmp_path / "seq", {"train.seed": cfg.train.seed + 2})
+    staged = load_config(tracked.params, {"register.stages": [1, 3]})
+    d = gate.promote(staged, trk, version=seed, root=tracked.root, report=tmp_path / "decision.json")
+    record = json.loads((tmp_path / "decision.json").read_text())
+    looks = record["looks"]
+    assert [lk["n"] for lk in looks] == [2, 6] and [lk["outcome"] for lk in looks][0] == "continue"
+    assert looks[1]["outcome"] in ("keep", "futile") and not d.promote  # a seed-only retrain is kept
+    assert looks[0]["seconds"] == 0 and looks[1]["seconds"] > 0  # look 1 from held results; look 2 scored both
+    assert looks[0]["level"] > looks[1]["level"] > 0.95  # the error is spent: stricter early, near 95 % at the end
+    assert looks[1]["low"] == pytest.approx(d.comparison.low) and d.comparison.confidence == looks[1]["level"]
+    assert f"6 questions of 2 tasks (limit 3 a task); v{champion} re-scored on 6; v{seed} re-scored on 6; look 2 of 2" \
+        " (obrien-fleming spending; looks: n = 2: [" in d.reason
+    assert json.loads(c.get_model_version(name, seed).tags["promotion.looks"])[1]["n"] == 6
+    assert str(c.get_model_version_by_alias(name, "champion").version) == champion
+
+
 @pytest.mark.fault
 def test_a_promotion_killed_after_the_alias_moved_is_completed_by_the_next_run(tracked, tmp_path):
     """`olora promote` moves the alias first, then records the decision: killed in between (SIGKILL at the marker),

@@ -61,6 +61,8 @@ class Comparison:
     champion_score: float | None = None
     challenger_score: float | None = None
     """The compared metric's value for each side (the weighted mean of task accuracies)."""
+    se: float | None = None
+    """Standard error of `diff` (from the paired per-task variances; what the sequential gate's looks use)."""
 
     @property
     def significant(self) -> bool:
@@ -179,11 +181,11 @@ def compare(champion: Table, challenger: Table, confidence: float = 0.95, resamp
     if weights is None:  # tasks weigh equally, as in the metric (kept apart: the same floats as before weights)
         overall = np.mean(list(draws.values()), axis=0)
         diff = np.mean([t.diff for t in tasks.values()])
-        mde = z * math.sqrt(sum(variances.values())) / len(tasks)
+        se = math.sqrt(sum(variances.values())) / len(tasks)
     else:
         overall = sum(w[t] * draws[t] for t in w)
         diff = sum(w[t] * tasks[t].diff for t in w)
-        mde = z * math.sqrt(sum(w[t] ** 2 * variances[t] for t in w))
+        se = math.sqrt(sum(w[t] ** 2 * variances[t] for t in w))
     low, high = np.quantile(overall, [alpha / 2, 1 - alpha / 2])
     return Comparison(
         n=sum(tasks[t].n for t in w),
@@ -192,9 +194,10 @@ def compare(champion: Table, challenger: Table, confidence: float = 0.95, resamp
         high=_clean(high),
         confidence=confidence,
         resamples=resamples,
-        mde=mde,
+        mde=z * se,
         tasks=tasks,
         weights=None if weights is None else w,
         champion_score=score(champion, weights),
         challenger_score=score(challenger, weights),
+        se=se,
     )

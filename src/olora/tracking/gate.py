@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import Any
 
 from olora import layout
-from olora.config import Config
+from olora.config import Config, EvaluateConfig
 from olora.core.promotion import Decision, decide
 from olora.errors import OloraError
 from olora.faults import marker
@@ -79,16 +79,20 @@ def _restricted(found: tuple[list[dict], dict[str, Any]] | None, tasks: list[str
 
 
 def _covers(found, target: dict[str, Any]) -> list[str]:
-    """How a side's fingerprint falls short of the comparison set, in words (empty: it was asked exactly that)."""
+    """How a side's fingerprint falls short of the set `target` describes, in words (empty: it holds that set, or
+    a larger one of which the set is the first `limit` questions of each task, as lm-eval's limit takes them)."""
     if found is None:
         return ["it holds no per-question results"]
     asked = found[1]
     out = []
     if sorted(asked["tasks"]) != target["tasks"]:
         out.append(f"tasks {sorted(asked['tasks'])} vs {target['tasks']}")
-    for key in ("limit", "num_fewshot", "seed", "source"):
+    for key in ("num_fewshot", "seed", "source"):
         if asked.get(key) != target[key]:
             out.append(f"evaluate.{key} {asked.get(key)!r} vs {target[key]!r}")
+    have, want = asked.get("limit"), target["limit"]
+    if not (have == want or (have == 0 and want is not None) or (want and have and have >= want)):
+        out.append(f"evaluate.limit {have!r} vs {want!r}")
     return out
 
 
@@ -99,17 +103,9 @@ def question_set(target: dict[str, Any], n: int, rescored: dict[str, int]) -> st
     return text + "".join(f"; v{v} re-scored on {k}" for v, k in rescored.items())
 
 
-def paired_comparison(cfg: Config, c, name: str, challenger: str, champion: str, root: Path | None = None):
-    """Challenger minus champion on the promote metric's whole question set (`comparison_set`, `olora.core.paired`).
-
-    Returns (comparison, the set in words). Whichever side was asked fewer or other questions, or holds no
-    per-question results, is first scored on the whole set when `root` (the project, for local base models) is
-    given (`olora.tracking.rescore`, cached in its run). Otherwise, or when that fails, an OloraError names why
-    no comparison can be made: never a comparison of means over different questions, nor over a smaller set.
-    """
-    from olora.core.paired import compare
-    from olora.evaluation import samples
-
+def _load(c, name: str, challenger: str, champion: str, root: Path | None):
+    """Both sides' per-question results (None where a side has none); an OloraError when the challenger's are
+    missing and nothing can be scored, or when the questions to compare on are unknown."""
     ours = version_questions(c, name, challenger)
     theirs = version_questions(c, name, champion)
     if ours is None and root is None:
@@ -124,19 +120,29 @@ def paired_comparison(cfg: Config, c, name: str, challenger: str, champion: str,
             f"{name} version {challenger} has no per-question results (registered before per-question evaluation, or "
             "not by the evaluate stage), so the questions to compare on are unknown. Re-run `dvc repro` for that "
             "version (`olora restore --version N`) and register it again, or promote with --force")
-    weights = cfg.register.metric_weights()
-    if root is None:  # nothing can be scored again: the challenger must hold the weighed tasks
-        _check_weighs(cfg, weights, ours[1], f"{name} v{challenger}")
-    target = comparison_set(cfg, ours[1], theirs[1] if theirs else None)
-    sides = {champion: _restricted(theirs, target["tasks"]), challenger: _restricted(ours, target["tasks"])}
-    rescored: dict[str, int] = {}
-    if root is not None:
-        from olora.tracking.rescore import rescore
+    return ours, theirs
 
-        for version in (champion, challenger):
-            if _covers(sides[version], target):
-                sides[version] = rescore(cfg, c, name, version, target, Path(root))
-                rescored[version] = len(sides[version][0])
+
+def _on_set(cfg: Config, c, name: str, found: dict[str, Any], challenger: str, champion: str, target: dict[str, Any],
+            root: Path | None):
+    """Both sides' results on exactly the set `target` describes: taken from what a side holds when it holds the set
+    (or a larger one), else scored on it first (with `root`). Returns (sides, {version: questions re-scored},
+    seconds spent scoring); an OloraError naming the difference when a side cannot be had on the set."""
+    import time
+
+    from olora.evaluation import samples
+
+    sides, rescored, seconds = {}, {}, 0.0
+    for version in (champion, challenger):
+        side = _restricted(found[version], target["tasks"])
+        if _covers(side, target) and root is not None:
+            from olora.tracking.rescore import rescore
+
+            start = time.monotonic()
+            side = rescore(cfg, c, name, version, target, Path(root))
+            seconds += time.monotonic() - start
+            rescored[version] = len(side[0])
+        sides[version] = samples.first(side, target["limit"]) if side is not None and not _covers(side, target) else side
     differ = (samples.differences(sides[champion][1], sides[challenger][1]) if sides[champion]
               else ["the champion holds no per-question results"])
     short = _covers(sides[challenger], target)
@@ -147,10 +153,84 @@ def paired_comparison(cfg: Config, c, name: str, challenger: str, champion: str,
             "promote metric's whole set. Evaluate both with the same evaluate settings (or run `olora promote` from "
             "the project, which scores each side on the whole set first), or promote with --force"
         )
-    key = "acc_norm" if cfg.register.promote_metric.strip() == "mean_acc_norm" else "acc"
-    comparison = compare(samples.table(sides[champion][0], key), samples.table(sides[challenger][0], key),
-                         cfg.register.confidence, cfg.register.resamples, weights=weights)
+    return sides, rescored, seconds
+
+
+def _compare(cfg: Config, champion_rows: list[dict], challenger_rows: list[dict]):
+    """register.promote_metric's paired comparison of two sides' rows on the same questions."""
+    from olora.core.paired import compare
+    from olora.evaluation import samples
+
+    metric = cfg.register.promote_metric.strip()
+    key = "acc_norm" if metric == "mean_acc_norm" else "acc"
+    ours, theirs = samples.table(challenger_rows, key), samples.table(champion_rows, key)
+    weights = {t: float(len(q)) for t, q in ours.items()} if metric == "pooled_acc" else cfg.register.metric_weights()
+    return compare(theirs, ours, cfg.register.confidence, cfg.register.resamples, weights=weights)
+
+
+def paired_comparison(cfg: Config, c, name: str, challenger: str, champion: str, root: Path | None = None):
+    """Challenger minus champion on the promote metric's whole question set (`comparison_set`, `olora.core.paired`).
+
+    Returns (comparison, the set in words). Whichever side was asked fewer or other questions, or holds no
+    per-question results, is first scored on the whole set when `root` (the project, for local base models) is
+    given (`olora.tracking.rescore`, cached in its run). Otherwise, or when that fails, an OloraError names why
+    no comparison can be made: never a comparison of means over different questions, nor over a smaller set.
+    """
+    ours, theirs = _load(c, name, challenger, champion, root)
+    if root is None:  # nothing can be scored again: the challenger must hold the weighed tasks
+        _check_weighs(cfg, cfg.register.metric_weights(), ours[1], f"{name} v{challenger}")
+    target = comparison_set(cfg, ours[1], theirs[1] if theirs else None)
+    sides, rescored, _ = _on_set(cfg, c, name, {challenger: ours, champion: theirs}, challenger, champion, target, root)
+    comparison = _compare(cfg, sides[champion][0], sides[challenger][0])
     return comparison, question_set(target, comparison.n, rescored)
+
+
+def sequential_comparison(cfg: Config, c, name: str, challenger: str, champion: str, root: Path):
+    """The sequential gate (`register.stages`, `olora.core.sequential`): both sides on each look's questions (the
+    first N of each task of the comparison set; the last look at least the whole comparison set), looked at in turn
+    until one decides. Returns (comparison at the deciding look with its adjusted interval, the set and the looks in
+    words, the looks)."""
+    from olora.core import sequential as seq
+    from olora.evaluation.tasks import split_sizes
+    from olora.layout import EVALS
+
+    ours, theirs = _load(c, name, challenger, champion, root)
+    final = comparison_set(cfg, ours[1], theirs[1] if theirs else None)
+    limits = list(cfg.register.stages)
+    if limits[-1] != 0 and (final["limit"] == 0 or final["limit"] > limits[-1]):
+        limits.append(final["limit"])  # never decide on less than the whole comparison set
+    splits = split_sizes(EvaluateConfig(tasks=final["tasks"], source=final["source"]), Path(root) / EVALS)
+    looks_at, sizes = [], []
+    for limit in limits:
+        planned = seq.planned_sizes([limit], splits)[0]
+        if not sizes or any(planned[t] > sizes[-1][t] for t in planned):  # a look that adds no question is dropped
+            looks_at.append(limit)
+            sizes.append(planned)
+    metric, named = cfg.register.promote_metric.strip(), cfg.register.metric_weights()
+    weights = ({t: n / sum(sizes[-1].values()) for t, n in sizes[-1].items()} if metric == "pooled_acc" else
+               {t: 1 / len(splits) for t in splits} if named is None else
+               {t: w / sum(named.values()) for t, w in named.items()})
+    bounds = seq.boundaries(seq.information_fractions(sizes, weights), seq.false_promotion_rate(cfg.register.confidence),
+                            cfg.register.spending)
+    found = {challenger: ours, champion: theirs}
+    looks, rescored_all = [], {}
+    for k, limit in enumerate(looks_at):
+        spec = {**{key: final[key] for key in ("tasks", "num_fewshot", "seed", "source")}, "limit": limit}
+        target = {**spec, "sha256": hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()}
+        sides, rescored, seconds = _on_set(cfg, c, name, found, challenger, champion, target, root)
+        for v, n in rescored.items():
+            rescored_all[v] = rescored_all.get(v, 0) + n
+        comparison = _compare(cfg, sides[champion][0], sides[challenger][0])
+        now = seq.look(comparison.diff, comparison.se, bounds[k], cfg.register.min_improvement, comparison.n,
+                       last=k == len(looks_at) - 1, seconds=seconds)
+        looks.append(now)
+        if now.outcome != "continue":
+            break
+    words = "; ".join(f"n = {lk.n}: [{lk.low * 100:+.1f}, {lk.high * 100:+.1f}] at {lk.level * 100:.4g} % ({lk.outcome})"
+                      for lk in looks)
+    compared_on = (f"{question_set(target, comparison.n, rescored_all)}; look {len(looks)} of {len(looks_at)} "
+                   f"({cfg.register.spending} spending; looks: {words})")
+    return replace(comparison, low=now.low, high=now.high, confidence=now.level), compared_on, looks
 
 
 def _check_weighs(cfg: Config, weights: dict[str, float] | None, asked: dict[str, Any], which: str) -> None:
@@ -167,15 +247,17 @@ def metric_value(cfg: Config, c, name: str, version: str) -> float | None:
     """A version's register.promote_metric: its tag for mean_acc / mean_acc_norm; for one task or a weighted set,
     the weighted mean of its per-question scores on those tasks (None when it has none)."""
     weights = cfg.register.metric_weights()
-    if weights is None:
+    pooled = cfg.register.promote_metric.strip() == "pooled_acc"
+    if weights is None and not pooled:
         return version_metric(c, name, version, cfg.register.promote_metric.strip())
     from olora.core.paired import score
     from olora.evaluation import samples
 
     found = version_questions(c, name, version)
-    if found is None or set(weights) - set(found[1].get("tasks", {})):
+    if found is None or set(weights or {}) - set(found[1].get("tasks", {})):
         return None
-    return score(samples.table(found[0]), weights)
+    table = samples.table(found[0])
+    return score(table, {t: float(len(q)) for t, q in table.items()} if pooled else weights)
 
 
 def promote(cfg: Config, tracking: Tracking, name: str | None = None, version: str | None = None,
@@ -203,10 +285,13 @@ def promote(cfg: Config, tracking: Tracking, name: str | None = None, version: s
         recovering, champion = True, tags.get("previous_champion") or None
         log.info("promote: %s v%s is champion without a recorded decision; recording it (previous champion %s)",
                  name, version, champion)
-    comparison, compared_on = None, None
+    comparison, compared_on, looks = None, None, None
     if champion and champion != version:
         try:
-            comparison, compared_on = paired_comparison(cfg, c, name, version, champion, root)
+            if cfg.register.stages and root is not None:
+                comparison, compared_on, looks = sequential_comparison(cfg, c, name, version, champion, root)
+            else:
+                comparison, compared_on = paired_comparison(cfg, c, name, version, champion, root)
         except OloraError:
             if not (force or recovering):
                 raise
@@ -227,7 +312,7 @@ def promote(cfg: Config, tracking: Tracking, name: str | None = None, version: s
                           lambda: c.set_model_version_tag(name, version, "previous_champion", champion))
         tracking.call("moving the champion alias", lambda: c.set_registered_model_alias(name, CHAMPION, version))
         marker("promote:alias-moved")
-    record = decision_record(decision, name, version, champion, metric, compared_on)
+    record = decision_record(decision, name, version, champion, metric, compared_on, looks)
     tags = {f"promotion.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in record.items()
             if k not in ("tasks", "name", "version")}
     tags["promotion.p_values"] = json.dumps({t: e["p_value"] for t, e in record.get("tasks", {}).items()})
@@ -254,7 +339,7 @@ def promote(cfg: Config, tracking: Tracking, name: str | None = None, version: s
 
 
 def decision_record(decision: Decision, name: str, version: str, champion: str | None, metric: str,
-                    compared_on: str | None = None) -> dict[str, Any]:
+                    compared_on: str | None = None, looks: list | None = None) -> dict[str, Any]:
     """The decision as JSON: what was compared with what, the gain, its interval, p-values, n, MDE."""
     comparison = decision.comparison
     out: dict[str, Any] = {
@@ -269,6 +354,9 @@ def decision_record(decision: Decision, name: str, version: str, champion: str |
                    significant=comparison.significant, tasks=comparison.to_dict()["tasks"])
         if compared_on:
             out["question_set"] = compared_on
+        if looks:  # the sequential gate: every look (n, interval, adjusted level), the questions and seconds spent
+            out["looks"] = [lk.to_dict() for lk in looks]
+            out["scoring_seconds"] = round(sum(lk.seconds for lk in looks), 3)
         if comparison.weights is not None:  # a task or weighted set (register.promote_metric)
             out["weights"] = comparison.weights
     return out
