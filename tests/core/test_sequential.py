@@ -81,3 +81,14 @@ def test_a_look_reports_its_adjusted_interval():
     assert seq.look(0.01, 0.01, b[0], 0.0, 700, last=False).outcome == "continue"
     assert seq.look(-0.05, 0.01, b[0], 0.0, 700, last=False).outcome == "futile"
     assert seq.look(0.01, 0.01, b[1], 0.0, 2800, last=True).outcome == "keep"
+
+
+def test_register_stages_are_checked():
+    from olora.config import ConfigError, RegisterConfig
+
+    RegisterConfig(stages=[100, 400, 0]).validate()
+    for bad in ([400, 100], [0, 100], [100, 100], [-1, 0]):
+        with pytest.raises(ConfigError, match=r"register.stages=.* must be questions per task that increase"):
+            RegisterConfig(stages=bad).validate()
+    with pytest.raises(ConfigError, match="register.spending"):
+        RegisterConfig(spending="linear").validate()

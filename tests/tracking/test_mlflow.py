@@ -461,6 +461,47 @@ def test_the_sequential_gate_looks_again_only_while_unclear(tracked, tmp_path):
     assert str(c.get_model_version_by_alias(name, "champion").version) == champion
 
 
+def test_eval_plan_from_the_base_models_per_question_results(tracked, tmp_path):
+    """`olora eval-plan --mde 1.5` on an evaluated project: per metric the questions per task, whether the splits hold
+    them and the time at the request rate evaluate_base measured; refused for an MDE <= 0 or no per-question results."""
+    import shutil
+
+    from conftest import BIN
+    from olora.core.paired import plan
+    from olora.evaluation import samples
+
+    def olora(*args, cwd=tracked.root):
+        return subprocess.run([str(BIN / "olora"), *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+
+    out = olora("eval-plan", "--mde", "1.5")
+    assert out.returncode == 0, out.stderr
+    timing = json.loads(tracked.metrics("eval_base").read_text())["timing"]
+    assert timing["requests"] > 0 and timing["seconds"] > 0
+    base, tuned = samples.read_samples(tracked.samples("base")), samples.read_samples(tracked.samples("adapter"))
+    assert "the paired differences of the fine-tuned model and the base" in out.stdout
+    from olora.evaluation.plan import _variances
+
+    lines = out.stdout.splitlines()
+    for pooled, label in ((False, "mean_acc (every task weighing the same): "),
+                          (True, "pooled_acc (every question weighing the same): ")):
+        expected = plan(_variances(base, tuned)[0], {"arc_easy": 570, "piqa": 1838}, 0.015, pooled=pooled)
+        line = next(line for line in lines if line.startswith(label))
+        assert (f"{expected.per_task} questions per task" in line) if expected.per_task else ("not reachable" in line)
+    assert out.stdout.count("requests/s evaluate_base measured here") == 2
+
+    for bad in ("0", "-1"):
+        refused = olora("eval-plan", "--mde", bad)
+        assert refused.returncode == 2 and "is not a difference that can be detected; give a number of accuracy " \
+            "points > 0, e.g. --mde 1.5" in refused.stderr
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(tracked.params, bare / "params.yaml")
+    refused = olora("eval-plan", "--mde", "1.5", cwd=bare)
+    assert refused.returncode == 2 and "no per-question results of the base model" in refused.stderr
+    assert "run `dvc repro evaluate_base` first" in refused.stderr
+
+
 @pytest.mark.fault
 def test_a_promotion_killed_after_the_alias_moved_is_completed_by_the_next_run(tracked, tmp_path):
     """`olora promote` moves the alias first, then records the decision: killed in between (SIGKILL at the marker),
