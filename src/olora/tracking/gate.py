@@ -108,18 +108,13 @@ def _load(c, name: str, challenger: str, champion: str, root: Path | None):
     missing and nothing can be scored, or when the questions to compare on are unknown."""
     ours = version_questions(c, name, challenger)
     theirs = version_questions(c, name, champion)
-    if ours is None and root is None:
+    if ours is None:  # the questions to compare on are the challenger's and the metric's: unknown without them
         raise OloraError(
             f"{name} version(s) {challenger}{'' if theirs else ', ' + champion} have no "
             "per-question results (registered before per-question evaluation, or not by the evaluate stage), so they "
             "cannot be compared on the same questions. Re-run `dvc repro` for that version (`olora restore --version N`) "
             "and register it again, or promote with --force"
         )
-    if ours is None:
-        raise OloraError(
-            f"{name} version {challenger} has no per-question results (registered before per-question evaluation, or "
-            "not by the evaluate stage), so the questions to compare on are unknown. Re-run `dvc repro` for that "
-            "version (`olora restore --version N`) and register it again, or promote with --force")
     return ours, theirs
 
 
