@@ -460,6 +460,19 @@ def test_the_sequential_gate_looks_again_only_while_unclear(tracked, tmp_path):
     assert json.loads(c.get_model_version(name, seed).tags["promotion.looks"])[1]["n"] == 6
     assert str(c.get_model_version_by_alias(name, "champion").version) == champion
 
+    # the designs side by side (experiments/gate_designs.py, issue 32's tables): the scores cached above are reused
+    from conftest import BIN
+
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([str(BIN / "python"), str(repo / "experiments" / "gate_designs.py"), seed, champion, "--root",
+                          str(tracked.root), "--stages", "1,3", "--metrics", "mean_acc"], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| mean_acc |")]
+    assert [r.split(" | ")[1] for r in rows] == ["fixed, 1 a task", "sequential [1, 3]", "fixed, 3 a task"]
+    assert rows[0].split(" | ")[4] == "2" and rows[2].split(" | ")[4] == "6" and rows[1].split(" | ")[3] == "2"
+    assert str(c.get_model_version_by_alias(name, "champion").version) == champion  # nothing promoted
+
 
 def test_eval_plan_from_the_base_models_per_question_results(tracked, tmp_path):
     """`olora eval-plan --mde 1.5` on an evaluated project: per metric the questions per task, whether the splits hold

@@ -180,11 +180,13 @@ def paired_comparison(cfg: Config, c, name: str, challenger: str, champion: str,
     return comparison, question_set(target, comparison.n, rescored)
 
 
-def sequential_comparison(cfg: Config, c, name: str, challenger: str, champion: str, root: Path):
+def sequential_comparison(cfg: Config, c, name: str, challenger: str, champion: str, root: Path,
+                          whole_set: bool = True):
     """The sequential gate (`register.stages`, `olora.core.sequential`): both sides on each look's questions (the
     first N of each task of the comparison set; the last look at least the whole comparison set), looked at in turn
     until one decides. Returns (comparison at the deciding look with its adjusted interval, the set and the looks in
-    words, the looks)."""
+    words, the looks). `whole_set=False` (for experiments comparing designs only) looks at the stages alone, even
+    where the sides hold more."""
     from olora.core import sequential as seq
     from olora.evaluation.tasks import split_sizes
     from olora.layout import EVALS
@@ -192,7 +194,7 @@ def sequential_comparison(cfg: Config, c, name: str, challenger: str, champion: 
     ours, theirs = _load(c, name, challenger, champion, root)
     final = comparison_set(cfg, ours[1], theirs[1] if theirs else None)
     limits = list(cfg.register.stages)
-    if limits[-1] != 0 and (final["limit"] == 0 or final["limit"] > limits[-1]):
+    if whole_set and limits[-1] != 0 and (final["limit"] == 0 or final["limit"] > limits[-1]):
         limits.append(final["limit"])  # never decide on less than the whole comparison set
     splits = split_sizes(EvaluateConfig(tasks=final["tasks"], source=final["source"]), Path(root) / EVALS)
     looks_at, sizes = [], []
