@@ -128,18 +128,31 @@ def _on_set(cfg: Config, c, name: str, found: dict[str, Any], challenger: str, c
     from olora.evaluation import samples
 
     sides, rescored, seconds = {}, {}, 0.0
+
+    def score(version: str):
+        nonlocal seconds
+        from olora.tracking.rescore import rescore
+
+        start = time.monotonic()
+        side = rescore(cfg, c, name, version, target, Path(root))
+        seconds += time.monotonic() - start
+        rescored[version] = len(side[0])
+        return side
+
     for version in (champion, challenger):
         side = _restricted(found[version], target["tasks"])
         if _covers(side, target) and root is not None:
-            from olora.tracking.rescore import rescore
-
-            start = time.monotonic()
-            side = rescore(cfg, c, name, version, target, Path(root))
-            seconds += time.monotonic() - start
-            rescored[version] = len(side[0])
+            side = score(version)
         sides[version] = samples.first(side, target["limit"]) if side is not None and not _covers(side, target) else side
-    differ = (samples.differences(sides[champion][1], sides[challenger][1]) if sides[champion]
-              else ["the champion holds no per-question results"])
+
+    def differ() -> list[str]:
+        return (samples.differences(sides[champion][1], sides[challenger][1]) if sides[champion] and sides[challenger]
+                else ["the champion holds no per-question results"])
+
+    for version in (champion, challenger):  # the same set asked of other task versions or definitions: this checkout's
+        if differ() and root is not None and version not in rescored and sides[version] is not None:
+            sides[version] = score(version)
+    differ = differ()
     short = _covers(sides[challenger], target)
     if differ or short:
         raise OloraError(
