@@ -528,12 +528,14 @@ def test_a_promotion_killed_after_the_alias_moved_is_completed_by_the_next_run(t
         gate.promote(cfg, Tracking.of(cfg, tracked.root))
     before = str(c.get_model_version_by_alias(name, "champion").version)
     better = _clearly_better_version(c, name, tmp_path)
+    c.set_model_version_tag(name, better, "promotion.decision", "rejected")  # an earlier decision on it
     run = PausedRun([str(BIN / "olora"), "promote", "--version", better], tracked.root, ["promote:alias-moved"],
                     tmp_path / "pause")
     run.wait("promote:alias-moved", 300)
     run.kill()
     assert str(c.get_model_version_by_alias(name, "champion").version) == better
     tags = c.get_model_version(name, better).tags
+    # the earlier "rejected" was cleared before the alias moved: no record contradicts the champion
     assert tags["previous_champion"] == before and not any(k.startswith("promotion.") for k in tags)
 
     out = subprocess.run([str(BIN / "olora"), "promote", "--version", better], cwd=tracked.root, capture_output=True,

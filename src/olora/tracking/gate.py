@@ -320,6 +320,10 @@ def promote(cfg: Config, tracking: Tracking, name: str | None = None, version: s
         if champion:  # before the alias: what `olora rollback` and a recovering gate need
             tracking.call("tagging the previous champion",
                           lambda: c.set_model_version_tag(name, version, "previous_champion", champion))
+        if "promotion.decision" in tracking.call("reading the tags", lambda: c.get_model_version(name, version).tags):
+            # an earlier decision on this version (say, rejected) must not stand for this one if we die after the alias
+            tracking.call("clearing the earlier decision",
+                          lambda: c.delete_model_version_tag(name, version, "promotion.decision"))
         tracking.call("moving the champion alias", lambda: c.set_registered_model_alias(name, CHAMPION, version))
         marker("promote:alias-moved")
     record = decision_record(decision, name, version, champion, metric, compared_on, looks)
