@@ -6,6 +6,7 @@
     olora serve [--alias champion]           answer HTTP requests with a registered version, following its alias
     olora serve-webhook --url URL            register the registry webhook that tells a server the alias moved
     olora publish-data PATH [-m MSG]         dvc add + dvc push + commit + git push + the Prefect data event
+    olora eval-plan --mde 1.5                questions per task a paired comparison needs to detect 1.5 points
     olora check [--deployment]               validate params.yaml and print the resolved configuration
                                              (--deployment: a worker's run would record outside its clone)
     olora dvc-yaml [--write|--check]         dvc.yaml from the stage table
@@ -60,6 +61,9 @@ def build_parser():
     pd.add_argument("-m", "--message", help="commit message (default: 'data: PATH')")
     pd.add_argument("--no-event", action="store_true",
                     help="send no event (no Prefect API here); the data watcher deployment announces the version")
+    ep = sub.add_parser("eval-plan", help="questions per task (and time) a paired comparison needs to detect a target "
+                        "difference, from the base model's per-question results")
+    ep.add_argument("--mde", type=float, required=True, help="the target difference, in accuracy points (e.g. 1.5)")
     ck = sub.add_parser("check", help="validate params.yaml and print the resolved configuration")
     ck.add_argument("--deployment", action="store_true", help="also check, on a clone of HEAD as a worker makes it, that "
                     "a deployment run's MLflow store and DVC remote lie outside that clone (else they are lost with it)")
@@ -97,6 +101,11 @@ def main(argv: list[str]) -> int:
                 from olora.orchestration.durable import check_deployment
 
                 print(check_deployment(layout.root, cfg))
+            return 0
+        if args.command == "eval-plan":
+            from olora.evaluation.plan import eval_plan
+
+            print(eval_plan(cfg, layout, args.mde))
             return 0
         from olora.tracking.client import Tracking
 

@@ -273,16 +273,25 @@ class RegisterConfig:
     model_name: str = ""
     """Registered model name; empty means `olora-<base model name>`."""
     promote_metric: str = "mean_acc"
-    """Metric compared by `olora promote` (higher is better): mean_acc | mean_acc_norm (every task of evaluate.tasks weighing the same) | one task of evaluate.tasks (e.g. copa_example) | a weighted set, `task:weight` terms joined by `+` (e.g. arc_easy:1+copa_example:2). A task's score is its accuracy (exact match for a generative task)."""
+    """Metric compared by `olora promote` (higher is better): mean_acc | mean_acc_norm (every task of evaluate.tasks weighing the same) | pooled_acc (the question-weighted mean: every question weighing the same, so a task weighs its question count) | one task of evaluate.tasks (e.g. copa_example) | a weighted set, `task:weight` terms joined by `+` (e.g. arc_easy:1+copa_example:2). A task's score is its accuracy (exact match for a generative task)."""
     min_improvement: float = 0.0
     """`olora promote` promotes only when the lower bound of the interval of the challenger's gain over the champion (same questions, paired) exceeds this (accuracy as a fraction: 0.01 is one point)."""
     confidence: float = 0.95
     """Confidence of the paired bootstrap intervals (promotion gate, fine-tuned vs base), in (0.5, 1)."""
     resamples: int = 10000
     """Bootstrap resamples of those intervals (at least 1000)."""
+    stages: list[int] = field(default_factory=list)
+    """Questions per task at each look of the sequential gate, increasing, 0 (the whole split) only last, e.g. [100, 400, 0]: `olora promote` scores both sides on a look's questions (lm-eval's first N of each task), promotes when the interval's lower bound clears min_improvement, keeps the champion when its upper bound falls below it, else looks again; the overall false-promotion rate stays the fixed gate's. Empty: one look at the comparison set."""
+    spending: str = "obrien-fleming"
+    """How the sequential gate spends its error over the looks: obrien-fleming (strict early, nearly the fixed test at the last look) | pocock (stops early more often, less power at the last look) | bonferroni (the same level at every look)."""
 
     def validate(self) -> None:
         _at_least("register.min_improvement", self.min_improvement, 0.0)
+        _choice("register.spending", self.spending, ["obrien-fleming", "pocock", "bonferroni"])
+        looks = [s if s else math.inf for s in self.stages]
+        if any(s < 0 for s in self.stages) or any(b <= a for a, b in zip(looks, looks[1:])):
+            raise ConfigError(f"register.stages={self.stages} must be questions per task that increase from look to look, "
+                              "0 (the whole split) only last, e.g. [100, 400, 0]; or [] for a single look")
         _open_interval("register.confidence", self.confidence, 0.5, 1.0)
         if self.resamples < 1000:
             raise ConfigError(f"register.resamples={self.resamples} is too few for a stable interval; use at least 1000 "
@@ -293,7 +302,7 @@ class RegisterConfig:
         """promote_metric's task weights (task -> weight > 0, as written), or None for mean_acc / mean_acc_norm
         (every task weighing the same)."""
         metric = self.promote_metric.strip()
-        if metric in ("mean_acc", "mean_acc_norm"):
+        if metric in ("mean_acc", "mean_acc_norm", "pooled_acc"):
             return None
         weights: dict[str, float] = {}
         for term in metric.split("+"):
@@ -321,8 +330,8 @@ class RegisterConfig:
         if missing:
             raise ConfigError(
                 f"register.promote_metric={self.promote_metric!r} names task(s) {missing} that evaluate.tasks does not "
-                f"list ({', '.join(tasks)}); " + _did_you_mean(missing, ["mean_acc", "mean_acc_norm", *tasks])
-                + "use mean_acc, mean_acc_norm, tasks that evaluate.tasks lists, or add the task(s) to evaluate.tasks")
+                f"list ({', '.join(tasks)}); " + _did_you_mean(missing, ["mean_acc", "mean_acc_norm", "pooled_acc", *tasks])
+                + "use mean_acc, mean_acc_norm, pooled_acc, tasks that evaluate.tasks lists, or add the task(s) to evaluate.tasks")
 
 
 @dataclass

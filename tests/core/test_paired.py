@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+import math
+
 import pytest
 
 from olora.core.paired import compare, mcnemar_exact
@@ -196,3 +198,20 @@ def test_bad_promote_metrics_are_refused(metric, message):
 
     with pytest.raises(ConfigError, match=message):
         config_from_dict({"evaluate": {"tasks": ["arc_easy", "copa_example"]}, "register": {"promote_metric": metric}})
+
+
+def test_plan_finds_the_questions_a_target_needs():
+    from olora.core.paired import plan
+
+    var = {"a": 0.2, "b": 0.2}
+    p = plan(var, {"a": 10_000, "b": 10_000}, 0.02)
+    z = 1.959964 + 0.841621
+    # equal splits: mean_acc's se is sqrt(0.2 / n) / sqrt(2), so n = z^2 * 0.1 / 0.02^2, rounded up
+    assert p.per_task == math.ceil(z * z * 0.1 / 0.02 ** 2) and p.reached <= 0.02 and p.questions == 2 * p.per_task
+    # a small split caps its task: mean_acc needs more of the other, and the whole splits may fall short
+    capped = plan(var, {"a": 300, "b": 10_000}, 0.02)
+    assert capped.per_task is None and capped.reached == capped.whole > 0.02
+    pooled = plan(var, {"a": 300, "b": 10_000}, 0.02, pooled=True)  # question-weighted: the big task carries it
+    assert pooled.per_task is not None and pooled.reached <= 0.02 < pooled.whole * 10
+    with pytest.raises(ValueError, match="must be a number > 0"):
+        plan(var, {"a": 1, "b": 1}, 0.0)

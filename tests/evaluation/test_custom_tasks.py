@@ -134,9 +134,10 @@ def test_rows_keep_the_scored_filter_and_metric():
         {"doc_id": 0, "doc_hash": "a", "filter": "strict", "exact_match": 1.0},
     ], "mc": [{"doc_id": 0, "doc_hash": "c", "filter": "none", "acc": 1.0, "acc_norm": 0.0}]}}
     rows = samples.rows_from_lm_eval(raw, {"gen": "gen", "mc": "mc"}, {"gen": ("exact_match", "number")})
-    assert rows == [{"task": "gen", "doc_id": 0, "doc_hash": "a", "acc": 0, "acc_norm": None},
-                    {"task": "gen", "doc_id": 1, "doc_hash": "b", "acc": 1, "acc_norm": None},
-                    {"task": "mc", "doc_id": 0, "doc_hash": "c", "acc": 1, "acc_norm": 0}]
+    none = {"gold": None, "loglik": None, "loglik_norm": None}  # no log-likelihoods logged: none kept
+    assert rows == [{"task": "gen", "doc_id": 0, "doc_hash": "a", "acc": 0, "acc_norm": None, **none},
+                    {"task": "gen", "doc_id": 1, "doc_hash": "b", "acc": 1, "acc_norm": None, **none},
+                    {"task": "mc", "doc_id": 0, "doc_hash": "c", "acc": 1, "acc_norm": 0, **none}]
 
 
 # --- real lm-eval on the tiny Llama --------------------------------------------------------------

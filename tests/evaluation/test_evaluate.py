@@ -85,6 +85,15 @@ def test_lm_eval_scores_a_real_model(tiny_model_dir):
     for task in ("arc_easy", "winogrande"):  # the per-question outcomes are the task's accuracy
         assert sum(r["acc"] for r in rows if r["task"] == task) / 3 == pytest.approx(metrics["tasks"][task]["acc"])
     assert all(r["acc_norm"] is None for r in rows if r["task"] == "winogrande")
+    # lm-eval's log-likelihoods are kept: each choice's, raw and per character, agreeing with acc and acc_norm
+    import numpy as np
+
+    for r in rows:
+        assert isinstance(r["gold"], int) and len(r["loglik"]) >= 2
+        assert r["acc"] == int(int(np.argmax(r["loglik"])) == r["gold"])
+        assert (r["loglik_norm"] is None) == (r["task"] == "winogrande")  # choices are contexts: no per-choice length
+        if r["acc_norm"] is not None:
+            assert r["acc_norm"] == int(int(np.argmax(r["loglik_norm"])) == r["gold"])
     asked = metrics["questions"]
     assert asked["limit"] == 3 and asked["num_fewshot"] == 0 and set(asked["tasks"]) == {"arc_easy", "winogrande"}
     assert all(entry["n"] == 3 and entry["version"] is not None for entry in asked["tasks"].values())

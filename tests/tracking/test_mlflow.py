@@ -381,25 +381,32 @@ def test_promotion_gate_on_the_real_registry(tracked, tmp_path, caplog):
     decision_file = c.download_artifacts(c.get_model_version(name, seed).run_id, f"promotion/v{seed}.json", str(tmp_path))
     assert json.loads(Path(decision_file).read_text())["n"] == 4
 
-    # scored on other questions (one task): never compared by means, refused naming the difference
+    # scored on fewer questions (one task): never compared by means, nor on the smaller set; refused by name
     other = _retrain(tracked, tmp_path / "other", {"evaluate.tasks": ["arc_easy"]})
     with pytest.raises(OloraError, match=rf"challenger {name} v{other} and champion v1 were scored on different "
                                          r"questions \(tasks \['arc_easy', 'piqa'\] vs \['arc_easy'\]\)"):
         gate.promote(cfg, trk, version=other)
     assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
-    # from the project (as `olora promote` runs it): the champion is first scored on the challenger's questions,
-    # by the evaluate stage's own code, and that result is kept in the champion's run for the next gate
+    # from the project (as `olora promote` runs it): the comparison set is the metric's whole set (both tasks), so
+    # the challenger is first scored on the task it lacks, from its registered adapter, by the evaluate stage's own
+    # code, and that result is kept in its run for the next gate; the decision names the set
     d = gate.promote(cfg, trk, version=other, root=tracked.root)
-    assert d.comparison is not None and set(d.comparison.tasks) == {"arc_easy"} and d.comparison.n == 2
+    assert d.comparison is not None and set(d.comparison.tasks) == {"arc_easy", "piqa"} and d.comparison.n == 4
+    assert f"on 4 questions of 2 tasks (limit 2 a task); v{other} re-scored on 4" in d.reason
+    tags = c.get_model_version(name, other).tags
+    assert tags["promotion.question_set"] == f"4 questions of 2 tasks (limit 2 a task); v{other} re-scored on 4"
+    assert f"- compared on 4 questions of 2 tasks" in c.get_model_version(name, other).description
+    other_run = c.get_model_version(name, other).run_id
+    assert len(c.list_artifacts(other_run, "eval/rescored")) == 1
     v1_run = c.get_model_version(name, "1").run_id
-    rescored = [a.path for a in c.list_artifacts(v1_run, "eval/rescored")]
-    assert len(rescored) == 1
+    assert not c.list_artifacts(v1_run, "eval/rescored")  # the champion already held the whole set
     with caplog.at_level("INFO", logger="olora"):
         gate.promote(cfg, trk, version=other, root=tracked.root)
     assert any("was scored on these questions before" in r.getMessage() for r in caplog.records)
     assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
-    # a champion whose adapter cannot be loaded any more cannot be scored on new questions: refused by name
-    fewer = _retrain(tracked, tmp_path / "fewer", {"evaluate.limit": 1})
+    # a challenger asked more rows than the champion: the champion must be scored on them; when its adapter cannot
+    # be loaded any more, refused by name (never a comparison on the champion's smaller set)
+    more = _retrain(tracked, tmp_path / "more", {"evaluate.limit": 3})
     exported = Path(c.download_artifacts(v1_run, "exported_adapter", str(tmp_path / "where")))
     stored = Path(c.get_run(v1_run).info.artifact_uri.removeprefix("file://")) / "exported_adapter"
     assert exported.is_dir() and stored.is_dir()
@@ -407,7 +414,7 @@ def test_promotion_gate_on_the_real_registry(tracked, tmp_path, caplog):
 
     shutil.rmtree(stored)
     with pytest.raises(OloraError, match=rf"the exported adapter of {name} version 1 could not be loaded from its run"):
-        gate.promote(cfg, trk, version=fewer, root=tracked.root)
+        gate.promote(cfg, trk, version=more, root=tracked.root)
 
     # clearly better on the same questions: the champion's questions, every one answered right by the challenger
     better = _clearly_better_version(c, name, tmp_path)
@@ -425,6 +432,124 @@ def test_promotion_gate_on_the_real_registry(tracked, tmp_path, caplog):
         gate.promote(cfg, trk, name="nope")
     with pytest.raises(OloraError, match=r"has no version 99; versions: \[1, "):
         gate.promote(cfg, trk, version="99")
+
+
+def test_the_sequential_gate_looks_again_only_while_unclear(tracked, tmp_path):
+    """register.stages [1, 3] on the real registry with real lm-eval: the first look is cut from what both sides hold
+    (nothing scored), is unclear at 2 questions, so both sides are scored on 3 a task and the last look decides; the
+    decision records every look (n, interval, adjusted level, seconds) and names them."""
+    cfg = load_config(tracked.params)
+    trk = Tracking.of(cfg, tracked.root)
+    c = _client(tracked)
+    name = registry.model_name(cfg)
+    if c.get_registered_model(name).aliases.get("champion") is None:
+        gate.promote(cfg, trk)
+    champion = str(c.get_model_version_by_alias(name, "champion").version)
+    seed = _retrain(tracked, tmp_path / "seq", {"train.seed": cfg.train.seed + 2})
+    staged = load_config(tracked.params, {"register.stages": [1, 3]})
+    d = gate.promote(staged, trk, version=seed, root=tracked.root, report=tmp_path / "decision.json")
+    record = json.loads((tmp_path / "decision.json").read_text())
+    looks = record["looks"]
+    assert [lk["n"] for lk in looks] == [2, 6] and [lk["outcome"] for lk in looks][0] == "continue"
+    assert looks[1]["outcome"] in ("keep", "futile") and not d.promote  # a seed-only retrain is kept
+    assert looks[0]["seconds"] == 0 and looks[1]["seconds"] > 0  # look 1 from held results; look 2 scored both
+    assert looks[0]["level"] > looks[1]["level"] > 0.95  # the error is spent: stricter early, near 95 % at the end
+    assert looks[1]["low"] == pytest.approx(d.comparison.low) and d.comparison.confidence == looks[1]["level"]
+    assert f"6 questions of 2 tasks (limit 3 a task); v{champion} re-scored on 6; v{seed} re-scored on 6; look 2 of 2" \
+        " (obrien-fleming spending; looks: n = 2: [" in d.reason
+    assert json.loads(c.get_model_version(name, seed).tags["promotion.looks"])[1]["n"] == 6
+    assert str(c.get_model_version_by_alias(name, "champion").version) == champion
+
+    # the designs side by side (experiments/gate_designs.py, issue 32's tables): the scores cached above are reused
+    from conftest import BIN
+
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([str(BIN / "python"), str(repo / "experiments" / "gate_designs.py"), seed, champion, "--root",
+                          str(tracked.root), "--stages", "1,3", "--metrics", "mean_acc"], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| mean_acc |")]
+    assert [r.split(" | ")[1] for r in rows] == ["fixed, 1 a task", "sequential [1, 3]", "fixed, 3 a task"]
+    assert rows[0].split(" | ")[4] == "2" and rows[2].split(" | ")[4] == "6" and rows[1].split(" | ")[3] == "2"
+    assert str(c.get_model_version_by_alias(name, "champion").version) == champion  # nothing promoted
+
+
+def test_eval_plan_from_the_base_models_per_question_results(tracked, tmp_path):
+    """`olora eval-plan --mde 1.5` on an evaluated project: per metric the questions per task, whether the splits hold
+    them and the time at the request rate evaluate_base measured; refused for an MDE <= 0 or no per-question results."""
+    import shutil
+
+    from conftest import BIN
+    from olora.core.paired import plan
+    from olora.evaluation import samples
+
+    def olora(*args, cwd=tracked.root):
+        return subprocess.run([str(BIN / "olora"), *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+
+    out = olora("eval-plan", "--mde", "1.5")
+    assert out.returncode == 0, out.stderr
+    timing = json.loads(tracked.metrics("eval_base").read_text())["timing"]
+    assert timing["requests"] > 0 and timing["seconds"] > 0
+    base, tuned = samples.read_samples(tracked.samples("base")), samples.read_samples(tracked.samples("adapter"))
+    assert "the paired differences of the fine-tuned model and the base" in out.stdout
+    from olora.evaluation.plan import _variances
+
+    lines = out.stdout.splitlines()
+    for pooled, label in ((False, "mean_acc (every task weighing the same): "),
+                          (True, "pooled_acc (every question weighing the same): ")):
+        expected = plan(_variances(base, tuned)[0], {"arc_easy": 570, "piqa": 1838}, 0.015, pooled=pooled)
+        line = next(line for line in lines if line.startswith(label))
+        assert (f"{expected.per_task} questions per task" in line) if expected.per_task else ("not reachable" in line)
+    assert out.stdout.count("requests/s evaluate_base measured here") == 2
+
+    for bad in ("0", "-1"):
+        refused = olora("eval-plan", "--mde", bad)
+        assert refused.returncode == 2 and "is not a difference that can be detected; give a number of accuracy " \
+            "points > 0, e.g. --mde 1.5" in refused.stderr
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(tracked.params, bare / "params.yaml")
+    refused = olora("eval-plan", "--mde", "1.5", cwd=bare)
+    assert refused.returncode == 2 and "no per-question results of the base model" in refused.stderr
+    assert "run `dvc repro evaluate_base` first" in refused.stderr
+
+
+@pytest.mark.fault
+def test_a_promotion_killed_after_the_alias_moved_is_completed_by_the_next_run(tracked, tmp_path):
+    """`olora promote` moves the alias first, then records the decision: killed in between (SIGKILL at the marker),
+    the champion has no promotion record and no tag claims anything untrue; run again, it records the decision."""
+    from conftest import BIN, PausedRun
+
+    cfg = load_config(tracked.params)
+    c = _client(tracked)
+    name = registry.model_name(cfg)
+    if c.get_registered_model(name).aliases.get("champion") is None:
+        gate.promote(cfg, Tracking.of(cfg, tracked.root))
+    before = str(c.get_model_version_by_alias(name, "champion").version)
+    better = _clearly_better_version(c, name, tmp_path)
+    c.set_model_version_tag(name, better, "promotion.decision", "rejected")  # an earlier decision on it
+    run = PausedRun([str(BIN / "olora"), "promote", "--version", better], tracked.root, ["promote:alias-moved"],
+                    tmp_path / "pause")
+    run.wait("promote:alias-moved", 300)
+    run.kill()
+    assert str(c.get_model_version_by_alias(name, "champion").version) == better
+    tags = c.get_model_version(name, better).tags
+    # the earlier "rejected" was cleared before the alias moved: no record contradicts the champion
+    assert tags["previous_champion"] == before and not any(k.startswith("promotion.") for k in tags)
+
+    out = subprocess.run([str(BIN / "olora"), "promote", "--version", better], cwd=tracked.root, capture_output=True,
+                         text=True, env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.startswith("PROMOTED: ") and "recorded after an interrupted promotion" in out.stdout
+    tags = c.get_model_version(name, better).tags
+    assert tags["promotion.decision"] == "promoted" and tags["promotion.forced"] == "false"
+    assert tags["promotion.champion_version"] == before and float(tags["promotion.interval_low"]) > 0
+    assert "## Promotion decision" in c.get_model_version(name, better).description
+    assert str(c.get_model_version_by_alias(name, "champion").version) == better
+    again = gate.promote(cfg, Tracking.of(cfg, tracked.root), version=better)  # consistent now: nothing to decide
+    assert not again.promote and "already champion" in again.reason
+    assert registry.rollback(cfg, Tracking.of(cfg, tracked.root)) == before
 
 
 def _clearly_better_version(c, name: str, folder: Path) -> str:

@@ -61,6 +61,8 @@ class Comparison:
     champion_score: float | None = None
     challenger_score: float | None = None
     """The compared metric's value for each side (the weighted mean of task accuracies)."""
+    se: float | None = None
+    """Standard error of `diff` (from the paired per-task variances; what the sequential gate's looks use)."""
 
     @property
     def significant(self) -> bool:
@@ -179,11 +181,11 @@ def compare(champion: Table, challenger: Table, confidence: float = 0.95, resamp
     if weights is None:  # tasks weigh equally, as in the metric (kept apart: the same floats as before weights)
         overall = np.mean(list(draws.values()), axis=0)
         diff = np.mean([t.diff for t in tasks.values()])
-        mde = z * math.sqrt(sum(variances.values())) / len(tasks)
+        se = math.sqrt(sum(variances.values())) / len(tasks)
     else:
         overall = sum(w[t] * draws[t] for t in w)
         diff = sum(w[t] * tasks[t].diff for t in w)
-        mde = z * math.sqrt(sum(w[t] ** 2 * variances[t] for t in w))
+        se = math.sqrt(sum(w[t] ** 2 * variances[t] for t in w))
     low, high = np.quantile(overall, [alpha / 2, 1 - alpha / 2])
     return Comparison(
         n=sum(tasks[t].n for t in w),
@@ -192,9 +194,62 @@ def compare(champion: Table, challenger: Table, confidence: float = 0.95, resamp
         high=_clean(high),
         confidence=confidence,
         resamples=resamples,
-        mde=mde,
+        mde=z * se,
         tasks=tasks,
         weights=None if weights is None else w,
         champion_score=score(champion, weights),
         challenger_score=score(challenger, weights),
+        se=se,
     )
+
+
+@dataclass(frozen=True)
+class Plan:
+    metric: str
+    """mean_acc (every task weighing the same) or pooled_acc (every question weighing the same)."""
+    mde: float
+    """The target minimum detectable effect (accuracy as a fraction)."""
+    per_task: int | None
+    """Questions per task needed (a task whose split is smaller gives all it has); None: the whole splits fall short."""
+    reached: float
+    """The MDE at `per_task` questions a task (or at the whole splits when they fall short)."""
+    whole: float
+    """The MDE on the whole splits."""
+    questions: int
+    """Questions per model at `per_task` (or the whole splits)."""
+
+
+def plan(variances: dict[str, float], splits: dict[str, int], mde: float, confidence: float = 0.95,
+         pooled: bool = False) -> Plan:
+    """Questions per task for a paired comparison to detect `mde` 80 % of the time at `confidence`.
+
+    `variances`: task -> the variance of one question's paired difference (observed, or a bound);
+    `splits`: task -> questions its split holds. With n a task (capped by the split), the metric's standard
+    error is sqrt(sum_t w_t^2 var_t / n_t) with w_t = 1/T (mean_acc) or n_t / sum n (pooled_acc); the smallest n
+    whose MDE is at most `mde` is found by bisection (the MDE falls as n grows).
+    """
+    if not (mde > 0 and math.isfinite(mde)):
+        raise ValueError(f"the target minimum detectable effect must be a number > 0, got {mde}")
+    if set(variances) != set(splits) or not splits:
+        raise ValueError(f"variances and split sizes must cover the same tasks: {sorted(variances)} vs {sorted(splits)}")
+    z = NormalDist().inv_cdf(1 - (1 - confidence) / 2) + NormalDist().inv_cdf(POWER)
+
+    def at(n: int) -> tuple[float, int]:
+        sizes = {t: min(n, splits[t]) for t in splits}
+        total = sum(sizes.values())
+        if pooled:
+            var = sum(sizes[t] * variances[t] for t in sizes) / total ** 2
+        else:
+            var = sum(variances[t] / sizes[t] for t in sizes) / len(sizes) ** 2
+        return z * math.sqrt(var), total
+
+    top = max(splits.values())
+    whole, everything = at(top)
+    if whole > mde:
+        return Plan("pooled_acc" if pooled else "mean_acc", mde, None, whole, whole, everything)
+    lo, hi = 1, top
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if at(mid)[0] <= mde else (mid + 1, hi)
+    reached, questions = at(lo)
+    return Plan("pooled_acc" if pooled else "mean_acc", mde, lo, reached, whole, questions)

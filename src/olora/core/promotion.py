@@ -31,18 +31,21 @@ def decide(
     min_improvement: float = 0.0,
     force: bool = False,
     metric: str = "mean_acc",
+    compared_on: str | None = None,
 ) -> Decision:
     """Promote when there is no champion, when forced, or when the gain's interval lies above the margin.
 
     `challenger`/`champion` are the two versions' `metric` values (reported, not compared);
     `comparison` is challenger minus champion on the same questions (None: no champion). Higher is
-    better. A challenger without a finite metric is never promoted unless forced.
+    better. A challenger without a finite metric is never promoted unless forced. `compared_on` names the
+    question set compared (e.g. `700 questions of 7 tasks; v1 re-scored on 660`), said in the reason.
     """
     if min_improvement < 0:
         raise ValueError(f"min_improvement must be >= 0, got {min_improvement}")
     have_challenger = challenger is not None and math.isfinite(challenger)
     value = challenger if have_challenger else math.nan
-    evidence = f": {comparison.summary()}" if comparison is not None else ""
+    on = f" on {compared_on}" if compared_on else ""
+    evidence = f": {comparison.summary()}{on}" if comparison is not None else ""
     if force:
         return Decision(True, "forced by --force" + evidence, value, champion, comparison, forced=True)
     if not have_challenger:
@@ -53,10 +56,10 @@ def decide(
         return Decision(False, "no paired comparison with the champion on the same questions", value, champion)
     pct = f"{comparison.confidence * 100:g} %"
     if comparison.low > min_improvement:
-        return Decision(True, f"{metric} {comparison.summary()}: the {pct} interval lies above "
+        return Decision(True, f"{metric} {comparison.summary()}{on}: the {pct} interval lies above "
                               f"register.min_improvement={min_improvement}", value, champion, comparison)
     why = ("not significant: the interval includes 0" if comparison.low <= 0 <= comparison.high else
            "worse than the champion" if comparison.high < 0 else
            f"the interval's lower bound {comparison.low * 100:+.1f} points does not exceed "
            f"register.min_improvement={min_improvement}")
-    return Decision(False, f"{metric} {comparison.summary()}; {why}", value, champion, comparison)
+    return Decision(False, f"{metric} {comparison.summary()}{on}; {why}", value, champion, comparison)

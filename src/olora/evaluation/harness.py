@@ -76,10 +76,13 @@ def run_lm_eval(model, tokenizer, cfg: EvaluateConfig, evals: Path | None = None
     if tasks is None:
         with prepared(cfg, evals) as tasks:
             return run_lm_eval(model, tokenizer, cfg, tasks=tasks)
+    import time
+
     from lm_eval import simple_evaluate
 
     lm = backend_class(cfg.backend)(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=2048)
     names = tasks.names
+    start = time.monotonic()
     raw = simple_evaluate(
         model=lm,
         tasks=list(names.values()),
@@ -93,8 +96,12 @@ def run_lm_eval(model, tokenizer, cfg: EvaluateConfig, evals: Path | None = None
         log_samples=True,
         bootstrap_iters=1000,
     )
+    seconds = time.monotonic() - start
     rows = samples.rows_from_lm_eval(raw, names, tasks.scoring)
     metrics = summarise(raw, names, tasks.split, cfg.limit, tasks.scoring)
+    # what `olora eval-plan` times from: lm-eval's requests (one a choice) and the seconds they took, here
+    asked = {(name, s["doc_id"]): len(s["arguments"]) for name in names.values() for s in raw["samples"][name]}
+    metrics["timing"] = {"requests": sum(asked.values()), "seconds": round(seconds, 3)}
     metrics["questions"] = samples.fingerprint(rows, cfg, {stock: raw["versions"].get(name) for stock, name in names.items()},
                                                tasks.definitions)
     return Evaluation(metrics, rows)

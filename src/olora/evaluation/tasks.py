@@ -168,3 +168,12 @@ def tasks_for(source: str, tasks: list[str], folder: Path, evals: Path | None = 
     """(TaskManager, {evaluate.tasks name: lm-eval task name}, {name: split scored}) for `evaluate.source`."""
     p = prepare_tasks(EvaluateConfig(tasks=list(tasks), source=source), evals, folder)
     return p.manager, p.names, p.split
+
+
+def split_sizes(cfg: EvaluateConfig, evals: Path | None) -> dict[str, int]:
+    """Questions in each task's scored split (what `evaluate.limit: 0` asks), read from the data without a model."""
+    from lm_eval.tasks import get_task_dict
+
+    with prepared(cfg, evals) as tasks:
+        loaded = get_task_dict(list(tasks.names.values()), tasks.manager)
+        return {t: len(loaded[name].eval_docs) for t, name in tasks.names.items()}

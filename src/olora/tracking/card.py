@@ -104,4 +104,6 @@ def promotion_section(record: dict[str, Any]) -> str:
         lines.append(f"- gain {record['gain'] * 100:+.1f} points, {record['confidence'] * 100:g} % interval "
                      f"[{record['interval_low'] * 100:+.1f}, {record['interval_high'] * 100:+.1f}], n = {record['n']}, "
                      f"minimum detectable effect {record['mde'] * 100:.1f} points")
+    if record.get("question_set"):
+        lines.append(f"- compared on {record['question_set']}")
     return "\n".join(lines) + "\n"

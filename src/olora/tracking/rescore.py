@@ -1,11 +1,11 @@
-"""Scoring a registered version on other questions: the champion asked what the challenger was asked.
+"""Scoring a registered version on other questions: each side of the gate asked the whole comparison set.
 
-Used by the promotion gate when the champion was scored on other questions (other tasks, limit,
-few-shot count, task versions, the definition of a team task under evals/) or holds no per-question
-results at all (registered before them): its exported adapter is downloaded from its run, merged
-into its base and put through the same evaluation code as the evaluate stage, with the challenger's
-evaluation settings and this checkout's evals/. The result is cached in the champion's run
-(`eval/rescored/<fingerprint>/`), so the next gate reuses it.
+Used by the promotion gate when the champion or the challenger was scored on fewer or other questions
+than the promote metric's whole set (other tasks, a smaller limit, few-shot count, task versions, the
+definition of a team task under evals/) or holds no per-question results at all (registered before
+them): its exported adapter is downloaded from its run, merged into its base and put through the same
+evaluation code as the evaluate stage, with the set's evaluation settings and this checkout's evals/.
+The result is cached in that version's run (`eval/rescored/<sha of the set>/`), so the next gate reuses it.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def _cached(c, run_id: str, sha: str, folder: Path):
 
 
 def rescore(cfg: Config, c, name: str, version: str, asked: dict[str, Any], root: Path) -> tuple[list[dict], dict]:
-    """`version`'s per-question results on the questions `asked` describes (a fingerprint); cached in its run."""
+    """`version`'s per-question results on the questions `asked` describes (tasks, limit, num_fewshot, seed, source
+    and `sha256`, the cache key: `olora.tracking.gate.comparison_set`); cached in its run."""
     mv = c.get_model_version(name, version)
     if not mv.run_id:
         raise OloraError(f"{name} version {version} comes from no run, so its adapter cannot be scored again; promote with --force")
@@ -52,8 +53,8 @@ def rescore(cfg: Config, c, name: str, version: str, asked: dict[str, Any], root
             adapter = Path(c.download_artifacts(mv.run_id, "exported_adapter", str(tmp / "adapter")))
         except Exception as exc:  # noqa: BLE001 - any storage error: the adapter is not there
             raise OloraError(f"the exported adapter of {name} version {version} could not be loaded from its run "
-                             f"{mv.run_id} ({type(exc).__name__}: {exc}); it cannot be scored on the challenger's "
-                             "questions. Re-register it, or promote with --force") from None
+                             f"{mv.run_id} ({type(exc).__name__}: {exc}); it cannot be scored on the "
+                             "comparison set. Re-register it, or promote with --force") from None
         if not base:
             raise OloraError(f"{name} version {version} does not name its base model (tag base_model); promote with --force")
         from olora.evaluation.harness import load_model_for_eval, run_lm_eval
@@ -69,7 +70,7 @@ def rescore(cfg: Config, c, name: str, version: str, asked: dict[str, Any], root
                                   seed=asked["seed"], source=asked["source"], batch_size=cfg.evaluate.batch_size)
         evaluate.validate()
         ref = resolve_model(model_cfg, root)
-        log.info("promote: scoring %s v%s on the challenger's questions (%s)", name, version, ", ".join(evaluate.tasks))
+        log.info("promote: scoring %s v%s on the comparison set (%s)", name, version, ", ".join(evaluate.tasks))
         with prepared(evaluate, Path(root) / EVALS) as tasks:  # the team's tasks as this checkout defines them
             result = run_lm_eval(load_model_for_eval(ref, resolve_runtime(model_cfg, cfg.runtime), adapter),
                                  load_tokenizer(ref), evaluate, tasks=tasks)
