@@ -6,7 +6,7 @@
     olora serve [--alias champion]           answer HTTP requests with a registered version, following its alias
     olora serve-webhook --url URL            register the registry webhook that tells a server the alias moved
     olora publish-data PATH [-m MSG]         dvc add + dvc push + commit + git push + the Prefect data event
-    olora check                              validate params.yaml and print the resolved configuration
+    olora check                              validate params.yaml, run every stage's pre-flight checks, print the configuration
     olora dvc-yaml [--write|--check]         dvc.yaml from the stage table
     olora params-table [--write FILE]        the parameter table from the config's docstrings
 
@@ -59,7 +59,8 @@ def build_parser():
     pd.add_argument("-m", "--message", help="commit message (default: 'data: PATH')")
     pd.add_argument("--no-event", action="store_true",
                     help="send no event (no Prefect API here); the data watcher deployment announces the version")
-    sub.add_parser("check", help="validate params.yaml and print the resolved configuration")
+    sub.add_parser("check", help="validate params.yaml, run every stage's pre-flight checks (no weights load: the "
+                   "base's config gives its layers) and print the resolved configuration")
     dy = sub.add_parser("dvc-yaml", help="print dvc.yaml as generated from the stage table")
     dy.add_argument("--write", action="store_true", help="write it to ROOT/dvc.yaml")
     dy.add_argument("--check", action="store_true", help="exit 1 when ROOT/dvc.yaml differs")
@@ -89,6 +90,9 @@ def main(argv: list[str]) -> int:
 
         cfg = load_config(layout.params, parse_set(args.set))
         if args.command == "check":
+            from olora.stages import preflight
+
+            preflight(cfg, layout.root)  # every stage's checks that need no weights, with the stages' own messages
             print(dump_config(cfg), end="")
             return 0
         from olora.tracking.client import Tracking
