@@ -6,6 +6,7 @@
     olora serve [--alias champion]           answer HTTP requests with a registered version, following its alias
     olora serve-webhook --url URL            register the registry webhook that tells a server the alias moved
     olora publish-data PATH [-m MSG]         dvc add + dvc push + commit + git push + the Prefect data event
+    olora doctor [--no-load]                 every registered version, alias and runs/* branch checked against the stores
     olora check                              validate params.yaml, run every stage's pre-flight checks, print the configuration
     olora dvc-yaml [--write|--check]         dvc.yaml from the stage table
     olora params-table [--write FILE]        the parameter table from the config's docstrings
@@ -59,6 +60,10 @@ def build_parser():
     pd.add_argument("-m", "--message", help="commit message (default: 'data: PATH')")
     pd.add_argument("--no-event", action="store_true",
                     help="send no event (no Prefect API here); the data watcher deployment announces the version")
+    dr = sub.add_parser("doctor", help="check the project's stores in one pass: every registered version's run, model files "
+                        "and card, every alias (champion loaded), every runs/* branch's DVC outputs in the DVC remote; "
+                        "prints what is broken and how to repair it, exit 1 if anything is")
+    dr.add_argument("--no-load", action="store_true", help="do not download and load the champion (faster)")
     sub.add_parser("check", help="validate params.yaml, run every stage's pre-flight checks (no weights load: the "
                    "base's config gives its layers) and print the resolved configuration")
     dy = sub.add_parser("dvc-yaml", help="print dvc.yaml as generated from the stage table")
@@ -106,6 +111,12 @@ def main(argv: list[str]) -> int:
             decision = gate.promote(cfg, tracking, args.model, args.version, args.force, layout.path(PROMOTION),
                                         layout.root)
             print(("PROMOTED: " if decision.promote else "KEPT CHAMPION: ") + decision.reason)
+        elif args.command == "doctor":
+            from olora.orchestration.doctor import doctor
+
+            report = doctor(tracking, layout.root, load=not args.no_load)
+            print(report.text())
+            return 0 if report.healthy else 1
         elif args.command == "rollback":
             from olora.tracking import registry
 
