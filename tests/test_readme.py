@@ -23,6 +23,7 @@ COVERED = {
         "tests/tracking/test_mlflow.py::test_served_model_answers_over_http_in_the_training_template",
     "python flows/olora_pipeline.py": "tests/orchestration/test_flows.py::test_isolated_run_is_recorded_and_restores_in_a_fresh_clone",
     "olora restore --model olora-tiny-llama --alias champion": "tests/orchestration/test_flows.py::test_isolated_run_is_recorded_and_restores_in_a_fresh_clone",
+    "olora doctor": "tests/orchestration/test_doctor.py::test_a_healthy_project_passes",
     "prefect server start --host 127.0.0.1": "tests/orchestration/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
     "export PREFECT_API_URL=http://127.0.0.1:4200/api": "tests/orchestration/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
     "prefect work-pool create olora-process --type process": "tests/orchestration/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",
