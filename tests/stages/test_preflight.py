@@ -74,3 +74,21 @@ def test_check_refuses_what_the_stage_refuses_with_its_message(project, override
     err = capsys.readouterr().err
     assert code == 2 and f"olora check: error: {refused.value}" in err, err
     assert seconds < 10, f"olora check took {seconds:.1f} s"
+
+
+def test_a_deploying_checkout_need_not_hold_what_the_workspace_pulls(project):
+    """The flows' pre-flight (`present=False`): a data file or a base-model folder only the DVC remote holds is left
+    to the run's workspace; everything else is still refused with the stage's message."""
+    from olora.config import load_config
+    from olora.orchestration.pipeline import preflight as flow_preflight
+    from olora.stages import preflight
+
+    pulled = {"data.source": "data/raw/pulled.jsonl", "model.name": "models/base/pulled-model"}
+    flow_preflight(project, pulled)
+    for key, message in (("data.source", "pulled.jsonl not found"), ("model.name", "pulled-model' looks like a local path")):
+        with pytest.raises(OloraError, match=message):  # `olora check` in that checkout
+            preflight(load_config(project / "params.yaml", {key: pulled[key]}), project)
+    with pytest.raises(OloraError, match="lies outside data/raw/"):
+        flow_preflight(project, {"data.source": "elsewhere/train.jsonl"})
+    with pytest.raises(OloraError, match=r"adapter.target_modules=\['nope_proj'\] match no linear layer"):
+        flow_preflight(project, {"adapter.target_modules": ["nope_proj"]})

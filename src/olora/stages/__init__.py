@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from olora import layout as L
@@ -140,6 +141,17 @@ def setup(layout: Layout, overrides: dict[str, Any] | None, preflight: Callable[
         preflight(cfg, layout.root)
     ref = resolve_model(cfg.model, layout.root)
     return cfg, ref, resolve_runtime(cfg.model, cfg.runtime)
+
+
+def base_model(cfg, root, present: bool = True):
+    """The base model's reference for a pre-flight check (an embedded model is not converted: its config is read
+    from the GGUF file); None where `present` is False and a local folder under models/base/ is not here yet (a
+    deploying checkout whose run pulls it from the DVC remote): the checks that need its config are then skipped."""
+    from olora.modeling.models import resolve_model
+
+    if not present and cfg.model.name.startswith(L.MODEL_INPUTS) and not (Path(root) / cfg.model.name).exists():
+        return None
+    return resolve_model(cfg.model, root, convert=False)
 
 
 def preflight(cfg, root, present: bool = True) -> None:

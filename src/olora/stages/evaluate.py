@@ -43,10 +43,10 @@ def evaluate(layout: Layout = Layout(), overrides: dict[str, Any] | None = None,
 def preflight(cfg: Config, root: Path, present: bool = True) -> None:
     """What evaluate_base and evaluate refuse before any weights load: the base model, device and quantisation,
     and evaluate.tasks (stock and the team's tasks under evals/, each loaded as lm-eval will)."""
-    from olora.modeling.models import resolve_model
     from olora.modeling.runtime import resolve_runtime
+    from olora.stages import base_model
 
-    resolve_model(cfg.model, root, convert=False)
+    base_model(cfg, root, present)
     resolve_runtime(cfg.model, cfg.runtime)
     with prepared(cfg.evaluate, Path(root) / EVALS):
         pass

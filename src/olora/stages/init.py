@@ -14,7 +14,7 @@ from olora.config import Config
 from olora.io import write_json
 from olora.layout import Layout
 from olora.modeling.initialise import init_adapter
-from olora.modeling.models import check_targets, linear_layers, resolve_model
+from olora.modeling.models import check_targets, linear_layers
 from olora.modeling.runtime import resolve_runtime
 
 log = logging.getLogger("olora")
@@ -23,9 +23,12 @@ log = logging.getLogger("olora")
 def preflight(cfg: Config, root: Path, present: bool = True) -> None:
     """What init refuses before any weights load: the base model, device and quantisation, and
     adapter.target_modules and adapter.r against the base's linear layers (built from its config alone)."""
-    ref = resolve_model(cfg.model, root, convert=False)
+    from olora.stages import base_model
+
+    ref = base_model(cfg, root, present)
     resolve_runtime(cfg.model, cfg.runtime)
-    check_targets(linear_layers(ref), cfg.adapter.target_modules, cfg.adapter.r)
+    if ref is not None:
+        check_targets(linear_layers(ref), cfg.adapter.target_modules, cfg.adapter.r)
 
 
 def init(layout: Layout = Layout(), overrides: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -20,9 +20,9 @@ log = logging.getLogger("olora")
 
 def preflight(cfg: Config, root: Path, present: bool = True) -> None:
     """What prepare refuses before it reads anything: the base model's name, the data source (file, location, hub)."""
-    from olora.modeling.models import resolve_model
+    from olora.stages import base_model
 
-    resolve_model(cfg.model, root, convert=False)
+    base_model(cfg, root, present)
     check_source(cfg.data, root, present)
 
 

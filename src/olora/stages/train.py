@@ -24,14 +24,14 @@ log = logging.getLogger("olora")
 def preflight(cfg: Config, root: Path, present: bool = True) -> None:
     """What train refuses before any weights load: the base model, device and quantisation, and a distributed
     launch (processes, nodes, strategy) this machine cannot run."""
-    from olora.modeling.models import resolve_model
     from olora.modeling.runtime import resolve_runtime
+    from olora.stages import base_model
 
-    ref = resolve_model(cfg.model, root, convert=False)
+    ref = base_model(cfg, root, present)
     runtime = resolve_runtime(cfg.model, cfg.runtime)
     if not distributed.launched() and (cfg.train.processes > 1 or cfg.train.strategy != "ddp"):
         distributed.check_nodes(cfg)
-        distributed.check_distributed(cfg, runtime, ref.path if ref.local and not ref.gguf_file else None)
+        distributed.check_distributed(cfg, runtime, ref.path if ref and ref.local and not ref.gguf_file else None)
 
 
 def train(layout: Layout = Layout(), overrides: dict[str, Any] | None = None, callbacks=None, tracking=None) -> dict[str, Any]:
