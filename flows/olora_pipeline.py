@@ -89,6 +89,7 @@ def olora_pipeline(root: str = ".", overrides: dict[str, Any] | None = None, pro
     """
     source = Path(root).resolve()
     P.check_overrides(source, overrides)  # a bad params file or override fails before any work
+    P.preflight(source, overrides)  # and so does any setting a stage would refuse (what `olora check` runs)
     name = name or run_name()
     with stack_env(source):  # the team's services (stack.env), else the source project's own store
         tracking = Tracking.of(load_config(source / "params.yaml"), source)

@@ -637,6 +637,14 @@ CASES: list[Case] = [
          "model.quantization='4bit' loads the base through bitsandbytes, which needs a CUDA device, but this run is on cpu; use model.quantization=none here, or run on a machine with a GPU",
          "Use `model.quantization: none` on CPU; QLoRA runs on CUDA with bitsandbytes installed.",
          lambda ctx: runtime_check(ctx, {"model.quantization": "4bit", "model.device": "cpu"})),
+    Case("check-several-refusals", "params",
+         "`olora check` with settings that different stages refuse (`--set adapter.r=100000 --set 'evaluate.tasks=[arc_eazy]'`)",
+         "olora check: error: 2 settings would be refused:",
+         "Fix each one listed under it (the stage that refuses it, then that stage's own message). `olora check` runs "
+         "every stage's pre-flight that needs no weights (the base's config gives its layers); one refusal alone is "
+         "printed as the stage prints it.",
+         lambda ctx: (ctx.project(), cli(ctx.root, "--set", "adapter.r=100000", "--set", "evaluate.tasks=[arc_eazy]",
+                                         "check"))[1]),
     Case("quantization-unknown", "params",
          "`model.quantization: 8bit`",
          "<project>/params.yaml: model.quantization='8bit' is not allowed; choose one of: none, 4bit",

@@ -35,6 +35,7 @@ COVERED = {
     "prefect worker start --pool olora-process": ONE_MACHINE,
     "prefect deployment run 'olora-pipeline/on-demand' --watch": ONE_MACHINE,
     "olora promote --model olora-tiny-llama": ONE_MACHINE,
+    "olora doctor": ONE_MACHINE,
     "git clone -q . ../olora-restored && cd ../olora-restored && olora restore --model olora-tiny-llama --alias champion":
         ONE_MACHINE,
     "prefect deployment run 'olora-sweep/sweep' --param 'grid={\"adapter.r\": [2, 4]}' --param push=false": "tests/orchestration/test_flows.py::test_deployment_runs_on_a_real_server_and_worker",

@@ -7,7 +7,8 @@
     olora serve-webhook --url URL            register the registry webhook that tells a server the alias moved
     olora publish-data PATH [-m MSG]         dvc add + dvc push + commit + git push + the Prefect data event
     olora eval-plan --mde 1.5                questions per task a paired comparison needs to detect 1.5 points
-    olora check [--deployment]               validate params.yaml and print the resolved configuration
+    olora doctor [--no-load]                 every registered version, alias and runs/* branch checked against the stores
+    olora check [--deployment]               validate params.yaml, run every stage's pre-flight checks, print the configuration
                                              (--deployment: a worker's run would record outside its clone)
     olora dvc-yaml [--write|--check]         dvc.yaml from the stage table
     olora params-table [--write FILE]        the parameter table from the config's docstrings
@@ -64,7 +65,12 @@ def build_parser():
     ep = sub.add_parser("eval-plan", help="questions per task (and time) a paired comparison needs to detect a target "
                         "difference, from the base model's per-question results")
     ep.add_argument("--mde", type=float, required=True, help="the target difference, in accuracy points (e.g. 1.5)")
-    ck = sub.add_parser("check", help="validate params.yaml and print the resolved configuration")
+    dr = sub.add_parser("doctor", help="check the project's stores in one pass: every registered version's run, model files "
+                        "and card, every alias (champion loaded), every runs/* branch's DVC outputs in the DVC remote; "
+                        "prints what is broken and how to repair it, exit 1 if anything is")
+    dr.add_argument("--no-load", action="store_true", help="do not download and load the champion (faster)")
+    ck = sub.add_parser("check", help="validate params.yaml, run every stage's pre-flight checks (no weights load: the "
+                        "base's config gives its layers) and print the resolved configuration")
     ck.add_argument("--deployment", action="store_true", help="also check, on a clone of HEAD as a worker makes it, that "
                     "a deployment run's MLflow store and DVC remote lie outside that clone (else they are lost with it)")
     dy = sub.add_parser("dvc-yaml", help="print dvc.yaml as generated from the stage table")
@@ -96,6 +102,9 @@ def main(argv: list[str]) -> int:
 
         cfg = load_config(layout.params, parse_set(args.set))
         if args.command == "check":
+            from olora.stages import preflight
+
+            preflight(cfg, layout.root)  # every stage's checks that need no weights, with the stages' own messages
             print(dump_config(cfg), end="")
             if args.deployment:
                 from olora.orchestration.durable import check_deployment
@@ -118,6 +127,12 @@ def main(argv: list[str]) -> int:
             decision = gate.promote(cfg, tracking, args.model, args.version, args.force, layout.path(PROMOTION),
                                         layout.root)
             print(("PROMOTED: " if decision.promote else "KEPT CHAMPION: ") + decision.reason)
+        elif args.command == "doctor":
+            from olora.orchestration.doctor import doctor
+
+            report = doctor(tracking, layout.root, load=not args.no_load)
+            print(report.text())
+            return 0 if report.healthy else 1
         elif args.command == "rollback":
             from olora.tracking import registry
 

@@ -1,6 +1,6 @@
 """`olora` command line: one subcommand per pipeline stage (what dvc.yaml's `cmd:` lines run), from the stage table.
 
-Every other command (promote, rollback, restore, serve, check, dvc-yaml, params-table) lives in
+Every other command (promote, rollback, restore, serve, check, doctor, dvc-yaml, params-table) lives in
 `olora.admin` and is imported only when one of them runs, so that editing them reruns no stage
 (this module and what it imports at module level are every stage's code dependencies).
 """

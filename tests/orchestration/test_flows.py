@@ -16,6 +16,7 @@ import yaml
 
 import olora.stages.evaluate
 import olora.stages.init
+import olora.stages.prepare
 import olora.stages.train
 from olora.stages import STAGES
 from olora.errors import ConfigError, OloraError
@@ -149,25 +150,30 @@ def test_isolated_run_is_recorded_and_restores_in_a_fresh_clone(harness, project
 
 def test_config_error_fails_fast_without_retries(harness, project, monkeypatch):
     from flows import olora_pipeline as flows
+    from olora.errors import DataError
 
     calls = []
-    real_init = olora.stages.init.init
+    real_prepare = olora.stages.prepare.prepare
 
-    def counting_init(layout, *args, **kwargs):
+    def counting_prepare(layout, *args, **kwargs):
         calls.append(1)
-        return real_init(layout, *args, **kwargs)
+        return real_prepare(layout, *args, **kwargs)
 
-    monkeypatch.setattr(olora.stages.init, "init", counting_init)
+    monkeypatch.setattr(olora.stages.prepare, "prepare", counting_prepare)
     before = _snapshot(project)
-    with pytest.raises(ConfigError, match="match no linear layer"):
-        flows.olora_pipeline(root=str(project), overrides={"adapter.target_modules": ["nope_proj"]}, push=False, name="bad-1")
+    # a data file the deploying checkout need not hold (the workspace pulls it): refused by the stage, once
+    with pytest.raises(DataError, match="data.source file .*missing.jsonl not found"):
+        flows.olora_pipeline(root=str(project), overrides={"data.source": "data/raw/missing.jsonl"}, push=False, name="bad-1")
     assert calls == [1]
     # the failed run's workspace is kept (for inspection or a rerun); the deploying checkout is untouched
     assert (project / ".olora" / "runs" / "bad-1" / "params.yaml").is_file()
-    with pytest.raises(ConfigError, match=r"adapter.r=0 is out of range"):
-        flows.olora_pipeline(root=str(project), overrides={"adapter.r": 0}, push=False, name="bad-2")
-    assert calls == [1]  # rejected before any stage ran, before any workspace was made
-    assert not (project / ".olora" / "runs" / "bad-2").exists()
+    # what a stage's pre-flight refuses (`olora check`'s checks) and a bad value: before any stage or workspace
+    for name, overrides, message in (("bad-2", {"adapter.target_modules": ["nope_proj"]}, "match no linear layer"),
+                                     ("bad-3", {"adapter.r": 0}, r"adapter.r=0 is out of range")):
+        with pytest.raises(ConfigError, match=message):
+            flows.olora_pipeline(root=str(project), overrides=overrides, push=False, name=name)
+        assert calls == [1]
+        assert not (project / ".olora" / "runs" / name).exists()
     assert _snapshot(project) == before
 
 

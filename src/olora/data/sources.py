@@ -233,39 +233,53 @@ def _is_file_source(source: str, root: Path | None = None) -> bool:
     return path.suffix.lower() in FILE_SUFFIXES or path.exists() or (root is not None and (Path(root) / path).exists())
 
 
+def check_source(cfg: DataConfig, root: Path | None = None, present: bool = True) -> Path | None:
+    """The data source checked without reading it: the local file it names (None for embedded or hub data).
+
+    With `root` (the prepare stage, `olora check`), a relative file path is read from the project,
+    and the file must lie under data/raw/: the folder prepare depends on in dvc.yaml, so that
+    editing the data reruns the pipeline. `present=False` (a deploying checkout, whose run
+    `dvc pull`s the data into its own workspace) does not require the file to be here yet.
+    """
+    if cfg.source == "embedded":
+        return None
+    if not _is_file_source(cfg.source, root):
+        _check_hub_source(cfg)
+        return None
+    path = Path(cfg.source).expanduser()
+    if root is not None and not path.is_absolute():
+        path = Path(root) / path
+    if present and not path.is_file():
+        where = f" (working directory {Path.cwd()})" if not path.is_absolute() else ""
+        raise DataError(
+            f"data.source file {path} not found{where}; check the name, and keep data files under "
+            f"{DATA_INPUTS}/ (data.source={DATA_INPUTS}/<file name>)"
+        )
+    if root is not None and not path.resolve().is_relative_to((Path(root) / DATA_INPUTS).resolve()):
+        raise DataError(
+            f"data.source={cfg.source!r} lies outside {DATA_INPUTS}/, the folder DVC tracks as prepare's input; "
+            f"copy it to {DATA_INPUTS}/{path.name} and set data.source={DATA_INPUTS}/{path.name}, so that a change "
+            "to the data reruns the pipeline"
+        )
+    if path.suffix.lower() not in FILE_SUFFIXES:
+        raise DataError(f"data.source {path} has an unsupported suffix; use one of {', '.join(FILE_SUFFIXES)}")
+    return path
+
+
 def load_records(cfg: DataConfig, counts: dict[str, int], root: Path | None = None) -> list[Record]:
     """Read the configured source into validated Records (raising DataError with file and row).
 
-    With `root` (the prepare stage), a relative file path is read from the project, and the file
-    must lie under data/raw/: the folder prepare depends on in dvc.yaml, so that editing the data
-    reruns the pipeline.
+    The source is checked first (`check_source`: with `root`, a local file must lie under data/raw/).
     """
+    path = check_source(cfg, root)
     if cfg.source == "embedded":
         return list(embedded_records(cfg.embedded_sets))
-    if _is_file_source(cfg.source, root):
-        path = Path(cfg.source).expanduser()
-        if root is not None and not path.is_absolute():
-            path = Path(root) / path
-        kind = FILE_SUFFIXES.get(path.suffix.lower())
-        if not path.is_file():
-            where = f" (working directory {Path.cwd()})" if not path.is_absolute() else ""
-            raise DataError(
-                f"data.source file {path} not found{where}; check the name, and keep data files under "
-                f"{DATA_INPUTS}/ (data.source={DATA_INPUTS}/<file name>)"
-            )
-        if root is not None and not path.resolve().is_relative_to((Path(root) / DATA_INPUTS).resolve()):
-            raise DataError(
-                f"data.source={cfg.source!r} lies outside {DATA_INPUTS}/, the folder DVC tracks as prepare's input; "
-                f"copy it to {DATA_INPUTS}/{path.name} and set data.source={DATA_INPUTS}/{path.name}, so that a change "
-                "to the data reruns the pipeline"
-            )
-        if kind is None:
-            raise DataError(f"data.source {path} has an unsupported suffix; use one of {', '.join(FILE_SUFFIXES)}")
-        return list(_to_records(READERS[kind](path), cfg, counts))
+    if path is not None:
+        return list(_to_records(READERS[FILE_SUFFIXES[path.suffix.lower()]](path), cfg, counts))
     return list(_to_records(_hub_rows(cfg), cfg, counts))
 
 
-def _hub_rows(cfg: DataConfig) -> Iterator[tuple[str, Any]]:
+def _check_hub_source(cfg: DataConfig) -> None:
     offline = any(os.environ.get(v, "0").lower() in ("1", "true") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     if offline or "/" not in cfg.source:
         close = difflib.get_close_matches(cfg.source, ["embedded"], n=1, cutoff=0.75)
@@ -275,6 +289,10 @@ def _hub_rows(cfg: DataConfig) -> Iterator[tuple[str, Any]]:
             + (" and the hub is offline (HF_HUB_OFFLINE set)" if offline else "")
             + "; use data.source=embedded, a local .jsonl/.json/.csv/.parquet path, or a hub id like yahma/alpaca-cleaned"
         )
+
+
+def _hub_rows(cfg: DataConfig) -> Iterator[tuple[str, Any]]:
+    _check_hub_source(cfg)
     import datasets
 
     try:

@@ -49,8 +49,12 @@ def embedded_revision(name: str) -> str:
     return f"{pip_name}=={importlib.metadata.version(pip_name)}"
 
 
-def embedded_model_dir(name: str) -> Path:
-    """Return a transformers folder for an embedded model, converting the GGUF file on first use."""
+def embedded_model_dir(name: str, convert: bool = True) -> Path:
+    """Return a transformers folder for an embedded model, converting the GGUF file on first use.
+
+    `convert=False` (a pre-flight check, which reads no weights): the GGUF file itself when it has not
+    been converted yet (transformers reads its config with `gguf_file=`).
+    """
     if name not in EMBEDDED_MODELS:
         import difflib
 
@@ -68,6 +72,8 @@ def embedded_model_dir(name: str) -> Path:
     target = cache_root() / "models" / f"{name}-{tag}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
+    if not convert:
+        return gguf
     _convert_gguf(gguf, target)
     return target
 

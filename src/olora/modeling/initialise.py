@@ -32,8 +32,9 @@ class InitResult:
 
 
 def init_adapter(cfg: Config, ref: models.ModelRef, runtime: Runtime, out_dir: Path) -> InitResult:
-    """Initialise adapters on the base, check the invariants and save the initial adapter."""
-    models.check_targets(models.linear_layers(ref), cfg.adapter.target_modules, cfg.adapter.r)
+    """Initialise adapters on the base, check the invariants and save the initial adapter.
+
+    adapter.target_modules and adapter.r are checked before (the init stage's `preflight`)."""
     base = models.load_base(ref, runtime)
     batch = fixed_batch(base.config.vocab_size, runtime.device)
     with torch.no_grad():

@@ -29,6 +29,7 @@ class ModelRef:
     path: str  # a local folder, or the hub id itself
     local: bool
     trust_remote_code: bool = False  # model.trust_remote_code; passed to every transformers loader here
+    gguf_file: str | None = None  # an embedded model not converted yet (pre-flight only): its config is read from this file
 
 
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -62,8 +63,9 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def resolve_model(model: ModelConfig, root: Path | None = None) -> ModelRef:
-    """Find the base model's files; embedded models are converted into the cache on first use.
+def resolve_model(model: ModelConfig, root: Path | None = None, convert: bool = True) -> ModelRef:
+    """Find the base model's files; embedded models are converted into the cache on first use
+    (`convert=False`, for pre-flight checks that read no weights: not converted, their config read from the GGUF file).
 
     With `root` (a pipeline stage), a local folder is read relative to the project and must lie
     under `models/base/`, the folder every model stage depends on in dvc.yaml: a base model that
@@ -72,10 +74,11 @@ def resolve_model(model: ModelConfig, root: Path | None = None) -> ModelRef:
     name = model.name
     if name.startswith(assets.EMBEDDED_PREFIX):
         short = name[len(assets.EMBEDDED_PREFIX):]
-        path = assets.embedded_model_dir(short)
+        path = assets.embedded_model_dir(short, convert=convert)
+        gguf = path.name if path.is_file() else None
         return ModelRef(
-            name=name, revision=assets.embedded_revision(short), path=str(path), local=True,
-            trust_remote_code=model.trust_remote_code,
+            name=name, revision=assets.embedded_revision(short), path=str(path.parent if gguf else path), local=True,
+            trust_remote_code=model.trust_remote_code, gguf_file=gguf,
         )
     as_path = Path(name).expanduser()
     if root is not None and not as_path.is_absolute():
@@ -135,7 +138,8 @@ def load_model_config(ref: ModelRef):
 
     try:
         return AutoConfig.from_pretrained(
-            ref.path, revision=None if ref.local else ref.revision, trust_remote_code=ref.trust_remote_code
+            ref.path, revision=None if ref.local else ref.revision, trust_remote_code=ref.trust_remote_code,
+            **({"gguf_file": ref.gguf_file} if ref.gguf_file else {}),
         )
     except OSError as exc:
         raise _hub_error(ref, exc) from exc

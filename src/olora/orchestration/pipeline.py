@@ -182,6 +182,14 @@ def check_overrides(source: Path, overrides: dict[str, Any] | None) -> None:
         load_config(source / "params.yaml", overrides)
 
 
+def preflight(source: Path, overrides: dict[str, Any] | None) -> None:
+    """Every stage's pre-flight checks (`olora.stages.preflight`, as `olora check` runs them) on the source's params
+    with the overrides, before a workspace is made; its data files need not be here (the workspace pulls them)."""
+    from olora.stages import preflight as stages_preflight
+
+    stages_preflight(load_config(source / "params.yaml", overrides), source, present=False)
+
+
 def variant_result(tracking: Tracking, name: str) -> dict[str, Any]:
     """A recorded run's scores, looked up in the shared MLflow store by its run name tag."""
     from olora.tracking.client import experiment_id

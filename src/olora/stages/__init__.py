@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from olora import layout as L
@@ -128,12 +129,52 @@ STAGES: dict[str, Stage] = {
 }
 
 
-def setup(layout: Layout, overrides: dict[str, Any] | None):
-    """What every model stage starts with: the validated config, the base model reference, device/dtype."""
+def setup(layout: Layout, overrides: dict[str, Any] | None, preflight: Callable[..., None] | None = None):
+    """What every model stage starts with: the validated config, its `preflight` checks (the stage module's, which
+    `olora check` runs too), the base model reference, device/dtype."""
     from olora.config import load_config
     from olora.modeling.models import resolve_model
     from olora.modeling.runtime import resolve_runtime
 
     cfg = load_config(layout.params, overrides)
+    if preflight is not None:
+        preflight(cfg, layout.root)
     ref = resolve_model(cfg.model, layout.root)
     return cfg, ref, resolve_runtime(cfg.model, cfg.runtime)
+
+
+def base_model(cfg, root, present: bool = True):
+    """The base model's reference for a pre-flight check (an embedded model is not converted: its config is read
+    from the GGUF file); None where `present` is False and a local folder under models/base/ is not here yet (a
+    deploying checkout whose run pulls it from the DVC remote): the checks that need its config are then skipped."""
+    from olora.modeling.models import resolve_model
+
+    if not present and cfg.model.name.startswith(L.MODEL_INPUTS) and not (Path(root) / cfg.model.name).exists():
+        return None
+    return resolve_model(cfg.model, root, convert=False)
+
+
+def preflight(cfg, root, present: bool = True) -> None:
+    """Every stage's pre-flight checks that need no weights (each stage module's `preflight`, which the stage
+    itself runs first), in pipeline order: what `olora check` and the flows run before any work.
+
+    Raises the stage's own error when one refusal is found (the same message the stage gives), else one
+    OloraError listing each distinct refusal with its stage. `present=False`: a deploying checkout,
+    whose data files the run's workspace pulls from the DVC remote, need not hold them.
+    """
+    from olora.errors import OloraError
+
+    found: list[tuple[str, OloraError]] = []
+    for module in dict.fromkeys(stage.module for stage in STAGES.values()):  # evaluate_base and evaluate share one
+        check = getattr(importlib.import_module(module), "preflight", None)
+        if check is None:
+            continue
+        try:
+            check(cfg, root, present)
+        except OloraError as exc:
+            if all(str(exc) != str(seen) for _, seen in found):
+                found.append((module.rsplit(".", 1)[1], exc))
+    if len(found) == 1:
+        raise found[0][1]
+    if found:
+        raise OloraError(f"{len(found)} settings would be refused:\n" + "\n".join(f"  {stage}: {exc}" for stage, exc in found))

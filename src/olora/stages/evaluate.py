@@ -11,6 +11,7 @@ experiments); `evaluate` scores base + exported adapter and compares the two on 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from olora.config import Config
@@ -39,11 +40,23 @@ def evaluate(layout: Layout = Layout(), overrides: dict[str, Any] | None = None,
     return _evaluate("adapter", layout, overrides, tracking)
 
 
+def preflight(cfg: Config, root: Path, present: bool = True) -> None:
+    """What evaluate_base and evaluate refuse before any weights load: the base model, device and quantisation,
+    and evaluate.tasks (stock and the team's tasks under evals/, each loaded as lm-eval will)."""
+    from olora.modeling.runtime import resolve_runtime
+    from olora.stages import base_model
+
+    base_model(cfg, root, present)
+    resolve_runtime(cfg.model, cfg.runtime)
+    with prepared(cfg.evaluate, Path(root) / EVALS):
+        pass
+
+
 def _evaluate(which: str, layout: Layout, overrides: dict[str, Any] | None, tracking=None) -> dict[str, Any]:
     from olora.modeling.models import load_tokenizer
     from olora.stages import setup
 
-    cfg, ref, runtime = setup(layout, overrides)
+    cfg, ref, runtime = setup(layout, overrides, preflight)
     base = base_rows = None
     if which == "adapter":  # the adapter and the base's results, checked before the expensive part
         from olora.io import check_adapter_dir

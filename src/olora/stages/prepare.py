@@ -6,14 +6,24 @@ The logic (sources, validation, rendering, dedupe, length filter, split) is `olo
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
-from olora.config import load_config
+from olora.config import Config, load_config
 from olora.data.prepare import prepare_data
+from olora.data.sources import check_source
 from olora.io import write_json
 from olora.layout import Layout
 
 log = logging.getLogger("olora")
+
+
+def preflight(cfg: Config, root: Path, present: bool = True) -> None:
+    """What prepare refuses before it reads anything: the base model's name, the data source (file, location, hub)."""
+    from olora.stages import base_model
+
+    base_model(cfg, root, present)
+    check_source(cfg.data, root, present)
 
 
 def prepare(layout: Layout = Layout(), overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -22,6 +32,7 @@ def prepare(layout: Layout = Layout(), overrides: dict[str, Any] | None = None) 
     from olora.modeling.runtime import set_threads
 
     cfg = load_config(layout.params, overrides)
+    preflight(cfg, layout.root)
     set_threads(cfg.runtime)
     result = prepare_data(cfg.data, load_tokenizer(resolve_model(cfg.model, layout.root)), layout.data, layout.root)
     write_json(layout.metrics("data"), result.stats)

@@ -9,8 +9,10 @@ launcher (always, with train.strategy fsdp or deepspeed) and returns rank 0's me
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
+from olora.config import Config
 from olora.io import write_csv, write_json
 from olora.layout import Layout
 from olora.training import checkpoints, distributed
@@ -19,15 +21,27 @@ from olora.training.trainer import TrainPaths, check_initial_adapter, train_adap
 log = logging.getLogger("olora")
 
 
+def preflight(cfg: Config, root: Path, present: bool = True) -> None:
+    """What train refuses before any weights load: the base model, device and quantisation, and a distributed
+    launch (processes, nodes, strategy) this machine cannot run."""
+    from olora.modeling.runtime import resolve_runtime
+    from olora.stages import base_model
+
+    ref = base_model(cfg, root, present)
+    runtime = resolve_runtime(cfg.model, cfg.runtime)
+    if not distributed.launched() and (cfg.train.processes > 1 or cfg.train.strategy != "ddp"):
+        distributed.check_nodes(cfg)
+        distributed.check_distributed(cfg, runtime, ref.path if ref and ref.local and not ref.gguf_file else None)
+
+
 def train(layout: Layout = Layout(), overrides: dict[str, Any] | None = None, callbacks=None, tracking=None) -> dict[str, Any]:
     """The stage. `tracking` (an `olora.tracking.client.Tracking`) overrides the config's server."""
     from olora.stages import setup
 
-    cfg, ref, runtime = setup(layout, overrides)
+    cfg, ref, runtime = setup(layout, overrides, preflight)
     rank, world_size = distributed.world()
     if not distributed.launched() and (cfg.train.processes > 1 or cfg.train.strategy != "ddp"):
-        node_rank, master = distributed.check_nodes(cfg)
-        distributed.check_distributed(cfg, runtime, ref.path if ref.local else None)
+        node_rank, master = distributed.check_nodes(cfg)  # checked by preflight; here for its values
         return distributed.launch(layout.root, overrides, cfg.train.processes, layout.checkpoints, layout.metrics("train"),
                                   cfg.train.nodes, node_rank, master)
     distributed.check_world(cfg)
