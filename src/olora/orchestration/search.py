@@ -10,7 +10,7 @@ Each trial is one Prefect flow run (`flows/olora_compare.py:olora_search_trial`)
 picks up; it calls `run_trial`, which runs `study.optimize(n_trials=1)` so Optuna keeps the trial's
 heartbeat. A worker killed mid-trial stops the heartbeat: after `grace` seconds the next process
 that opens the study (another trial, or the comparison waiting for its budget) marks it FAIL and
-`RetryFailedTrialCallback` enqueues the same rate again, which the next trial takes. Nothing is lost
+`RetryHeartbeatStaleTrialCallback` enqueues the same rate again, which the next trial takes. Nothing is lost
 silently: a failed trial stays in the study, with its retry's number in the retry's system attrs.
 
 Storage: `sqlite:///<file>` on one machine, `postgresql+psycopg2://...` for a team
@@ -107,12 +107,12 @@ def storage(url: str, settings: SearchSettings):
     import warnings
 
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return RDBStorage(url, heartbeat_interval=settings.heartbeat, grace_period=settings.grace,
-                          heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=settings.max_retry),
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=settings.max_retry),
                           engine_kwargs={"pool_pre_ping": True})
 
 
@@ -121,7 +121,7 @@ def open_study(url: str, name: str, settings: SearchSettings):
     import optuna
 
     return optuna.create_study(study_name=name, storage=storage(url, settings), direction="minimize", load_if_exists=True,
-                               sampler=optuna.samplers.TPESampler(seed=0),
+                               sampler=optuna.samplers.TPESampler(),  # unseeded: every process draws its own rates (a seed would repeat them)
                                pruner=optuna.pruners.MedianPruner(n_startup_trials=settings.startup_trials,
                                                                   n_warmup_steps=settings.warmup_steps))
 
@@ -152,15 +152,19 @@ def fail_stale(study) -> None:
 
 def trials_table(study) -> list[dict[str, Any]]:
     """Every trial: number, rate, state, its last reported loss (final for a complete trial), retry of which trial."""
-    from optuna.storages import RetryFailedTrialCallback
+    import warnings
+
+    import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     rows = []
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # retried_trial_number: stable since 2.8
     for t in study.get_trials(deepcopy=False):
         last = t.value if t.value is not None else (t.intermediate_values[max(t.intermediate_values)]
                                                      if t.intermediate_values else None)
         rows.append({"number": t.number, "lr": t.params.get(PARAM), "state": t.state.name, "loss": last,
                      "step": max(t.intermediate_values) if t.intermediate_values else None,
-                     "retry_of": RetryFailedTrialCallback.retried_trial_number(t), "mlflow_run": t.user_attrs.get("mlflow_run")})
+                     "retry_of": RetryHeartbeatStaleTrialCallback.retried_trial_number(t), "mlflow_run": t.user_attrs.get("mlflow_run")})
     return rows
 
 
