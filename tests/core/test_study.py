@@ -78,7 +78,8 @@ def test_steps_to_target_is_the_slowest_methods_final_mean_and_names_unreached_s
     target, steps = study.steps_to_target(curves)
     assert target == pytest.approx(2.1)
     assert steps["fast"]["steps"] == [10, 20] and steps["fast"]["mean"] == 15.0 and steps["fast"]["low"] < 15.0
-    assert steps["slow"]["steps"] == [20, None] and steps["slow"]["reached"] == 1 and steps["slow"]["mean"] is None
+    assert steps["slow"]["steps"] == [20, None] and steps["slow"]["reached"] == 1 and steps["slow"]["censored"]
+    assert steps["slow"]["mean"] == 20.0 and not steps["fast"]["censored"]  # the unreached seed counted at its last step
     with pytest.raises(ValueError):
         study.steps_to_target({"a": []})
 

@@ -121,8 +121,10 @@ def steps_to_target(curves: Mapping[str, Sequence[Curve]], confidence: float = 0
 
     `curves` maps a method to its curves (one per seed). The target is the highest of the methods'
     mean final losses, so every method reaches it on average (the slowest at its last step or
-    before). Per method: the steps of each seed (None where a seed never reached it), and, when every
-    seed reached it, their mean with its t interval; else mean/low/high are None.
+    before). Per method: the steps of each seed (None where a seed never reached it), and their mean
+    with its t interval. A seed that never reached the target counts at its last step and the result is
+    `censored` (the mean is then a lower bound: that method needs at least that many steps); with two
+    seeds the slowest method has one such seed whenever its seeds differ.
     """
     if not curves or any(not c for c in curves.values()):
         raise ValueError("steps_to_target needs at least one curve for every method")
@@ -130,11 +132,11 @@ def steps_to_target(curves: Mapping[str, Sequence[Curve]], confidence: float = 0
     out: dict[str, dict] = {}
     for method, cs in curves.items():
         steps = [steps_to_reach(c, target) for c in cs]
-        reached = [s for s in steps if s is not None]
-        mean = low = high = None
-        if len(reached) == len(steps):
-            mean, low, high = t_interval([float(s) for s in reached], confidence)
-        out[method] = {"steps": steps, "reached": len(reached), "seeds": len(steps), "mean": mean, "low": low, "high": high}
+        counted = [float(s if s is not None else max(int(p[0]) for p in c)) for s, c in zip(steps, cs)]
+        mean, low, high = t_interval(counted, confidence)
+        reached = sum(s is not None for s in steps)
+        out[method] = {"steps": steps, "reached": reached, "seeds": len(steps), "censored": reached < len(steps),
+                       "mean": mean, "low": low, "high": high}
     return target, out
 
 

@@ -350,11 +350,13 @@ def report_markdown(key: str, spec: CompareSpec, analysis: dict[int, dict], best
             lines.append(f"| {m} | {a['rates'][m]:.3g} | {_num(last[1], '.4f')} | [{_num(last[2], '.4f')}, {_num(last[3], '.4f')}] "
                          f"| {_num(acc[0], '.4f')} | [{_num(acc[1], '.4f')}, {_num(acc[2], '.4f')}] |")
         lines += ["", "### Steps to the target loss", "",
-                  f"Target: {a['target']:.4f}, the slowest method's final mean validation loss.", "",
+                  f"Target: {a['target']:.4f}, the slowest method's final mean validation loss. A seed that never "
+                  "reached it counts at its last step, and the mean is then a lower bound (\"at least\").", "",
                   "| method | steps per seed | mean | interval |", "|---|---|---|---|"]
         for m, s in a["steps"].items():
             per = ", ".join("not reached" if x is None else str(x) for x in s["steps"])
-            lines.append(f"| {m} | {per} | {_num(s['mean'])} | [{_num(s['low'])}, {_num(s['high'])}] |")
+            at_least = "at least " if s["censored"] else ""
+            lines.append(f"| {m} | {per} | {at_least}{_num(s['mean'])} | [{_num(s['low'])}, {_num(s['high'])}] |")
         lines += ["", "### Paired per-question accuracy differences", "",
                   "Second minus first, on the same questions under the same seed (questions x seeds pairs, stratified "
                   "paired bootstrap); intervals at Holm's step-down levels over the pairs, p from exact McNemar.", "",
