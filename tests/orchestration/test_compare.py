@@ -159,3 +159,37 @@ def test_compare_on_a_real_server_and_worker_retries_a_killed_trial_and_resumes(
     children = c.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) >= 4 + 4  # four pipeline runs and at least four trials (the killed one's run too)
     assert {a.path for a in c.list_artifacts(parent.info.run_id, "compare")} >= {"compare/report.md", "compare/adopt.yaml"}
+
+
+@pytest.mark.integration
+def test_a_trial_reports_each_validation_loss_and_the_median_pruner_stops_a_hopeless_one(tmp_path, tiny_model_dir):
+    """search.run_trial in-process (the search-trial flow's body): real Optuna (SQLite), real stages and MLflow."""
+    import optuna
+    from mlflow import MlflowClient
+
+    from olora.orchestration import search
+
+    root = tmp_path / "project"
+    root.mkdir()
+    copy_project(root)
+    write_params(root, tiny_model_dir)
+    for args in (["git", "init", "-q"], ["git", "config", "user.email", "t@e.com"], ["git", "config", "user.name", "t"],
+                 [str(BIN / "dvc"), "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        subprocess.run(args, cwd=root, check=True, capture_output=True)
+    settings = SearchSettings(lr_low=1e-8, lr_high=1e-2, trials=2, startup_trials=1, steps=6, eval_steps=2, heartbeat=1, grace=5)
+    url, uri = search.storage_url(root), f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = search.open_study(url, "s", settings)
+    study.enqueue_trial({"learning_rate": 1e-2})  # a rate that learns
+    study.enqueue_trial({"learning_rate": 1e-8})  # one that cannot: worse than the median at its first report
+    args = (root, url, "s", "lora", 4, 2.0, settings, uri, "parent-run-id")
+    first, second = search.run_trial(*args, name="a"), search.run_trial(*args, name="b")
+    assert first["pruned_at"] is None and second["pruned_at"] == 2
+    assert search.run_trial(*args, name="c") == {"study": "s", "ran": False}  # the budget is spent: nothing runs
+    trials = search.open_study(url, "s", settings).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
+    assert sorted(trials[0].intermediate_values) == [2, 4, 6] and sorted(trials[1].intermediate_values) == [2]
+    c = MlflowClient(uri)
+    pruned = c.get_run(trials[1].user_attrs["mlflow_run"])
+    assert pruned.data.tags["mlflow.parentRunId"] == "parent-run-id" and pruned.data.tags["olora.trial_state"] == "PRUNED"
+    assert pruned.data.metrics["train/final_val_loss"] == pytest.approx(trials[1].intermediate_values[2])
+    assert not list((root / ".olora" / "runs").iterdir())  # each trial's workspace removed
