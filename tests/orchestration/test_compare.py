@@ -159,6 +159,14 @@ def test_compare_on_a_real_server_and_worker_retries_a_killed_trial_and_resumes(
     children = c.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) >= 4 + 4  # four pipeline runs and at least four trials (the killed one's run too)
     assert {a.path for a in c.list_artifacts(parent.info.run_id, "compare")} >= {"compare/report.md", "compare/adopt.yaml"}
+    # the winner's block, adopted in one command
+    subprocess.run([str(BIN / "olora"), "compare", "--adopt", f"reports/compare/{key}/adopt.yaml"], cwd=root, env=env, check=True,
+                   capture_output=True)
+    from olora.config import load_config
+
+    cfg = load_config(root / "params.yaml")
+    assert (cfg.adapter.init, cfg.adapter.r, cfg.train.learning_rate) == (
+        parent.data.params["winner.adapter.init"], 8, float(parent.data.params["winner.train.learning_rate"]))
 
 
 @pytest.mark.integration
