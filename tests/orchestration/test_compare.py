@@ -43,6 +43,7 @@ def source(tmp_path_factory, tiny_model_dir) -> Path:
     (dict(ranks=(4, 4096)), r"rank 4096 in --ranks: adapter.r=4096 is larger than the smaller dimension"),
     (dict(seeds=(0,)), r"at least two different seeds"),
     (dict(seeds=(1, 1)), r"at least two different seeds"),
+    (dict(search=SearchSettings(heartbeat=5, grace=5)), r"grace > heartbeat"),
 ])
 def test_bad_input_is_refused_by_name_before_any_work(source, spec, message):
     with pytest.raises(ConfigError, match=message):
@@ -123,11 +124,13 @@ def test_compare_on_a_real_server_and_worker_retries_a_killed_trial_and_resumes(
             (pause / "search:reported").touch()  # every other trial goes on
             assert first.wait(1500) == 0, (tmp_path / "compare1.log").read_text()[-6000:]
             out = json.loads((tmp_path / "compare1.log").read_text()[(tmp_path / "compare1.log").read_text().index("{\n"):])
-            runs_after_first = len(_api(port, "flow_runs/filter", {}))
+            started = {"deployments": {"name": {"any_": ["search-trial", "on-demand"]}}}  # what a comparison starts
+            runs_after_first = len(_api(port, "flow_runs/filter", started))
+            assert runs_after_first == 4 + 1 + 4  # two trials per study, the killed one's retry, the pipeline runs
             # a second invocation resumes: nothing runs again, the same report comes back
             second = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
             assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-            assert len(_api(port, "flow_runs/filter", {})) == runs_after_first
+            assert len(_api(port, "flow_runs/filter", started)) == runs_after_first
         finally:
             os.killpg(worker.pid, signal.SIGTERM)
             try:
@@ -201,3 +204,15 @@ def test_a_trial_reports_each_validation_loss_and_the_median_pruner_stops_a_hope
     assert pruned.data.tags["mlflow.parentRunId"] == "parent-run-id" and pruned.data.tags["olora.trial_state"] == "PRUNED"
     assert pruned.data.metrics["train/final_val_loss"] == pytest.approx(trials[1].intermediate_values[2])
     assert not list((root / ".olora" / "runs").iterdir())  # each trial's workspace removed
+
+
+def test_compare_needs_tracking(source):
+    from olora.config import edit_params
+
+    params = (source / "params.yaml").read_text()
+    try:
+        edit_params(source / "params.yaml", {"tracking.enabled": False})
+        with pytest.raises(ConfigError, match="tracking.enabled is false in params.yaml: set it to true"):
+            compare.check(source, compare.CompareSpec(ranks=(4,)))
+    finally:
+        (source / "params.yaml").write_text(params)

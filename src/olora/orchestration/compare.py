@@ -56,7 +56,8 @@ class CompareSpec:
     """Confidence of every interval (per family of pairs, after Holm's correction)."""
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True)
+        """What names the studies and runs: every setting but the reporting level (a new level reruns nothing)."""
+        blob = json.dumps({k: v for k, v in asdict(self).items() if k != "confidence"}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
@@ -84,6 +85,9 @@ def check(source: Path, spec: CompareSpec) -> None:
     """Refuse a comparison that cannot be made, naming the input and the fix, before any work."""
     params = Path(source) / "params.yaml"
     cfg = load_config(params)
+    if not cfg.tracking.enabled:
+        raise ConfigError("olora compare reads every run's curves and per-question results from MLflow, but "
+                          "tracking.enabled is false in params.yaml: set it to true")
     if len(spec.methods) < 2 or len(set(spec.methods)) != len(spec.methods):
         raise ConfigError(f"--methods {','.join(spec.methods) or '(none)'}: name at least two different methods "
                           "(adapter.init values), e.g. --methods olora,lora")
