@@ -64,11 +64,12 @@ bench: install
 	$(BENCH_ENV) $(BIN)/python bench/bench_continuous.py
 	$(BIN)/python bench/report.py
 
-# The convergence study (OLoRA vs LoRA, lr sweep, 2 ranks x 3 seeds) as DVC experiments tracked in
-# MLflow; writes docs/results.md. About 90 min on 2 CPU cores; resumes where it stopped.
+# Which method wins here (`olora compare`): an Optuna learning-rate search per method, then olora and lora at
+# ranks 8 and 32 with 3 seeds through the whole pipeline, one report in reports/compare/ (resumes where it stopped).
+# Runs on Prefect workers: needs PREFECT_API_URL (`make stack` writes it to stack.env), `prefect deploy --all`
+# and a worker (`prefect worker start --pool olora-process`). The 2026 grid study: experiments/convergence.py.
 study: install
-	@[ -d .dvc ] || $(BIN)/dvc init --quiet
-	$(BENCH_ENV) $(BIN)/python experiments/convergence.py
+	$(BENCH_ENV) $(BIN)/olora compare --methods olora,lora --ranks 8,32 --seeds 0,1,2
 
 # The team's shared services on loopback (PostgreSQL, S3, MLflow, Prefect + WORKERS process workers), from
 # packages in the venv; state in .stack/, client settings in stack.env. See README "Shared services".

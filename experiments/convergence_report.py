@@ -103,8 +103,9 @@ def markdown(summary: dict) -> str:
     lines = [
         "# OLoRA vs LoRA: convergence at small scale",
         "",
-        "Regenerate everything on this page with `make study` (`python experiments/convergence.py`); "
-        "`python experiments/convergence.py --report-only` rebuilds it from `docs/results/convergence_runs.json`.",
+        "`python experiments/convergence.py --report-only` rebuilds this page from the recorded runs in "
+        "`docs/results/convergence_runs.json` (the grid driver that ran them is retired); a new study, with a "
+        "learning-rate search per method: `make study` (`olora compare`, docs/orchestration.md).",
         "",
         "## Setup",
         "",

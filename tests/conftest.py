@@ -200,8 +200,9 @@ class PausedRun:
 
 # The longest test files first: with `make test`'s pytest-xdist workers (--dist loadfile) a long file that
 # starts last would leave the other worker idle at the end (longest-processing-time-first scheduling).
-LONGEST_FIRST = ("test_convergence_study.py", "test_crash_safety.py", "test_stack.py", "test_bench_scripts.py",
-                 "test_flows.py", "test_distributed.py", "test_continuous_training.py", "test_durable.py", "test_serving_http.py",
+LONGEST_FIRST = ("test_compare.py", "test_crash_safety.py", "test_stack.py", "test_bench_scripts.py",
+                 "test_flows.py", "test_distributed.py", "test_continuous_training.py", "test_durable.py", "test_doctor.py",
+                 "test_serving_http.py",
                  "test_mlflow.py", "test_custom_tasks.py")
 
 

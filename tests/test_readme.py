@@ -45,6 +45,8 @@ COVERED = {
         "tests/orchestration/test_continuous_training.py::test_new_data_retrains_on_its_commit_and_the_server_follows_the_champion",
     "prefect deployment run 'olora-data-watch/data-watch'":
         "tests/orchestration/test_continuous_training.py::test_new_data_retrains_on_its_commit_and_the_server_follows_the_champion",
+    "olora compare --methods olora,lora --ranks 8 --seeds 0,1":
+        "tests/orchestration/test_compare.py::test_compare_on_a_real_server_and_worker_retries_a_killed_trial_and_resumes",
     "dvc exp run -S adapter.init=lora -S adapter.r=2": "tests/stages/test_pipeline_dvc.py::test_experiment_variants_rerun_only_what_changed",
     "dvc exp show": RUN_IN_TINY_PROJECT,
     "dvc exp run -S data.source=data/raw/chat.jsonl -S data.format=messages -S data.template=chat": RUN_IN_TINY_PROJECT,

@@ -7,6 +7,7 @@
     olora serve-webhook --url URL            register the registry webhook that tells a server the alias moved
     olora publish-data PATH [-m MSG]         dvc add + dvc push + commit + git push + the Prefect data event
     olora eval-plan --mde 1.5                questions per task a paired comparison needs to detect 1.5 points
+    olora compare --methods olora,lora       which method wins here: rate search per method, methods x ranks x seeds, report
     olora doctor [--no-load]                 every registered version, alias and runs/* branch checked against the stores
     olora check [--deployment]               validate params.yaml, run every stage's pre-flight checks, print the configuration
                                              (--deployment: a worker's run would record outside its clone)
@@ -62,6 +63,22 @@ def build_parser():
     pd.add_argument("-m", "--message", help="commit message (default: 'data: PATH')")
     pd.add_argument("--no-event", action="store_true",
                     help="send no event (no Prefect API here); the data watcher deployment announces the version")
+    cp = sub.add_parser("compare", help="which adapter.init wins here: a learning-rate search per method (Optuna, on "
+                        "Prefect workers), then methods x ranks x seeds through the pipeline, one report (resumes)")
+    cp.add_argument("--methods", default="olora,lora", help="adapter.init values, comma-separated (default: olora,lora)")
+    cp.add_argument("--ranks", default="8", help="adapter.r values, comma-separated (default: 8)")
+    cp.add_argument("--seeds", default="0,1", help="seeds, comma-separated, at least two (default: 0,1)")
+    cp.add_argument("--lr-range", help="LOW,HIGH learning rates searched log-uniformly (default: 1e-5,3e-3)")
+    for flag, what in (("--trials", "trial budget per study"), ("--startup-trials", "trials before the pruner acts"),
+                       ("--steps", "train.max_steps of a trial"), ("--eval-steps", "steps between a trial's reported losses"),
+                       ("--heartbeat", "seconds between trial heartbeats"), ("--grace", "seconds without one: trial failed, retried")):
+        cp.add_argument(flag, type=int, help=what)
+    cp.add_argument("--confidence", type=float, default=0.95, help="interval level (default: 0.95)")
+    cp.add_argument("--storage", help="Optuna storage URL (default: $OLORA_OPTUNA_STORAGE, else .olora/optuna.db)")
+    cp.add_argument("--trial-deployment", default="olora-search-trial/search-trial")
+    cp.add_argument("--run-deployment", default="olora-pipeline/on-demand")
+    cp.add_argument("--no-push", action="store_true", help="runs skip `dvc push` (a machine without a DVC remote)")
+    cp.add_argument("--adopt", metavar="FILE", help="write a comparison's adopt.yaml into params.yaml, and stop")
     ep = sub.add_parser("eval-plan", help="questions per task (and time) a paired comparison needs to detect a target "
                         "difference, from the base model's per-question results")
     ep.add_argument("--mde", type=float, required=True, help="the target difference, in accuracy points (e.g. 1.5)")
@@ -98,6 +115,8 @@ def main(argv: list[str]) -> int:
                   f"{done.dvc_remote}, data version {done.data_version[:16]}; event "
                   + ("olora.data.published sent" if done.event_sent else "not sent (the data watcher announces it)"))
             return 0
+        if args.command == "compare":
+            return _compare(layout, args)
         from olora.config import dump_config, load_config
 
         cfg = load_config(layout.params, parse_set(args.set))
@@ -165,6 +184,20 @@ def main(argv: list[str]) -> int:
     except OloraError as exc:
         print(f"olora {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _compare(layout: Layout, args) -> int:
+    from olora.orchestration import compare
+
+    if args.adopt:
+        print(json.dumps(compare.adopt(layout.root, Path(args.adopt)), indent=2))
+        return 0
+    spec = compare.spec_from_args(args.methods, args.ranks, args.seeds, args.lr_range, args.confidence, trials=args.trials,
+                                  startup_trials=args.startup_trials, steps=args.steps, eval_steps=args.eval_steps,
+                                  heartbeat=args.heartbeat, grace=args.grace)
+    out = compare.run(layout.root, spec, args.trial_deployment, args.run_deployment, not args.no_push, args.storage)
+    print(json.dumps(out, indent=2))
     return 0
 
 

@@ -62,3 +62,38 @@ def test_benchmark_summary_separates_seed_and_sampling_error():
     assert out["boolq"]["seed_se"] == pytest.approx(0.0)
     assert out["mean"]["acc"] == pytest.approx(0.65)
     assert out["mean"]["sampling_se"] == pytest.approx(math.sqrt(0.02) / 2)
+
+
+def test_t_interval_and_band_use_student_t_over_seeds():
+    mean, low, high = study.t_interval([1.0, 3.0])
+    assert mean == 2.0 and (low, high) == pytest.approx((2.0 - 12.7062 * 1.0, 2.0 + 12.7062 * 1.0), rel=1e-4)  # t(0.975, 1) = 12.706
+    assert all(math.isnan(x) for x in study.t_interval([4.0])[1:])
+    band = study.band([[(1, 2.0), (2, 1.0), (3, 0.5)], [(1, 4.0), (2, 3.0)]])
+    assert [b[0] for b in band] == [1, 2] and band[0][1] == 3.0 and band[0][2] < 3.0 < band[0][3]
+
+
+def test_steps_to_target_is_the_slowest_methods_final_mean_and_names_unreached_seeds():
+    curves = {"slow": [[(10, 3.0), (20, 2.0)], [(10, 3.0), (20, 2.2)]],
+              "fast": [[(10, 2.0), (20, 1.0)], [(10, 2.2), (20, 1.5)], ]}
+    target, steps = study.steps_to_target(curves)
+    assert target == pytest.approx(2.1)
+    assert steps["fast"]["steps"] == [10, 20] and steps["fast"]["mean"] == 15.0 and steps["fast"]["low"] < 15.0
+    assert steps["slow"]["steps"] == [20, None] and steps["slow"]["reached"] == 1 and steps["slow"]["censored"]
+    assert steps["slow"]["mean"] == 20.0 and not steps["fast"]["censored"]  # the unreached seed counted at its last step
+    with pytest.raises(ValueError):
+        study.steps_to_target({"a": []})
+
+
+def test_holm_adjusts_step_down_and_levels_relax_from_bonferroni():
+    out = study.holm({("a", "b"): 0.01, ("a", "c"): 0.04, ("b", "c"): 0.03}, alpha=0.05)
+    assert out[("a", "b")]["p_holm"] == pytest.approx(0.03) and out[("a", "b")]["confidence"] == pytest.approx(1 - 0.05 / 3)
+    assert out[("b", "c")]["p_holm"] == pytest.approx(0.06) and out[("b", "c")]["confidence"] == pytest.approx(1 - 0.05 / 2)
+    assert out[("a", "c")]["p_holm"] == pytest.approx(0.06) and out[("a", "c")]["confidence"] == pytest.approx(0.95)  # monotone
+    assert study.holm({"x": 0.9, "y": 0.8})["x"]["p_holm"] == 1.0  # capped at 1, never below an earlier step
+    assert study.method_pairs(["olora", "lora", "pissa"]) == [("olora", "lora"), ("olora", "pissa"), ("lora", "pissa")]
+
+
+def test_stack_seeds_keeps_each_seeds_questions_apart_and_pruner_minimum():
+    table = study.stack_seeds({1: {"arc": {"q1": 1, "q2": 0}}, 0: {"arc": {"q1": 0}}})
+    assert table == {"arc": {"s0:q1": 0, "s1:q1": 1, "s1:q2": 0}}
+    assert study.pruner_minimum_trials(2) == 3
