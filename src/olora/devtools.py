@@ -1,5 +1,5 @@
-"""Generated files and the tools that check them: dvc.yaml from the stage table, the README's parameter
-table from the config's field docstrings, and docs/errors.md from the error catalogue.
+"""Generated files and the tools that check them: dvc.yaml from the stage table, the parameter table
+(docs/parameters.md) from the config's field docstrings, and docs/errors.md from the error catalogue.
 
 Nothing here runs inside a stage (no stage imports it), so editing a generator reruns nothing.
 
@@ -30,7 +30,7 @@ PARAMS_MARKERS = ("<!-- params-table:start -->", "<!-- params-table:end -->")
 # ---------------------------------------------------------------- code dependencies and dvc.yaml
 
 PACKAGE_ROOT = Path(__file__).resolve().parent  # src/olora
-ENTRY_MODULES = ("olora.cli", "olora.stages")  # what `olora <stage>` runs before the stage's own module
+ENTRY_MODULE = "olora.stages.entry"  # what `python -m olora.stages.<stage>` (dvc.yaml's cmd) runs around the stage function
 
 
 def _module_file(name: str) -> Path | None:
@@ -69,18 +69,15 @@ def _imports(name: str, module_level_only: bool = False) -> set[str]:
 
 
 def code_modules(stage: Stage) -> list[str]:
-    """Every project module the stage can execute.
+    """Every project module the stage can execute when dvc.yaml's command (`python -m <its module>`) runs.
 
-    The CLI and this table contribute their module-level imports (their other commands' lazy
-    imports never run for a stage); from there and from the stage's own module, every import,
-    at module level or inside a function, is followed transitively.
+    From the stage's own module and the entry (`olora.stages.entry`), every import, at module level
+    or inside a function, is followed transitively; the packages above each module (whose
+    `__init__` Python runs first: `olora`, `olora.stages` with the stage table) come with it. The
+    `olora` dispatcher (`cli.py`, `cliargs.py`), `admin.py` and `ops/` are not on this path.
     """
-    todo = [stage.module, *ENTRY_MODULES]
-    for entry in ENTRY_MODULES:
-        todo.extend(_imports(entry, module_level_only=True))
-    seen: set[str] = set(ENTRY_MODULES)
-    todo = [m for m in todo if m not in ENTRY_MODULES]
-    todo.append("olora")
+    todo = [stage.module, ENTRY_MODULE, "olora"]
+    seen: set[str] = set()
     while todo:
         name = todo.pop()
         if name in seen or _module_file(name) is None:
@@ -139,7 +136,7 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def params_table() -> str:
-    """The README's parameter table, generated from the dataclasses and their field docstrings."""
+    """The parameter table (docs/parameters.md), generated from the dataclasses and their field docstrings."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
     defaults = Config().to_dict()
     hints = typing.get_type_hints(Config)
