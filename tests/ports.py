@@ -1,6 +1,6 @@
 """Free loopback ports for the servers tests and benchmarks start: the one helper (tests import it through conftest).
 
-No pytest or project imports, so a benchmark can use it too (`sys.path.insert(0, "tests")`).
+No pytest or project imports, so a benchmark can use it too (with tests/ appended to its import path).
 """
 
 from __future__ import annotations
