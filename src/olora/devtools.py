@@ -4,6 +4,7 @@
 Nothing here runs inside a stage (no stage imports it), so editing a generator reruns nothing.
 
     olora dvc-yaml --write          # dvc.yaml
+    python -c "from olora.devtools import relock_code; relock_code()"   # dvc.lock after code moved (no outputs here)
     olora params-table --write docs/parameters.md
     .venv/bin/python tests/test_errors.py --write docs/errors.md
 """
@@ -118,6 +119,48 @@ def dvc_yaml() -> str:
         "# (its import closure), the locked library versions and its data inputs; params are only the keys it reads.\n"
     )
     return header + yaml.safe_dump({"stages": stages}, sort_keys=False, width=1000)
+
+
+def relock_code(root: Path | str = ".") -> list[str]:
+    """Record in dvc.lock the commands and the deps that exist here, keeping every recorded output.
+
+    What `dvc commit` does after code moved without changing what the stages compute, for a checkout
+    that lacks the pipeline's outputs (`dvc commit` refuses a missing output): each stage's cmd and
+    its present deps (code, lock, input folders) are hashed by DVC itself; a dep that is another
+    stage's absent output keeps its recorded hash. Returns the stages whose entry changed.
+
+        python -c "from olora.devtools import relock_code; relock_code()"
+    """
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+    from dvc.utils.serialize import dump_yaml, load_yaml
+
+    root = Path(root)
+    lock = load_yaml(root / "dvc.lock")
+    order = ("path", "hash", "md5", "size", "nfiles")
+    changed = []
+    with Repo(str(root)) as repo:
+        for stage in repo.index.stages:
+            entry = lock["stages"][stage.name]
+            recorded = {d["path"]: d for d in entry.get("deps", [])}
+            deps = []
+            for dep in stage.deps:
+                if isinstance(dep, ParamsDependency):  # params.yaml's keys: dvc.lock's `params:`, unchanged here
+                    continue
+                if (root / dep.def_path).exists():
+                    dep.save()
+                    fresh = dep.dumpd()
+                    deps.append({**{k: fresh[k] for k in order if k in fresh}, **{k: v for k, v in fresh.items() if k not in order}})
+                elif dep.def_path in recorded:  # another stage's output, absent here: its recorded hash stands
+                    deps.append(recorded[dep.def_path])
+                else:
+                    raise OloraError(f"{dep.def_path} (a dep of stage {stage.name}) is neither here nor in dvc.lock: run `dvc repro`")
+            deps.sort(key=lambda d: d["path"])
+            if (entry.get("cmd"), entry.get("deps")) != (stage.cmd, deps):
+                entry["cmd"], entry["deps"] = stage.cmd, deps
+                changed.append(stage.name)
+    dump_yaml(root / "dvc.lock", lock)
+    return changed
 
 
 # ---------------------------------------------------------------- the parameter table

@@ -92,3 +92,47 @@ def test_local_inputs_are_dependencies(name):
         assert "models/base" in stage["deps"]
     if name == "prepare":
         assert "data/raw" in stage["deps"]
+
+
+def test_relock_code_records_moved_code_without_the_outputs(tmp_path):
+    """`dvc commit` refuses a checkout without the outputs; relock_code records the new cmd and code hashes and keeps
+    the recorded outputs, so `dvc status` then reports only what is missing here, as before the move."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from olora.devtools import relock_code
+
+    dvc = str(Path(sys.executable).parent / "dvc")
+
+    def run(*args):
+        return subprocess.run(args, cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    def status() -> dict:
+        return json.loads(run(dvc, "status", "--json") or "{}")
+
+    run("git", "init", "-q")
+    run(dvc, "init", "-q")
+    (tmp_path / "code.py").write_text("import pathlib; pathlib.Path('a').write_text('A')\n")
+    stages = {"stages": {
+        "one": {"cmd": "python code.py", "deps": ["code.py"], "outs": ["a"]},
+        "two": {"cmd": "python -c \"import pathlib; pathlib.Path('b').write_text(pathlib.Path('a').read_text())\"",
+                "deps": ["a"], "outs": ["b"]}}}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(stages))
+    run(dvc, "repro", "-q")
+    for out in ("a", "b"):
+        (tmp_path / out).unlink()
+    shutil.rmtree(tmp_path / ".dvc/cache")  # a checkout that has never had the outputs
+    before = status()
+    assert {"one", "two"} == set(before)
+
+    (tmp_path / "code.py").write_text((tmp_path / "code.py").read_text() + "# moved\n")
+    stages["stages"]["one"]["cmd"] = "python ./code.py"
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(stages))
+    assert "changed command" in json.dumps(status()) and "modified" in json.dumps(status())
+    with pytest.raises(subprocess.CalledProcessError):
+        run(dvc, "commit", "-f")
+    assert relock_code(tmp_path) == ["one"]
+    assert status() == before and relock_code(tmp_path) == []
