@@ -68,6 +68,21 @@ def test_a_stage_module_runs_as_dvc_yaml_starts_it(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_a_tracked_stage_says_when_stack_env_is_there_but_not_loaded(tmp_path):
+    """Stages read the environment, never stack.env (ops/ is no stage's dep): started without it, they say so."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "stack.env").write_text("MLFLOW_TRACKING_URI=http://127.0.0.1:5000\n")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    args = [sys.executable, "-m", "olora.stages.register", "--root", str(tmp_path)]
+    bare = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert bare.returncode == 2 and "stack.env exists but is not loaded" in bare.stderr and "set -a; . ./stack.env" in bare.stderr
+    loaded = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env={**env, "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"})
+    assert loaded.returncode == 2 and "stack.env" not in loaded.stderr  # only the missing params.yaml
+
+
 def test_the_flows_dispatch_through_the_table():
     from flows import olora_pipeline as flows
 
