@@ -28,9 +28,10 @@ $(STAMP): requirements.lock pyproject.toml
 
 install: $(STAMP)
 
+# stack.env (written by `make stack`) is exported for the stages: they read the environment, not the file
 run: install
 	@[ -d .dvc ] || $(BIN)/dvc init --quiet
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+	set -a; [ ! -f stack.env ] || . ./stack.env; set +a; PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 # Test files run side by side on TEST_WORKERS pytest-xdist workers (one torch thread each, see tests/conftest.py);
 # --dist loadfile keeps a file's module fixtures (its tiny project, its servers) on one worker; --no-loadscope-reorder

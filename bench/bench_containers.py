@@ -113,8 +113,8 @@ def tiny_repro() -> dict[str, float]:
 
 
 def stack_start() -> dict:
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import free_port
+    sys.path.append(str(REPO / "tests"))
+    from ports import free_port
     from olora.ops import stack
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -41,6 +41,9 @@ from pathlib import Path
 
 from common import device_label, publish
 
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
+from ports import free_port  # noqa: E402 - the tests' one free-port helper
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PROMPTS = ["What is the capital of France?", "Name a fruit that is yellow.", "What is 2 + 2?",
@@ -125,14 +128,6 @@ def tiny_project(folder: Path) -> Path:
         STAGES[stage].run(layout)
     gate.promote(load_config(layout.params), Tracking.of(load_config(layout.params), root), force=True)
     return root
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get_json(url: str, payload=None) -> tuple[int, dict]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,22 +28,14 @@ from pathlib import Path
 
 from common import publish
 
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
+from ports import free_ports  # noqa: E402 - the tests' one free-port helper
+
 REPO = Path(__file__).resolve().parents[1]
 from olora.ops import envfile, prefect_api, stack
 from olora.overlay import build_tiny_llama, team_checkout
 
 BIN = Path(sys.executable).parent
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def timed(args: list[str], cwd: Path, env: dict[str, str]) -> float:

@@ -29,6 +29,7 @@ torch.set_num_threads(int(os.environ["OLORA_NUM_THREADS"]))
 REPO = Path(__file__).resolve().parents[1]
 
 from olora.overlay import build_tiny_llama  # noqa: E402
+from ports import free_port, free_ports  # noqa: E402,F401 - the one free-port helper (tests/ports.py), re-exported
 
 
 @pytest.fixture(scope="session")
@@ -40,14 +41,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_untied_model_dir(tmp_path_factory) -> Path:
     """The tiny Llama with an untied head: its greedy answers vary, so serving comparisons mean something."""
     return build_tiny_llama(tmp_path_factory.mktemp("models-untied") / "tiny-llama-untied", tie_word_embeddings=False)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_http(url: str, seconds: float = 90.0) -> None:

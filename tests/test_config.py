@@ -28,7 +28,7 @@ def test_dvc_stages_list_existing_keys_and_cover_every_block():
     blocks = {f.name for f in dataclasses.fields(Config)}
     used = set()
     for name, stage in stages.items():
-        assert stage["cmd"].startswith("olora "), name
+        assert stage["cmd"].startswith("python -m olora.stages."), name
         for key in stage.get("params", []):
             assert key in blocks or key in flat, f"stage {name} lists unknown param {key}"
             used.add(key.split(".")[0])

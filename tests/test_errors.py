@@ -444,7 +444,7 @@ CASES: list[Case] = [
     Case("unknown-key", "params",
          "A key that does not exist and resembles none (`adapter.rank`)",
          "<project>/params.yaml: unknown key(s) 'rank' in block 'adapter'; allowed: alpha, dropout, init, r, seed, target_modules",
-         "Use one of the allowed keys (the README's parameter table explains each).",
+         "Use one of the allowed keys (docs/parameters.md explains each).",
          lambda ctx: load(ctx, "adapter:\n  rank: 8\n")),
     Case("unknown-key-set", "params",
          "A misspelt key in an override (`olora --set adapter.alpah=8 check`, or `dvc exp run -S`)",

@@ -1,8 +1,9 @@
-"""`olora` command line: one subcommand per pipeline stage (what dvc.yaml's `cmd:` lines run), from the stage table.
+"""`olora` command line: one subcommand per pipeline stage, from the stage table, after loading `stack.env`.
 
-Every other command (promote, rollback, restore, serve, check, doctor, dvc-yaml, params-table) lives in
-`olora.admin` and is imported only when one of them runs, so that editing them reruns no stage
-(this module and what it imports at module level are every stage's code dependencies).
+`olora train` is `python -m olora.stages.train` (what dvc.yaml runs) with the team's `stack.env`
+loaded first. Every other command (promote, rollback, restore, serve, publish-data, serve-webhook,
+check, doctor, eval-plan, compare, dvc-yaml, params-table) lives in `olora.admin` and is imported only when one of them runs.
+No stage imports this module, so editing it reruns no stage.
 """
 
 from __future__ import annotations

@@ -1,31 +1,30 @@
 """What every `olora` command shares: the global options, the stage subcommands, `--set` parsing and process set-up.
 
-Used by `olora.cli` (the stage commands, which dvc.yaml runs) and by `olora.admin` (everything else).
+Used by `olora.cli` (the stage commands a user runs by hand; dvc.yaml starts each stage's module
+directly) and by `olora.admin` (everything else). No stage imports it.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
-from olora.errors import OloraError
 from olora.ops.envfile import load_env
 from olora.stages import STAGES
+from olora.stages.entry import parse_set, setup_logging
 
+__all__ = ["STAGE_HELP", "base_parser", "parse_set", "setup_process", "stage_commands"]
 
-def parse_set(items: list[str]) -> dict:
-    """`--set key=value` items (values parsed as YAML) -> overrides."""
-    import yaml
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise OloraError(f"--set {item!r} must look like key=value, e.g. adapter.r=16")
-        out[key] = yaml.safe_load(value)
-    return out
+# One line per stage for `olora --help`: here, not in the stage table, so editing it reruns no stage.
+STAGE_HELP = {
+    "prepare": "load, validate, render, dedupe and split the fine-tuning data",
+    "init": "initialise the adapter with OLoRA (or LoRA) and check the invariants",
+    "train": "fine-tune the adapter and export a plain LoRA",
+    "evaluate_base": "lm-eval on the untouched base (every question's outcome kept)",
+    "evaluate": "lm-eval on base + exported adapter, paired with the base on the same questions",
+    "register": "register the exported adapter in the MLflow Model Registry (alias challenger)",
+}
 
 
 def base_parser() -> argparse.ArgumentParser:
@@ -35,7 +34,7 @@ def base_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter")
     sub = parser.add_subparsers(dest="command", required=True)
     for head, names in stage_commands().items():
-        p = sub.add_parser(head, help=" / ".join(STAGES[n].help for n in names))
+        p = sub.add_parser(head, help=" / ".join(STAGE_HELP[n] for n in names))
         choices = [r for n in names for r in (STAGES[n].cli or (n,))[1:]]
         if choices:
             p.add_argument("which", choices=choices)
@@ -52,7 +51,6 @@ def stage_commands() -> dict[str, list[str]]:
 
 def setup_process(root: Path) -> None:
     """What every `olora` command does first: logging, and the shared services' settings (`make stack`)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    setup_logging()
     if applied := load_env(root):  # stack.env, unless already set
         logging.getLogger("olora").info("using %s/stack.env (%s)", root, ", ".join(sorted(applied)))

@@ -1,7 +1,7 @@
 """The one typed configuration of the pipeline; `params.yaml` is its serialised form.
 
 One dataclass per block. Every setting is declared once here, with its type, default and the
-docstring under it (the README's parameter table is generated from these: `olora params-table`);
+docstring under it (docs/parameters.md is generated from these: `olora params-table --write docs/parameters.md`);
 `load_config` parses YAML into these types and rejects unknown keys (suggesting the closest known
 one), wrong types and out-of-range values with a message that names the key, the bad value and what
 is allowed. The `runtime` block holds knobs that cannot change any output (no stage depends on it).

@@ -1,9 +1,10 @@
-"""Generated files and the tools that check them: dvc.yaml from the stage table, the README's parameter
-table from the config's field docstrings, and docs/errors.md from the error catalogue.
+"""Generated files and the tools that check them: dvc.yaml from the stage table, the parameter table
+(docs/parameters.md) from the config's field docstrings, and docs/errors.md from the error catalogue.
 
 Nothing here runs inside a stage (no stage imports it), so editing a generator reruns nothing.
 
     olora dvc-yaml --write          # dvc.yaml
+    python -c "from olora.devtools import relock_code; relock_code()"   # dvc.lock after code moved (no outputs here)
     olora params-table --write docs/parameters.md
     .venv/bin/python tests/test_errors.py --write docs/errors.md
 """
@@ -30,7 +31,7 @@ PARAMS_MARKERS = ("<!-- params-table:start -->", "<!-- params-table:end -->")
 # ---------------------------------------------------------------- code dependencies and dvc.yaml
 
 PACKAGE_ROOT = Path(__file__).resolve().parent  # src/olora
-ENTRY_MODULES = ("olora.cli", "olora.stages")  # what `olora <stage>` runs before the stage's own module
+ENTRY_MODULE = "olora.stages.entry"  # what `python -m olora.stages.<stage>` (dvc.yaml's cmd) runs around the stage function
 
 
 def _module_file(name: str) -> Path | None:
@@ -69,18 +70,15 @@ def _imports(name: str, module_level_only: bool = False) -> set[str]:
 
 
 def code_modules(stage: Stage) -> list[str]:
-    """Every project module the stage can execute.
+    """Every project module the stage can execute when dvc.yaml's command (`python -m <its module>`) runs.
 
-    The CLI and this table contribute their module-level imports (their other commands' lazy
-    imports never run for a stage); from there and from the stage's own module, every import,
-    at module level or inside a function, is followed transitively.
+    From the stage's own module and the entry (`olora.stages.entry`), every import, at module level
+    or inside a function, is followed transitively; the packages above each module (whose
+    `__init__` Python runs first: `olora`, `olora.stages` with the stage table) come with it. The
+    `olora` dispatcher (`cli.py`, `cliargs.py`), `admin.py` and `ops/` are not on this path.
     """
-    todo = [stage.module, *ENTRY_MODULES]
-    for entry in ENTRY_MODULES:
-        todo.extend(_imports(entry, module_level_only=True))
-    seen: set[str] = set(ENTRY_MODULES)
-    todo = [m for m in todo if m not in ENTRY_MODULES]
-    todo.append("olora")
+    todo = [stage.module, ENTRY_MODULE, "olora"]
+    seen: set[str] = set()
     while todo:
         name = todo.pop()
         if name in seen or _module_file(name) is None:
@@ -123,6 +121,48 @@ def dvc_yaml() -> str:
     return header + yaml.safe_dump({"stages": stages}, sort_keys=False, width=1000)
 
 
+def relock_code(root: Path | str = ".") -> list[str]:
+    """Record in dvc.lock the commands and the deps that exist here, keeping every recorded output.
+
+    What `dvc commit` does after code moved without changing what the stages compute, for a checkout
+    that lacks the pipeline's outputs (`dvc commit` refuses a missing output): each stage's cmd and
+    its present deps (code, lock, input folders) are hashed by DVC itself; a dep that is another
+    stage's absent output keeps its recorded hash. Returns the stages whose entry changed.
+
+        python -c "from olora.devtools import relock_code; relock_code()"
+    """
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+    from dvc.utils.serialize import dump_yaml, load_yaml
+
+    root = Path(root)
+    lock = load_yaml(root / "dvc.lock")
+    order = ("path", "hash", "md5", "size", "nfiles")
+    changed = []
+    with Repo(str(root)) as repo:
+        for stage in repo.index.stages:
+            entry = lock["stages"][stage.name]
+            recorded = {d["path"]: d for d in entry.get("deps", [])}
+            deps = []
+            for dep in stage.deps:
+                if isinstance(dep, ParamsDependency):  # params.yaml's keys: dvc.lock's `params:`, unchanged here
+                    continue
+                if (root / dep.def_path).exists():
+                    dep.save()
+                    fresh = dep.dumpd()
+                    deps.append({**{k: fresh[k] for k in order if k in fresh}, **{k: v for k, v in fresh.items() if k not in order}})
+                elif dep.def_path in recorded:  # another stage's output, absent here: its recorded hash stands
+                    deps.append(recorded[dep.def_path])
+                else:
+                    raise OloraError(f"{dep.def_path} (a dep of stage {stage.name}) is neither here nor in dvc.lock: run `dvc repro`")
+            deps.sort(key=lambda d: d["path"])
+            if (entry.get("cmd"), entry.get("deps")) != (stage.cmd, deps):
+                entry["cmd"], entry["deps"] = stage.cmd, deps
+                changed.append(stage.name)
+    dump_yaml(root / "dvc.lock", lock)
+    return changed
+
+
 # ---------------------------------------------------------------- the parameter table
 
 
@@ -139,7 +179,7 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def params_table() -> str:
-    """The README's parameter table, generated from the dataclasses and their field docstrings."""
+    """The parameter table (docs/parameters.md), generated from the dataclasses and their field docstrings."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
     defaults = Config().to_dict()
     hints = typing.get_type_hints(Config)

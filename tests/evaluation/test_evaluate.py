@@ -35,7 +35,7 @@ def _same(a, b) -> bool:
 @pytest.mark.parametrize("task", sorted(OFFLINE_TASKS))
 def test_offline_task_keeps_stock_prompt_choices_target_and_metrics(task, offline_manager):
     names, manager = offline_manager
-    loaded = manager.load_task_or_group([names[task]])[names[task]]
+    loaded = manager.load([names[task]])["tasks"][names[task]]
     stock = _stock_config(task)
     cfg = loaded.config
     for key in ("doc_to_text", "doc_to_choice", "output_type"):
@@ -54,7 +54,7 @@ def test_offline_task_keeps_stock_prompt_choices_target_and_metrics(task, offlin
 
 def test_boolq_target_matches_the_boolean_answer(offline_manager):
     names, manager = offline_manager
-    loaded = manager.load_task_or_group([names["boolq"]])[names["boolq"]]
+    loaded = manager.load([names["boolq"]])["tasks"][names["boolq"]]
     docs = list(loaded.eval_docs)[:50]
     assert {loaded.doc_to_target(d) for d in docs} == {0, 1}
     assert all(loaded.doc_to_target(d) == int(d["answer"]) for d in docs)

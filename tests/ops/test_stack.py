@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO, sh
+from conftest import BIN, REPO, free_ports, sh
 from olora.ops import envfile, prefect_api, services, stack
 
 WORKERS = 2
@@ -65,7 +65,7 @@ def test_ports_default_loopback_and_a_taken_port_names_its_service(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        ports = iter(_free_ports(len(stack.PORTS)))
+        ports = iter(free_ports(len(stack.PORTS)))
         environ = {var: str(next(ports) if key != "prefect" else port) for key, (_, var, _) in stack.PORTS.items()}
         with pytest.raises(services.ServiceError, match=f"prefect: port {port} on 127.0.0.1 is already in use.*OLORA_STACK_PREFECT_PORT"):
             stack.check_ports(stack.stack_config(tmp_path, environ=environ))
@@ -74,19 +74,6 @@ def test_ports_default_loopback_and_a_taken_port_names_its_service(tmp_path):
 
 
 # ------------------------------------------------------------------ the real stack
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 class Stack:
@@ -128,7 +115,7 @@ def running_stack(tmp_path_factory):
     env["DVC_NO_ANALYTICS"] = "1"
     env["OLORA_NUM_THREADS"] = "1"  # the workers' flow runs: two at once on two cores
     env[prefect_api.CRASH_AFTER_VAR] = "60"  # a dead worker's run is marked CRASHED 60 s after its last heartbeat
-    for (key, (_, var, _)), port in zip(stack.PORTS.items(), _free_ports(len(stack.PORTS))):
+    for (key, (_, var, _)), port in zip(stack.PORTS.items(), free_ports(len(stack.PORTS))):
         env[var] = str(port)
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=root, env=env, check=True)

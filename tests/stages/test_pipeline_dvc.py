@@ -23,10 +23,12 @@ import atexit, json, os, sys
 
 def _dump():
     folder = os.environ.get("OLORA_TRACE_DIR")
-    if folder and os.path.basename(sys.argv[0]) == "olora":
-        loaded = sorted(m for m in sys.modules if m == "olora" or m.startswith("olora."))
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    main = spec.name if spec else ""
+    if folder and main.startswith("olora."):  # `python -m olora.stages.<stage>`, as dvc.yaml starts it
+        loaded = sorted({main} | {m for m in sys.modules if m == "olora" or m.startswith("olora.")})
         with open(os.path.join(folder, f"{os.getpid()}.json"), "w") as handle:
-            json.dump({"argv": sys.argv[1:], "modules": loaded}, handle)
+            json.dump({"main": main, "modules": loaded}, handle)
 
 atexit.register(_dump)
 """
@@ -120,13 +122,14 @@ def test_each_stage_runs_only_code_its_dvc_deps_list(project, traced_repro):
     """Traced, not hand-listed: every project module a stage's real run loaded is a dep of that stage."""
     import yaml
 
-    from olora.cli import _stage_for, base_parser
+    from olora.stages import STAGES
 
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    by_module = {s.module: s.name for s in STAGES.values()}
     seen = set()
     for trace in traced_repro.glob("[0-9]*.json"):
         record = json.loads(trace.read_text())
-        stage = _stage_for(base_parser().parse_args(record["argv"]))
+        stage = by_module[record["main"]]
         seen.add(stage)
         deps = set(stages[stage]["deps"])
         for module in record["modules"]:
@@ -168,6 +171,48 @@ def test_dvc_status_sees_code_libraries_and_inputs_but_not_thread_count(project,
     extra.write_text('{"instruction": "a", "output": "b"}\n')
     assert changed() == {"prepare"}
     extra.unlink()
+    assert changed() == set()
+
+
+def test_only_a_stages_own_code_reruns_it(project, traced_repro):
+    """Edits outside every stage's closure (the dispatcher, the help texts, admin, generators, ops/, orchestration/,
+    the README, docs/) leave `dvc status` clean; an edit to a stage's own module reports exactly that stage."""
+    import shutil
+
+    from olora.stages import STAGES
+
+    dvc = str(BIN / "dvc")
+
+    def changed() -> set[str]:
+        return set(json.loads(sh([dvc, "status", "--json"], project).stdout or "{}"))
+
+    for extra in ("README.md", "docs"):  # a clone has them; dvc.yaml must not care
+        (shutil.copytree if (REPO / extra).is_dir() else shutil.copy)(REPO / extra, project / extra)
+    package = project / "src/olora"
+    outside = [package / f"{name}.py" for name in ("cli", "cliargs", "admin", "devtools", "overlay")]
+    outside += sorted((package / "ops").glob("*.py")) + sorted((package / "orchestration").glob("*.py"))
+    outside += [project / "README.md", *sorted((project / "docs").glob("*.md"))]
+    assert len(outside) >= 20 and changed() == set()
+    originals = {path: path.read_text() for path in outside}
+    help_text = "fine-tune the adapter and export a plain LoRA"
+    assert help_text in originals[package / "cliargs.py"]  # `olora train --help`: the CLI's, not the stage table's
+    try:
+        for path, text in originals.items():
+            path.write_text(text.replace(help_text, help_text + " (edited)") + ("\n<!-- edited -->\n" if path.suffix == ".md" else "# edited\n"))
+        assert changed() == set()
+    finally:
+        for path, text in originals.items():
+            path.write_text(text)
+
+    own = {name: package / "stages" / f"{stage.module.rsplit('.', 1)[1]}.py" for name, stage in STAGES.items()}
+    own["all"] = package / "stages/entry.py"  # what `python -m olora.stages.<stage>` runs around every stage
+    for name, path in own.items():
+        text = path.read_text()
+        path.write_text(text + "# edited\n")
+        try:
+            assert changed() == (set(STAGES) if name == "all" else {name}), name
+        finally:
+            path.write_text(text)
     assert changed() == set()
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from olora.layout import Layout
 from olora.stages import STAGES
 
+from conftest import free_port
 from overlay import write_params
 
 BIN = Path(sys.executable).parent
@@ -262,14 +263,6 @@ def _kill_after_checkpoint(layout: Layout, command: list[str], env: dict) -> Non
     assert not (layout.adapter / "adapter_model.safetensors").exists()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.integration
 def test_two_nodes_of_one_process_train_as_one_node_of_two(prepared, tmp_path):
     """Two "machines" (two clones of the project, one process each) rendezvous over loopback through
@@ -278,7 +271,7 @@ def test_two_nodes_of_one_process_train_as_one_node_of_two(prepared, tmp_path):
     sh([str(BIN / "olora"), "--set", "train.processes=2", "--set", "tracking.enabled=false", "train"], one_node.root)
 
     nodes = [_copy(prepared, tmp_path / f"node{rank}") for rank in range(2)]
-    master = f"127.0.0.1:{_free_port()}"
+    master = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OLORA_NUM_THREADS": "1", "OLORA_MASTER_ADDR": master}
     launchers = [subprocess.Popen([str(BIN / "olora"), "--set", "train.processes=2", "--set", "train.nodes=2", "train"],
                                   cwd=layout.root, env={**env, "OLORA_NODE_RANK": str(rank)}, stdout=subprocess.PIPE,

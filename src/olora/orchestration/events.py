@@ -1,6 +1,6 @@
 """A new data version as a Prefect event, and the set of versions already announced.
 
-`olora publish-data` and the data watcher (`flows/olora_pipeline.py:olora_data_watch`) send one
+`olora publish-data` and the data watcher (`flows/data_watch.py:olora_data_watch`) send one
 event `olora.data.published` per data version, on resource `olora.data.<version>`, with the commit
 that published it in the payload; the `on-new-data` deployment's trigger (prefect.yaml) turns each
 into one pipeline run on that commit. The versions already announced are kept in a Prefect variable

@@ -3,9 +3,11 @@
 Each entry names the stage, the library function that runs it, the parameters it reads, its data
 inputs and its outputs. `dvc.yaml` is generated from this table (`olora dvc-yaml --write`, by
 `olora.devtools`; a test fails when the committed file differs); the `olora` CLI and the Prefect
-flows dispatch through it. A stage's code dependencies are not listed by hand: they are the project
-modules its function can import (`olora.devtools.code_modules`), and a test checks them against
-what a real run loads.
+flows dispatch through it. Each dvc.yaml command starts the stage's own module
+(`python -m olora.stages.train`, through `olora.stages.entry`), so a stage's code dependencies are
+this package, the entry and what the stage's module can import (`olora.devtools.code_modules`); a
+test checks them against what a real run loads. What only the CLI needs (the commands' help texts)
+lives in `olora.cliargs`, so editing it reruns no stage.
 
     prepare -> init -> train -> evaluate_base -> evaluate -> register
 """
@@ -41,8 +43,6 @@ class Stage:
     """Uncached outputs committed to git (small reports)."""
     cli: tuple[str, ...] = ()
     """Arguments after `olora` (default: the stage name)."""
-    help: str = ""
-    """One line for `olora --help`."""
     tracked: bool = False
     """Whether it logs to MLflow: its function then takes `tracking=` (an `olora.tracking.client.Tracking`),
     which the flows resolve once per run and pass down."""
@@ -53,7 +53,8 @@ class Stage:
 
     @property
     def cmd(self) -> str:
-        return "olora " + " ".join(self.cli or (self.name,))
+        """dvc.yaml's command: the stage's own module (`olora.stages.entry`), not the `olora` dispatcher."""
+        return f"python -m {self.module}"
 
     def run(self, layout: Layout = Layout(), overrides: dict[str, Any] | None = None, **kwargs) -> dict[str, Any]:
         module, name = self.function.split(":")
@@ -68,7 +69,6 @@ STAGES: dict[str, Stage] = {
         Stage(
             "prepare",
             "olora.stages.prepare:prepare",
-            help="load, validate, render, dedupe and split the fine-tuning data",
             params=("model.name", "model.revision", "data"),
             inputs=(L.DATA_INPUTS, L.MODEL_INPUTS),
             outs=(L.DATA,),
@@ -77,7 +77,6 @@ STAGES: dict[str, Stage] = {
         Stage(
             "init",
             "olora.stages.init:init",
-            help="initialise the adapter with OLoRA (or LoRA) and check the invariants",
             params=("model", "adapter"),
             inputs=(L.MODEL_INPUTS,),
             outs=(L.INIT,),
@@ -87,7 +86,6 @@ STAGES: dict[str, Stage] = {
             "train",
             "olora.stages.train:train",
             tracked=True,
-            help="fine-tune the adapter and export a plain LoRA",
             params=("model", "adapter", "data.max_seq_length", "train", "tracking.enabled", "tracking.uri", "tracking.experiment"),
             inputs=(L.MODEL_INPUTS, L.DATA, L.INIT),
             outs=(L.ADAPTER, L.EXPORTED),
@@ -96,8 +94,7 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "evaluate_base",
-            "olora.stages.evaluate:evaluate_base",
-            help="lm-eval on the untouched base (every question's outcome kept)",
+            "olora.stages.evaluate_base:evaluate_base",
             params=("model", "evaluate"),
             inputs=(L.MODEL_INPUTS, L.EVALS),
             outs=(L.samples_path("base"),),
@@ -108,7 +105,6 @@ STAGES: dict[str, Stage] = {
             "evaluate",
             "olora.stages.evaluate:evaluate",
             tracked=True,
-            help="lm-eval on base + exported adapter, paired with the base on the same questions",
             params=("model", "adapter", "evaluate", "register.confidence", "register.resamples"),
             inputs=(L.MODEL_INPUTS, L.EVALS, L.ADAPTER, L.EXPORTED, L.metrics_path("eval_base"), L.samples_path("base")),
             outs=(L.samples_path("adapter"),),
@@ -120,7 +116,6 @@ STAGES: dict[str, Stage] = {
             "register",
             "olora.stages.register:register",
             tracked=True,
-            help="register the exported adapter in the MLflow Model Registry (alias challenger)",
             params=("model.name", "model.revision", "tracking", "register"),
             inputs=(L.ADAPTER, L.EXPORTED, L.metrics_path("eval_adapter")),
             reports=(L.REGISTRATION,),
@@ -165,7 +160,7 @@ def preflight(cfg, root, present: bool = True) -> None:
     from olora.errors import OloraError
 
     found: list[tuple[str, OloraError]] = []
-    for module in dict.fromkeys(stage.module for stage in STAGES.values()):  # evaluate_base and evaluate share one
+    for module in dict.fromkeys(stage.module for stage in STAGES.values()):  # evaluate reuses evaluate_base's checks
         check = getattr(importlib.import_module(module), "preflight", None)
         if check is None:
             continue

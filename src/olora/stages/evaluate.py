@@ -1,17 +1,16 @@
-"""Stages `evaluate_base` and `evaluate`: lm-eval on the paper's seven commonsense benchmarks (zero-shot) and
-the team's own tasks under `evals/`.
+"""Stage `evaluate`: lm-eval on base + exported adapter, compared with the base on the same questions.
 
-`evaluate_base` scores the untouched base (its own stage, so DVC caches it across adapter
-experiments); `evaluate` scores base + exported adapter and compares the two on the same questions
-(paired differences with intervals, `olora.core.paired`). Both keep every question's outcome
-(`eval/*_samples.csv`) and a fingerprint of what was asked. Tasks, running and reports are
-`olora.evaluation`.
+The tasks are those `evaluate_base` scored the untouched base on (its own stage and module,
+`olora.stages.evaluate_base`): the paper's seven commonsense benchmarks (zero-shot) and the team's
+own under `evals/`. The comparison is paired differences with intervals (`olora.core.paired`);
+every question's outcome is kept (`eval/adapter_samples.csv`) with a fingerprint of what was asked,
+and the scores are added to the adapter's MLflow run. Tasks, running and reports are `olora.evaluation`.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import sys
 from typing import Any
 
 from olora.config import Config
@@ -22,13 +21,9 @@ from olora.evaluation.tasks import prepared
 from olora.faults import marker
 from olora.io import read_json, write_json, write_text
 from olora.layout import EVALS, Layout
+from olora.stages.evaluate_base import preflight  # the same checks as the base's evaluation
 
 log = logging.getLogger("olora")
-
-
-def evaluate_base(layout: Layout = Layout(), overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The stage `evaluate_base`: lm-eval on the untouched base -> metrics/eval_base.json, eval/base_samples.csv."""
-    return _evaluate("base", layout, overrides)
 
 
 def evaluate(layout: Layout = Layout(), overrides: dict[str, Any] | None = None, tracking=None) -> dict[str, Any]:
@@ -37,47 +32,26 @@ def evaluate(layout: Layout = Layout(), overrides: dict[str, Any] | None = None,
     The scores are written before they are logged to the adapter's MLflow run, so a tracking outage
     loses none of them. `tracking` (an `olora.tracking.client.Tracking`) overrides the config's server.
     """
-    return _evaluate("adapter", layout, overrides, tracking)
-
-
-def preflight(cfg: Config, root: Path, present: bool = True) -> None:
-    """What evaluate_base and evaluate refuse before any weights load: the base model, device and quantisation,
-    and evaluate.tasks (stock and the team's tasks under evals/, each loaded as lm-eval will)."""
-    from olora.modeling.runtime import resolve_runtime
-    from olora.stages import base_model
-
-    base_model(cfg, root, present)
-    resolve_runtime(cfg.model, cfg.runtime)
-    with prepared(cfg.evaluate, Path(root) / EVALS):
-        pass
-
-
-def _evaluate(which: str, layout: Layout, overrides: dict[str, Any] | None, tracking=None) -> dict[str, Any]:
+    from olora.io import check_adapter_dir
     from olora.modeling.models import load_tokenizer
     from olora.stages import setup
 
     cfg, ref, runtime = setup(layout, overrides, preflight)
-    base = base_rows = None
-    if which == "adapter":  # the adapter and the base's results, checked before the expensive part
-        from olora.io import check_adapter_dir
-
-        check_adapter_dir(layout.exported)
-        base = read_json(layout.metrics("eval_base"))
-        base_rows = samples.read_samples(layout.samples("base"))
-        samples.check_matches(base_rows, base.get("questions", {}), str(layout.samples("base")))
+    check_adapter_dir(layout.exported)  # the adapter and the base's results, checked before the expensive part
+    base = read_json(layout.metrics("eval_base"))
+    base_rows = samples.read_samples(layout.samples("base"))
+    samples.check_matches(base_rows, base.get("questions", {}), str(layout.samples("base")))
     with prepared(cfg.evaluate, layout.path(EVALS)) as tasks:  # the tasks (stock and evals/) checked before the model loads
-        model = load_model_for_eval(ref, runtime, layout.exported if which == "adapter" else None)
+        model = load_model_for_eval(ref, runtime, layout.exported)
         result = run_lm_eval(model, load_tokenizer(ref), cfg.evaluate, tasks=tasks)
-    marker("evaluate:scored" if which == "adapter" else "evaluate_base:scored")
-    metrics = result.metrics
-    samples.write_samples(layout.samples(which), result.rows)
-    if base is not None:
-        metrics = paired_with_base(with_deltas(metrics, base), base, base_rows, result.rows, cfg.register)
-        write_text(layout.report, report_markdown(base, metrics, f"{cfg.adapter.init} r={cfg.adapter.r} on {ref.name}"))
-    write_json(layout.metrics(f"eval_{which}"), metrics)
-    if base is not None and cfg.tracking.enabled:
+    marker("evaluate:scored")
+    samples.write_samples(layout.samples("adapter"), result.rows)
+    metrics = paired_with_base(with_deltas(result.metrics, base), base, base_rows, result.rows, cfg.register)
+    write_text(layout.report, report_markdown(base, metrics, f"{cfg.adapter.init} r={cfg.adapter.r} on {ref.name}"))
+    write_json(layout.metrics("eval_adapter"), metrics)
+    if cfg.tracking.enabled:
         _log_to_run(cfg, layout, base, metrics, tracking)
-    log.info("evaluate %s: mean acc %.4f", which, metrics["mean_acc"])
+    log.info("evaluate adapter: mean acc %.4f", metrics["mean_acc"])
     return metrics
 
 
@@ -91,3 +65,9 @@ def _log_to_run(cfg: Config, layout: Layout, base: dict[str, Any], tuned: dict[s
     run = runs.reopen(tracking or Tracking.of(cfg, layout.root), layout.adapter)
     runs.log_evaluation(run, base, tuned, layout.report,
                         [layout.samples("base"), layout.samples("adapter"), layout.metrics("eval_adapter")])
+
+
+if __name__ == "__main__":  # dvc.yaml's command
+    from olora.stages.entry import main
+
+    sys.exit(main("evaluate", evaluate, tracked=True))

@@ -7,6 +7,7 @@ is `olora.modeling.initialise`.
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,3 +41,9 @@ def init(layout: Layout = Layout(), overrides: dict[str, Any] | None = None) -> 
     write_json(layout.metrics("init"), result.metrics)
     log.info("init: %s layers, max output diff %.3g", result.metrics["layers"], result.metrics["max_output_diff"])
     return result.metrics
+
+
+if __name__ == "__main__":  # dvc.yaml's command
+    from olora.stages.entry import main
+
+    sys.exit(main("init", init))

@@ -6,6 +6,7 @@ The logic (sources, validation, rendering, dedupe, length filter, split) is `olo
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,3 +39,9 @@ def prepare(layout: Layout = Layout(), overrides: dict[str, Any] | None = None) 
     write_json(layout.metrics("data"), result.stats)
     log.info("prepare: %s train / %s validation examples", result.stats["train_examples"], result.stats["validation_examples"])
     return result.stats
+
+
+if __name__ == "__main__":  # dvc.yaml's command
+    from olora.stages.entry import main
+
+    sys.exit(main("prepare", prepare))

@@ -5,6 +5,7 @@ The registry logic (and promotion/rollback, which are commands, not stages) is `
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from olora.config import load_config
@@ -27,3 +28,9 @@ def register(layout: Layout = Layout(), overrides: dict[str, Any] | None = None,
         record = {"registered": True, **registry.registration_record(reg, tracking.uri)}
     write_json(layout.registration, record)
     return record
+
+
+if __name__ == "__main__":  # dvc.yaml's command
+    from olora.stages.entry import main
+
+    sys.exit(main("register", register, tracked=True, show=True))

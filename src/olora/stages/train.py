@@ -9,6 +9,7 @@ launcher (always, with train.strategy fsdp or deepspeed) and returns rank 0's me
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -84,3 +85,9 @@ def train(layout: Layout = Layout(), overrides: dict[str, Any] | None = None, ca
     checkpoints.remove(layout.checkpoints)
     log.info("train: %s steps, final val loss %.4f", metrics["steps"], metrics["final_val_loss"])
     return metrics
+
+
+if __name__ == "__main__":  # dvc.yaml's command
+    from olora.stages.entry import main
+
+    sys.exit(main("train", train, tracked=True))

@@ -222,10 +222,9 @@ def launch(root: Path, overrides: dict[str, Any] | None, processes: int, checkpo
         host, _, port = master.rpartition(":")
         where = [f"--nnodes={nodes}", f"--node-rank={node_rank}", f"--nproc-per-node={processes // nodes}",
                  f"--master-addr={host}", f"--master-port={port}"]
-    command = [sys.executable, "-m", "torch.distributed.run", *where, "-m", "olora.cli", "--root", str(root)]
+    command = [sys.executable, "-m", "torch.distributed.run", *where, "-m", "olora.stages.train", "--root", str(root)]
     for key, value in (overrides or {}).items():
         command += ["--set", f"{key}={json.dumps(value)}"]
-    command.append("train")
     log.info("train: launching %d of %d processes: %s", processes // nodes, processes, " ".join(command))
     done = subprocess.run(command, env=os.environ.copy())
     if done.returncode != 0:

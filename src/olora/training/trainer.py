@@ -300,44 +300,81 @@ def train_adapter(cfg: Config, ref: models.ModelRef, runtime: Runtime, paths: Tr
 
     `fingerprint` (`checkpoints.run_fingerprint`) decides which checkpoints this run may resume;
     `run_id` is stored beside them so a resume continues the same MLflow run. The caller removes
-    the checkpoints once everything the run produces is recorded (`checkpoints.remove`).
+    the checkpoints once everything the run produces is recorded (`checkpoints.remove`). The steps,
+    in order (the order fixes what the seed gives): data, model, batching, resume point, trainer,
+    training, outputs, metrics.
     """
-    import datasets
     from accelerate import PartialState
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
     rank, world_size = world()
     main = rank == 0
     check_initial_adapter(cfg, paths.init)
     seed_everything(cfg.train.seed)
-    t = cfg.train
     tokenizer = models.load_tokenizer(ref)
-    train_rows = tokenize_split(tokenizer, read_jsonl(paths.data / TRAIN_FILE), cfg.data.max_seq_length)
-    val_rows = tokenize_split(tokenizer, read_jsonl(paths.data / VALIDATION_FILE), cfg.data.max_seq_length)
-    if t.max_eval_examples:
-        val_rows = val_rows[: t.max_eval_examples]
+    train_rows, val_rows = _load_splits(cfg, tokenizer, paths.data)
+    base, model = _load_model(cfg, ref, runtime, paths.init)
+    packed, waste = _choose_batching(cfg.train, base, model, runtime, train_rows)
+    args = training_arguments(cfg.train, runtime, paths.checkpoints, packed, world_size, getattr(base, "_no_split_modules", None))
+    state = PartialState()  # the process group, set up by TrainingArguments under a launcher
+    resume = _resume_point(state, paths.checkpoints, fingerprint, world_size, run_id if main else None)
+    trainer, meter = _build_trainer(model, args, tokenizer, train_rows, val_rows, packed, callbacks)
+    seconds, tokens, train_only = _run_training(trainer, model, meter, paths.checkpoints, resume)
+    sharded, share, checksums = _write_outputs(trainer, model, paths, cfg, ref.name, main, world_size)
+    state.wait_for_everyone()
+    history = trainer.state.log_history
+    metrics = _train_metrics(cfg.train, runtime, trainer, history, seconds, tokens, train_only, resume, world_size,
+                             packed, waste, sharded, share, checksums)
+    return TrainResult(paths.adapter, paths.exported, metrics, history)
 
+
+def _load_splits(cfg: Config, tokenizer, data: Path) -> tuple[list[dict[str, list[int]]], list[dict[str, list[int]]]]:
+    """The prepared train and validation rows, tokenised (validation capped at `train.max_eval_examples`)."""
+    train_rows = tokenize_split(tokenizer, read_jsonl(data / TRAIN_FILE), cfg.data.max_seq_length)
+    val_rows = tokenize_split(tokenizer, read_jsonl(data / VALIDATION_FILE), cfg.data.max_seq_length)
+    if cfg.train.max_eval_examples:
+        val_rows = val_rows[: cfg.train.max_eval_examples]
+    return train_rows, val_rows
+
+
+def _load_model(cfg: Config, ref: models.ModelRef, runtime: Runtime, init_dir: Path):
+    """The base (no KV cache) with the initialised adapter on it, ready to train: (base, peft model)."""
     base = models.load_base(ref, runtime)
     base.config.use_cache = False  # training: no KV cache (it would also hide packed-sequence boundaries)
-    model = peft_glue.load_for_training(base, paths.init, cfg.adapter.init, t.gradient_checkpointing)
-    if t.gradient_checkpointing:
+    model = peft_glue.load_for_training(base, init_dir, cfg.adapter.init, cfg.train.gradient_checkpointing)
+    if cfg.train.gradient_checkpointing:
         model.enable_input_require_grads()
+    return base, model
+
+
+def _choose_batching(t: TrainConfig, base, model, runtime: Runtime, train_rows: list[dict[str, list[int]]]) -> tuple[bool, float]:
+    """Padding-free (packed) batches when asked, when padding would waste enough, and when the model keeps them apart."""
     waste = padding_waste([len(r["input_ids"]) for r in train_rows], t.micro_batch_size)
     wanted = t.padding_free and waste >= PACKING_MIN_WASTE
     packed = wanted and packing_is_exact(model, runtime.device, runtime.dtype)
     if wanted and not packed:
         log.warning("train.padding_free: %s does not keep packed examples apart; training with padded batches",
                     type(base).__name__)
-    args = training_arguments(t, runtime, paths.checkpoints, packed, world_size, getattr(base, "_no_split_modules", None))
-    state = PartialState()  # the process group, set up by TrainingArguments under a launcher
+    return packed, waste
+
+
+def _resume_point(state, checkpoint_dir: Path, fingerprint: str, world_size: int, run_id: str | None) -> bool:
+    """Whether this run resumes from a checkpoint; each machine's first process prepares its own checkpoints."""
     local_main = state.local_process_index == 0  # each machine keeps its own checkpoints (save_on_each_node)
     if local_main:
-        resume = checkpoints.prepare(paths.checkpoints, fingerprint, world_size, run_id if main else None)
+        resume = checkpoints.prepare(checkpoint_dir, fingerprint, world_size, run_id)
     state.wait_for_everyone()
     if not local_main:
-        resume = bool(checkpoints.complete(paths.checkpoints))
+        resume = bool(checkpoints.complete(checkpoint_dir))
     if world_size > 1:
-        _check_same_resume_point(paths.checkpoints, world_size)
+        _check_same_resume_point(checkpoint_dir, world_size)
+    return resume
+
+
+def _build_trainer(model, args, tokenizer, train_rows, val_rows, packed: bool, callbacks: list | None):
+    """transformers' Trainer over the rows (packed or padded batches), with the throughput meter and save marker."""
+    import datasets
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
     collator = (DataCollatorWithFlattening(return_position_ids=True, separator_id=-100) if packed
                 else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
     trainer = _trainer_class()(model=model, args=args, train_dataset=datasets.Dataset.from_list(train_rows),
@@ -346,7 +383,14 @@ def train_adapter(cfg: Config, ref: models.ModelRef, runtime: Runtime, paths: Tr
     meter = _ThroughputMeter()
     trainer.add_callback(meter)
     trainer.add_callback(_SaveMarker())
-    done = checkpoints.finished(paths.checkpoints) if resume else None
+    return trainer, meter
+
+
+def _run_training(trainer, model, meter: "_ThroughputMeter", checkpoint_dir: Path, resume: bool) -> tuple[float, int, float]:
+    """Train (or take a finished run's final checkpoint), then a validation loss at the last step if none was logged.
+
+    Returns (seconds, tokens trained, seconds without validation)."""
+    done = checkpoints.finished(checkpoint_dir) if resume else None
     if done is not None:
         _take_finished(trainer, model, done)
     else:
@@ -355,7 +399,12 @@ def train_adapter(cfg: Config, ref: models.ModelRef, runtime: Runtime, paths: Tr
     train_only = seconds - meter.eval_seconds  # before any final evaluation below
     if not any("eval_loss" in h and h.get("step") == trainer.state.global_step for h in trainer.state.log_history):
         trainer.evaluate()
-    history = trainer.state.log_history
+    return seconds, tokens, train_only
+
+
+def _write_outputs(trainer, model, paths: TrainPaths, cfg: Config, base_name: str, main: bool,
+                   world_size: int) -> tuple[bool, float, list]:
+    """Rank 0 writes the trained and exported adapters; returns (sharded, rank 0's parameter share, weight checksums)."""
     sharded = _is_sharded(trainer)
     share = held_share(trainer.model)
     # sharded: every process holds a part of each weight; the full state is gathered to rank 0 (a collective)
@@ -365,12 +414,17 @@ def train_adapter(cfg: Config, ref: models.ModelRef, runtime: Runtime, paths: Tr
     else:
         checksums = gather_checksums(model, world_size)
     if main:
-        _save_outputs(model, paths, cfg, ref.name, full_state)
-    state.wait_for_everyone()
+        _save_outputs(model, paths, cfg, base_name, full_state)
+    return sharded, share, checksums
 
+
+def _train_metrics(t: TrainConfig, runtime: Runtime, trainer, history: list[dict[str, Any]], seconds: float, tokens: int,
+                   train_only: float, resume: bool, world_size: int, packed: bool, waste: float, sharded: bool,
+                   share: float, checksums: list) -> dict[str, Any]:
+    """metrics/train.json: losses, throughput, what ran where."""
     train_losses = [h["loss"] for h in history if "loss" in h]
     val_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
-    metrics = {
+    return {
         "steps": trainer.state.global_step,
         "final_train_loss": train_losses[-1] if train_losses else math.nan,
         "final_val_loss": val_losses[-1] if val_losses else math.nan,
@@ -393,4 +447,3 @@ def train_adapter(cfg: Config, ref: models.ModelRef, runtime: Runtime, paths: Tr
         "device": str(runtime.device),
         "dtype": runtime.dtype_name,
     }
-    return TrainResult(paths.adapter, paths.exported, metrics, history)
