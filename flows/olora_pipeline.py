@@ -88,8 +88,7 @@ def olora_pipeline(root: str = ".", overrides: dict[str, Any] | None = None, pro
     instead of `root`'s (an `olora.data.published` event's, through the on-new-data deployment).
     """
     source = Path(root).resolve()
-    P.check_overrides(source, overrides)  # a bad params file or override fails before any work
-    P.preflight(source, overrides)  # and so does any setting a stage would refuse (what `olora check` runs)
+    P.preflight(source, overrides)  # a bad params file, override or any setting a stage would refuse: before any work
     name = name or run_name()
     with stack_env(source):  # the team's services (stack.env), else the source project's own store
         tracking = Tracking.of(load_config(source / "params.yaml"), source)
