@@ -966,6 +966,11 @@ CASES: list[Case] = [
          "Run the evaluate stage first, or the whole pipeline with `dvc repro`.",
          lambda ctx: (ctx.project(), cli(ctx.root, "register"))[1]),
     # ---- registry
+    Case("stack-env-of-a-stopped-stack", "registry",
+         "Any `olora` command with a `stack.env` whose MLflow server is down (`make stack-down` before this fix left it)",
+         "olora promote: error: <project>/stack.env points at a stack that is down (no MLflow server answers at http://127.0.0.1:9): start it with `make stack`, or stop using it with `mv stack.env stack.stopped.env` (`make stack-down` does) to use the project's own stores",
+         "`make stack`, or `make stack-down` (moves this machine's stack.env aside; a teammate's: `mv stack.env stack.stopped.env`).",
+         lambda ctx: (ctx.file("stack.env", "MLFLOW_TRACKING_URI=http://127.0.0.1:9\n"), cli(ctx.root, "promote"))[1]),
     Case("promote-unknown-model", "registry",
          "`olora promote --model nope` (no such registered model)",
          "olora promote: error: registered model 'nope' not found; registered models: ['olora-tiny-llama', 'olora-untried']",
