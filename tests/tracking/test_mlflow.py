@@ -128,15 +128,21 @@ def test_every_version_has_a_model_card(tracked, tmp_path):
     card = Path(c.download_artifacts(reg["run_id"], "model_card/README.md", str(tmp_path))).read_text()
     assert version.description == for_registry(card)  # the UI shows the same card, its front matter as a YAML block
     assert version.description.startswith(f"# {reg['name']} version {reg['version']}")
-    assert "## Hugging Face front matter\n\n```yaml\nbase_model: " in version.description
+    assert "## Hugging Face front matter\n\n```yaml\n" in version.description
     _, front, body = card.split("---", 2)  # the artifact: a Hugging Face model card, front matter first
     meta = yaml.safe_load(front)
     cfg = load_config(tracked.params)
-    assert meta["base_model"] == cfg.model.name and meta["library_name"] == "peft" and meta["datasets"] == [cfg.data.source]
-    results = meta["model-index"][0]["results"]
+    from huggingface_hub import ModelCard
+
+    from olora.tracking.card import EMBEDDED_SET_HUB_IDS
+
+    # a local base folder is no Hub id: the card leaves base_model out; the embedded data names its Hub origins
+    assert "base_model" not in meta and meta["library_name"] == "peft"
+    assert meta["datasets"] == [EMBEDDED_SET_HUB_IDS[s] for s in cfg.data.embedded_sets]
+
+    results = ModelCard(card).data.eval_results  # huggingface_hub's own reading of the model-index
     scores = json.loads(tracked.metrics("eval_adapter").read_text())
-    assert {r["dataset"]["name"]: r["metrics"][0]["value"] for r in results} == {
-        t: round(e["acc"], 4) for t, e in scores["tasks"].items()}
+    assert {r.dataset_name: r.metric_value for r in results} == {t: round(e["acc"], 4) for t, e in scores["tasks"].items()}
     for section in ("## Base model", "## Data", "## Adapter and training", "## Evaluation", "## Lineage", "## Reproduce",
                     "## Limitations"):
         assert section in body, section
