@@ -4,7 +4,9 @@
 exists, so they log to the team's MLflow server, use its S3 store and DVC remote, without the user
 exporting anything. Variables already set in the environment win; a missing file changes nothing
 (the project's local defaults apply). The `mlflow`, `prefect` and `dvc` CLIs read the same file
-after `set -a; . ./stack.env; set +a`.
+after `set -a; . ./stack.env; set +a`. A stack.env whose MLflow server takes no connection (its stack
+is down) stops the command at once with one line saying so (`check_stack_answers`); `make stack-down`
+moves this machine's stack.env aside (`stack.stopped.env`).
 """
 
 from __future__ import annotations
