@@ -20,8 +20,9 @@ from olora.tracking.lineage import git_commit, package_versions
 from olora.tracking.names import run_name
 from olora.tracking.series import history_series, log_metric_series, log_values
 
-# The experiment-kind tag MLflow 3's UI reads (mlflow/server/js: "mlflow.experimentKind"); "custom_model_development"
-# is its "Machine learning" (model training) kind, as opposed to "genai_development".
+# The experiment-kind tag of MLflow 3 (its UI's "mlflow.experimentKind"); "custom_model_development" is the
+# "Machine learning" (model training) kind, as opposed to "genai_development". MLflow 3.17.2's UI reads it only
+# with its GenAI/Model-training switch turned off; with the switch (the default) the view follows the switch.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"
 
