@@ -88,11 +88,11 @@ class DataConfig:
     max_examples: int = 0
     """Keep at most this many examples after cleaning (0 = all)."""
     max_seq_length: int = 256
-    """Token budget of prompt + response; longer responses are truncated, longer prompts dropped."""
+    """Token budget of one example. Instruction data: prompt + response; a longer response is cut, a prompt that fills the budget alone is dropped. Conversations: the whole conversation; a longer one is cut (assistant turns past the budget leave the loss), one whose first assistant turn starts beyond it is dropped."""
     validation_fraction: float = 0.05
     """Fraction held out for validation loss, strictly between 0 and 1."""
     invalid_rows: str = "error"
-    """error: stop at rows lacking required fields (naming them) | drop: drop and count them."""
+    """What to do with invalid rows (missing or empty fields; in conversations also unknown roles and misplaced, empty or missing turns). error: stop, naming file, row and fault | drop: skip and count them (dropped_invalid). A file that cannot be parsed (a broken JSON line, not UTF-8) stops prepare either way."""
     seed: int = 42
     """Shuffling and split seed."""
 

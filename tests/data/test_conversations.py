@@ -9,6 +9,7 @@ import pytest
 
 from olora.config import DataConfig
 from olora.data.prepare import prepare_data
+from olora.devtools import field_docs
 from olora.data.templates import NAMED_CHAT_TEMPLATES, encode_segments, render_conversation, resolve_template
 from olora.errors import ConfigError, DataError
 from olora.io import read_jsonl
@@ -143,6 +144,45 @@ def test_long_conversations_follow_the_truncation_rule(tmp_path, tokenizer):
     result = prepare_data(chat_cfg(write_jsonl(tmp_path / "l.jsonl", rows), max_seq_length=96), tokenizer, tmp_path / "o")
     assert result.stats["truncated"] == 1 and result.stats["dropped_prompt_too_long"] == 1
     assert result.stats["token_length"]["max"] == 96
+
+
+def test_assistant_turns_count_what_the_loss_sees_after_the_cut(tmp_path, tokenizer):
+    """metrics/data.json's assistant_turns: turns with a token in the loss; turns the cut removed are counted apart."""
+    from olora.data.templates import encode_conversation
+
+    three = [{"role": "user", "content": "Count."}, {"role": "assistant", "content": "one"},
+             {"role": "user", "content": "More."}, {"role": "assistant", "content": " ".join(map(str, range(60)))},
+             {"role": "user", "content": "Again."}, {"role": "assistant", "content": "done"}]
+    template = resolve_template("chat", tokenizer)
+    segments = render_conversation(template, tuple((t["role"], t["content"]) for t in three), tokenizer)
+    ids, labels, truncated, in_loss = encode_conversation(tokenizer, segments, 64)
+    assert truncated and in_loss == 2  # the second answer is cut inside, the third starts past the budget
+    assert runs(ids, labels)[0] == tokenizer("one" + template.stop[0] + "\n", add_special_tokens=False)["input_ids"]
+    rows = [{"messages": conversation(i)} for i in range(6)] + [{"messages": three}]
+    result = prepare_data(chat_cfg(write_jsonl(tmp_path / "t.jsonl", rows), max_seq_length=64), tokenizer, tmp_path / "o")
+    assert (result.stats["truncated"], result.stats["assistant_turns"], result.stats["assistant_turns_removed"]) == (1, 6 * 2 + 2, 1)
+    assert "Conversations: the whole conversation; a longer one is cut" in field_docs(DataConfig)["max_seq_length"]
+
+
+def test_invalid_rows_drop_skips_row_faults_but_not_a_broken_file(tmp_path, tokenizer):
+    """What data.invalid_rows's docstring promises: drop covers role and turn faults; a broken JSON line stops either way."""
+    good = [{"conversations": as_sharegpt(conversation(i))} for i in range(6)]
+    bad_role = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Hello"}]}
+    bad_order = {"conversations": [{"from": "gpt", "value": "Hello"}]}
+    source = write_jsonl(tmp_path / "s.jsonl", good + [bad_role, bad_order])
+    with pytest.raises(DataError) as info:
+        prepare_data(chat_cfg(source, "sharegpt"), tokenizer, tmp_path / "out")
+    assert str(info.value).splitlines()[0] == (
+        f"{source}:7: turn 1 has unknown role 'bot'; allowed: system, human, gpt (data.format=sharegpt; user and assistant "
+        "are read too); fix the conversation, or set data.invalid_rows=drop to skip such rows")
+    assert prepare_data(chat_cfg(source, "sharegpt", invalid_rows="drop"), tokenizer, tmp_path / "out").stats["dropped_invalid"] == 2
+    broken = tmp_path / "b.jsonl"
+    broken.write_text(json.dumps(good[0]) + "\n" + '{"conversations": [}\n')
+    with pytest.raises(DataError, match=r"b.jsonl, line 2, column 20: not valid JSON \(Expecting value\); fix or remove that line"):
+        prepare_data(chat_cfg(str(broken), "sharegpt", invalid_rows="drop"), tokenizer, tmp_path / "out2")
+    doc = field_docs(DataConfig)["invalid_rows"]
+    assert "in conversations also unknown roles and misplaced, empty or missing turns" in doc
+    assert "A file that cannot be parsed (a broken JSON line, not UTF-8) stops prepare either way." in doc
 
 
 def test_chat_template_choices(tmp_path, tokenizer):

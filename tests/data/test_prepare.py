@@ -78,7 +78,7 @@ def test_other_file_formats_and_custom_fields(tmp_path, tokenizer, suffix):
 def test_malformed_and_incomplete_rows_are_named(tmp_path, tokenizer):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(ROWS[0]) + "\n{not json\n")
-    with pytest.raises(DataError, match=r"bad.jsonl, line 2: not valid JSON"):
+    with pytest.raises(DataError, match=r"bad.jsonl, line 2, column 2: not valid JSON"):
         prepare(DataConfig(source=str(bad)), tokenizer, tmp_path / "out")
     missing = _write_jsonl(tmp_path / "m.jsonl", [ROWS[0], {"instruction": "x"}, {"instruction": "y", "output": " "}])
     with pytest.raises(DataError) as info:

@@ -48,6 +48,32 @@ def test_load_env_reads_stack_env_without_overriding(tmp_path, monkeypatch):
     assert out == "olora:a b'c"
 
 
+def test_a_stack_env_of_a_stopped_stack_is_named_in_one_line_within_seconds(tmp_path, monkeypatch, capsys):
+    """After the stack stops, a command that loads its stack.env says so at once (not after 18 s of retries)."""
+    from olora.cli import main
+
+    config = stack.stack_config(tmp_path, environ={"OLORA_STACK_MLFLOW_PORT": str(_free_ports(1)[0])})
+    stack.write_env_file(tmp_path / "stack.env", {"MLFLOW_TRACKING_URI": config.mlflow_url, "OLORA_S3_BUCKET": "olora"})
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("OLORA_S3_BUCKET", raising=False)
+    started = time.monotonic()
+    assert main(["--root", str(tmp_path), "promote"]) == 2
+    assert time.monotonic() - started < 5
+    assert capsys.readouterr().err.splitlines() == [
+        f"olora promote: error: {tmp_path}/stack.env points at a stack that is down (no MLflow server answers at "
+        f"{config.mlflow_url}): start it with `make stack`, or stop using it with `mv stack.env stack.stopped.env` "
+        "(`make stack-down` does) to use the project's own stores"]
+    assert "OLORA_S3_BUCKET" not in os.environ  # nothing of the dead stack was applied
+    # `make stack-down` sets this machine's stack.env aside (git-ignored); a teammate's stack.env stays where it is
+    assert stack.down(config, log=lambda _: None) is False
+    assert not (tmp_path / "stack.env").exists() and (tmp_path / "stack.stopped.env").is_file()
+    assert envfile.load_env(tmp_path) == {}
+    assert not subprocess.run(["git", "check-ignore", "-q", "--no-index", "stack.stopped.env"], cwd=REPO).returncode
+    stack.write_env_file(tmp_path / "stack.env", {"MLFLOW_TRACKING_URI": "http://mlflow.team.example:5000"})
+    stack.down(config, log=lambda _: None)
+    assert (tmp_path / "stack.env").is_file()
+
+
 def test_stack_env_example_documents_every_variable():
     text = (REPO / "stack.env.example").read_text()
     documented = {line.split("=", 1)[0] for line in text.splitlines() if "=" in line and not line.startswith("#")}
@@ -514,9 +540,11 @@ def test_down_leaves_no_process_and_data_survives_up_again(running_stack, monkey
     running_stack.run("down")
     assert services.alive(procs) == []
     assert all(services.port_free("127.0.0.1", port) for port in running_stack.config.ports.values())
-    before = running_stack.values
+    # stack.env is set aside, so that commands no longer go to the stopped servers
+    assert not (running_stack.root / "stack.env").exists()
+    before = envfile.read_env_file(running_stack.root / envfile.STOPPED_FILE)
     running_stack.run("up")  # warm: the same secrets, the data in place
-    assert running_stack.values == before
+    assert running_stack.values == before and not (running_stack.root / envfile.STOPPED_FILE).exists()
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.setenv(name, before[name])
     run_id = getattr(running_stack, "run_id", None)

@@ -95,6 +95,23 @@ def test_one_run_holds_training_and_evaluation(tracked):
     assert m["delta/mean_acc"] == pytest.approx(m["eval/mean_acc"] - m["base/mean_acc"])
     artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert {"loss_curve.png", "eval.md", "exported_adapter"} <= artifacts
+    # a training experiment (MLflow 3's "Machine learning" kind), and the run's data as dataset inputs
+    assert c.get_experiment_by_name("olora").tags["mlflow.experimentKind"] == "custom_model_development"
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    from olora.tracking.datasets import file_md5
+
+    for name, file, context in (("train", "train.jsonl", "training"), ("validation", "validation.jsonl", "validation")):
+        dataset = inputs.pop(name).dataset
+        assert dataset.digest == file_md5(tracked.data / file)  # DVC's hash of the file
+        source = json.loads(dataset.source)
+        assert (dataset.source_type, source["uri"], source["data_source"]) == ("dvc", f"data/prepared/{file}", "embedded")
+        assert json.loads(dataset.profile)["num_rows"] == sum(1 for _ in open(tracked.data / file))
+        assert [(tag.key, tag.value) for di in run.inputs.dataset_inputs if di.dataset.name == name for tag in di.tags] == [
+            ("mlflow.data.context", context)]
+    asked = json.loads(tracked.metrics("eval_adapter").read_text())["questions"]["tasks"]
+    assert {name: i.dataset.digest for name, i in inputs.items()} == {t: e["questions"][:32] for t, e in asked.items()}
+    arc = json.loads(inputs["arc_easy"].dataset.source)
+    assert (inputs["arc_easy"].dataset.source_type, arc["path"], arc["config_name"]) == ("hugging_face", "allenai/ai2_arc", "ARC-Easy")
     train = json.loads(tracked.metrics("train").read_text())
     # Batched, not per value: every value the server holds came in a few requests (one per checkpoint
     # save and one at the end), never one request per logged value. The time share is a benchmark
@@ -128,15 +145,21 @@ def test_every_version_has_a_model_card(tracked, tmp_path):
     card = Path(c.download_artifacts(reg["run_id"], "model_card/README.md", str(tmp_path))).read_text()
     assert version.description == for_registry(card)  # the UI shows the same card, its front matter as a YAML block
     assert version.description.startswith(f"# {reg['name']} version {reg['version']}")
-    assert "## Hugging Face front matter\n\n```yaml\nbase_model: " in version.description
+    assert "## Hugging Face front matter\n\n```yaml\n" in version.description
     _, front, body = card.split("---", 2)  # the artifact: a Hugging Face model card, front matter first
     meta = yaml.safe_load(front)
     cfg = load_config(tracked.params)
-    assert meta["base_model"] == cfg.model.name and meta["library_name"] == "peft" and meta["datasets"] == [cfg.data.source]
-    results = meta["model-index"][0]["results"]
+    from huggingface_hub import ModelCard
+
+    from olora.tracking.card import EMBEDDED_SET_HUB_IDS
+
+    # a local base folder is no Hub id: the card leaves base_model out; the embedded data names its Hub origins
+    assert "base_model" not in meta and meta["library_name"] == "peft"
+    assert meta["datasets"] == [EMBEDDED_SET_HUB_IDS[s] for s in cfg.data.embedded_sets]
+
+    results = ModelCard(card).data.eval_results  # huggingface_hub's own reading of the model-index
     scores = json.loads(tracked.metrics("eval_adapter").read_text())
-    assert {r["dataset"]["name"]: r["metrics"][0]["value"] for r in results} == {
-        t: round(e["acc"], 4) for t, e in scores["tasks"].items()}
+    assert {r.dataset_name: r.metric_value for r in results} == {t: round(e["acc"], 4) for t, e in scores["tasks"].items()}
     for section in ("## Base model", "## Data", "## Adapter and training", "## Evaluation", "## Lineage", "## Reproduce",
                     "## Limitations"):
         assert section in body, section
@@ -250,6 +273,14 @@ def test_mlflow_server_shows_runs_metrics_and_registry(tracked):
         assert "challenger" in aliases
         assert _get(base, "/api/2.0/mlflow/registered-models/alias", name=name, alias="challenger")["model_version"]["run_id"] == run_id
         assert urllib.request.urlopen(base + "/", timeout=10).status == 200  # the UI itself
+        # the UI's data: the experiment's kind tag and the run's dataset inputs, as the REST API serves them
+        assert {t["key"]: t["value"] for t in exp["tags"]}["mlflow.experimentKind"] == "custom_model_development"
+        assert {d["dataset"]["name"] for d in runs[0]["inputs"]["dataset_inputs"]} >= {"train", "validation", "arc_easy", "piqa"}
+        if os.environ.get("OLORA_SCREENSHOTS"):  # the docs' figure: the run page in the training view
+            from continuous import screenshot
+
+            screenshot(f"{base}/#/experiments/{exp['experiment_id']}/runs/{run_id}?workflowType=machine_learning",
+                       Path(os.environ["OLORA_SCREENSHOTS"]) / "mlflow_run_datasets.png")
 
 
 def test_served_model_answers_over_http_in_the_training_template(tracked):

@@ -16,7 +16,7 @@ from typing import Any
 
 from olora.config import DataConfig
 from olora.data.sources import load_records
-from olora.data.templates import encode, encode_segments, render, render_conversation, resolve_template
+from olora.data.templates import encode, encode_conversation, render, render_conversation, resolve_template
 from olora.errors import DataError
 from olora.io import write_jsonl_atomic
 from olora.layout import TEMPLATE_FILE, TRAIN_FILE, VALIDATION_FILE
@@ -57,9 +57,11 @@ def prepare_data(cfg: DataConfig, tokenizer, out_dir: Path, root: Path | None = 
         if record.messages:  # a conversation: segments, the loss on every assistant turn
             segments = render_conversation(template, record.messages, tokenizer)
             key: tuple[str, ...] = tuple(text for text, _ in segments)
-            row: dict[str, Any] = {"segments": [[text, trainable] for text, trainable in segments],
-                                   "turns": sum(trainable for _, trainable in segments)}
-            encoded = encode_segments(tokenizer, segments, cfg.max_seq_length)
+            row: dict[str, Any] = {"segments": [[text, trainable] for text, trainable in segments]}
+            encoded = encode_conversation(tokenizer, segments, cfg.max_seq_length)
+            if encoded is not None:  # turns in the loss after the cut, and those the cut removed
+                written = sum(trainable for _, trainable in segments)
+                row.update(turns=encoded[3], turns_removed=written - encoded[3])
         else:
             prompt, response = render(record, template, tokenizer)
             key = (prompt, response)
@@ -72,7 +74,7 @@ def prepare_data(cfg: DataConfig, tokenizer, out_dir: Path, root: Path | None = 
         if encoded is None:
             counts["dropped_prompt_too_long"] += 1
             continue
-        ids, _, truncated = encoded
+        ids, _, truncated = encoded[:3]
         counts["truncated"] += int(truncated)
         lengths.append(len(ids))
         kept.append({**row, "origin": record.origin, "tokens": len(ids)})
@@ -103,6 +105,8 @@ def prepare_data(cfg: DataConfig, tokenizer, out_dir: Path, root: Path | None = 
         "token_length": _percentiles([r["tokens"] for r in train + val]),
     }
     if any("segments" in r for r in kept):
-        stats.update(conversations=len(kept), assistant_turns=sum(r["turns"] for r in kept))
+        # assistant_turns: turns with at least one token in the loss, after data.max_seq_length's cut
+        stats.update(conversations=len(kept), assistant_turns=sum(r["turns"] for r in kept),
+                     assistant_turns_removed=sum(r["turns_removed"] for r in kept))
     write_jsonl_atomic(out_dir, {TRAIN_FILE: train, VALIDATION_FILE: val}, {TEMPLATE_FILE: template.to_dict()})
     return PrepareResult(out_dir / TRAIN_FILE, out_dir / VALIDATION_FILE, stats)

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator
 
 from olora.modeling import assets
 from olora.config import DataConfig
-from olora.data.templates import SHAREGPT_ROLES, Record, check_conversation
+from olora.data.templates import ROLES, SHAREGPT_NAMES, SHAREGPT_ROLES, Record, check_conversation
 from olora.errors import ConfigError, DataError
 from olora.layout import DATA_INPUTS
 
@@ -91,6 +91,10 @@ def _decode(path: Path) -> str:
         raise _not_utf8(str(path), data, exc) from None
 
 
+def _json_fault(exc: json.JSONDecodeError) -> str:
+    return exc.msg.removesuffix(" at")  # "Invalid control character at": the position is given beside it
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     with path.open("rb") as handle:  # bytes, split on b"\n" only: a bad byte is reported with its line
         for number, raw in enumerate(handle, start=1):
@@ -103,14 +107,16 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 yield f"{path}:{number}", json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg}); fix or remove that line") from None
+                raise DataError(
+                    f"{path}, line {number}, column {exc.colno}: not valid JSON ({_json_fault(exc)}); fix or remove that line"
+                ) from None
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
     try:
         payload = json.loads(_decode(path))
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+        raise DataError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {_json_fault(exc)})") from None
     if isinstance(payload, dict) and isinstance(payload.get("data"), list):
         payload = payload["data"]
     if not isinstance(payload, list):
@@ -179,7 +185,10 @@ def _row_record(origin: str, row: dict, cfg: DataConfig) -> Record | str:
         turns = _turns(row[name], cfg.format)
         if isinstance(turns, str):
             return f"{origin}: {turns} (field {name!r})"
-        problem = check_conversation(turns, origin)
+        # an unknown role is reported with the roles the file's own format uses
+        allowed = f"{', '.join(SHAREGPT_NAMES)} (data.format=sharegpt; user and assistant are read too)" \
+            if cfg.format == "sharegpt" else ", ".join(ROLES)
+        problem = check_conversation(turns, origin, allowed)
         return problem or Record("", "", "", origin, turns)
     if cfg.format == "prompt_completion":
         fields, extra_name = (cfg.prompt_field, cfg.completion_field), None

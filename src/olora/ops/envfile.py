@@ -4,7 +4,9 @@
 exists, so they log to the team's MLflow server, use its S3 store and DVC remote, without the user
 exporting anything. Variables already set in the environment win; a missing file changes nothing
 (the project's local defaults apply). The `mlflow`, `prefect` and `dvc` CLIs read the same file
-after `set -a; . ./stack.env; set +a`.
+after `set -a; . ./stack.env; set +a`. A stack.env whose MLflow server takes no connection (its stack
+is down) stops the command at once with one line saying so (`check_stack_answers`); `make stack-down`
+moves this machine's stack.env aside (`stack.stopped.env`).
 """
 
 from __future__ import annotations
@@ -12,16 +14,46 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import socket
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from olora.errors import OloraError
 
 ENV_FILE = "stack.env"
+STOPPED_FILE = "stack.stopped.env"  # where `make stack-down` moves stack.env: git-ignored (*.env), read by nothing
+PROBE_SECONDS = 2.0
 
 
 class EnvFileError(OloraError):
     """A stack.env line that is not KEY=value."""
+
+
+class StackDownError(EnvFileError):
+    """stack.env names an MLflow server that does not answer: the stack it was written for is down."""
+
+
+def check_stack_answers(path: Path | str, values: dict[str, str], seconds: float = PROBE_SECONDS) -> None:
+    """Raise StackDownError, in one line and within `seconds`, when stack.env's MLflow server takes no connection.
+
+    Without this, a stack.env left behind by a stopped stack sends every command to a dead server
+    (retries, then a connection error), and the project's own local store is silently out of reach.
+    """
+    uri = values.get("MLFLOW_TRACKING_URI", "")
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        with socket.create_connection((parts.hostname, port), timeout=seconds):
+            return
+    except (OSError, ValueError):
+        pass
+    raise StackDownError(
+        f"{path} points at a stack that is down (no MLflow server answers at {uri}): start it with `make stack`, "
+        f"or stop using it with `mv {ENV_FILE} {STOPPED_FILE}` (`make stack-down` does) to use the project's own stores"
+    )
 
 
 def read_env_file(path: Path | str) -> dict[str, str]:
@@ -45,12 +77,16 @@ def load_env(root: Path | str = ".", *, path: Path | str | None = None, override
     """Put the stack's client variables (root/stack.env) into os.environ; variables already set win.
 
     Returns what it set. A missing file sets nothing (no stack: the pipeline's local defaults apply).
+    A file whose MLflow server takes no connection (the stack is down) raises StackDownError.
     """
     path = Path(path) if path is not None else Path(root) / ENV_FILE
     if not path.is_file():
         return {}
+    values = read_env_file(path)
+    if override or "MLFLOW_TRACKING_URI" not in os.environ:  # its server is the one commands would use
+        check_stack_answers(path, values)
     applied = {}
-    for key, value in read_env_file(path).items():
+    for key, value in values.items():
         if override or key not in os.environ:
             os.environ[key] = value
             applied[key] = value

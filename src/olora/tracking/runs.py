@@ -15,9 +15,16 @@ from typing import Any
 from olora import dvc, layout
 from olora.config import Config
 from olora.tracking.client import Tracking, experiment_id
+from olora.tracking.datasets import evaluation_inputs, prepared_inputs
 from olora.tracking.lineage import git_commit, package_versions
 from olora.tracking.names import run_name
 from olora.tracking.series import history_series, log_metric_series, log_values
+
+# The experiment-kind tag of MLflow 3 (its UI's "mlflow.experimentKind"); "custom_model_development" is the
+# "Machine learning" (model training) kind, as opposed to "genai_development". MLflow 3.17.2's UI reads it only
+# with its GenAI/Model-training switch turned off; with the switch (the default) the view follows the switch.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,9 @@ def start_training_run(cfg: Config, tracking: Tracking, root: Path, ref_name: st
         except MlflowException:  # deleted, or another tracking server: start a new run
             pass
     exp = tracking.call("creating the experiment", lambda: experiment_id(c, tracking.experiment))
+    if EXPERIMENT_KIND_TAG not in tracking.call("reading the experiment", lambda: c.get_experiment(exp)).tags:
+        # a training experiment (a kind set by hand in the UI stays)
+        tracking.call("tagging the experiment", lambda: c.set_experiment_tag(exp, EXPERIMENT_KIND_TAG, TRAINING_KIND))
     tags = {
         "mlflow.runName": run_name(cfg),
         "mlflow.source.git.commit": git_commit(root),
@@ -75,6 +85,8 @@ def start_training_run(cfg: Config, tracking: Tracking, root: Path, ref_name: st
     params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in cfg.flat().items()]
     tracking.call("logging parameters",
                   lambda: c.log_batch(run_id, params=params, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+    datasets = prepared_inputs(root, cfg.data.source, tags["dvc.data_hash"], tags["mlflow.source.git.commit"])
+    tracking.call("logging the data sets", lambda: c.log_inputs(run_id, datasets=datasets))
     return RunHandle(c, run_id, tracking)
 
 
@@ -152,6 +164,8 @@ def log_evaluation(run: RunHandle, base: dict[str, Any], tuned: dict[str, Any], 
         if key in paired:
             values[f"vs_base/{key}"] = paired[key]
     run.call("logging evaluation", lambda: log_values(run.client, run.run_id, values))
+    if datasets := evaluation_inputs(tuned):
+        run.call("logging the evaluation sets", lambda: run.client.log_inputs(run.run_id, datasets=datasets))
     run.call("uploading the report", lambda: run.client.log_artifact(run.run_id, str(report)))
     for path in artifacts:
         run.call(f"uploading {Path(path).name}", lambda path=path: run.client.log_artifact(run.run_id, str(path), "eval"))
