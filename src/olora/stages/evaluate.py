@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from olora.config import Config
@@ -21,7 +22,6 @@ from olora.evaluation.tasks import prepared
 from olora.faults import marker
 from olora.io import read_json, write_json, write_text
 from olora.layout import EVALS, Layout
-from olora.stages.evaluate_base import preflight  # the same checks as the base's evaluation
 
 log = logging.getLogger("olora")
 
@@ -53,6 +53,18 @@ def evaluate(layout: Layout = Layout(), overrides: dict[str, Any] | None = None,
         _log_to_run(cfg, layout, base, metrics, tracking)
     log.info("evaluate adapter: mean acc %.4f", metrics["mean_acc"])
     return metrics
+
+
+def preflight(cfg: Config, root: Path, present: bool = True) -> None:
+    """What this stage refuses before any weights load: the same as `evaluate_base`'s (its own copy, so that
+    editing one evaluate stage's module reruns only that stage)."""
+    from olora.modeling.runtime import resolve_runtime
+    from olora.stages import base_model
+
+    base_model(cfg, root, present)
+    resolve_runtime(cfg.model, cfg.runtime)
+    with prepared(cfg.evaluate, Path(root) / EVALS):
+        pass
 
 
 def _log_to_run(cfg: Config, layout: Layout, base: dict[str, Any], tuned: dict[str, Any], tracking) -> None:

@@ -25,8 +25,8 @@ log = logging.getLogger("olora")
 
 
 def preflight(cfg: Config, root: Path, present: bool = True) -> None:
-    """What evaluate_base and evaluate refuse before any weights load: the base model, device and quantisation,
-    and evaluate.tasks (stock and the team's tasks under evals/, each loaded as lm-eval will)."""
+    """What this stage refuses before any weights load: the base model, device and quantisation, and
+    evaluate.tasks (stock and the team's tasks under evals/, each loaded as lm-eval will)."""
     from olora.modeling.runtime import resolve_runtime
     from olora.stages import base_model
 
