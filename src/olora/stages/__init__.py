@@ -76,9 +76,9 @@ STAGES: dict[str, Stage] = {
         Stage(
             "init",
             "olora.stages.init:init",
-            help="initialise the adapter with OLoRA (or LoRA) and check the invariants",
-            params=("model", "adapter"),
-            inputs=(L.MODEL_INPUTS,),
+            help="initialise the adapter (adapter.init: OLoRA, LoRA or a PEFT sibling) and check the invariants",
+            params=("model", "adapter", "data.max_seq_length"),
+            inputs=(L.MODEL_INPUTS, L.DATA),  # the calibration sample of eva, corda and lora_ga
             outs=(L.INIT,),
             metrics=(L.metrics_path("init"),),
         ),
