@@ -102,6 +102,7 @@ def initialise(base, cfg: AdapterConfig, calibration: list[dict] | None = None):
 
     torch.manual_seed(cfg.seed)
     causal_lm = hasattr(base, "prepare_inputs_for_generation")  # plain nn.Modules (tests) get no task type
+    lean = {"logits_to_keep": 1} if causal_lm else {}  # a forward for the layers' inputs, not the logits
     if cfg.init in ("eva", "corda", "lora_ga") and not calibration:
         raise ConfigError(f"adapter.init={cfg.init} needs calibration batches from the prepared train split; none were given")
     if cfg.init in ("olora", "lora"):
@@ -130,7 +131,8 @@ def initialise(base, cfg: AdapterConfig, calibration: list[dict] | None = None):
                 raise ConfigError(
                     f"adapter.init=eva: the layers' input SVD did not converge in {EVA_MAX_PASSES} passes over "
                     f"adapter.calibration_samples; use more calibration samples, or another adapter.init")
-            return model(**inputs)
+            # the hooks need only the target layers' inputs: no loss, and logits for one position only
+            return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **lean)
 
         with torch.no_grad():
             initialize_lora_eva_weights(model, dataloader=calibration, forward_fn=forward, show_progress_bar=False)
@@ -144,7 +146,7 @@ def initialise(base, cfg: AdapterConfig, calibration: list[dict] | None = None):
         def run_model():  # PEFT's covariance hook takes one sequence per call (it squeezes the batch axis)
             for batch in calibration:
                 for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
-                    base(input_ids=ids[mask.bool()].unsqueeze(0))
+                    base(input_ids=ids[mask.bool()].unsqueeze(0), **lean)
 
         preprocess_corda(base, config, run_model=run_model)
         model = _peft_init(base, config, cfg)
