@@ -156,3 +156,15 @@ def test_data_driven_init_without_calibration_is_refused(tiny_model_dir):
 
     with pytest.raises(ConfigError, match="adapter.init=corda needs calibration batches"):
         peft_glue.initialise(AutoModelForCausalLM.from_pretrained(tiny_model_dir), AdapterConfig(init="corda", r=4))
+
+
+def test_eva_that_does_not_converge_stops_with_the_setting_to_change(tiny_model_dir, tiny):
+    """PEFT's EVA cycles over the sample until every layer's SVD converges; two small batches take it hundreds of
+    passes here, so the init stops after `EVA_MAX_PASSES` and names adapter.calibration_samples."""
+    from transformers import AutoModelForCausalLM
+
+    from olora.errors import ConfigError
+
+    small = [{k: v[:4, :24] for k, v in batch.items()} for batch in tiny[2][:2]]
+    with pytest.raises(ConfigError, match=f"did not converge in {peft_glue.EVA_MAX_PASSES} passes over adapter.calibration_samples"):
+        peft_glue.initialise(AutoModelForCausalLM.from_pretrained(tiny_model_dir), AdapterConfig(init="eva", r=4), small)

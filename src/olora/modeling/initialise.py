@@ -54,6 +54,7 @@ def init_adapter(cfg: Config, ref: models.ModelRef, runtime: Runtime, out_dir: P
         "rewrites_base": cfg.adapter.rewrites_base,
         "export_rank": cfg.adapter.export_rank,  # 2r where the base is rewritten: the export is then [B, -B0]·[A; A0]
         "layers": len(peft_glue.lora_layers(model)),
+        "layer_ranks": sorted({layer.r["default"] for layer in peft_glue.lora_layers(model).values()}),  # eva_rho > 1 varies them
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "max_output_diff": float((after - before).abs().max()),
         "max_abs_logit": float(before.abs().max()),
