@@ -165,6 +165,11 @@ def test_eva_that_does_not_converge_stops_with_the_setting_to_change(tiny_model_
 
     from olora.errors import ConfigError
 
-    small = [{k: v[:4, :24] for k, v in batch.items()} for batch in tiny[2][:2]]
+    g, small = torch.Generator().manual_seed(1), []  # two batches of 4 x 24 tokens: about 500 forwards to converge
+    for _ in range(2):
+        ids = torch.randint(0, 49152, (4, 24), generator=g)
+        labels = ids.clone()
+        labels[:, :8] = -100
+        small.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     with pytest.raises(ConfigError, match=f"did not converge in {peft_glue.EVA_MAX_PASSES} passes over adapter.calibration_samples"):
         peft_glue.initialise(AutoModelForCausalLM.from_pretrained(tiny_model_dir), AdapterConfig(init="eva", r=4), small)
