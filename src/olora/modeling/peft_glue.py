@@ -16,6 +16,7 @@ import contextlib
 
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -156,8 +157,10 @@ def initialise(base, cfg: AdapterConfig, calibration: list[dict] | None = None):
         config = lora_config(cfg, "lora_ga", causal_lm, lora_ga_config=LoraGAConfig())
 
         def train_step():
-            for batch in calibration:
-                base(**batch).loss.backward()
+            with warnings.catch_warnings():  # PEFT's counting hook on frozen inputs: expected, not a problem
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                for batch in calibration:
+                    base(**batch).loss.backward()
 
         preprocess_loraga(base, config, train_step)
         model = _peft_init(base, config, cfg)
