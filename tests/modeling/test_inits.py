@@ -173,3 +173,14 @@ def test_eva_that_does_not_converge_stops_with_the_setting_to_change(tiny_model_
         small.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     with pytest.raises(ConfigError, match=f"did not converge in {peft_glue.EVA_MAX_PASSES} passes over adapter.calibration_samples"):
         peft_glue.initialise(AutoModelForCausalLM.from_pretrained(tiny_model_dir), AdapterConfig(init="eva", r=4), small)
+
+
+@pytest.mark.parametrize("init, line", [
+    ("pissa", "- exported as a plain LoRA of rank 8 for the untouched base (the `pissa` init rewrites the base"),
+    ("eva", "- exported as a plain LoRA of rank 4 for the untouched base\n"),
+])
+def test_model_card_states_the_export_rank(init, line):
+    from olora.tracking.card import model_card
+
+    cfg = config_from_dict({"adapter": {"init": init, "r": 4}})
+    assert line in model_card(cfg, "olora-tiny", "1", "tiny", {"tasks": {}}, {})
