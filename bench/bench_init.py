@@ -70,14 +70,20 @@ def run_one(method: str, r: int, layers: int, device: str, dtype: str, calibrati
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     base_mem = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+    failed = None
     calibration = calibration_sample(model.config.vocab_size, *calibration, device) if method in ("eva", "corda", "lora_ga") else None
     before = rss_peak_mb()
     sync()
     start = time.perf_counter()
     if method in PIPELINE_INITS:  # the init stage's call, with PEFT's init underneath
+        from olora.errors import ConfigError
+
         init, _, niter = method.partition("_niter_")
-        adapters.initialise(model, AdapterConfig(init=init, r=r, alpha=2.0 * r, target_modules=TARGETS,
-                                                 pissa_niter=int(niter or 0)), calibration)
+        try:
+            adapters.initialise(model, AdapterConfig(init=init, r=r, alpha=2.0 * r, target_modules=TARGETS,
+                                                     pissa_niter=int(niter or 0)), calibration)
+        except ConfigError as exc:  # EVA that does not converge on this sample stops, by design: a row says so
+            failed = str(exc)
         sync()
         elapsed = time.perf_counter() - start
     elif method == "matmul_floor":  # two (m×r)·(r×n) products per layer = 4·m·n·r flops, allocation untimed
@@ -94,7 +100,8 @@ def run_one(method: str, r: int, layers: int, device: str, dtype: str, calibrati
     if device.startswith("cuda"):
         peak["peak_cuda_growth_mb"] = round((torch.cuda.max_memory_allocated() - base_mem) / 2**20, 1)
     flops = sum(4 * m * n * r for m, n in shapes)
-    return {"method": method, "r": r, "layers": len(shapes), "seconds": round(elapsed, 4), "gflop_4mnr": round(flops / 1e9, 2), **peak}
+    return {"method": method, "r": r, "layers": len(shapes), "seconds": round(elapsed, 4), "gflop_4mnr": round(flops / 1e9, 2), **peak,
+            **({"failed": failed} if failed else {})}
 
 
 def _time_mm(m: int, n: int, r: int, device: str) -> float:
@@ -158,7 +165,8 @@ def main() -> int:
             floor = row["seconds"] / by["matmul_floor"]["seconds"] if "matmul_floor" in by else float("nan")
             mem = row.get("peak_cuda_growth_mb", row["peak_rss_growth_mb"])
             impl = IMPLEMENTATION.get(method, "PEFT, through the init stage")
-            lines.append(f"| {r} | {method} | {impl} | {row['seconds']:.3f} | {speed:.1f} | {floor:.2f} | {mem} |")
+            seconds = f"{row['seconds']:.3f}" + (" (stopped: did not converge)" if row.get("failed") else "")
+            lines.append(f"| {r} | {method} | {impl} | {seconds} | {speed:.1f} | {floor:.2f} | {mem} |")
     table = "\n".join(lines)
     publish(args.out, f"init_{args.device.split(':')[0]}_{args.dtype}", {"device": device_name, "rows": rows}, table)
     return 0
