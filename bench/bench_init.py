@@ -53,7 +53,7 @@ def calibration_sample(vocab: int, batches: int, size: int, length: int, device:
     return out
 
 
-def run_one(method: str, r: int, layers: int, device: str, dtype: str, calibration=(4, 4, 64)) -> dict:
+def run_one(method: str, r: int, layers: int, device: str, dtype: str, calibration=(8, 2, 64)) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
@@ -127,7 +127,7 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--methods", nargs="+", default=METHODS + PIPELINE_INITS, choices=METHODS + PIPELINE_INITS)
-    parser.add_argument("--calibration", type=int, nargs=3, default=[4, 4, 64], metavar=("BATCHES", "SIZE", "LENGTH"),
+    parser.add_argument("--calibration", type=int, nargs=3, default=[8, 2, 64], metavar=("BATCHES", "SIZE", "LENGTH"),
                         help="calibration sample of eva, corda and lora_ga: batches of SIZE sequences of LENGTH random tokens")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "R"), help=argparse.SUPPRESS)
