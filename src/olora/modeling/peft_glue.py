@@ -230,12 +230,18 @@ def save_adapter(model, out_dir: Path, base_name: str, state_dict: dict | None =
 def save_initial(model, out_dir: Path, base_name: str) -> None:
     """Save the initial adapter (A0, B0) so that loading it does not initialise anything again."""
     cfg = model.peft_config["default"]
-    original = cfg.init_lora_weights
-    cfg.init_lora_weights = True
+    # the data-driven inits' settings only matter while initialising (PEFT warns when a loaded config carries them)
+    fields = ("init_lora_weights", "eva_config", "corda_config", "lora_ga_config")
+    original = {name: getattr(cfg, name, None) for name in fields}
+    for name in fields:
+        if hasattr(cfg, name):
+            setattr(cfg, name, True if name == "init_lora_weights" else None)
     try:
         save_adapter(model, out_dir, base_name)
     finally:
-        cfg.init_lora_weights = original
+        for name, value in original.items():
+            if hasattr(cfg, name):
+                setattr(cfg, name, value)
 
 
 def apply_residual(model, adapter: str = "default") -> None:
