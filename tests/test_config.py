@@ -55,7 +55,7 @@ def test_dvc_outputs_match_layout():
 @pytest.mark.parametrize(
     "values, fragment",
     [
-        ({"adapter": {"rank": 8}}, "unknown key(s) 'rank' in block 'adapter'; allowed: alpha, dropout, init, r"),
+        ({"adapter": {"rank": 8}}, "unknown key(s) 'rank' in block 'adapter'; allowed: alpha, calibration_batch, calibration_samples, dora, dropout"),
         ({"adapters": {}}, "unknown key(s) 'adapters' at the top level; did you mean 'adapter' for 'adapters'? allowed: adapter,"),
         ({"adaptor": {"r": 4}}, "did you mean 'adapter' for 'adaptor'?"),
         ({"train": {"learnig_rate": 1e-4}}, "unknown key(s) 'learnig_rate' in block 'train'; did you mean 'train.learning_rate'"),
@@ -66,7 +66,18 @@ def test_dvc_outputs_match_layout():
         ({"adapter": {"r": -3}}, "adapter.r=-3 is out of range"),
         ({"adapter": {"r": "8"}}, "adapter.r='8' has the wrong type; expected int"),
         ({"adapter": {"r": 8.5}}, "adapter.r=8.5 has the wrong type"),
-        ({"adapter": {"init": "pissa"}}, "adapter.init='pissa' is not allowed; choose one of: olora, lora"),
+        ({"adapter": {"init": "loftq"}}, "adapter.init='loftq' is not allowed; choose one of: olora, lora, pissa, orthogonal, eva, corda, lora_ga"),
+        # combinations PEFT or the stages cannot do: refused with both settings named (issue 29)
+        ({"adapter": {"init": "orthogonal", "r": 5}}, "adapter.r=5 is odd but adapter.init=orthogonal"),
+        ({"adapter": {"init": "pissa", "dora": True}}, "adapter.dora=true cannot be combined with adapter.init=pissa"),
+        ({"adapter": {"init": "olora", "dora": True}}, "adapter.dora=true cannot be combined with adapter.init=olora"),
+        ({"adapter": {"init": "lora_ga"}, "model": {"quantization": "4bit"}},
+         "adapter.init=lora_ga cannot initialise a model.quantization=4bit base"),
+        ({"adapter": {"init": "corda"}, "model": {"quantization": "4bit"}}, "adapter.init=corda cannot initialise a model.quantization=4bit"),
+        ({"adapter": {"init": "eva", "calibration_samples": 4, "calibration_batch": 8}},
+         "adapter.calibration_batch=8 exceeds adapter.calibration_samples=4"),
+        ({"adapter": {"pissa_niter": -1}}, "adapter.pissa_niter=-1 is out of range"),
+        ({"adapter": {"eva_rho": 0.5}}, "adapter.eva_rho=0.5 is out of range"),
         ({"train": {"learning_rate": 0}}, "train.learning_rate=0.0 is out of range"),
         ({"train": {"learning_rate": -1e-4}}, "train.learning_rate=-0.0001 is out of range"),
         ({"data": {"validation_fraction": 1.0}}, "data.validation_fraction=1.0 is out of range"),

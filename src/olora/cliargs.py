@@ -19,7 +19,7 @@ __all__ = ["STAGE_HELP", "base_parser", "parse_set", "setup_process", "stage_com
 # One line per stage for `olora --help`: here, not in the stage table, so editing it reruns no stage.
 STAGE_HELP = {
     "prepare": "load, validate, render, dedupe and split the fine-tuning data",
-    "init": "initialise the adapter with OLoRA (or LoRA) and check the invariants",
+    "init": "initialise the adapter (adapter.init: OLoRA, LoRA or a PEFT sibling) and check the invariants",
     "train": "fine-tune the adapter and export a plain LoRA",
     "evaluate_base": "lm-eval on the untouched base (every question's outcome kept)",
     "evaluate": "lm-eval on base + exported adapter, paired with the base on the same questions",

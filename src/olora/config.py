@@ -23,6 +23,9 @@ import yaml
 
 from olora.errors import ConfigError
 
+ADAPTER_INITS = ("olora", "lora", "pissa", "orthogonal", "eva", "corda", "lora_ga")
+REWRITING_INITS = ("olora", "pissa", "corda", "lora_ga")  # the base becomes W - s·B0·A0; exported at rank 2r
+DATA_DRIVEN_INITS = ("eva", "corda", "lora_ga")  # read a calibration sample of the prepared train split
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PAPER_TASKS = ["arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande"]
 
@@ -123,30 +126,72 @@ class DataConfig:
 @dataclass
 class AdapterConfig:
     init: str = "olora"
-    """olora (orthonormal init from W = QR) | lora (PEFT's standard init: the paper's baseline)."""
+    """olora (orthonormal init from W = QR) | lora (PEFT's standard init: the paper's baseline) | pissa (top singular vectors, W = USV) | orthogonal (B ⊥ A through a random orthogonal matrix: B·A = 0) | eva (A from the SVD of the layers' inputs on a calibration sample, B = 0) | corda (context-oriented SVD: the weight times the inputs' covariance on a calibration sample) | lora_ga (the SVD of the full-weight gradient on a calibration sample). olora, pissa, corda and lora_ga rewrite the base (W - s·B0·A0), so their export is a plain LoRA of rank 2r."""
     r: int = 8
-    """Rank; must be <= the smaller dimension of every target layer."""
+    """Rank; must be <= the smaller dimension of every target layer (even for orthogonal)."""
     alpha: float = 16.0
-    """lora_alpha; the scale is s = alpha / r."""
+    """lora_alpha; the scale is s = alpha / r (alpha / sqrt(r) with rslora)."""
     dropout: float = 0.0
     """LoRA dropout, 0 <= dropout < 1."""
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     """Names (suffixes) of the linear layers that get adapters."""
     seed: int = 0
-    """Seed for the random parts of the init (LoRA's A; OLoRA is deterministic)."""
+    """Seed for the random parts of the init (LoRA's A, orthogonal, pissa_niter's sketch; OLoRA is deterministic)."""
+    pissa_niter: int = 0
+    """pissa only: subspace iterations of PEFT's fast randomized SVD (`pissa_niter_N`); 0 = the full SVD."""
+    dora: bool = False
+    """DoRA (PEFT's use_dora): a learned magnitude per output on top of the low-rank direction. Not with the inits that rewrite the base (their export drops the magnitude)."""
+    rslora: bool = False
+    """rsLoRA (PEFT's use_rslora): scale s = alpha / sqrt(r) instead of alpha / r."""
+    calibration_samples: int = 64
+    """eva, corda, lora_ga: training examples (the first of the prepared train split) the init reads."""
+    calibration_batch: int = 8
+    """eva, corda, lora_ga: examples per forward pass over the calibration sample."""
+    eva_rho: float = 1.0
+    """eva only: a layer may get up to rho·r ranks when EVA redistributes them (1 = every layer keeps r, the same size as the other inits)."""
 
     def validate(self) -> None:
-        _choice("adapter.init", self.init, ["olora", "lora"])
+        _choice("adapter.init", self.init, list(ADAPTER_INITS))
         _at_least("adapter.r", self.r, 1)
         _positive("adapter.alpha", self.alpha)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"adapter.dropout={self.dropout!r} is out of range; allowed: 0 <= dropout < 1")
         if not self.target_modules:
             raise ConfigError("adapter.target_modules is empty; list linear layer names such as q_proj, v_proj")
+        _at_least("adapter.pissa_niter", self.pissa_niter, 0)
+        _at_least("adapter.calibration_samples", self.calibration_samples, 1)
+        _at_least("adapter.calibration_batch", self.calibration_batch, 1)
+        _at_least("adapter.eva_rho", self.eva_rho, 1.0)
+        if self.init == "orthogonal" and self.r % 2:
+            raise ConfigError(f"adapter.r={self.r} is odd but adapter.init=orthogonal splits the rank into two halves; "
+                              "use an even rank")
+        if self.dora and self.init in REWRITING_INITS:
+            raise ConfigError(f"adapter.dora=true cannot be combined with adapter.init={self.init}: that init rewrites "
+                              "the base, and PEFT's conversion to a plain LoRA for the untouched base drops DoRA's "
+                              "magnitude vector; use adapter.init lora, orthogonal or eva with DoRA, or adapter.dora=false")
+        if self.calibration_batch > self.calibration_samples and self.init in DATA_DRIVEN_INITS:
+            raise ConfigError(f"adapter.calibration_batch={self.calibration_batch} exceeds adapter.calibration_samples="
+                              f"{self.calibration_samples}; use a batch of at most the sample size")
+
+    def check_with(self, model: "ModelConfig") -> None:
+        """What PEFT cannot initialise on the configured model (refused before any model loads)."""
+        if model.quantization == "4bit" and self.init in ("pissa", "corda", "lora_ga", "orthogonal"):
+            raise ConfigError(f"adapter.init={self.init} cannot initialise a model.quantization=4bit base: PEFT's "
+                              f"{self.init} init needs float weights (it refuses the packed 4-bit ones); use "
+                              "adapter.init olora, lora or eva with 4-bit, or model.quantization=none")
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.r
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    @property
+    def rewrites_base(self) -> bool:
+        """Whether the init rewrites the base weights (W - s·B0·A0): the export is then a plain LoRA of rank 2r."""
+        return self.init in REWRITING_INITS
+
+    @property
+    def export_rank(self) -> int:
+        return 2 * self.r if self.rewrites_base else self.r
 
 
 @dataclass
@@ -358,6 +403,7 @@ class Config:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
         self.register.check_tasks(self.evaluate.tasks)
+        self.adapter.check_with(self.model)
         return self
 
     def to_dict(self) -> dict[str, Any]:

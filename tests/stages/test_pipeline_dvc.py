@@ -314,3 +314,59 @@ def test_failed_stage_keeps_earlier_outputs(project):
     # DVC clears a failing stage's own outputs before running it; its cache restores them
     sh([str(BIN / "dvc"), "checkout", "-q"], project, check=False)
     assert (project / "models/init/adapter_model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("init", ["pissa", "eva"])
+def test_sibling_inits_run_the_whole_pipeline_and_the_registered_version_serves(project, traced_repro, init):
+    """`dvc exp run -S adapter.init=...` for a base-rewriting init (pissa: exported at rank 2r) and a data-driven
+    one (eva: reads the prepared train split, exported as it is): every stage after prepare runs, and the
+    registered version answers as base + export does, in the template the data was prepared with (issue 29)."""
+    import mlflow
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from olora.data.templates import PromptTemplate, render_prompt
+
+    params, lock = (project / "params.yaml").read_text(), (project / "dvc.lock").read_text()
+    sh(["git", "add", "-A"], project)
+    sh(["git", "commit", "-qm", f"before {init}"], project, check=False)  # nothing to commit when a test before did
+    try:
+        run = sh([str(BIN / "dvc"), "exp", "run", "-S", f"adapter.init={init}"], project)
+        assert "Running stage 'prepare'" not in run.stdout and "Running stage 'evaluate_base'" not in run.stdout
+        assert all(f"Running stage '{s}'" in run.stdout for s in ("init", "train", "evaluate", "register"))
+        import yaml
+
+        meta, r = read(project, "metrics/init.json"), yaml.safe_load((project / "params.yaml").read_text())["adapter"]["r"]
+        assert meta["init"] == init and meta["rewrites_base"] == (init == "pissa")
+        assert meta["max_output_diff"] <= (1e-5 if init == "pissa" else 0.0)  # unchanged at step 0 (test_inits.py)
+        assert meta["export_rank"] == read(project, "models/exported/adapter_config.json")["r"] == (2 * r if init == "pissa" else r)
+        registration = read(project, "reports/registration.json")
+        folder = project / "models/base/tiny-llama"
+        template = PromptTemplate.from_dict(read(project, "data/prepared/prompt_template.json"))
+        saved = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+        mlflow.set_tracking_uri(registration["tracking_uri"])
+        mlflow.set_registry_uri(registration["tracking_uri"])
+        try:
+            served = mlflow.pyfunc.load_model(registration["model_uri"])
+        finally:
+            mlflow.set_tracking_uri(saved[0])
+            mlflow.set_registry_uri(saved[1])
+        assert served.unwrap_python_model().template == template  # the serving template is the prepared data's
+        prompt = "Name a colour."
+        answer = served.predict({"prompt": [prompt]}, params={"max_new_tokens": 6, "min_new_tokens": 3})
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), str(project / "models/exported")).eval()
+        ids = tokenizer(render_prompt(template, prompt, "", tokenizer), return_tensors="pt")
+        stop = {"stop_strings": list(template.stop), "tokenizer": tokenizer} if template.stop else {}
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=6, min_new_tokens=3, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **stop)
+        expected = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        for marker in template.stop:
+            expected = expected.split(marker)[0]
+        assert answer == [expected.strip()]
+    finally:  # back to the committed experiment state for any test after this one
+        (project / "params.yaml").write_text(params)
+        (project / "dvc.lock").write_text(lock)
+        sh([str(BIN / "dvc"), "checkout", "-q"], project)

@@ -1,4 +1,5 @@
-"""Initialising the adapter: build the PEFT LoRA model on the base and initialise it with OLoRA (or LoRA).
+"""Initialising the adapter: build the PEFT LoRA model on the base and initialise it with `adapter.init`
+(OLoRA, LoRA or one of PEFT's siblings: PiSSA, orthogonal, EVA, CorDA, LoRA-GA).
 
 The QR mathematics is `olora.core.olora`; applying it to PEFT's layers is `olora.modeling.peft_glue`.
 
@@ -31,21 +32,29 @@ class InitResult:
     metrics: dict[str, Any]
 
 
-def init_adapter(cfg: Config, ref: models.ModelRef, runtime: Runtime, out_dir: Path) -> InitResult:
+def init_adapter(cfg: Config, ref: models.ModelRef, runtime: Runtime, out_dir: Path,
+                 calibration: list[dict[str, torch.Tensor]] | None = None) -> InitResult:
     """Initialise adapters on the base, check the invariants and save the initial adapter.
 
-    adapter.target_modules and adapter.r are checked before (the init stage's `preflight`)."""
+    `calibration`: batches of the prepared train split, for the data-driven inits (eva, corda, lora_ga).
+    adapter.target_modules and adapter.r are checked before (the init stage's `preflight`).
+    """
     base = models.load_base(ref, runtime)
     batch = fixed_batch(base.config.vocab_size, runtime.device)
     with torch.no_grad():
         before = base(input_ids=batch).logits.float()
-    model = peft_glue.initialise(base, cfg.adapter)
+    if calibration:
+        calibration = [{k: v.to(runtime.device) for k, v in b.items()} for b in calibration]
+    model = peft_glue.initialise(base, cfg.adapter, calibration)
     model.eval()
     with torch.no_grad():
         after = model(input_ids=batch).logits.float()
     metrics = {
         "init": cfg.adapter.init,
+        "rewrites_base": cfg.adapter.rewrites_base,
+        "export_rank": cfg.adapter.export_rank,  # 2r where the base is rewritten: the export is then [B, -B0]·[A; A0]
         "layers": len(peft_glue.lora_layers(model)),
+        "layer_ranks": sorted({layer.r["default"] for layer in peft_glue.lora_layers(model).values()}),  # eva_rho > 1 varies them
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "max_output_diff": float((after - before).abs().max()),
         "max_abs_logit": float(before.abs().max()),
@@ -68,6 +77,8 @@ def init_adapter(cfg: Config, ref: models.ModelRef, runtime: Runtime, out_dir: P
                 "r": cfg.adapter.r,
                 "alpha": cfg.adapter.alpha,
                 "scaling": cfg.adapter.scaling,
+                "dora": cfg.adapter.dora,
+                "rslora": cfg.adapter.rslora,
                 "base_model": ref.name,
                 "base_revision": ref.revision,
                 "dtype": runtime.dtype_name,

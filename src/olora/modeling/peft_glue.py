@@ -6,6 +6,8 @@ and the frozen base becomes W - s*B0*A0 (s = alpha / r), so the model is unchang
 Only adapters are versioned, never base weights. The initial adapter (A0, B0) is saved with
 `init_lora_weights=True` so that loading it never re-runs the decomposition; the residual base is
 rebuilt from the untouched base by subtracting each layer's s*B0*A0 (`load_for_training`).
+PiSSA, CorDA and LoRA-GA (PEFT's inits) leave the base as the same residual W - s*B0*A0, so they
+share that path and the rank-2r export; LoRA, orthogonal and EVA leave the base alone.
 """
 
 from __future__ import annotations
@@ -14,19 +16,21 @@ import contextlib
 
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
-from olora.config import AdapterConfig
+from olora.config import REWRITING_INITS, AdapterConfig
 from olora.core.olora import olora_factors
 from olora.errors import ConfigError
 from olora.layout import ADAPTER_WEIGHTS
 
 INIT_META = "olora_init.json"
+EVA_MAX_PASSES = 50  # passes over the calibration sample before EVA's SVD counts as not converging
 
 
-def lora_config(cfg: AdapterConfig, init_lora_weights, causal_lm: bool = True):
+def lora_config(cfg: AdapterConfig, init_lora_weights, causal_lm: bool = True, **extra):
     from peft import LoraConfig, TaskType
 
     return LoraConfig(
@@ -37,7 +41,15 @@ def lora_config(cfg: AdapterConfig, init_lora_weights, causal_lm: bool = True):
         init_lora_weights=init_lora_weights,
         task_type=TaskType.CAUSAL_LM if causal_lm else None,
         bias="none",
+        use_dora=cfg.dora,
+        use_rslora=cfg.rslora,
+        **extra,
     )
+
+
+def rewrites_base(init: str) -> bool:
+    """Whether `init` leaves the base as the residual W - s·B0·A0 (olora, pissa, corda, lora_ga)."""
+    return init in REWRITING_INITS
 
 
 def lora_layers(model) -> dict[str, torch.nn.Module]:
@@ -79,26 +91,92 @@ def olora_init_(model, adapter: str = "default") -> None:
             del a0, b0, w
 
 
-def initialise(base, cfg: AdapterConfig):
-    """Wrap `base` with LoRA adapters initialised by OLoRA (base mutated in place) or PEFT's LoRA init.
+def initialise(base, cfg: AdapterConfig, calibration: list[dict] | None = None):
+    """Wrap `base` with LoRA adapters initialised by `cfg.init` (the base is rewritten in place for olora,
+    pissa, corda and lora_ga).
 
     OLoRA uses `olora_init_` (the exact O(m·n·r) factors); a rank that does not fit a layer, or a
-    rank-deficient weight, is a ConfigError naming adapter.r.
+    rank-deficient weight, is a ConfigError naming adapter.r. The others are PEFT's own inits;
+    eva, corda and lora_ga read `calibration` (batches of input_ids, attention_mask and labels).
     """
     from peft import get_peft_model
 
     torch.manual_seed(cfg.seed)
     causal_lm = hasattr(base, "prepare_inputs_for_generation")  # plain nn.Modules (tests) get no task type
-    # OLoRA overwrites A and B: build them on the meta device (no random init; 0.8 s of 3.8 s at r=64 on
-    # TinyLlama shapes) and let olora_init_ materialise them
-    model = get_peft_model(base, lora_config(cfg, True, causal_lm), low_cpu_mem_usage=cfg.init == "olora")
-    if cfg.init == "olora":
-        try:
-            olora_init_(model)
-        except ValueError as exc:
-            raise ConfigError(f"adapter.r={cfg.r}, adapter.init=olora: {exc}") from None
-        model.peft_config["default"].init_lora_weights = "olora"  # provenance; saved as True (save_initial)
+    lean = {"logits_to_keep": 1} if causal_lm else {}  # a forward for the layers' inputs, not the logits
+    if cfg.init in ("eva", "corda", "lora_ga") and not calibration:
+        raise ConfigError(f"adapter.init={cfg.init} needs calibration batches from the prepared train split; none were given")
+    if cfg.init in ("olora", "lora"):
+        # OLoRA overwrites A and B: build them on the meta device (no random init; 0.8 s of 3.8 s at r=64 on
+        # TinyLlama shapes) and let olora_init_ materialise them
+        model = get_peft_model(base, lora_config(cfg, True, causal_lm), low_cpu_mem_usage=cfg.init == "olora")
+        if cfg.init == "olora":
+            try:
+                olora_init_(model)
+            except ValueError as exc:
+                raise ConfigError(f"adapter.r={cfg.r}, adapter.init=olora: {exc}") from None
+            model.peft_config["default"].init_lora_weights = "olora"  # provenance; saved as True (save_initial)
+    elif cfg.init in ("pissa", "orthogonal"):
+        name = f"pissa_niter_{cfg.pissa_niter}" if cfg.init == "pissa" and cfg.pissa_niter else cfg.init
+        model = _peft_init(base, lora_config(cfg, name, causal_lm), cfg)
+    elif cfg.init == "eva":
+        from peft import EvaConfig, initialize_lora_eva_weights
+
+        model = _peft_init(base, lora_config(cfg, "eva", causal_lm, eva_config=EvaConfig(rho=cfg.eva_rho)), cfg)
+        calls = [0]
+        limit = EVA_MAX_PASSES * len(calibration)
+
+        def forward(model, inputs):  # PEFT cycles over the sample until every layer's SVD converges: bound it
+            calls[0] += 1
+            if calls[0] > limit:
+                raise ConfigError(
+                    f"adapter.init=eva: the layers' input SVD did not converge in {EVA_MAX_PASSES} passes over "
+                    f"adapter.calibration_samples; use more calibration samples, or another adapter.init")
+            # the hooks need only the target layers' inputs: no loss, and logits for one position only
+            return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **lean)
+
+        with torch.no_grad():
+            initialize_lora_eva_weights(model, dataloader=calibration, forward_fn=forward, show_progress_bar=False)
+    elif cfg.init == "corda":
+        from peft.tuners.lora.config import CordaConfig
+        from peft.tuners.lora.corda import preprocess_corda
+
+        config = lora_config(cfg, "corda", causal_lm, corda_config=CordaConfig(corda_method="ipm"))
+
+        @torch.no_grad()
+        def run_model():  # PEFT's covariance hook takes one sequence per call (it squeezes the batch axis)
+            for batch in calibration:
+                for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+                    base(input_ids=ids[mask.bool()].unsqueeze(0), **lean)
+
+        preprocess_corda(base, config, run_model=run_model)
+        model = _peft_init(base, config, cfg)
+    elif cfg.init == "lora_ga":
+        from peft import LoraGAConfig, preprocess_loraga
+
+        config = lora_config(cfg, "lora_ga", causal_lm, lora_ga_config=LoraGAConfig())
+
+        def train_step():
+            with warnings.catch_warnings():  # PEFT's counting hook on frozen inputs: expected, not a problem
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                for batch in calibration:
+                    base(**batch).loss.backward()
+
+        preprocess_loraga(base, config, train_step)
+        model = _peft_init(base, config, cfg)
+    else:  # unreachable through validated config
+        raise ConfigError(f"adapter.init={cfg.init!r} is not an init this pipeline knows")
     return model
+
+
+def _peft_init(base, config, cfg: AdapterConfig):
+    """get_peft_model with PEFT's init; its ValueErrors (a rank a layer cannot hold) become ConfigErrors."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(base, config)
+    except ValueError as exc:
+        raise ConfigError(f"adapter.init={cfg.init}, adapter.r={cfg.r}: {exc}") from None
 
 
 def orthonormality_errors(model, adapter: str = "default") -> dict[str, float]:
@@ -152,12 +230,18 @@ def save_adapter(model, out_dir: Path, base_name: str, state_dict: dict | None =
 def save_initial(model, out_dir: Path, base_name: str) -> None:
     """Save the initial adapter (A0, B0) so that loading it does not initialise anything again."""
     cfg = model.peft_config["default"]
-    original = cfg.init_lora_weights
-    cfg.init_lora_weights = True
+    # the data-driven inits' settings only matter while initialising (PEFT warns when a loaded config carries them)
+    fields = ("init_lora_weights", "eva_config", "corda_config", "lora_ga_config")
+    original = {name: getattr(cfg, name, None) for name in fields}
+    for name in fields:
+        if hasattr(cfg, name):
+            setattr(cfg, name, True if name == "init_lora_weights" else None)
     try:
         save_adapter(model, out_dir, base_name)
     finally:
-        cfg.init_lora_weights = original
+        for name, value in original.items():
+            if hasattr(cfg, name):
+                setattr(cfg, name, value)
 
 
 def apply_residual(model, adapter: str = "default") -> None:
@@ -201,7 +285,7 @@ def load_for_training(base, init_dir: Path, init: str, gradient_checkpointing: b
     if getattr(base, "is_loaded_in_4bit", False):
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing)
     model = PeftModel.from_pretrained(base, str(init_dir), is_trainable=True)
-    if init == "olora":
+    if rewrites_base(init):
         apply_residual(model)
     return model
 
@@ -214,7 +298,7 @@ def export_plain_lora(model, out_dir: Path, init_dir: Path, init: str, base_name
     versioned initial adapter untouched.
     """
     with reproducible(model, base_name):
-        if init != "olora":
+        if not rewrites_base(init):
             model.save_pretrained(str(out_dir), save_embedding_layers=False)
             return
         with tempfile.TemporaryDirectory() as tmp:
@@ -247,9 +331,11 @@ def convert_to_plain_lora(adapter_dir: Path, init_dir: Path, out_dir: Path) -> N
         else:
             raise ConfigError(f"{adapter_dir}: {name} is not a LoRA A or B matrix; only those can be converted")
     config = LoraConfig.from_pretrained(str(adapter_dir))
-    if config.use_rslora or config.rank_pattern or config.alpha_pattern:
-        raise ConfigError(f"{adapter_dir}: rsLoRA or per-layer ranks cannot be converted here")
-    config.init_lora_weights, config.r, config.lora_alpha = True, config.r * 2, config.lora_alpha * 2
+    if config.rank_pattern or config.alpha_pattern or config.use_dora:
+        raise ConfigError(f"{adapter_dir}: per-layer ranks or DoRA cannot be converted here")
+    # rsLoRA scales by alpha / sqrt(r): doubling r needs alpha * sqrt(2) to keep the scale (as PEFT's conversion does)
+    config.init_lora_weights, config.r = True, config.r * 2
+    config.lora_alpha = config.lora_alpha * (2**0.5 if config.use_rslora else 2)
     if isinstance(config.target_modules, (set, frozenset)):  # a set's order varies by process (`reproducible`)
         config.target_modules = sorted(config.target_modules)
     out_dir = Path(out_dir)

@@ -77,8 +77,8 @@ STAGES: dict[str, Stage] = {
         Stage(
             "init",
             "olora.stages.init:init",
-            params=("model", "adapter"),
-            inputs=(L.MODEL_INPUTS,),
+            params=("model", "adapter", "data.max_seq_length"),
+            inputs=(L.MODEL_INPUTS, L.DATA),  # the calibration sample of eva, corda and lora_ga
             outs=(L.INIT,),
             metrics=(L.metrics_path("init"),),
         ),

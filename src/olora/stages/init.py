@@ -1,4 +1,5 @@
-"""Stage `init`: params -> models/init (A0, B0, adapter config, olora_init.json) and metrics/init.json.
+"""Stage `init`: params (+ the prepared train split, for eva, corda, lora_ga) -> models/init (A0, B0, adapter
+config, olora_init.json) and metrics/init.json.
 
 The QR mathematics is `olora.core.olora`; applying it to PEFT's layers and checking the invariants
 is `olora.modeling.initialise`.
@@ -11,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from olora.config import Config
+from olora.config import DATA_DRIVEN_INITS, Config
 from olora.io import write_json
 from olora.layout import Layout
 from olora.modeling.initialise import init_adapter
@@ -37,7 +38,15 @@ def init(layout: Layout = Layout(), overrides: dict[str, Any] | None = None) -> 
     from olora.stages import setup
 
     cfg, ref, runtime = setup(layout, overrides, preflight)
-    result = init_adapter(cfg, ref, runtime, layout.init)
+    calibration = None
+    if cfg.adapter.init in DATA_DRIVEN_INITS:  # eva, corda, lora_ga read a sample of the prepared train split
+        from olora.data.calibration import calibration_batches
+        from olora.modeling.models import load_tokenizer
+
+        a = cfg.adapter
+        calibration = calibration_batches(layout.data, load_tokenizer(ref), cfg.data.max_seq_length,
+                                          a.calibration_samples, a.calibration_batch)
+    result = init_adapter(cfg, ref, runtime, layout.init, calibration)
     write_json(layout.metrics("init"), result.metrics)
     log.info("init: %s layers, max output diff %.3g", result.metrics["layers"], result.metrics["max_output_diff"])
     return result.metrics

@@ -83,6 +83,8 @@ def model_card(cfg: Config, name: str, version: str, base_model: str, metrics: d
              f"- prepared data (DVC hash) `{lineage.get('dvc.data_hash') or '-'}`", "",
              "## Adapter and training", "",
              f"- init `{a.init}`, r {a.r}, alpha {a.alpha}, dropout {a.dropout}, target modules {', '.join(a.target_modules)}",
+             f"- exported as a plain LoRA of rank {a.export_rank} for the untouched base"
+             + (f" (the `{a.init}` init rewrites the base, so the export is [B, -B0]·[A; A0])" if a.rewrites_base else ""),
              f"- initial adapter (DVC hash) `{lineage.get('dvc.init_hash') or '-'}`",
              f"- learning rate {t.learning_rate} ({t.lr_scheduler}), micro-batch {t.micro_batch_size} x accumulation "
              f"{t.gradient_accumulation_steps}, {t.max_steps or str(t.epochs) + ' epoch(s)'} steps, seed {t.seed}", "",

@@ -286,7 +286,7 @@ def _save_outputs(model, paths: TrainPaths, cfg: Config, base_name: str, full_st
         if (paths.data / TEMPLATE_FILE).is_file():  # what the adapter was trained on, for serving
             shutil.copy(paths.data / TEMPLATE_FILE, tmp / TEMPLATE_FILE)
     with atomic_dir(paths.exported) as tmp:
-        if full_state is not None and cfg.adapter.init == "olora":
+        if full_state is not None and cfg.adapter.rewrites_base:
             peft_glue.convert_to_plain_lora(paths.adapter, paths.init, tmp)
         elif full_state is not None:
             peft_glue.save_adapter(model, tmp, base_name, state_dict=full_state)
