@@ -52,7 +52,7 @@ def test_a_stack_env_of_a_stopped_stack_is_named_in_one_line_within_seconds(tmp_
     """After the stack stops, a command that loads its stack.env says so at once (not after 18 s of retries)."""
     from olora.cli import main
 
-    config = stack.stack_config(tmp_path, environ={"OLORA_STACK_MLFLOW_PORT": str(_free_ports(1)[0])})
+    config = stack.stack_config(tmp_path, environ={"OLORA_STACK_MLFLOW_PORT": str(free_ports(1)[0])})
     stack.write_env_file(tmp_path / "stack.env", {"MLFLOW_TRACKING_URI": config.mlflow_url, "OLORA_S3_BUCKET": "olora"})
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("OLORA_S3_BUCKET", raising=False)
