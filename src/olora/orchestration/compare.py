@@ -160,21 +160,6 @@ def _parent_run(tracking, key: str, spec: CompareSpec) -> str:
     return run.info.run_id
 
 
-def _wait(flow_run_ids: dict[str, Any], poll: float) -> dict[str, str]:
-    from prefect.client.orchestration import get_client
-
-    states: dict[str, str] = {}
-    with get_client(sync_client=True) as client:
-        while len(states) < len(flow_run_ids):
-            for name, run_id in flow_run_ids.items():
-                state = client.read_flow_run(run_id).state
-                if name not in states and state is not None and state.is_final():
-                    states[name] = state.type.value
-            if len(states) < len(flow_run_ids):
-                time.sleep(poll)
-    return states
-
-
 def run_searches(source_ref: str, url: str, key: str, spec: CompareSpec, alpha_per_rank: float, tracking_uri: str,
                  parent: str, deployment: str, poll: float = 2.0) -> dict[tuple[str, int], Any]:
     """Every study to its budget: rounds of trial flow runs (one per missing trial) until each holds enough finished
@@ -204,7 +189,7 @@ def run_searches(source_ref: str, url: str, key: str, spec: CompareSpec, alpha_p
                           "tracking_uri": tracking_uri, "parent_run_id": parent, "name": name}
                 launched[name] = run_deployment(deployment, parameters=params, timeout=0, flow_run_name=name).id
         log.info("search round %s: %s trial run(s) started on %s", rounds, len(launched), deployment)
-        states = _wait(launched, poll)
+        states = P.wait_final(launched, poll)
         failed = sorted(n for n, s in states.items() if s == "FAILED")
         if failed:
             raise OloraError(f"search trial run(s) {failed} failed (an error in the trial, not a lost worker); see their "

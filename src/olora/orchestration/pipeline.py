@@ -219,19 +219,26 @@ def sweep_table(keys: list[str], rows: list[dict[str, Any]]) -> str:
 def run_on_deployment(deployment: str, variants: list[dict[str, Any]], names: list[str], push: bool,
                       poll: float = 2.0) -> dict[str, str]:
     """Start one flow run of `deployment` per variant and wait until all are final; returns name -> final state."""
-    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
     started = {n: run_deployment(deployment, parameters={"overrides": v, "name": n, "promote": False, "push": push},
                                  timeout=0).id for v, n in zip(variants, names)}
+    return wait_final(started, poll, lambda name, state: log.info("variant %s: %s", name, state))
+
+
+def wait_final(flow_run_ids: dict[str, Any], poll: float = 2.0, on_final=None) -> dict[str, str]:
+    """Wait until every flow run (name -> id) is in a final state; returns name -> that state's type."""
+    from prefect.client.orchestration import get_client
+
     states: dict[str, str] = {}
     with get_client(sync_client=True) as client:
-        while len(states) < len(started):
-            for name, flow_run_id in started.items():
+        while len(states) < len(flow_run_ids):
+            for name, flow_run_id in flow_run_ids.items():
                 state = client.read_flow_run(flow_run_id).state
                 if name not in states and state is not None and state.is_final():
                     states[name] = state.type.value
-                    log.info("variant %s: %s", name, states[name])
-            if len(states) < len(started):
+                    if on_final is not None:
+                        on_final(name, states[name])
+            if len(states) < len(flow_run_ids):
                 time.sleep(poll)
     return states
