@@ -7,18 +7,19 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "olora")
-from prefect import flow  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
 
-from olora.orchestration import compare, search  # noqa: E402
+from olora.orchestration import compare, search
+from olora.orchestration.pipeline import library_logs_to_prefect
+
+library_logs_to_prefect()  # the library's lines in the flow run's logs (the deployments also set the env, prefect.yaml)
 
 
-@flow(name="olora-search-trial", log_prints=True)
+@flow(name="olora-search-trial", log_prints=False)  # off: dill's disassembly (flows/olora_pipeline.py)
 def olora_search_trial(root: str, storage: str, study: str, method: str, r: int, alpha_per_rank: float,
                        settings: dict[str, Any], tracking_uri: str, parent_run_id: str | None = None,
                        name: str = "trial") -> dict[str, Any]:
@@ -27,7 +28,7 @@ def olora_search_trial(root: str, storage: str, study: str, method: str, r: int,
                             search.SearchSettings(**settings), tracking_uri, parent_run_id, name)
 
 
-@flow(name="olora-compare", log_prints=True)
+@flow(name="olora-compare", log_prints=False)
 def olora_compare(root: str = ".", methods: str = "olora,lora", ranks: str = "8", seeds: str = "0,1",
                   lr_range: str | None = None, trials: int | None = None, startup_trials: int | None = None,
                   steps: int | None = None, eval_steps: int | None = None, storage: str | None = None,

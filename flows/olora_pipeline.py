@@ -1,6 +1,5 @@
-"""Prefect flows: the DVC pipeline's stages as scheduled, retryable tasks, each a thin wrapper of
-`olora.orchestration.pipeline` (stage under DVC's judgement, retry rule, OOM back-off, recording).
-The tracking server is resolved once per flow run (stack.env, else the source's store) and passed down.
+"""Prefect flows: the DVC pipeline's stages as scheduled, retryable tasks, thin over `olora.orchestration.pipeline`
+(stage under DVC, retries, OOM back-off, recording); the tracking server is resolved once per flow run.
 
     python flows/olora_pipeline.py                      # one run, ephemeral Prefect API
     prefect deploy --all && prefect worker start ...    # scheduled runs (see prefect.yaml, docs/orchestration.md)
@@ -73,8 +72,7 @@ def run_name() -> str:
     return f"{flow_run.name}-{str(flow_run.id)[:8]}" if flow_run.id else time.strftime("local-%Y%m%d-%H%M%S")
 
 
-# log_prints stays off: it turns every print() into a log line, dill's own (it prints a disassembly to a captured
-# stdout to find a function's globals while datasets fingerprints a map) included; the library logs instead.
+# log_prints off: it would log dill's disassembly (printed to find a function's globals); the library logs instead
 @flow(name="olora-pipeline", log_prints=False)
 def olora_pipeline(root: str = ".", overrides: dict[str, Any] | None = None, promote: bool = False,
                    push: bool = True, isolate: bool = True, name: str | None = None,
@@ -88,14 +86,16 @@ def olora_pipeline(root: str = ".", overrides: dict[str, Any] | None = None, pro
     instead of `root`'s (an `olora.data.published` event's, through the on-new-data deployment).
     """
     source = Path(root).resolve()
-    P.preflight(source, overrides)  # a bad params file, override or any setting a stage would refuse: before any work
+    P.preflight(source, overrides, commit)  # a bad params file, override or setting a stage would refuse: no work
     name = name or run_name()
     with stack_env(source):  # the team's services (stack.env), else the source project's own store
-        tracking = Tracking.of(load_config(source / "params.yaml"), source)
+        tracking = Tracking.of(load_config(source / "params.yaml", overrides), source)  # tracking.uri may be overridden
         P.check_durable(source, name if isolate else None, tracking, push)  # stores that outlive the run, or refused
         path = Path(open_workspace(str(source), name, commit)) if isolate else P.not_a_commit(source, commit)
         if overrides:
             edit_params(path / "params.yaml", overrides)
+        if commit is not None:  # that commit's params with the overrides, before any stage
+            P.preflight(path, None)
         results = [run_stage(stage, str(path), tracking) for stage in STAGES]
         extra = "Promotion: " + promote_challenger(str(path), tracking) if promote else ""
         record: dict[str, Any] = {}

@@ -114,6 +114,28 @@ def check(source: Path, spec: CompareSpec) -> None:
             check_targets(layers, list(cfg.adapter.target_modules), r)
         except ConfigError as exc:
             raise ConfigError(f"rank {r} in --ranks: {exc}") from exc
+    for method in spec.methods:  # each pair as its runs will set it (e.g. orthogonal refuses an odd rank)
+        for r in spec.ranks:
+            try:
+                load_config(params, {"adapter.init": method, "adapter.r": r})
+            except ConfigError as exc:
+                raise ConfigError(f"--methods {method} with --ranks {r}: {exc}") from exc
+
+
+def check_durable(source: Path, tracking, storage_url: str, push: bool) -> None:
+    """Run as the `compare` deployment (in a worker's temporary clone): its MLflow store, DVC remote and Optuna
+    storage must outlive that clone (`olora.orchestration.durable`), else refused before any trial, naming the store."""
+    from olora.orchestration import durable
+
+    folders = durable.run_folders(source, None)
+    durable.check(source, tracking, folders, push, what="olora compare")
+    if storage_url.startswith("sqlite:///") and folders:
+        held = durable.inside(Path(storage_url.removeprefix("sqlite:///").split("?", 1)[0]), folders)
+        if held is not None:
+            raise durable.DurabilityError(
+                f"olora compare cannot record durably: the Optuna storage {storage_url} lies inside {held.why}; set "
+                "OLORA_OPTUNA_STORAGE (or --storage) on the workers to a database outside it, e.g. the stack's "
+                "PostgreSQL or sqlite:////abs/path/optuna.db")
 
 
 def check_prefect(*deployments: str) -> None:
@@ -404,6 +426,7 @@ def run(source: Path, spec: CompareSpec, trial_deployment: str = TRIAL_DEPLOYMEN
         tracking = Tracking.of(cfg, source)
         alpha_per_rank = cfg.adapter.alpha / cfg.adapter.r
         url = search.storage_url(source, storage)
+        check_durable(source, tracking, url, push)
         parent = _parent_run(tracking, key, spec)
         studies = run_searches(source_ref, url, key, spec, alpha_per_rank, tracking.uri, parent, trial_deployment, poll)
         rates = {k: search.best_rate(s) for k, s in studies.items()}

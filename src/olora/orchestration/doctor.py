@@ -171,6 +171,7 @@ def remote_objects(root: Path, commit: str) -> dict[str, bool]:
             local = Path(root) / ".dvc" / "config.local"  # the remote's settings that git does not hold
             if local.is_file():
                 shutil.copy(local, tree / ".dvc" / "config.local")
+            workspace.pin_remote(Path(root), tree)  # a relative remote names the folder it names from this checkout
             if not workspace.has_dvc_remote(tree) and not workspace.add_team_remote(tree):
                 raise workspace.WorkspaceError("no DVC remote is configured in this checkout")
             with Repo(str(tree)) as repo:

@@ -75,7 +75,7 @@ def temporary_clone(source: Path) -> Folder | None:
     return None
 
 
-def _inside(path: Path, folders: list[Folder]) -> Folder | None:
+def inside(path: Path, folders: list[Folder]) -> Folder | None:
     path = Path(os.path.abspath(path))
     return next((f for f in folders if path == f.path.resolve() or f.path.resolve() in path.parents), None)
 
@@ -103,7 +103,7 @@ def tracking_problem(tracking: Tracking, folders: list[Folder]) -> str | None:
         path = _local_path(uri)
     if path is None:
         return None  # a tracking server (reached with retries by the first stage that records)
-    found = _inside(path, folders)  # a relative path: against the working folder, which is the clone in a deployment
+    found = inside(path, folders)  # a relative path: against the working folder, which is the clone in a deployment
     if found:
         return (f"the MLflow tracking store {redact_uri(uri)} lies inside {found.why}: the run and its registered "
                 f"version would be lost with it (`olora promote` and `olora serve` elsewhere would find nothing); "
@@ -131,7 +131,7 @@ def dvc_problem(root: Path, folders: list[Folder], required: bool) -> str | None
     path = _local_path(url)
     if path is None:
         return None  # s3://, ssh://, ...: a server
-    found = _inside(path if path.is_absolute() else Path(root) / path, folders)
+    found = inside(path if path.is_absolute() else Path(root) / path, folders)
     if found:
         return (f"the DVC remote {name!r} ({url}) lies inside {found.why}: the adapter and data `dvc push` writes "
                 f"there would be lost, and the run's runs/* branch would point at objects that exist nowhere; {FIX_DVC}")

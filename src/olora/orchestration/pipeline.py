@@ -182,14 +182,15 @@ def check_overrides(source: Path, overrides: dict[str, Any] | None) -> None:
         load_config(source / "params.yaml", overrides)
 
 
-def preflight(source: Path, overrides: dict[str, Any] | None) -> None:
+def preflight(source: Path, overrides: dict[str, Any] | None, commit: str | None = None) -> None:
     """A bad params file or override (`check_overrides`), then every stage's pre-flight checks (`olora.stages.preflight`,
     as `olora check` runs them) on the source's params with the overrides, before a workspace is made; its data files
     need not be here (the workspace pulls them)."""
     from olora.stages import preflight as stages_preflight
 
     check_overrides(source, overrides)
-
+    if commit is not None:  # another commit's params: the flow checks them in its workspace, before any stage
+        return
     stages_preflight(load_config(source / "params.yaml", overrides), source, present=False)
 
 
