@@ -113,8 +113,9 @@ def tracking_problem(tracking: Tracking, folders: list[Folder]) -> str | None:
 
 def dvc_remote(root: Path) -> tuple[str, str] | None:
     """The default DVC remote of the checkout `root` as DVC resolves it (name, URL), else $OLORA_DVC_REMOTE_URL's."""
-    name = dvc.run(root, "remote", "default", check=False).stdout.strip()
-    if name:
+    out = dvc.run(root, "remote", "default", check=False)
+    name = out.stdout.strip() if out.returncode == 0 else ""
+    if name and not name.startswith("No default remote"):  # what DVC prints where none is set
         return name, dvc.run(root, "config", f"remote.{name}.url", check=False).stdout.strip()
     if os.environ.get("OLORA_DVC_REMOTE_URL"):  # what a clone without a remote gets (workspace.add_team_remote)
         return os.environ.get("OLORA_DVC_REMOTE") or "team", os.environ["OLORA_DVC_REMOTE_URL"]
@@ -142,14 +143,15 @@ def check(root: Path, tracking: Tracking | None, folders: list[Folder], push: bo
     """Refuse, before any stage, a run whose tracking store or DVC remote lies in a folder it deletes.
 
     `root` is the checkout whose DVC configuration the run uses; `folders` the folders deleted when it
-    ends (its workspace, the deployment's temporary clone); `push` whether it pushes to the DVC remote.
+    ends (its workspace, the deployment's temporary clone); `push` whether it pushes to (or reads) the DVC remote:
+    a run in a clone that pushes nothing (`push=False`, recorded as `olora.dvc_pushed=false`) needs none.
     `tracking` None: no tracking store to check (the data watcher).
     """
     if not folders:
         return
     clone = any(f.clone for f in folders)
     problems = [p for p in (tracking_problem(tracking, folders) if tracking else None,
-                            dvc_problem(root, folders, required=clone) if push or clone else None) if p]
+                            dvc_problem(root, folders, required=clone and push) if push or clone else None) if p]
     if problems:
         raise DurabilityError(f"{what} cannot record durably, so it was not started: " + ". Also: ".join(problems)
                               + ". Nothing was run")

@@ -131,8 +131,8 @@ def announce_new_versions(source: Path, ref: str = "HEAD", depth: int = 100) -> 
 
     source = Path(source).resolve()
     # in a deployment's temporary clone, a remote inside it holds nothing pushed from elsewhere: every version would
-    # look unpublished forever
-    durable.check(source, None, durable.run_folders(source, None), push=False, what="the data watcher")
+    # look unpublished forever; it reads the remote as a run pushes to it, so one outside the clone is required
+    durable.check(source, None, durable.run_folders(source, None), push=True, what="the data watcher")
     _deepen(source, depth)
     branch = _git(source, "rev-parse", "--abbrev-ref", ref).stdout.strip()
     remote = _git(source, "remote", "get-url", "origin", check=False).stdout.strip() or str(source)
