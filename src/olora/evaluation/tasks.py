@@ -172,8 +172,6 @@ def tasks_for(source: str, tasks: list[str], folder: Path, evals: Path | None = 
 
 def split_sizes(cfg: EvaluateConfig, evals: Path | None) -> dict[str, int]:
     """Questions in each task's scored split (what `evaluate.limit: 0` asks), read from the data without a model."""
-    from lm_eval.tasks import get_task_dict
-
     with prepared(cfg, evals) as tasks:
-        loaded = get_task_dict(list(tasks.names.values()), tasks.manager)
+        loaded = tasks.manager.load(list(tasks.names.values()))["tasks"]
         return {t: len(loaded[name].eval_docs) for t, name in tasks.names.items()}
