@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from olora.orchestration import durable, workspace
 from olora.stages import STAGES
 from olora.stages.lock import WorkspaceBusyError
 from olora.tracking.client import Tracking, TrackingError
+from olora.tracking.lineage import TAGS, RunRecord
 
 log = logging.getLogger("olora")
 DEFAULT_GRID = {"adapter.init": ["olora", "lora"], "adapter.r": [8, 16, 32]}
@@ -129,26 +131,37 @@ def not_a_commit(source: Path, commit: str | None) -> Path:
     return source
 
 
-def record(layout: Layout, name: str, overrides: dict[str, Any] | None, push: bool, tracking: Tracking) -> dict[str, Any]:
+def record(layout: Layout, name: str, overrides: dict[str, Any] | None, push: bool, tracking: Tracking) -> Recorded:
     """Commit the run on runs/<name>, push data (DVC) and branch (git); tag the MLflow run and version with it."""
     from olora.tracking import runs
 
     message = f"olora run {name}" + (f": {json.dumps(overrides, sort_keys=True)}" if overrides else "")
     rec = workspace.record(layout.root, name, message, push=push)
-    tags = {"olora.run_name": name, "olora.git_branch": rec.branch, "olora.git_commit": rec.commit,
-            "olora.git_remote": rec.git_remote, "olora.source_commit": rec.source_commit,
-            "olora.dvc_pushed": str(rec.dvc_pushed).lower()}
+    record = RunRecord(git_branch=rec.branch, git_commit=rec.commit, run_name=name, git_remote=rec.git_remote,
+                       source_commit=rec.source_commit, dvc_pushed=rec.dvc_pushed)
     try:  # the data version the run trained on (the event-triggered runs' key): data/raw's content ids at that commit
-        tags["olora.data_version"] = data_version(layout.root, rec.source_commit).hash
-        tags["olora.data_commit"] = rec.source_commit
-        tags["dvc.data_hash"] = dvc.out_hash(layout.root, "prepare", DATA)  # the prepared data, as the run records it
+        record = replace(record, data_version=data_version(layout.root, rec.source_commit).hash,
+                         data_commit=rec.source_commit)
+        record = replace(record, data_hash=dvc.out_hash(layout.root, "prepare", DATA))  # the prepared data, as the run records it
     except OloraError as exc:
         log.warning("no data version recorded: %s", exc)
     reg = json.loads(layout.registration.read_text()) if layout.registration.is_file() else {}
     run = json.loads((layout.adapter / RUN_FILE).read_text()) if (layout.adapter / RUN_FILE).is_file() else {}
     if tracking.enabled and (run or reg.get("registered")):
-        runs.tag_recorded(tracking, tags, run.get("run_id"), reg.get("name"), reg.get("version"))
-    return {**tags, "registered": reg.get("model_uri", "")}
+        runs.tag_recorded(tracking, record.to_tags(), run.get("run_id"), reg.get("name"), reg.get("version"))
+    return Recorded(record, reg.get("model_uri", ""))
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What `record` did: the run's record (its tags) and the registered model's URI ("" when none)."""
+
+    record: RunRecord
+    registered: str
+
+    def to_json(self) -> dict[str, str]:
+        """The tags and `registered`: what the olora-pipeline flow returns."""
+        return {**self.record.to_tags(), "registered": self.registered}
 
 
 def summary_markdown(root: Path, results: list[dict[str, Any]], extra: str = "") -> str:
@@ -177,9 +190,9 @@ def variants(source: Path, grid: dict[str, list[Any]] | None) -> list[dict[str, 
 
 def check_overrides(source: Path, overrides: dict[str, Any] | None) -> None:
     """Fail on a bad params file or bad overrides before anything runs (nothing is written)."""
-    load_config(source / "params.yaml")
+    load_config(Layout(source).params)
     if overrides:
-        load_config(source / "params.yaml", overrides)
+        load_config(Layout(source).params, overrides)
 
 
 def preflight(source: Path, overrides: dict[str, Any] | None, commit: str | None = None) -> None:
@@ -191,7 +204,7 @@ def preflight(source: Path, overrides: dict[str, Any] | None, commit: str | None
     check_overrides(source, overrides)
     if commit is not None:  # another commit's params: the flow checks them in its workspace, before any stage
         return
-    stages_preflight(load_config(source / "params.yaml", overrides), source, present=False)
+    stages_preflight(load_config(Layout(source).params, overrides), source, present=False)
 
 
 def variant_result(tracking: Tracking, name: str) -> dict[str, Any]:
@@ -199,12 +212,12 @@ def variant_result(tracking: Tracking, name: str) -> dict[str, Any]:
     from olora.tracking.client import experiment_id
 
     c = tracking.client()
-    found = c.search_runs([experiment_id(c, tracking.experiment)], filter_string=f"tags.`olora.run_name` = '{name}'")
+    found = c.search_runs([experiment_id(c, tracking.experiment)], filter_string=f"tags.`{TAGS['run_name']}` = '{name}'")
     if not found:
         return {"mean_acc": None, "final_val_loss": None, "run": "-", "branch": "-"}
     run = found[0]
     return {"mean_acc": run.data.metrics.get("eval/mean_acc"), "final_val_loss": run.data.metrics.get("train/final_val_loss"),
-            "run": run.info.run_id, "branch": run.data.tags.get("olora.git_branch", "-")}
+            "run": run.info.run_id, "branch": run.data.tags.get(TAGS["git_branch"], "-")}
 
 
 def sweep_table(keys: list[str], rows: list[dict[str, Any]]) -> str:

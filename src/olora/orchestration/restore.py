@@ -14,6 +14,7 @@ from olora.config import Config
 from olora.errors import OloraError
 from olora.orchestration import workspace
 from olora.tracking.client import Tracking
+from olora.tracking.lineage import TAGS, RunRecord
 from olora.tracking.names import model_name
 from olora.tracking.registry import CHAMPION, find_version, open_model
 
@@ -24,12 +25,11 @@ def restore(cfg: Config, tracking: Tracking, root: Path, name: str | None = None
     name = name or model_name(cfg)
     c = open_model(tracking, name)
     version = find_version(c, name, alias, version)
-    tags = c.get_model_version(name, version).tags
-    branch, commit = tags.get("olora.git_branch"), tags.get("olora.git_commit")
-    if not branch or not commit:
+    record = RunRecord.from_tags(c.get_model_version(name, version).tags)
+    if record is None:
         raise OloraError(
-            f"{name} version {version} was not registered by a recorded (isolated) run: it has no olora.git_branch / "
-            "olora.git_commit tags. Runs of the olora-pipeline flow record them; `dvc repro` in a checkout does not"
+            f"{name} version {version} was not registered by a recorded (isolated) run: it has no {TAGS['git_branch']} / "
+            f"{TAGS['git_commit']} tags. Runs of the olora-pipeline flow record them; `dvc repro` in a checkout does not"
         )
-    workspace.restore(Path(root), branch, commit)
-    return {"name": name, "version": str(version), "branch": branch, "commit": commit}
+    workspace.restore(Path(root), record.git_branch, record.git_commit)
+    return {"name": name, "version": str(version), "branch": record.git_branch, "commit": record.git_commit}

@@ -17,6 +17,7 @@ from olora.evaluation.result import EvalResult
 from olora.layout import MODEL_INPUTS
 from olora.modeling import assets
 from olora.tracking.datasets import EMBEDDED_SET_HUB_IDS, TASK_DATASETS
+from olora.tracking.lineage import TAGS
 
 Z95 = 1.959963984540054
 
@@ -79,7 +80,7 @@ def model_card(cfg: Config, name: str, version: str, base_model: str, metrics: E
              *_origin(base_model), "",
              "## Data", "", f"- source `{cfg.data.source}`, template `{cfg.data.template}`, max sequence length "
              f"{cfg.data.max_seq_length}, validation fraction {cfg.data.validation_fraction}, seed {cfg.data.seed}",
-             f"- prepared data (DVC hash) `{lineage.get('dvc.data_hash') or '-'}`", "",
+             f"- prepared data (DVC hash) `{lineage.get(TAGS['data_hash']) or '-'}`", "",
              "## Adapter and training", "",
              f"- init `{a.init}`, r {a.r}, alpha {a.alpha}, dropout {a.dropout}, target modules {', '.join(a.target_modules)}",
              f"- exported as a plain LoRA of rank {a.export_rank} for the untouched base"
@@ -108,7 +109,7 @@ def model_card(cfg: Config, name: str, version: str, base_model: str, metrics: E
     lines += ["**Against the champion:** recorded below when `olora promote` compares this version with it.", "",
               "## Lineage", "",
               f"- git commit `{lineage.get('mlflow.source.git.commit') or '-'}`; a flow run records the version's "
-              "`runs/*` branch as the tag `olora.git_branch`",
+              f"`runs/*` branch as the tag `{TAGS['git_branch']}`",
               f"- MLflow run `{lineage.get('run_id', '-')}`", "",
               "## Reproduce", "", "```bash", f"olora restore --version {version}   # the recorded run's params, data and adapter",
               "dvc repro", "```", "",

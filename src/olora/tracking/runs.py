@@ -16,7 +16,7 @@ from olora import dvc, layout
 from olora.config import Config
 from olora.tracking.client import Tracking, experiment_id
 from olora.tracking.datasets import evaluation_inputs, prepared_inputs
-from olora.tracking.lineage import git_commit, package_versions
+from olora.tracking.lineage import TAGS, git_commit, package_versions
 from olora.tracking.names import run_name
 from olora.tracking.series import history_series, log_metric_series, log_values
 
@@ -76,7 +76,7 @@ def start_training_run(cfg: Config, tracking: Tracking, root: Path, ref_name: st
         "base_model": ref_name,
         "base_model_revision": ref_revision,
         "adapter_init": cfg.adapter.init,
-        "dvc.data_hash": dvc.out_hash(root, "prepare", layout.DATA),
+        TAGS["data_hash"]: dvc.out_hash(root, "prepare", layout.DATA),
         "dvc.init_hash": dvc.out_hash(root, "init", layout.INIT),
         **package_versions(),
     }
@@ -85,7 +85,7 @@ def start_training_run(cfg: Config, tracking: Tracking, root: Path, ref_name: st
     params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in cfg.flat().items()]
     tracking.call("logging parameters",
                   lambda: c.log_batch(run_id, params=params, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
-    datasets = prepared_inputs(root, cfg.data.source, tags["dvc.data_hash"], tags["mlflow.source.git.commit"])
+    datasets = prepared_inputs(root, cfg.data.source, tags[TAGS["data_hash"]], tags["mlflow.source.git.commit"])
     tracking.call("logging the data sets", lambda: c.log_inputs(run_id, datasets=datasets))
     return RunHandle(c, run_id, tracking)
 
@@ -180,7 +180,7 @@ def reopen(tracking: Tracking, adapter_dir: Path) -> RunHandle | None:
 
 def tag_recorded(tracking: Tracking, tags: dict[str, str], run_id: str | None,
                  model: str | None = None, version: str | None = None) -> None:
-    """Put a recorded run's git state (`olora.git_branch`, `olora.git_commit`, ...) on its MLflow run and model version."""
+    """Put a recorded run's git state (`RunRecord.to_tags()`: `olora.git_branch`, ...) on its MLflow run and model version."""
     c = tracking.client()
     for key, value in tags.items():
         if run_id:
