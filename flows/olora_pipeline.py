@@ -41,7 +41,7 @@ RETRY = dict(retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_co
 
 
 @task(retries=2, task_run_name="{stage}", **RETRY)
-def run_stage(stage: str, root: str, tracking: Tracking) -> dict[str, Any]:
+def run_stage(stage: str, root: str, tracking: Tracking) -> P.StageRun:
     return P.run_stage(stage, Layout(Path(root)), tracking)
 
 
@@ -108,7 +108,7 @@ def olora_pipeline(root: str = ".", overrides: dict[str, Any] | None = None, pro
                                  description="stages, scores, MLflow")
         if isolate:
             workspace.remove(path)  # recorded and pushed: nothing left only here
-    return {"name": name, "stages": results, **(recorded.to_json() if recorded else {})}
+    return {"name": name, "stages": [r.to_json() for r in results], **(recorded.to_json() if recorded else {})}
 
 
 @flow(name="olora-sweep", log_prints=False)
@@ -141,7 +141,7 @@ def olora_sweep(root: str = ".", grid: dict[str, list[Any]] | None = None, deplo
                 except Exception as exc:  # noqa: BLE001 - one failed variant must not hide the others
                     get_run_logger().error("variant %s failed: %s", v, exc)
                     states[n] = "FAILED"
-        rows = [{"variant": v, "name": n, "state": states[n], **P.variant_result(tracking, n)} for v, n in zip(variants, names)]
+        rows = [{"variant": v, "name": n, "state": states[n], **P.variant_result(tracking, n).to_json()} for v, n in zip(variants, names)]
     create_markdown_artifact(P.sweep_table(keys, rows), key="olora-sweep", description="variants compared")
     return rows
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from olora.core.paired import Comparison, TaskComparison
+from olora.core.comparison import Comparison, TaskComparison
 from olora.errors import OloraError
 
 

@@ -221,9 +221,9 @@ def run_searches(source_ref: str, url: str, key: str, spec: CompareSpec, alpha_p
             time.sleep(spec.search.grace + spec.search.heartbeat)
 
 
-def _recorded(tracking, name: str) -> dict[str, Any] | None:
+def _recorded(tracking, name: str) -> P.VariantResult | None:
     row = P.variant_result(tracking, name)
-    return row if row["run"] != "-" else None
+    return row if row.run != "-" else None
 
 
 def run_pipelines(tracking, key: str, spec: CompareSpec, rates: dict[tuple[str, int], float], alpha_per_rank: float,
@@ -247,8 +247,8 @@ def run_pipelines(tracking, key: str, spec: CompareSpec, rates: dict[tuple[str, 
         row = _recorded(tracking, n)
         if row is None:
             raise OloraError(f"pipeline run {n} completed but no MLflow run carries its name; is tracking enabled?")
-        c.set_tag(row["run"], "mlflow.parentRunId", parent)
-        out[k] = row["run"]
+        c.set_tag(row.run, "mlflow.parentRunId", parent)
+        out[k] = row.run
     return out
 
 

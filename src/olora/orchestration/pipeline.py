@@ -50,7 +50,7 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def train_with_oom_backoff(layout: Layout, tracking: Tracking | None = None) -> dict[str, Any]:
+def train_with_oom_backoff(layout: Layout, tracking: Tracking | None = None) -> dict[str, Any]:  # the train stage's record
     """The train stage; on CUDA out-of-memory, half the micro-batch and twice the accumulation (the same
     effective batch), written back to params.yaml so dvc.lock tells the truth, until it fits."""
     while True:
@@ -66,11 +66,23 @@ def train_with_oom_backoff(layout: Layout, tracking: Tracking | None = None) -> 
                         micro, accumulation)
 
 
-def run_stage(stage: str, layout: Layout, tracking: Tracking | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class StageRun:
+    """One stage of a flow run: whether it ran (or DVC found it up to date) and how long it took."""
+
+    stage: str
+    ran: bool
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stage": self.stage, "ran": self.ran, "seconds": self.seconds}
+
+
+def run_stage(stage: str, layout: Layout, tracking: Tracking | None = None) -> StageRun:
     """Run one stage unless DVC says it is up to date, then record its outputs in dvc.lock (`dvc commit`)."""
     if dvc.up_to_date(layout.root, stage):
         log.info("stage %s is up to date (DVC); skipped", stage)
-        return {"stage": stage, "ran": False, "seconds": 0.0}
+        return StageRun(stage, False, 0.0)
     start = time.perf_counter()
     if stage == "train":
         train_with_oom_backoff(layout, tracking)
@@ -79,7 +91,7 @@ def run_stage(stage: str, layout: Layout, tracking: Tracking | None = None) -> d
     dvc.commit(layout.root, stage)
     seconds = time.perf_counter() - start
     log.info("stage %s finished in %.1f s", stage, seconds)
-    return {"stage": stage, "ran": True, "seconds": round(seconds, 2)}
+    return StageRun(stage, True, round(seconds, 2))
 
 
 def promote(layout: Layout, tracking: Tracking) -> str:
@@ -164,10 +176,10 @@ class Recorded:
         return {**self.record.to_tags(), "registered": self.registered}
 
 
-def summary_markdown(root: Path, results: list[dict[str, Any]], extra: str = "") -> str:
+def summary_markdown(root: Path, results: list[StageRun], extra: str = "") -> str:
     layout = Layout(root)
     lines = ["# olora-pipeline run", "", "| stage | ran | seconds |", "|---|---|---|"]
-    lines += [f"| {r['stage']} | {'yes' if r['ran'] else 'cached'} | {r['seconds']} |" for r in results]
+    lines += [f"| {r.stage} | {'yes' if r.ran else 'cached'} | {r.seconds} |" for r in results]
     if layout.registration.is_file():
         reg = json.loads(layout.registration.read_text())
         if reg.get("registered"):
@@ -207,17 +219,32 @@ def preflight(source: Path, overrides: dict[str, Any] | None, commit: str | None
     stages_preflight(load_config(Layout(source).params, overrides), source, present=False)
 
 
-def variant_result(tracking: Tracking, name: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class VariantResult:
+    """A recorded run's scores and where it is (`-` where no run of that name was found)."""
+
+    mean_acc: float | None
+    final_val_loss: float | None
+    run: str
+    """The MLflow run id."""
+    branch: str
+    """The runs/* branch it was recorded on."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mean_acc": self.mean_acc, "final_val_loss": self.final_val_loss, "run": self.run, "branch": self.branch}
+
+
+def variant_result(tracking: Tracking, name: str) -> VariantResult:
     """A recorded run's scores, looked up in the shared MLflow store by its run name tag."""
     from olora.tracking.client import experiment_id
 
     c = tracking.client()
     found = c.search_runs([experiment_id(c, tracking.experiment)], filter_string=f"tags.`{TAGS['run_name']}` = '{name}'")
     if not found:
-        return {"mean_acc": None, "final_val_loss": None, "run": "-", "branch": "-"}
+        return VariantResult(None, None, "-", "-")
     run = found[0]
-    return {"mean_acc": run.data.metrics.get("eval/mean_acc"), "final_val_loss": run.data.metrics.get("train/final_val_loss"),
-            "run": run.info.run_id, "branch": run.data.tags.get(TAGS["git_branch"], "-")}
+    return VariantResult(run.data.metrics.get("eval/mean_acc"), run.data.metrics.get("train/final_val_loss"),
+                         run.info.run_id, run.data.tags.get(TAGS["git_branch"], "-"))
 
 
 def sweep_table(keys: list[str], rows: list[dict[str, Any]]) -> str:

@@ -7,8 +7,8 @@ outputs from the DVC remote.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from olora.config import Config
 from olora.errors import OloraError
@@ -20,7 +20,7 @@ from olora.tracking.registry import CHAMPION, find_version, open_model
 
 
 def restore(cfg: Config, tracking: Tracking, root: Path, name: str | None = None, alias: str | None = CHAMPION,
-            version: str | None = None) -> dict[str, Any]:
+            version: str | None = None) -> Restored:
     """Restore `version` (else the one `alias` points at) into the checkout at `root`; returns what was restored."""
     name = name or model_name(cfg)
     c = open_model(tracking, name)
@@ -32,4 +32,14 @@ def restore(cfg: Config, tracking: Tracking, root: Path, name: str | None = None
             f"{TAGS['git_commit']} tags. Runs of the olora-pipeline flow record them; `dvc repro` in a checkout does not"
         )
     workspace.restore(Path(root), record.git_branch, record.git_commit)
-    return {"name": name, "version": str(version), "branch": record.git_branch, "commit": record.git_commit}
+    return Restored(name, str(version), record.git_branch, record.git_commit)
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What `olora restore` checked out: the version and the recorded run's branch and commit."""
+
+    name: str
+    version: str
+    branch: str
+    commit: str
