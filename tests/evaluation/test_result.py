@@ -64,6 +64,7 @@ def test_results_written_by_older_code_are_read(older):
     (lambda d: d["tasks"]["piqa"].pop("split"), "tasks.piqa: field 'split' is missing"),
     (lambda d: d["tasks"]["piqa"].update(acc="0.6"), "tasks.piqa: field 'acc' is '0.6', expected a number"),
     (lambda d: d["vs_base"]["tasks"]["piqa"].pop("p_value"), "vs_base: tasks.piqa: field 'p_value' is missing"),
+    (lambda d: d["questions"]["tasks"]["piqa"].pop("questions"), "questions.tasks.piqa: field 'questions' is missing"),
     (lambda d: d.update(mean_accuracy=0.5), "unknown field(s) ['mean_accuracy']"),
 ])
 def test_a_malformed_file_is_refused_by_name_and_field(tmp_path, break_it, field):

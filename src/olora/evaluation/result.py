@@ -159,9 +159,12 @@ class EvalResult:
         if unknown:
             raise MetricsFileError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(KEYS)}")
         questions = _need(data, "questions", dict, where, optional=True)
-        if questions is not None:
+        if questions is not None:  # the fingerprint keeps its samples.py form (a dict); its fields checked here
             for key in ("tasks", "sha256"):
                 _need(questions, key, dict if key == "tasks" else str, f"{where}: questions")
+            for task, entry in questions["tasks"].items():
+                _need(entry, "n", int, f"{where}: questions.tasks.{task}")
+                _need(entry, "questions", str, f"{where}: questions.tasks.{task}")
         delta = _need(data, "delta_vs_base", dict, where, optional=True)
         if delta is not None:
             delta = {t: _need(delta, t, float, f"{where}: delta_vs_base") for t in delta}
