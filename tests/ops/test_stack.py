@@ -25,6 +25,7 @@ import pytest
 from conftest import BIN, REPO, free_ports, sh
 from olora.ops import envfile, prefect_api, stack
 from olora.ops.envfile import ServiceError
+from stackfix import WORKERS
 
 
 # ------------------------------------------------------------------ no server
@@ -261,6 +262,8 @@ def test_prefect_answers_with_its_auth_string_and_has_the_pool_and_workers(compo
     api = values["PREFECT_API_URL"]
     right = {"Authorization": "Basic " + base64.b64encode(values["PREFECT_API_AUTH_STRING"].encode()).decode()}
     assert _http(f"{api}/work_pools/{stack.WORK_POOL}")[0] == 401
+    wrong = {"Authorization": "Basic " + base64.b64encode(f"{stack.PREFECT_USER}:not-the-password".encode()).decode()}
+    assert _http(f"{api}/work_pools/{stack.WORK_POOL}", headers=wrong)[0] == 401
     status, pool = _http(f"{api}/work_pools/{stack.WORK_POOL}", headers=right)
     assert status == 200 and pool["type"] == "process" and pool["base_job_template"]
     online = prefect_api.online_workers(config.prefect_url, prefect_api.headers(compose_stack.secret), stack.WORK_POOL)
