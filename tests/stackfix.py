@@ -29,8 +29,19 @@ from ports import free_ports
 
 from olora.ops import envfile, prefect_api, stack
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "containers"))
-import harness  # noqa: E402 - tests/containers/harness.py: podman settings and stand-in images
+
+def _harness():
+    """tests/containers/harness.py (podman settings, stand-in images) as the module `harness` the container tier imports."""
+    import importlib.util
+
+    if "harness" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("harness", Path(__file__).resolve().parent / "containers" / "harness.py")
+        sys.modules["harness"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["harness"])
+    return sys.modules["harness"]
+
+
+harness = _harness()
 
 BIN = Path(sys.executable).parent
 WORKERS = 2
