@@ -62,6 +62,7 @@ ENV_VARS = (
     "PREFECT_API_URL", "PREFECT_API_AUTH_STRING",
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL",
     "OLORA_S3_BUCKET", "OLORA_DVC_REMOTE", "OLORA_DVC_REMOTE_URL", "OLORA_PREFECT_WORK_POOL",
+    "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD",
 )
 
 
@@ -176,6 +177,10 @@ def client_env(config: StackConfig, secret: Mapping[str, str]) -> dict[str, str]
         "OLORA_DVC_REMOTE": DVC_REMOTE,
         "OLORA_DVC_REMOTE_URL": f"s3://{BUCKET}/dvc",
         "OLORA_PREFECT_WORK_POOL": WORK_POOL,
+        # artifacts through the tracking server: the presigned S3 URLs MLflow would hand out name the S3 store by its
+        # address inside the compose network (seaweedfs:8333), which clients outside it cannot resolve
+        "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
+        "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false",
     }
 
 
