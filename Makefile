@@ -72,8 +72,8 @@ bench: install
 study: install
 	$(BENCH_ENV) $(BIN)/olora compare --methods olora,lora --ranks 8,32 --seeds 0,1,2
 
-# The team's shared services on loopback (PostgreSQL, S3, MLflow, Prefect + WORKERS process workers), from
-# packages in the venv; state in .stack/, client settings in stack.env. See README "Shared services".
+# The team's shared services (PostgreSQL, S3, MLflow, Prefect + WORKERS worker containers) from docker/compose.yaml,
+# with docker compose or podman-compose; secrets in .stack/, client settings in stack.env. See docs/stack.md.
 WORKERS ?= 1
 stack: install
 	$(BIN)/python -m olora.ops.stack up --workers $(WORKERS)

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import re
-import secrets
 import shutil
 import subprocess
 import sys
@@ -118,14 +117,9 @@ def stack_start() -> dict:
     from olora.ops import stack
 
     with tempfile.TemporaryDirectory() as tmp:
-        ports = {var: free_port() for _, var, _ in stack.PORTS.values()}
-        config = stack.stack_config(Path(tmp) / "s", environ={k: str(v) for k, v in ports.items()})
-        values = stack.client_env(config, {"mlflow_admin_password": secrets.token_urlsafe(18), "prefect_password": secrets.token_urlsafe(18),
-                                           "s3_access_key": secrets.token_hex(10), "s3_secret_key": secrets.token_urlsafe(24)})
-        env_file = Path(tmp) / "stack.env"
-        env_file.write_text("".join(f"{k}={v}\n" for k, v in {**values, **{k: str(v) for k, v in ports.items()},
-                                    "OLORA_STACK_PG_PASSWORD": secrets.token_urlsafe(18),
-                                    "OLORA_STACK_PG_SUPERUSER_PASSWORD": secrets.token_urlsafe(18)}.items()))
+        config = stack.stack_config(Path(tmp) / "s", environ={var: str(free_port()) for _, var, _ in stack.PORTS.values()})
+        env_file = stack.write_private(Path(tmp) / "compose.env", "".join(
+            f"{k}={v}\n" for k, v in stack.compose_env(config, stack.load_secrets(config.state_dir)).items()))
         (Path(tmp) / "remote.git").mkdir()
         compose = harness.Compose(f"olora-b-{uuid.uuid4().hex[:8]}", env_file, {"OLORA_TEST_GIT_REMOTE": str(Path(tmp) / "remote.git")})
         try:

@@ -88,7 +88,7 @@ def run_stage_case(case: str, adapter: Path, limit: int, batch_size: int) -> dic
     done = time.perf_counter()
     return {"case": case, "requests": counter["requests"], "load_seconds": round(loaded - start, 2),
             "eval_seconds": round(done - loaded, 2), "total_seconds": round(done - start, 2),
-            "mean_acc": metrics["mean_acc"], "device": str(runtime.device), "dtype": runtime.dtype_name,
+            "mean_acc": metrics.mean_acc, "device": str(runtime.device), "dtype": runtime.dtype_name,
             "threads": torch.get_num_threads()}
 
 

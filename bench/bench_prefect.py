@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,9 @@ import urllib.request
 from pathlib import Path
 
 from common import publish
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
+from ports import free_port  # noqa: E402 - the tests' one free-port helper
 
 PLAIN = "def step(x):\n    return x + 1\nprint(step(1))\n"
 FLOW = (
@@ -49,9 +51,7 @@ def main() -> int:
     rows = {"plain python": [timed(PLAIN, env) for _ in range(args.repeats)]}
     rows["flow, ephemeral API"] = [timed(FLOW, env) for _ in range(args.repeats)]
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
                                "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)

@@ -1,6 +1,8 @@
-"""Benchmark: the shared stack (`make stack`) and isolated runs on its workers.
+"""Benchmark: the shared stack (`make stack`: docker/compose.yaml) and isolated runs on its workers.
 
-In a temporary project on free loopback ports, with the tiny overlay model:
+In a temporary project on free loopback ports, with the tiny overlay model and two workers on this machine
+(tests/stackfix.py's ComposeStack, as the stack tier runs them; the images must be present or buildable:
+`python tests/containers/harness.py build` where the registries cannot be reached):
 - `make stack` cold start (first `up`: initdb, migrations, bucket, pool) and warm start (`down` + `up`);
 - two tiny pipeline variants (on-demand deployment runs, each in its own workspace, recorded and pushed)
   run one after the other, then two more run at once on the stack's two workers: wall time of each mode;
@@ -30,6 +32,7 @@ from common import publish
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
 from ports import free_ports  # noqa: E402 - the tests' one free-port helper
+from stackfix import ComposeStack, harness  # noqa: E402 - the stack tier's driver of the compose stack
 
 REPO = Path(__file__).resolve().parents[1]
 from olora.ops import envfile, prefect_api, stack
@@ -85,21 +88,29 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-stack-") as tmp:
         tmp = Path(tmp)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "AWS_", "OLORA_STACK_"))}
+        if reason := harness.missing():
+            raise SystemExit(reason)
+        harness.build_standins()
+        if not harness.exists(harness.IMAGE):
+            harness.build_all()
+        env = {k: v for k, v in harness.env().items()
+               if not k.startswith(("MLFLOW_", "PREFECT_", "AWS_", "OLORA_STACK_", "COMPOSE_"))}
         env.update(PATH=f"{BIN}:{env['PATH']}", DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                   OLORA_NUM_THREADS="1", PREFECT_HOME=str(tmp / "prefect-home"))
+                   OLORA_NUM_THREADS="1", PREFECT_HOME=str(tmp / "prefect-home"),
+                   COMPOSE_PROJECT_NAME=f"olora-bench-{os.getpid()}")
         for (_, var, _), port in zip(stack.PORTS.values(), free_ports(len(stack.PORTS))):
             env[var] = str(port)
         model = build_tiny_llama(tmp / "tiny-llama")
         remote = tmp / "team.git"
         root = team_checkout(tmp / "deployer", remote, model, {"evaluate.tasks": ["arc_easy"]}, env)
-        up = [sys.executable, "-m", "olora.ops.stack", "up", "--workers", "2"]
-        cold = timed(up, root, env)
-        down = timed([sys.executable, "-m", "olora.ops.stack", "down"], root, env)
-        warm = timed(up, root, env)
+        s = ComposeStack(root, env)
         try:
-            config = stack.stack_config(root, workers=2, environ=env)
-            secret = json.loads((config.state_dir / "secrets.json").read_text())
+            for command in ("up", "down", "up"):
+                s.run(command)
+            (cold, warm), (down,) = s.timings["up"], s.timings["down"]
+            s.start_worker(1)
+            s.start_worker(2)
+            config, secret = s.config, s.secret
             env.update(envfile.read_env_file(root / "stack.env"), OLORA_GIT_REMOTE=str(remote), OLORA_GIT_BRANCH="main")
             timed([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], root, env)
             runs = Runs(config, secret, root, env)
@@ -117,7 +128,8 @@ def main() -> None:
             par_seconds = time.monotonic() - start
             costs = [runs.costs(i) for i in sequential + parallel]
         finally:
-            subprocess.run([sys.executable, "-m", "olora.ops.stack", "down"], cwd=root, env=env, capture_output=True)
+            s.stop_workers()
+            subprocess.run([sys.executable, "-m", "olora.ops.stack", "down", "--volumes"], cwd=root, env=env, capture_output=True)
     iso = [c["open_workspace"] + c["record_run"] for c in costs]
     payload = {
         "stack_cold_up_s": round(cold, 1), "stack_down_s": round(down, 1), "stack_warm_up_s": round(warm, 1),

@@ -41,7 +41,7 @@ RETRY = dict(retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_co
 
 
 @task(retries=2, task_run_name="{stage}", **RETRY)
-def run_stage(stage: str, root: str, tracking: Tracking) -> dict[str, Any]:
+def run_stage(stage: str, root: str, tracking: Tracking) -> P.StageRun:
     return P.run_stage(stage, Layout(Path(root)), tracking)
 
 
@@ -61,7 +61,7 @@ def open_workspace(source: str, name: str, commit: str | None = None) -> str:
 
 
 @task(retries=3, **RETRY)
-def record_run(ws: str, name: str, overrides: dict[str, Any] | None, push: bool, tracking: Tracking) -> dict[str, Any]:
+def record_run(ws: str, name: str, overrides: dict[str, Any] | None, push: bool, tracking: Tracking) -> P.Recorded:
     return P.record(Layout(Path(ws)), name, overrides, push, tracking)
 
 
@@ -89,26 +89,26 @@ def olora_pipeline(root: str = ".", overrides: dict[str, Any] | None = None, pro
     P.preflight(source, overrides, commit)  # a bad params file, override or setting a stage would refuse: no work
     name = name or run_name()
     with stack_env(source):  # the team's services (stack.env), else the source project's own store
-        tracking = Tracking.of(load_config(source / "params.yaml", overrides), source)  # tracking.uri may be overridden
+        tracking = Tracking.of(load_config(Layout(source).params, overrides), source)  # tracking.uri may be overridden
         P.check_durable(source, name if isolate else None, tracking, push)  # stores that outlive the run, or refused
         path = Path(open_workspace(str(source), name, commit)) if isolate else P.not_a_commit(source, commit)
         if overrides:
-            edit_params(path / "params.yaml", overrides)
+            edit_params(Layout(path).params, overrides)
         if commit is not None:  # that commit's params with the overrides, before any stage
             P.preflight(path, None)
         results = [run_stage(stage, str(path), tracking) for stage in STAGES]
         extra = "Promotion: " + promote_challenger(str(path), tracking) if promote else ""
-        record: dict[str, Any] = {}
-        if isolate:
-            record = record_run(str(path), name, overrides, push, tracking)
-            extra += f"\n\nRecorded as `{record['olora.git_branch']}` ({record['olora.git_commit'][:12]}) in {record['olora.git_remote']}"
+        recorded = record_run(str(path), name, overrides, push, tracking) if isolate else None
+        if recorded is not None:
+            rec = recorded.record
+            extra += f"\n\nRecorded as `{rec.git_branch}` ({rec.git_commit[:12]}) in {rec.git_remote}"
         elif push:
             extra += f"\n\nDVC push: {dvc_push(str(path))}"
         create_markdown_artifact(P.summary_markdown(path, results, extra), key="olora-pipeline-run",
                                  description="stages, scores, MLflow")
         if isolate:
             workspace.remove(path)  # recorded and pushed: nothing left only here
-    return {"name": name, "stages": results, **record}
+    return {"name": name, "stages": [r.to_json() for r in results], **(recorded.to_json() if recorded else {})}
 
 
 @flow(name="olora-sweep", log_prints=False)
@@ -126,7 +126,7 @@ def olora_sweep(root: str = ".", grid: dict[str, list[Any]] | None = None, deplo
     keys = list(variants[0])
     names = [f"{run_name()}-v{i}" for i in range(len(variants))]
     with stack_env(source):
-        tracking = Tracking.of(load_config(source / "params.yaml"), source)
+        tracking = Tracking.of(load_config(Layout(source).params), source)
         P.check_durable(source, None, tracking, push)
         if tracking.enabled:  # reach (and, for a new SQLite store, create) the store once, before variants race to
             tracking.client()
@@ -141,7 +141,7 @@ def olora_sweep(root: str = ".", grid: dict[str, list[Any]] | None = None, deplo
                 except Exception as exc:  # noqa: BLE001 - one failed variant must not hide the others
                     get_run_logger().error("variant %s failed: %s", v, exc)
                     states[n] = "FAILED"
-        rows = [{"variant": v, "name": n, "state": states[n], **P.variant_result(tracking, n)} for v, n in zip(variants, names)]
+        rows = [{"variant": v, "name": n, "state": states[n], **P.variant_result(tracking, n).to_json()} for v, n in zip(variants, names)]
     create_markdown_artifact(P.sweep_table(keys, rows), key="olora-sweep", description="variants compared")
     return rows
 

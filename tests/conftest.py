@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 from olora.overlay import build_tiny_llama  # noqa: E402
 from ports import free_port, free_ports  # noqa: E402,F401 - the one free-port helper (tests/ports.py), re-exported
+from stackfix import compose_stack  # noqa: E402,F401 - the compose stack for the stack tier (tests/stackfix.py)
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +64,8 @@ BIN = Path(sys.executable).parent
 
 @contextlib.contextmanager
 def running_server(command, cwd: Path, health: str, env: dict | None = None, seconds: float = 120.0,
-                   log_path: Path | None = None, stop_seconds: float = 30.0, port: int | None = None):
+                   log_path: Path | None = None, stop_seconds: float = 30.0, port: int | None = None,
+                   host: str = "127.0.0.1"):
     """Start a server process on a free loopback port, wait for `health` to answer, yield its base URL, stop it.
 
     `command(port)` gives the argv. The whole process group is stopped (SIGTERM, then SIGKILL after
@@ -78,7 +80,7 @@ def running_server(command, cwd: Path, health: str, env: dict | None = None, sec
     finally:
         if log_path:
             log.close()
-    base = f"http://127.0.0.1:{port}"
+    base = f"http://{host}:{port}"
     try:
         wait_for_http(f"{base}{health}", seconds=seconds)
         yield base

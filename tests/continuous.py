@@ -49,6 +49,8 @@ class Team:
     """Auth headers for the Prefect REST API."""
     webhook: bool = False
     """Serve with the registry's webhook (polling off) instead of polling the alias every 2 s."""
+    serve_host: str = "127.0.0.1"
+    """Where `olora serve` listens and the webhook calls it: an address the MLflow server reaches (a container's: the host on its network)."""
     screenshots: Path | None = None
     """Where to write the UI screenshots (local services only: the MLflow UI is started on the SQLite store)."""
 
@@ -200,10 +202,10 @@ def scenario(team: Team, tmp_path: Path) -> dict:
     #    forced to champion (the tiny model's gain is noise), and the running server switches with every request answered
     port = free_port()
     secret = {"OLORA_WEBHOOK_SECRET": "continuous-training-webhook-secret"} if team.webhook else {}
-    serve = [str(BIN / "olora"), "--root", str(dev), "serve", "--alias", "champion", "--port", str(port),
+    serve = [str(BIN / "olora"), "--root", str(dev), "serve", "--alias", "champion", "--host", team.serve_host, "--port", str(port),
              "--poll-seconds", "0" if team.webhook else "2"]
     with running_server(lambda p: serve, dev, "/ping", {**env, **secret}, seconds=180, port=port,
-                        log_path=tmp_path / "serve.log") as served:
+                        log_path=tmp_path / "serve.log", host=team.serve_host) as served:
         if team.webhook:
             sh(str(BIN / "olora"), "serve-webhook", "--url", f"{served}/webhook", extra=secret)
         answers: list[tuple[int, str]] = []

@@ -182,7 +182,7 @@ def uncaught(fn: Callable[[], object], kind: type[BaseException]) -> str:
 def _base_scores(ctx) -> None:
     """The base model's scores, so `evaluate adapter` goes on to look at the adapter folder."""
     (ctx.root / "metrics").mkdir(exist_ok=True)
-    (ctx.root / "metrics" / "eval_base.json").write_text(json.dumps({"mean_acc": 0.5, "tasks": {}}))
+    shutil.copy(REPO / "metrics" / "eval_base.json", ctx.root / "metrics" / "eval_base.json")  # a whole result
 
 
 TEAM_TASK = """task: copa_ours
@@ -1073,6 +1073,12 @@ CASES: list[Case] = [
          "olora rollback: error: olora-tiny-llama champion v1 replaced no earlier champion; nothing to roll back to",
          "Nothing to roll back to; promote another version with `olora promote --version N --force` instead.",
          lambda ctx: cli(ctx.registry(), "rollback")),
+    Case("metrics-file-malformed", "order",
+         "`olora register` with a metrics/eval_adapter.json that lacks a field (edited by hand, or written by other code)",
+         "olora register: error: <project>/metrics/eval_adapter.json: field 'tasks' is missing; re-run the evaluate stages (`dvc repro`)",
+         "Re-run the evaluate stages (`dvc repro`), or restore the file with `dvc checkout`.",
+         lambda ctx: (ctx.project(), ctx.file("metrics/eval_adapter.json", '{"mean_acc": 0.5, "mean_acc_norm": 0.5}'),
+                      cli(ctx.root, "register"))[2]),
     Case("register-without-run", "registry",
          "`olora register` for an adapter trained with `tracking.enabled: false` (no MLflow run record)",
          "olora register: error: <project>/models/adapter has no MLflow run record; re-run training with tracking.enabled=true (`dvc repro train`)",
@@ -1296,14 +1302,14 @@ def _no_cuda(ctx: Ctx) -> str:
 
 def _register_truncated(ctx: Ctx) -> str:
     ctx.project()
-    ctx.file("metrics/eval_adapter.json", json.dumps({"mean_acc": 0.5, "mean_acc_norm": 0.5}))
+    ctx.file("metrics/eval_adapter.json", (REPO / "metrics" / "eval_adapter.json").read_text())
     adapter_dir(ctx, weights="truncated")
     return cli(ctx.root, "register")
 
 
 def _register_without_run(ctx: Ctx) -> str:
     ctx.project()
-    ctx.file("metrics/eval_adapter.json", json.dumps({"mean_acc": 0.5, "mean_acc_norm": 0.5}))
+    ctx.file("metrics/eval_adapter.json", (REPO / "metrics" / "eval_adapter.json").read_text())
     adapter_dir(ctx)
     (ctx.root / "models" / "adapter").mkdir(parents=True)
     return cli(ctx.root, "register")

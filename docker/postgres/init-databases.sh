@@ -1,6 +1,6 @@
 #!/bin/sh
 # Run once by the official postgres image on an empty data volume (/docker-entrypoint-initdb.d), as
-# the superuser `postgres`. The same layout as `make stack` (olora.ops.stack.bootstrap_postgres): the
+# the superuser `postgres`: the
 # login role `olora` (password from OLORA_STACK_PG_PASSWORD) owns the databases mlflow, mlflow_auth
 # and prefect; PUBLIC has no rights on them; pg_trgm (Prefect's server needs it) in prefect.
 set -eu

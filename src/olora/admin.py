@@ -157,9 +157,11 @@ def main(argv: list[str]) -> int:
 
             print(f"champion is now version {registry.rollback(cfg, tracking, args.model)}")
         elif args.command == "restore":
+            from dataclasses import asdict
+
             from olora.orchestration.restore import restore
 
-            print(json.dumps(restore(cfg, tracking, layout.root, args.model, args.alias, args.version), indent=2))
+            print(json.dumps(asdict(restore(cfg, tracking, layout.root, args.model, args.alias, args.version)), indent=2))
         elif args.command == "serve":
             from olora.serving.server import serve
             from olora.tracking.names import model_name

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from olora.errors import ConfigError
+from olora.layout import PARAMS
 
 ADAPTER_INITS = ("olora", "lora", "pissa", "orthogonal", "eva", "corda", "lora_ga")
 REWRITING_INITS = ("olora", "pissa", "corda", "lora_ga")  # the base becomes W - s·B0·A0; exported at rank 2r
@@ -546,7 +547,7 @@ def apply_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[s
     return out
 
 
-def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Config:
+def load_config(path: str | Path = PARAMS, overrides: dict[str, Any] | None = None) -> Config:
     """Read params.yaml (plus optional overrides) into a validated Config."""
     path = Path(path)
     if not path.is_file():

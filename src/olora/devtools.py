@@ -136,7 +136,7 @@ def relock_code(root: Path | str = ".") -> list[str]:
     from dvc.utils.serialize import dump_yaml, load_yaml
 
     root = Path(root)
-    lock = load_yaml(root / "dvc.lock")
+    lock = load_yaml(root / L.DVC_LOCK)
     order = ("path", "hash", "md5", "size", "nfiles")
     changed = []
     with Repo(str(root)) as repo:
@@ -159,7 +159,7 @@ def relock_code(root: Path | str = ".") -> list[str]:
             if (entry.get("cmd"), entry.get("deps")) != (stage.cmd, deps):
                 entry["cmd"], entry["deps"] = stage.cmd, deps
                 changed.append(stage.name)
-    dump_yaml(root / "dvc.lock", lock)
+    dump_yaml(root / L.DVC_LOCK, lock)
     return changed
 
 

@@ -37,13 +37,27 @@ REGISTRATION = "reports/registration.json"
 PROMOTION = "reports/promotion.json"  # the last `olora promote` decision made in this checkout
 
 
+EVAL_ARTIFACTS = "eval"  # in the adapter's MLflow run: the evaluation's per-question results and metrics files
+RESCORED_ARTIFACTS = f"{EVAL_ARTIFACTS}/rescored"  # in a version's run: its re-scorings by the gate, one folder a set
+
+
+def metrics_file(name: str) -> str:
+    """A metrics file's name (`eval_adapter.json`), as it is also named among a run's artifacts."""
+    return f"{name}.json"
+
+
 def metrics_path(name: str) -> str:
-    return f"metrics/{name}.json"
+    return f"metrics/{metrics_file(name)}"
+
+
+def samples_file(which: str) -> str:
+    """The name of an evaluation's per-question results: `base` (evaluate_base) or `adapter` (evaluate)."""
+    return f"{which}_samples.csv"
 
 
 def samples_path(which: str) -> str:
     """Per-question results of an evaluation: `base` (evaluate_base) or `adapter` (evaluate)."""
-    return f"{EVAL}/{which}_samples.csv"
+    return f"{EVAL}/{samples_file(which)}"
 
 
 def plot_path(name: str) -> str:

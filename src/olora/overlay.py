@@ -13,7 +13,7 @@ from typing import Any
 
 
 from olora.config import edit_params
-from olora.layout import EVALS, MODEL_INPUTS, PARAMS
+from olora.layout import DVC_YAML, EVALS, LOCKFILE, MODEL_INPUTS, PARAMS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -93,7 +93,7 @@ def copy_project(folder: Path) -> None:
     """The files a user's clone has that the pipeline needs: dvc.yaml, .dvcignore, the lock, the code, input folders
     (evals/ with its tasks)."""
     folder = Path(folder)
-    for name in ("dvc.yaml", ".dvcignore", "requirements.lock", ".gitignore"):
+    for name in (DVC_YAML, ".dvcignore", LOCKFILE, ".gitignore"):
         shutil.copy(REPO / name, folder / name)
     shutil.copytree(REPO / "src" / "olora", folder / "src" / "olora", ignore=shutil.ignore_patterns("__pycache__"))
     for inputs in ("data/raw", MODEL_INPUTS):

@@ -7,8 +7,8 @@ What it adds for a machine like this project's, and nothing else:
   already (a pulled upstream image is used as is): `docker/Dockerfile` and `compose.yaml` build and run unchanged;
 - the machine's pip settings and CA bundle as build secrets (never in a layer), and a loopback index for
   torch's CPU wheel where PyTorch's own index cannot be reached;
-- `podman healthcheck run` ticks (podman runs healthchecks from systemd timers, absent here) and a start in
-  depends_on order that waits for each condition (podman-compose ignores `service_healthy` before podman 4.6).
+- `Compose`: olora.ops.stack's compose driver (start in depends_on order, `podman healthcheck run` ticks) on
+  compose.yaml plus the tier's override file.
 
 `python tests/containers/harness.py build` builds everything the tier uses and prints the timings.
 """
@@ -29,6 +29,8 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+
+from olora.ops import stack
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -283,61 +285,18 @@ def wait_healthy(container: str, seconds: float = 180) -> float:
     raise AssertionError(f"{container} is {health(container)!r}, not healthy, after {seconds:.0f} s:\n{logs.stdout}{logs.stderr}")
 
 
-class Compose:
-    """docker/compose.yaml (+ the test override) under podman-compose, with a project name of its own."""
+class Compose(stack.Compose):
+    """docker/compose.yaml + the test override under podman-compose, with a project name of its own: olora.ops.stack's
+    driver (the start in depends_on order, health waits and ticks), plus what the container tier asks of it."""
 
     def __init__(self, project: str, env_file: Path, extra_env: dict[str, str] | None = None):
-        self.project, self.env_file = project, env_file
-        self.env = {**env(), **(extra_env or {})}
-
-    def __call__(self, *args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
         exe = str(BIN / "podman-compose") if (BIN / "podman-compose").exists() else "podman-compose"
-        argv = [exe, "--project-name", self.project, "--env-file", str(self.env_file), "-f", str(COMPOSE),
-                "-f", str(TEST_COMPOSE), *args]
-        done = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-        if check and done.returncode != 0:
-            raise RuntimeError(f"podman-compose {' '.join(args)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
-        return done
-
-    def config(self) -> dict:
-        import yaml
-
-        return yaml.safe_load(self("config").stdout)
-
-    def container(self, service: str) -> str:
-        found = podman("ps", "-a", "--format", "{{.Names}}", "--filter", f"label=com.docker.compose.project={self.project}",
-                       "--filter", f"label=com.docker.compose.service={service}").stdout.split()
-        assert found, f"no container for service {service}"
-        return found[0]
+        super().__init__(project, env_file, (COMPOSE, TEST_COMPOSE), env={**env(), **(extra_env or {})}, cwd=REPO,
+                         command=[exe], cli="podman")
 
     def up_in_order(self, seconds: float = 600) -> dict[str, float]:
-        """`up -d` one depends_on level at a time, each level's conditions met before the next starts (what compose
-        does itself where it can wait on service_healthy). Seconds from the start until each service was ready."""
-        services = {name: s for name, s in self.config()["services"].items() if not s.get("profiles")}
-        ready: dict[str, float] = {}
-        start = time.monotonic()
-        while len(ready) < len(services):
-            level = [n for n, s in services.items() if n not in ready and set(s.get("depends_on") or {}) <= set(ready)]
-            assert level, f"depends_on cycle among {sorted(set(services) - set(ready))}"
-            self("up", "-d", "--no-deps", *level)
-            for name in level:
-                container = self.container(name)
-                wanted = "exited" if services[name].get("restart") == "no" else (
-                    "healthy" if not (services[name].get("healthcheck") or {}).get("disable") else "running")
-                deadline = time.monotonic() + seconds
-                while True:
-                    state = podman("inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", container).stdout.split()
-                    if wanted == "exited" and state[0] == "exited":
-                        assert state[1] == "0", f"{name} exited {state[1]}:\n{podman('logs', container, check=False).stdout[-3000:]}"
-                        break
-                    if wanted == "healthy" and health(container) == "healthy" or wanted == "running" and state[0] == "running":
-                        break
-                    if time.monotonic() > deadline:
-                        logs = podman("logs", "--tail", "80", container, check=False)
-                        raise AssertionError(f"{name} not {wanted} after {seconds:.0f} s ({state}):\n{logs.stdout[-4000:]}{logs.stderr[-4000:]}")
-                    time.sleep(1)
-                ready[name] = round(time.monotonic() - start, 1)
-        return ready
+        """Every service up and ready, each once what it depends on is; seconds from the start until each was ready."""
+        return self.up(seconds=seconds)
 
     def down(self) -> subprocess.CompletedProcess:
         return self("down", "--volumes", "--remove-orphans", timeout=300, check=False)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -165,12 +164,9 @@ def test_the_compose_stack_runs_a_deployment_on_its_worker_and_down_leaves_nothi
     run, registered version, S3 objects and runs/* branch exist; `down` leaves no container, volume or network."""
     from olora.overlay import team_checkout
 
-    ports = {var: free_port() for _, var, _ in stack.PORTS.values()}
-    config = stack.stack_config(tmp_path / "stack", environ={k: str(v) for k, v in ports.items()})
-    values = stack.client_env(config, {"mlflow_admin_password": secrets.token_urlsafe(18), "prefect_password": secrets.token_urlsafe(18),
-                                       "s3_access_key": secrets.token_hex(10), "s3_secret_key": secrets.token_urlsafe(24)})
-    compose_env = {**values, **{k: str(v) for k, v in ports.items()},
-                   "OLORA_STACK_PG_PASSWORD": secrets.token_urlsafe(18), "OLORA_STACK_PG_SUPERUSER_PASSWORD": secrets.token_urlsafe(18)}
+    config = stack.stack_config(tmp_path / "stack", environ={var: str(free_port()) for _, var, _ in stack.PORTS.values()})
+    secret = stack.load_secrets(config.state_dir)  # as `make stack` generates them
+    values, compose_env = stack.client_env(config, secret), stack.compose_env(config, secret)
     env_file = tmp_path / "stack.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in compose_env.items()))
     env_file.chmod(0o600)

@@ -161,7 +161,7 @@ def test_team_tasks_evaluate_with_both_backends(tiny, tmp_path, monkeypatch):
            for b in ("hf", "prefix")}
     runs = {b: run_lm_eval(model, tokenizer, cfg[b], evals) for b in cfg}
     for backend, evaluation in runs.items():
-        metrics, rows = evaluation.metrics, evaluation.rows
+        metrics, rows = evaluation.metrics.to_json(), evaluation.rows  # as metrics/eval_*.json holds them
         assert list(metrics["tasks"]) == ["arc_easy", "sums_example", "colours_example"], backend
         gen, mc = metrics["tasks"]["sums_example"], metrics["tasks"]["colours_example"]
         assert gen["scored_by"] == "exact_match" and "acc_norm" not in gen and gen["n"] == 4
@@ -177,7 +177,7 @@ def test_team_tasks_evaluate_with_both_backends(tiny, tmp_path, monkeypatch):
     # the shared-prefix backend decides every question as lm-eval's hf does, generative ones included
     assert [(r["task"], r["doc_id"], r["acc"], r["acc_norm"]) for r in runs["prefix"].rows] == \
            [(r["task"], r["doc_id"], r["acc"], r["acc_norm"]) for r in runs["hf"].rows]
-    assert runs["prefix"].metrics["questions"] == runs["hf"].metrics["questions"]
+    assert runs["prefix"].metrics.questions == runs["hf"].metrics.questions
 
 
 @pytest.mark.integration
@@ -203,8 +203,8 @@ def test_a_generative_task_scores_exact_match_after_its_filter(tiny, tmp_path):
         + json.dumps({"question": "What is 1 plus 1?", "answer": "never said"}) + "\n")
     evaluation = run_lm_eval(model, tokenizer, cfg, evals)
     assert [r["acc"] for r in evaluation.rows] == [1, 0]
-    assert evaluation.metrics["tasks"]["sums_example"]["acc"] == 0.5
-    assert evaluation.metrics["questions"]["source"] == "hub"
+    assert evaluation.metrics.tasks["sums_example"].acc == 0.5
+    assert evaluation.metrics.questions["source"] == "hub"
 
 
 # --- DVC: evals/ is an input of both evaluate stages, and of nothing else ----------------------------

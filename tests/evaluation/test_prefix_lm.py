@@ -189,8 +189,8 @@ def test_the_stage_gives_the_same_per_question_results_with_either_backend(tiny_
         for key in ("loglik", "loglik_norm"):
             assert (a[key] is None) == (b[key] is None)
             assert a[key] is None or max(abs(x - y) for x, y in zip(a[key], b[key])) < 2e-4
-    assert runs["hf"].metrics["questions"] == runs["prefix"].metrics["questions"]  # the same questions asked
-    assert runs["hf"].metrics["mean_acc"] == runs["prefix"].metrics["mean_acc"]
+    assert runs["hf"].metrics.questions == runs["prefix"].metrics.questions  # the same questions asked
+    assert runs["hf"].metrics.mean_acc == runs["prefix"].metrics.mean_acc
 
 
 def test_registered_with_lm_eval_under_its_name():

@@ -180,7 +180,10 @@ def test_eva_that_does_not_converge_stops_with_the_setting_to_change(tiny_model_
     ("eva", "- exported as a plain LoRA of rank 4 for the untouched base\n"),
 ])
 def test_model_card_states_the_export_rank(init, line):
+    import math
+
+    from olora.evaluation.result import EvalResult
     from olora.tracking.card import model_card
 
     cfg = config_from_dict({"adapter": {"init": init, "r": 4}})
-    assert line in model_card(cfg, "olora-tiny", "1", "tiny", {"tasks": {}}, {})
+    assert line in model_card(cfg, "olora-tiny", "1", "tiny", EvalResult({}, math.nan, math.nan, 0), {})

@@ -1,8 +1,9 @@
-"""`make stack`: the shared services (PostgreSQL, an S3 store, MLflow, Prefect + workers, a DVC remote) on loopback.
+"""`make stack`: the shared services of docker/compose.yaml (PostgreSQL, an S3 store, MLflow, Prefect), driven by compose.
 
-The `stack` tests start the real stack once, in a temporary project on free loopback ports, with 2 workers,
-then stop it, start it again (data must survive) and stop it for good. The other tests need no server.
-Credentials are the stack's own generated ones, read at run time: this file holds none.
+The `stack` tests share one compose stack (tests/stackfix.py's `compose_stack`: a temporary project on free loopback
+ports, its own compose project name, two Prefect workers on this machine), stop it, start it again (data must
+survive) and remove it. The other tests need no engine. Credentials are the stack's own generated ones, read at run
+time: this file holds none.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -21,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, REPO, free_ports, sh
-from olora.ops import envfile, prefect_api, services, stack
-
-WORKERS = 2
+from olora.ops import envfile, prefect_api, stack
+from olora.ops.envfile import ServiceError
+from stackfix import WORKERS
 
 
 # ------------------------------------------------------------------ no server
@@ -85,71 +87,46 @@ def test_stack_env_example_documents_every_variable():
 
 def test_ports_default_loopback_and_a_taken_port_names_its_service(tmp_path):
     config = stack.stack_config(tmp_path, environ={})
-    assert config.host == "127.0.0.1" and config.state_dir == tmp_path.resolve() / ".stack"
-    assert {config.ports[k] for k in ("postgres", "mlflow", "prefect", "s3")} == {5433, 5000, 4200, 8333}
+    assert config.state_dir == tmp_path.resolve() / ".stack" and config.project == "olora"
+    assert config.files == (REPO / "docker" / "compose.yaml",)
+    assert dict(config.ports) == {"postgres": 5433, "mlflow": 5000, "prefect": 4200, "s3": 8333}
+    assert config.mlflow_url == "http://127.0.0.1:5000" and config.prefect_url == "http://127.0.0.1:4200/api"
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         ports = iter(free_ports(len(stack.PORTS)))
         environ = {var: str(next(ports) if key != "prefect" else port) for key, (_, var, _) in stack.PORTS.items()}
-        with pytest.raises(services.ServiceError, match=f"prefect: port {port} on 127.0.0.1 is already in use.*OLORA_STACK_PREFECT_PORT"):
+        with pytest.raises(ServiceError, match=f"prefect: port {port} on 127.0.0.1 is already in use.*OLORA_STACK_PREFECT_PORT"):
             stack.check_ports(stack.stack_config(tmp_path, environ=environ))
-    with pytest.raises(services.ServiceError, match="OLORA_STACK_S3_PORT"):
+    with pytest.raises(ServiceError, match="OLORA_STACK_S3_PORT"):
         stack.stack_config(tmp_path, environ={"OLORA_STACK_S3_PORT": "eighty"})
+    with pytest.raises(ServiceError, match="two services share a port"):
+        stack.stack_config(tmp_path, environ={"OLORA_STACK_S3_PORT": "5000"})
+    with pytest.raises(ServiceError, match="COMPOSE_FILE names .*nowhere.yaml, which does not exist"):
+        stack.stack_config(tmp_path, environ={"COMPOSE_FILE": f"{REPO}/docker/compose.yaml:nowhere.yaml"})
 
 
-# ------------------------------------------------------------------ the real stack
+def test_compose_interpolates_only_what_up_hands_it():
+    """Every variable compose.yaml needs without a default is one `up` writes to .stack/compose.env; the secrets are
+    generated once, kept 0600 and reused."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = stack.stack_config(tmp, environ={})
+        secret = stack.load_secrets(config.state_dir)
+        assert stack.load_secrets(config.state_dir) == secret
+        assert (config.state_dir / "secrets.json").stat().st_mode & 0o777 == 0o600
+        handed = stack.compose_env(config, secret)
+    text = (REPO / "docker" / "compose.yaml").read_text()
+    required = set(re.findall(r"\$\{([A-Z_0-9]+):\?", text))
+    assert required and required <= set(handed), required - set(handed)
+    defaulted = set(re.findall(r"\$\{([A-Z_0-9]+):-", text))
+    assert {var for _, var, _ in stack.PORTS.values()} <= defaulted & set(handed)
+    assert set(stack.ENV_VARS) <= set(handed)
 
 
-class Stack:
-    def __init__(self, root: Path, env: dict[str, str]):
-        self.root, self.env = root, env
-        self.config = stack.stack_config(root, workers=WORKERS, environ=env)
-        self.timings: dict[str, list[float]] = {}
-
-    def run(self, command: str, timeout: float = 400) -> subprocess.CompletedProcess:
-        start = time.monotonic()
-        done = subprocess.run([sys.executable, "-m", "olora.ops.stack", command, "--workers", str(WORKERS)], cwd=self.root,
-                              env=self.env, capture_output=True, text=True, timeout=timeout)
-        self.timings.setdefault(command, []).append(round(time.monotonic() - start, 1))
-        assert done.returncode == 0, f"olora.ops.stack {command} failed:\n{done.stdout}\n{done.stderr}"
-        return done
-
-    @property
-    def secret(self) -> dict[str, str]:
-        return json.loads((self.config.state_dir / "secrets.json").read_text())
-
-    @property
-    def values(self) -> dict[str, str]:
-        return envfile.read_env_file(self.root / "stack.env")
-
-    def processes(self) -> list:
-        state = json.loads((self.config.state_dir / "stack.json").read_text())
-        found = []
-        for name, entry in state["services"].items():
-            handle = stack._adopted(name, entry)
-            assert handle is not None, f"{name} is not running"
-            found += handle.processes()
-        return found
-
-
-@pytest.fixture(scope="module")
-def running_stack(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stack-project")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "AWS_", "OLORA_STACK_"))}
-    env["DVC_NO_ANALYTICS"] = "1"
-    env["OLORA_NUM_THREADS"] = "1"  # the workers' flow runs: two at once on two cores
-    env[prefect_api.CRASH_AFTER_VAR] = "60"  # a dead worker's run is marked CRASHED 60 s after its last heartbeat
-    for (key, (_, var, _)), port in zip(stack.PORTS.items(), free_ports(len(stack.PORTS))):
-        env[var] = str(port)
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=root, env=env, check=True)
-    s = Stack(root, env)
-    s.run("up")
-    yield s
-    subprocess.run([sys.executable, "-m", "olora.ops.stack", "down"], cwd=root, env=env, capture_output=True, timeout=300)
-    print(f"\nstack timings (s; first up is cold): {json.dumps(s.timings)}")
+# ------------------------------------------------------------------ the real stack (tests/stackfix.py)
 
 
 def _http(url: str, headers: dict | None = None, data: dict | None = None, method: str | None = None) -> tuple[int, object]:
@@ -157,54 +134,61 @@ def _http(url: str, headers: dict | None = None, data: dict | None = None, metho
 
 
 @pytest.mark.stack
-def test_stack_env_holds_what_clients_need(running_stack):
-    values = running_stack.values
+def test_stack_env_holds_what_clients_need(compose_stack):
+    values, config = compose_stack.values, compose_stack.config
     assert set(values) == set(stack.ENV_VARS)
-    assert values["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{running_stack.config.ports['mlflow']}"
-    assert values["PREFECT_API_URL"] == f"http://127.0.0.1:{running_stack.config.ports['prefect']}/api"
-    assert values["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{running_stack.config.ports['s3']}"
-    assert (running_stack.root / "stack.env").stat().st_mode & 0o777 == 0o600
-    out = subprocess.run([sys.executable, "-m", "olora.ops.stack", "status"], cwd=running_stack.root, env=running_stack.env,
+    assert values["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{config.ports['mlflow']}"
+    assert values["PREFECT_API_URL"] == f"http://127.0.0.1:{config.ports['prefect']}/api"
+    assert values["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{config.ports['s3']}"
+    for name in ("stack.env", ".stack/secrets.json", ".stack/compose.env"):
+        assert (compose_stack.root / name).stat().st_mode & 0o777 == 0o600, name
+    out = subprocess.run([sys.executable, "-m", "olora.ops.stack", "status"], cwd=compose_stack.root, env=compose_stack.env,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    for name in ("postgres", "s3", "mlflow", "prefect", *[f"olora-worker-{i}" for i in range(1, WORKERS + 1)]):
-        assert any(line.startswith(name) and " up " in line for line in out.stdout.splitlines()), out.stdout
+    for service in ("postgres", "seaweedfs", "mlflow", "prefect"):
+        container = compose_stack.compose.container(service)
+        assert any(line.startswith(container) and " up " in line for line in out.stdout.splitlines()), out.stdout
+    assert any(line.startswith(compose_stack.compose.container("buckets")) and " done " in line for line in out.stdout.splitlines())
 
 
 @pytest.mark.stack
-def test_postgres_takes_the_role_password_and_refuses_a_wrong_one(running_stack):
-    config, secret = running_stack.config, running_stack.secret
-    for database in stack.PG_DATABASES:
-        stack.check_postgres_login(config, secret["postgres_password"], database=database)
-    with pytest.raises(services.ServiceError, match=r"PostgreSQL at 127.0.0.1:\d+ refused the password of role 'olora'"):
-        stack.check_postgres_login(config, "wrong-" + secret["postgres_password"])
-    with pytest.raises(services.ServiceError, match="refused the password of role 'postgres'"):
-        stack.check_postgres_login(config, secret["postgres_password"], user="postgres", database="postgres")
+def test_postgres_takes_the_role_password_and_refuses_a_wrong_one(compose_stack):
+    import psycopg2
+
+    secret, port = compose_stack.secret, compose_stack.config.ports["postgres"]
+
+    def connect(user: str, password: str, database: str):
+        return psycopg2.connect(host="127.0.0.1", port=port, user=user, password=password, dbname=database, connect_timeout=5)
+
+    for database in ("mlflow", "mlflow_auth", "prefect"):
+        connect("olora", secret["postgres_password"], database).close()
+    for user, password in (("olora", "wrong-" + secret["postgres_password"]), ("postgres", secret["postgres_password"])):
+        with pytest.raises(psycopg2.OperationalError, match=f'password authentication failed for user "{user}"'):
+            connect(user, password, "postgres")
+    connect("postgres", secret["postgres_superuser_password"], "postgres").close()
 
 
 @pytest.mark.stack
-def test_s3_needs_the_keys(running_stack):
-    config, values = running_stack.config, running_stack.values
+def test_s3_needs_the_keys(compose_stack):
+    config, values = compose_stack.config, compose_stack.values
     key, secret_key = values["AWS_ACCESS_KEY_ID"], values["AWS_SECRET_ACCESS_KEY"]
     client = stack.s3_client(config, key, secret_key)
     client.put_object(Bucket=stack.BUCKET, Key="checks/hello.txt", Body=b"hello")
     assert client.get_object(Bucket=stack.BUCKET, Key="checks/hello.txt")["Body"].read() == b"hello"
+    stack.check_s3(config, key, secret_key)
     for wrong in ((key, secret_key + "x"), ("OLORANOSUCHKEY000000", secret_key)):
-        with pytest.raises(services.ServiceError, match=r"the S3 store \(SeaweedFS\) at http://127.0.0.1:\d+ refused"):
+        with pytest.raises(ServiceError, match=r"the S3 store \(SeaweedFS\) at http://127.0.0.1:\d+ refused"):
             stack.check_s3(config, *wrong)
     with pytest.raises(urllib.error.HTTPError) as info:  # anonymous
         urllib.request.urlopen(f"{config.s3_url}/{stack.BUCKET}/checks/hello.txt", timeout=10)
     assert info.value.code == 403
-    with pytest.raises(urllib.error.HTTPError) as info:  # SeaweedFS's own filer port needs its JWT
-        urllib.request.urlopen(f"http://127.0.0.1:{config.ports['weed_filer']}/buckets/{stack.BUCKET}/checks/hello.txt", timeout=10)
-    assert info.value.code == 401
 
 
 @pytest.mark.stack
-def test_mlflow_logs_a_run_whose_artifact_lands_in_the_bucket(running_stack, monkeypatch):
+def test_mlflow_logs_a_run_whose_artifact_lands_in_the_bucket(compose_stack, monkeypatch):
     from mlflow import MlflowClient
 
-    values = running_stack.values
+    values = compose_stack.values
     url = values["MLFLOW_TRACKING_URI"]
     assert _http(f"{url}/api/2.0/mlflow/experiments/search", data={"max_results": 1})[0] == 401
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
@@ -216,16 +200,16 @@ def test_mlflow_logs_a_run_whose_artifact_lands_in_the_bucket(running_stack, mon
     client.log_text(run.info.run_id, "hello from the stack", "notes/hello.txt")
     client.set_terminated(run.info.run_id)
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # served through the tracking server
-    s3 = stack.s3_client(running_stack.config, values["AWS_ACCESS_KEY_ID"], values["AWS_SECRET_ACCESS_KEY"])
+    s3 = stack.s3_client(compose_stack.config, values["AWS_ACCESS_KEY_ID"], values["AWS_SECRET_ACCESS_KEY"])
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=stack.BUCKET, Prefix="mlflow-artifacts/").get("Contents", [])]
     assert f"mlflow-artifacts/{experiment}/{run.info.run_id}/artifacts/notes/hello.txt" in keys, keys
-    running_stack.run_id = run.info.run_id
+    compose_stack.run_id = run.info.run_id
 
 
 @pytest.mark.stack
-def test_the_stacks_registry_delivers_signed_webhooks_to_a_loopback_receiver(running_stack, tmp_path):
+def test_the_stacks_registry_delivers_signed_webhooks_to_a_receiver_on_this_machine(compose_stack, tmp_path):
     """`olora serve-webhook` registers with the stack's MLflow (PostgreSQL registry, auth on); MLflow's own test
-    delivery reaches a receiver on loopback, signed so that `olora serve`'s check accepts it."""
+    delivery, from its container, reaches a receiver on this machine's address on the stack's network, signed so that `olora serve`'s check accepts it."""
     import http.server
     import threading
 
@@ -245,14 +229,15 @@ def test_the_stacks_registry_delivers_signed_webhooks_to_a_loopback_receiver(run
         def log_message(self, *args):
             pass
 
-    httpd = http.server.HTTPServer(("127.0.0.1", 0), Receiver)
+    host = compose_stack.host_address()
+    httpd = http.server.HTTPServer((host, 0), Receiver)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    values, secret = running_stack.values, "stack-webhook-secret-0123456789"
+    values, secret = compose_stack.values, "stack-webhook-secret-0123456789"
     env = {k: values[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
     try:
         (tmp_path / "params.yaml").write_text("register:\n  model_name: stack-webhook-check\n")
         out = sh([str(BIN / "olora"), "--root", str(tmp_path), "serve-webhook", "--url",
-                  f"http://127.0.0.1:{httpd.server_port}/webhook"], tmp_path, check=False,
+                  f"http://{host}:{httpd.server_port}/webhook"], tmp_path, check=False,
                  extra_env={**env, "OLORA_WEBHOOK_SECRET": secret})
         assert out.returncode == 0, out.stderr[-3000:]
         hook_id = out.stdout.split()[1].rstrip(":")
@@ -272,21 +257,23 @@ def test_the_stacks_registry_delivers_signed_webhooks_to_a_loopback_receiver(run
 
 
 @pytest.mark.stack
-def test_prefect_answers_with_its_auth_string_and_has_the_pool_and_workers(running_stack):
-    values, config = running_stack.values, running_stack.config
+def test_prefect_answers_with_its_auth_string_and_has_the_pool_and_workers(compose_stack):
+    values, config = compose_stack.values, compose_stack.config
     api = values["PREFECT_API_URL"]
     right = {"Authorization": "Basic " + base64.b64encode(values["PREFECT_API_AUTH_STRING"].encode()).decode()}
     assert _http(f"{api}/work_pools/{stack.WORK_POOL}")[0] == 401
+    wrong = {"Authorization": "Basic " + base64.b64encode(f"{stack.PREFECT_USER}:not-the-password".encode()).decode()}
+    assert _http(f"{api}/work_pools/{stack.WORK_POOL}", headers=wrong)[0] == 401
     status, pool = _http(f"{api}/work_pools/{stack.WORK_POOL}", headers=right)
     assert status == 200 and pool["type"] == "process" and pool["base_job_template"]
-    online = prefect_api.online_workers(config.prefect_url, prefect_api.headers(running_stack.secret), stack.WORK_POOL)
+    online = prefect_api.online_workers(config.prefect_url, prefect_api.headers(compose_stack.secret), stack.WORK_POOL)
     assert set(online) == {f"olora-worker-{i}" for i in range(1, WORKERS + 1)}, online
     # the zombie-run automation, as `up` created it (and as docker/crash-automation.json holds it)
     status, automations = _http(f"{api}/automations/filter", headers=right, data={})
     ours = [a for a in automations if a["name"] == prefect_api.CRASH_AUTOMATION]
     assert status == 200 and len(ours) == 1 and ours[0]["enabled"] and ours[0]["trigger"]["within"] == 60.0
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}, **values,
-           "PREFECT_HOME": str(running_stack.root / ".stack" / "cli-home")}
+           "PREFECT_HOME": str(compose_stack.root / ".stack" / "cli-home")}
     prefect = [str(Path(sys.executable).parent / "prefect")]
     done = subprocess.run([*prefect, "automation", "create", "--from-file", str(REPO / "docker" / "crash-automation.json")],
                           env=env, capture_output=True, text=True, timeout=120)
@@ -298,32 +285,38 @@ def test_prefect_answers_with_its_auth_string_and_has_the_pool_and_workers(runni
 
 
 @pytest.mark.stack
-def test_dvc_pushes_to_the_stack_remote(running_stack):
-    root = running_stack.root
+def test_dvc_pushes_to_the_stack_remote(compose_stack):
+    root = compose_stack.root
     local = (root / ".dvc" / "config.local").read_text()
     assert "remote = stack" in local and "endpointurl" in local
     assert (root / ".dvc" / "config.local").stat().st_mode & 0o777 == 0o600
-    env = {k: v for k, v in running_stack.env.items() if not k.startswith("AWS_")}  # config.local alone suffices
+    env = {k: v for k, v in compose_stack.env.items() if not k.startswith("AWS_")}  # config.local alone suffices
     dvc = str(Path(sys.executable).parent / "dvc")
     (root / "tiny.txt").write_text("a tiny tracked file\n")
     for command in (["add", "-q", "tiny.txt"], ["push"], ["status", "-c"]):
         done = subprocess.run([dvc, *command], cwd=root, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
     assert "in sync" in done.stdout, done.stdout
-    values = running_stack.values
-    s3 = stack.s3_client(running_stack.config, values["AWS_ACCESS_KEY_ID"], values["AWS_SECRET_ACCESS_KEY"])
+    values = compose_stack.values
+    s3 = stack.s3_client(compose_stack.config, values["AWS_ACCESS_KEY_ID"], values["AWS_SECRET_ACCESS_KEY"])
     assert s3.list_objects_v2(Bucket=stack.BUCKET, Prefix="dvc/").get("KeyCount", 0) >= 1
 
 
 @pytest.mark.stack
-def test_every_listening_socket_is_on_loopback(running_stack):
-    import psutil
-
-    pids = {p.pid for p in running_stack.processes()}
-    listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
-                 if c.status == psutil.CONN_LISTEN and c.pid in pids}
-    assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening
-    assert set(running_stack.config.ports.values()) <= {port for _, port in listening}
+def test_every_published_port_is_on_loopback(compose_stack):
+    """Each container publishes only on 127.0.0.1, exactly the stack's ports; this machine's other address refuses them."""
+    compose, config = compose_stack.compose, compose_stack.config
+    published = {}
+    for container in compose.containers(running=True):
+        for line in compose.engine_cli("port", container).stdout.splitlines():  # "5432/tcp -> 127.0.0.1:54321"
+            host, _, port = line.split("->")[1].strip().rpartition(":")
+            published[int(port)] = host
+    assert published == {port: "127.0.0.1" for port in config.ports.values()}, published
+    other = compose_stack.host_address()
+    for port in config.ports.values():
+        with socket.socket() as s:
+            s.settimeout(3)
+            assert s.connect_ex((other, port)) != 0, f"port {port} answers on {other}"
 
 
 def _git(root: Path, *args: str) -> str:
@@ -352,7 +345,7 @@ def _prefect_logs(prefect_url: str, headers: dict, run_id: str) -> str:
 
 
 @pytest.mark.stack
-def test_two_deployment_runs_on_two_workers_recorded_restored_and_a_killed_worker_rerun(running_stack, tmp_path, tiny_model_dir):
+def test_two_deployment_runs_on_two_workers_recorded_restored_and_a_killed_worker_rerun(compose_stack, tmp_path, tiny_model_dir):
     """The production loop on the real stack: prefect.yaml deployed, two on-demand runs at once on two workers.
 
     One of them is paused in `train` and its worker killed (SIGKILL, worker and flow-run process, as a lost
@@ -364,7 +357,7 @@ def test_two_deployment_runs_on_two_workers_recorded_restored_and_a_killed_worke
     """
     from olora.overlay import team_checkout
 
-    s, values = running_stack, running_stack.values
+    s, values = compose_stack, compose_stack.values
     bin_dir = Path(sys.executable).parent
     headers = prefect_api.headers(s.secret)
     mlflow_auth = {"Authorization": "Basic " + base64.b64encode(
@@ -403,14 +396,10 @@ def test_two_deployment_runs_on_two_workers_recorded_restored_and_a_killed_worke
     import psutil
 
     paused_pid = int(reached.read_text())
-    state = json.loads((s.config.state_dir / "stack.json").read_text())["services"]
-    workers = {name: psutil.Process(entry["pid"]) for name, entry in state.items() if name.startswith("olora-worker-")}
+    workers = {name: psutil.Process(proc.pid) for name, proc in s.workers.items()}
     holder = next(name for name, proc in workers.items() if paused_pid in {c.pid for c in proc.children(recursive=True)})
     other = next(name for name in workers if name != holder)
-    doomed = [workers[holder], *workers[holder].children(recursive=True)]
-    for proc in doomed:
-        proc.kill()
-    psutil.wait_procs(doomed, timeout=30)
+    assert paused_pid in s.kill_worker(holder)
     killed_at = time.monotonic()
 
     crashed = _wait_final(s.config.prefect_url, headers, [ids[1]], 240)
@@ -488,11 +477,9 @@ def test_two_deployment_runs_on_two_workers_recorded_restored_and_a_killed_worke
         assert hashlib.sha256((fresh / "models/exported/adapter_model.safetensors").read_bytes()).hexdigest() == \
             recorded["adapter/adapter_model.safetensors"]
 
-    # `make stack` again brings the dead worker back
-    restarted_after = time.time()
-    assert f"{holder:<16} restarted" in s.run("up").stdout
-    assert holder in prefect_api.online_workers(s.config.prefect_url, prefect_api.headers(s.secret), stack.WORK_POOL, since=restarted_after)  # `up` waits for it to be online
-    assert other in prefect_api.online_workers(s.config.prefect_url, prefect_api.headers(s.secret), stack.WORK_POOL)
+    # the dead worker started again joins the pool beside the other
+    s.start_worker(int(holder.rsplit("-", 1)[1]))
+    assert {holder, other} <= set(prefect_api.online_workers(s.config.prefect_url, headers, stack.WORK_POOL))
 
 
 def yaml_r(text: str) -> int:
@@ -502,7 +489,7 @@ def yaml_r(text: str) -> int:
 
 
 @pytest.mark.stack
-def test_continuous_training_on_the_stack(running_stack, tmp_path, tiny_untied_model_dir):
+def test_continuous_training_on_the_stack(compose_stack, tmp_path, tiny_untied_model_dir):
     """tests/continuous.py's scenario on the stack's services: a data version published with `olora publish-data` (its
     content in the S3 store) starts one run on its commit on the stack's workers, registered in the PostgreSQL-backed
     registry with its data version; docs-only and unpushed data commits start none; `olora serve --alias champion`
@@ -510,7 +497,7 @@ def test_continuous_training_on_the_stack(running_stack, tmp_path, tiny_untied_m
     from continuous import MODEL, Team, scenario, start_project
     from olora.overlay import team_checkout
 
-    s, values = running_stack, running_stack.values
+    s, values = compose_stack, compose_stack.values
     env = {k: v for k, v in s.env.items() if not k.startswith(("MLFLOW_", "PREFECT_", "AWS_"))}
     env.update(PATH=f"{BIN}:{os.environ['PATH']}", PREFECT_HOME=str(tmp_path / "prefect-home"))
     remote = tmp_path / "team.git"
@@ -524,7 +511,8 @@ def test_continuous_training_on_the_stack(running_stack, tmp_path, tiny_untied_m
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     try:
-        timings = scenario(Team(root, remote, env, s.config.prefect_url, prefect_api.headers(s.secret), webhook=True), tmp_path)
+        timings = scenario(Team(root, remote, env, s.config.prefect_url, prefect_api.headers(s.secret), webhook=True,
+                                serve_host=s.host_address()), tmp_path)
     finally:  # the watcher's schedule must not outlive this test on the shared stack
         for name in ("olora-data-watch/data-watch", "olora-pipeline/on-new-data"):
             subprocess.run([str(BIN / "prefect"), "deployment", "delete", name], cwd=root, env=env, capture_output=True, timeout=120)
@@ -532,35 +520,44 @@ def test_continuous_training_on_the_stack(running_stack, tmp_path, tiny_untied_m
 
 
 @pytest.mark.stack
-def test_down_leaves_no_process_and_data_survives_up_again(running_stack, monkeypatch):
+def test_down_removes_the_containers_and_data_survives_up_again(compose_stack, monkeypatch):
     from mlflow import MlflowClient
 
-    procs = running_stack.processes()
-    assert len(procs) >= 6
-    running_stack.run("down")
-    assert services.alive(procs) == []
-    assert all(services.port_free("127.0.0.1", port) for port in running_stack.config.ports.values())
+    compose = compose_stack.compose
+    volumes = compose.engine_cli("volume", "ls", "--format", "{{.Name}}",
+                                 "--filter", f"label=com.docker.compose.project={compose.project}").stdout.split()
+    assert len(volumes) >= 2
+    compose_stack.run("down")
+    assert compose.containers() == []
+    assert all(_free(port) for port in compose_stack.config.ports.values())
+    assert compose.engine_cli("volume", "ls", "--format", "{{.Name}}",
+                              "--filter", f"label=com.docker.compose.project={compose.project}").stdout.split() == volumes
     # stack.env is set aside, so that commands no longer go to the stopped servers
-    assert not (running_stack.root / "stack.env").exists()
-    before = envfile.read_env_file(running_stack.root / envfile.STOPPED_FILE)
-    running_stack.run("up")  # warm: the same secrets, the data in place
-    assert running_stack.values == before and not (running_stack.root / envfile.STOPPED_FILE).exists()
+    assert not (compose_stack.root / "stack.env").exists()
+    before = envfile.read_env_file(compose_stack.root / envfile.STOPPED_FILE)
+    compose_stack.run("up")  # warm: the same secrets, the data in its volumes
+    assert compose_stack.values == before and not (compose_stack.root / envfile.STOPPED_FILE).exists()
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.setenv(name, before[name])
-    run_id = getattr(running_stack, "run_id", None)
-    if run_id is None:
-        pytest.skip("the MLflow test did not run")
+    run_id = getattr(compose_stack, "run_id", None)
+    assert run_id, "the MLflow test did not run first"
     run = MlflowClient(before["MLFLOW_TRACKING_URI"], registry_uri=before["MLFLOW_TRACKING_URI"]).get_run(run_id)
     assert run.data.metrics["loss"] == 0.5
-    s3 = stack.s3_client(running_stack.config, before["AWS_ACCESS_KEY_ID"], before["AWS_SECRET_ACCESS_KEY"])
+    s3 = stack.s3_client(compose_stack.config, before["AWS_ACCESS_KEY_ID"], before["AWS_SECRET_ACCESS_KEY"])
     assert s3.get_object(Bucket=stack.BUCKET, Key="checks/hello.txt")["Body"].read() == b"hello"
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(2)
+        return s.connect_ex(("127.0.0.1", port)) != 0
 
 
 def test_crash_detection_setting_is_checked_and_the_automation_is_prefects_zombie_recipe():
     assert prefect_api.crash_after_seconds({}) == 90
     assert prefect_api.crash_after_seconds({prefect_api.CRASH_AFTER_VAR: "75"}) == 75
     for bad in ("30", "soon", "-1"):
-        with pytest.raises(services.ServiceError, match=rf"{prefect_api.CRASH_AFTER_VAR}='{bad}': expected whole seconds, at least 60"):
+        with pytest.raises(ServiceError, match=rf"{prefect_api.CRASH_AFTER_VAR}='{bad}': expected whole seconds, at least 60"):
             prefect_api.crash_after_seconds({prefect_api.CRASH_AFTER_VAR: bad})
     body = prefect_api.crash_automation(75)
     from prefect.events.schemas.automations import AutomationCore

@@ -9,19 +9,20 @@ import pytest
 import yaml
 
 from olora.config import Config
+from olora.evaluation.result import EvalResult
 from olora.modeling import assets
 from olora.tracking.card import TASK_DATASETS, card_data, hub_id, model_card
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _metrics() -> dict:
+def _metrics() -> EvalResult:
     """The shipped run's evaluation, plus a generative task scored by exact match and a team task."""
     metrics = json.loads((REPO / "metrics" / "eval_adapter.json").read_text())
     metrics["tasks"]["trivia_gen"] = {"acc": 0.125, "acc_stderr": 0.05, "n": 40, "split": "validation",
                                       "scored_by": "exact_match"}
     metrics["tasks"]["copa_ours"] = {"acc": 0.66667, "acc_stderr": 0.3, "n": 3, "split": "validation"}
-    return metrics
+    return EvalResult.from_json(metrics)
 
 
 def test_the_card_reads_back_through_huggingface_hub_offline(tmp_path, monkeypatch):
@@ -37,7 +38,7 @@ def test_the_card_reads_back_through_huggingface_hub_offline(tmp_path, monkeypat
     assert data.library_name == "peft" and data.model_name == "olora-SmolLM2-135M-Instruct"
     assert data.datasets == ["tau/commonsense_qa", "allenai/social_i_qa", "mandarjoshi/trivia_qa"]
     scores = {r.dataset_name: r.metric_value for r in data.eval_results}
-    assert scores == {task: round(entry["acc"], 4) for task, entry in metrics["tasks"].items()}
+    assert scores == {task: round(entry.acc, 4) for task, entry in metrics.tasks.items()}
     by_task = {r.dataset_name: r for r in data.eval_results}
     assert (by_task["arc_easy"].dataset_type, by_task["arc_easy"].dataset_config) == ("allenai/ai2_arc", "ARC-Easy")
     assert (by_task["arc_easy"].task_type, by_task["arc_easy"].metric_type) == ("multiple-choice", "accuracy")
@@ -58,11 +59,12 @@ def test_base_model_is_a_hub_id_or_left_out():
     cfg = Config()
     cfg.model.name = "models/base/tiny-llama"
     cfg.data.source = "yahma/alpaca-cleaned"
-    data = card_data(cfg, cfg.model.name, "olora-tiny-llama", {"tasks": {}}).to_dict()
+    none = EvalResult(tasks={}, mean_acc=0.0, mean_acc_norm=0.0, limit=0)
+    data = card_data(cfg, cfg.model.name, "olora-tiny-llama", none).to_dict()
     assert "base_model" not in data and "base_model_relation" not in data and data["datasets"] == ["yahma/alpaca-cleaned"]
     cfg.data.source = "data/raw/rows.jsonl"
-    assert "datasets" not in card_data(cfg, "meta-llama/Llama-3.2-1B", "x", {"tasks": {}}).to_dict()
-    assert card_data(cfg, "meta-llama/Llama-3.2-1B", "x", {"tasks": {}}).base_model == "meta-llama/Llama-3.2-1B"
+    assert "datasets" not in card_data(cfg, "meta-llama/Llama-3.2-1B", "x", none).to_dict()
+    assert card_data(cfg, "meta-llama/Llama-3.2-1B", "x", none).base_model == "meta-llama/Llama-3.2-1B"
 
 
 @pytest.mark.parametrize("task", sorted(TASK_DATASETS))

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from conftest import BIN, sh
+from olora.evaluation.result import EvalResult
 from olora.tracking.datasets import evaluation_inputs, file_md5, prepared_inputs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,7 +39,7 @@ def test_a_split_digest_is_the_md5_dvc_records_for_the_file(tmp_path):
 def test_each_evaluated_task_is_an_input_named_by_its_questions():
     metrics = json.loads((REPO / "metrics" / "eval_adapter.json").read_text())
     metrics["questions"]["tasks"]["copa_ours"] = {"version": 1.0, "n": 3, "questions": "f" * 64, "definition": "d" * 64}
-    inputs = {i.dataset.name: i for i in evaluation_inputs(metrics)}
+    inputs = {i.dataset.name: i for i in evaluation_inputs(EvalResult.from_json(metrics))}
     assert set(inputs) == set(metrics["questions"]["tasks"])
     for task, entry in metrics["questions"]["tasks"].items():
         assert inputs[task].dataset.digest == entry["questions"][:32]

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from olora.config import EvaluateConfig
 from olora.evaluation import samples
+from olora.evaluation.result import EvalResult, TaskScore, Timing, summary
 from olora.evaluation.tasks import PreparedTasks, prepared
 from olora.modeling import models
 from olora.modeling.runtime import Runtime
 
 
 def summarise(raw: dict[str, Any], names: dict[str, str], split: dict[str, str], limit: int,
-              scoring: dict[str, tuple[str, str]] | None = None) -> dict[str, Any]:
-    """lm-eval's results -> {tasks: {task: {acc, acc_stderr, acc_norm, acc_norm_stderr, n, split}}, means}.
+              scoring: dict[str, tuple[str, str]] | None = None) -> EvalResult:
+    """lm-eval's results -> the per-task scores (acc, acc_stderr, acc_norm, acc_norm_stderr, n, split) and their means.
 
     A task's `acc` is its per-question score's mean: accuracy for multiple-choice tasks, exact match for
     generative ones (`scoring`: task -> (metric, filter) for the team's tasks; those scored by exact match
@@ -26,30 +27,20 @@ def summarise(raw: dict[str, Any], names: dict[str, str], split: dict[str, str],
     for stock, name in names.items():
         row = raw["results"][name]
         metric, flt = (scoring or {}).get(stock, ("acc", "none"))
-        entry: dict[str, Any] = {}
+        scores: dict[str, float] = {}
         for key, out in ((metric, "acc"), ("acc_norm", "acc_norm")):
             if f"{key},{flt}" in row and (key == metric or metric == "acc"):
-                entry[out] = float(row[f"{key},{flt}"])
+                scores[out] = float(row[f"{key},{flt}"])
                 stderr = row.get(f"{key}_stderr,{flt}")
-                entry[f"{out}_stderr"] = float(stderr) if isinstance(stderr, (int, float)) else math.nan
-        if metric != "acc":
-            entry["scored_by"] = metric
-        entry["n"] = int(raw.get("n-samples", {}).get(name, {}).get("effective", 0))
-        entry["split"] = split[stock]
-        tasks[stock] = entry
-    accs = [t["acc"] for t in tasks.values() if "acc" in t]
-    norms = [t.get("acc_norm", t["acc"]) for t in tasks.values() if "acc" in t]
-    return {
-        "tasks": tasks,
-        "mean_acc": sum(accs) / len(accs),
-        "mean_acc_norm": sum(norms) / len(norms),
-        "limit": limit,
-    }
+                scores[f"{out}_stderr"] = float(stderr) if isinstance(stderr, (int, float)) else math.nan
+        tasks[stock] = TaskScore(n=int(raw.get("n-samples", {}).get(name, {}).get("effective", 0)), split=split[stock],
+                                 scored_by=metric if metric != "acc" else None, **scores)
+    return summary(tasks, limit)
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    metrics: dict[str, Any]
+    metrics: EvalResult
     """The summary (per task acc, acc_norm, their stderr, n, split; the means) with `questions`, the fingerprint."""
     rows: list[dict[str, Any]]
     """One row a question (`olora.evaluation.samples`)."""
@@ -98,12 +89,12 @@ def run_lm_eval(model, tokenizer, cfg: EvaluateConfig, evals: Path | None = None
     )
     seconds = time.monotonic() - start
     rows = samples.rows_from_lm_eval(raw, names, tasks.scoring)
-    metrics = summarise(raw, names, tasks.split, cfg.limit, tasks.scoring)
     # what `olora eval-plan` times from: lm-eval's requests (one a choice) and the seconds they took, here
     asked = {(name, s["doc_id"]): len(s["arguments"]) for name in names.values() for s in raw["samples"][name]}
-    metrics["timing"] = {"requests": sum(asked.values()), "seconds": round(seconds, 3)}
-    metrics["questions"] = samples.fingerprint(rows, cfg, {stock: raw["versions"].get(name) for stock, name in names.items()},
-                                               tasks.definitions)
+    metrics = replace(summarise(raw, names, tasks.split, cfg.limit, tasks.scoring),
+                      timing=Timing(sum(asked.values()), round(seconds, 3)),
+                      questions=samples.fingerprint(rows, cfg, {stock: raw["versions"].get(name) for stock, name in names.items()},
+                                                    tasks.definitions))
     return Evaluation(metrics, rows)
 
 

@@ -39,8 +39,8 @@ def _variances(base: list[dict[str, Any]], tuned: list[dict[str, Any]] | None) -
 def eval_plan(cfg: Config, layout: Layout, mde_points: float) -> str:
     """The plan in words (OloraError: a target <= 0, or no per-question results of the base model)."""
     from olora.core.paired import plan
+    from olora.evaluation.result import EvalResult
     from olora.evaluation.tasks import split_sizes
-    from olora.io import read_json
 
     if not (mde_points > 0 and np.isfinite(mde_points)):
         raise OloraError(f"--mde {mde_points} is not a difference that can be detected; give a number of accuracy points "
@@ -52,10 +52,8 @@ def eval_plan(cfg: Config, layout: Layout, mde_points: float) -> str:
     tuned = samples.read_samples(layout.samples("adapter")) if layout.samples("adapter").is_file() else None
     variances, source = _variances(base, tuned)
     splits = split_sizes(replace(cfg.evaluate, tasks=sorted(variances)), layout.path(EVALS))
-    timing = {}
-    if layout.metrics("eval_base").is_file():
-        timing = read_json(layout.metrics("eval_base")).get("timing") or {}
-    rate = timing["requests"] / timing["seconds"] if timing.get("seconds") else None
+    timing = EvalResult.read(layout.metrics("eval_base")).timing if layout.metrics("eval_base").is_file() else None
+    rate = timing.requests / timing.seconds if timing is not None and timing.seconds else None
     per_question = {t: np.mean([len(r["loglik"]) for r in base if r["task"] == t and r["loglik"]]) for t in variances}
     lines = [f"eval-plan: questions for a paired comparison to detect {mde_points:g} accuracy points 80 % of the time "
              f"at {cfg.register.confidence * 100:g} % confidence; per-question variance from {source}"]

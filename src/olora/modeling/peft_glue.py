@@ -26,7 +26,6 @@ from olora.core.olora import olora_factors
 from olora.errors import ConfigError
 from olora.layout import ADAPTER_WEIGHTS
 
-INIT_META = "olora_init.json"
 EVA_MAX_PASSES = 50  # passes over the calibration sample before EVA's SVD counts as not converging
 
 

@@ -30,6 +30,10 @@ class EnvFileError(OloraError):
     """A stack.env line that is not KEY=value."""
 
 
+class ServiceError(OloraError):
+    """The team's services could not be configured, started, stopped or reached (`make stack`)."""
+
+
 class StackDownError(EnvFileError):
     """stack.env names an MLflow server that does not answer: the stack it was written for is down."""
 

@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from typing import Mapping
 
-from olora.ops.services import ServiceError
+from olora.ops.envfile import ServiceError
 
 PREFECT_USER = "olora"
 

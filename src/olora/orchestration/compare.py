@@ -33,6 +33,7 @@ from typing import Any
 
 from olora.config import edit_params, load_config
 from olora.errors import ConfigError, OloraError
+from olora.layout import Layout
 from olora.orchestration import pipeline as P
 from olora.orchestration import search
 from olora.orchestration.search import SearchSettings
@@ -83,7 +84,7 @@ def parse_range(text: str) -> tuple[float, float]:
 
 def check(source: Path, spec: CompareSpec) -> None:
     """Refuse a comparison that cannot be made, naming the input and the fix, before any work."""
-    params = Path(source) / "params.yaml"
+    params = Layout(Path(source)).params
     cfg = load_config(params)
     if not cfg.tracking.enabled:
         raise ConfigError("olora compare reads every run's curves and per-question results from MLflow, but "
@@ -220,9 +221,9 @@ def run_searches(source_ref: str, url: str, key: str, spec: CompareSpec, alpha_p
             time.sleep(spec.search.grace + spec.search.heartbeat)
 
 
-def _recorded(tracking, name: str) -> dict[str, Any] | None:
+def _recorded(tracking, name: str) -> P.VariantResult | None:
     row = P.variant_result(tracking, name)
-    return row if row["run"] != "-" else None
+    return row if row.run != "-" else None
 
 
 def run_pipelines(tracking, key: str, spec: CompareSpec, rates: dict[tuple[str, int], float], alpha_per_rank: float,
@@ -246,8 +247,8 @@ def run_pipelines(tracking, key: str, spec: CompareSpec, rates: dict[tuple[str, 
         row = _recorded(tracking, n)
         if row is None:
             raise OloraError(f"pipeline run {n} completed but no MLflow run carries its name; is tracking enabled?")
-        c.set_tag(row["run"], "mlflow.parentRunId", parent)
-        out[k] = row["run"]
+        c.set_tag(row.run, "mlflow.parentRunId", parent)
+        out[k] = row.run
     return out
 
 
@@ -404,7 +405,7 @@ def adopt(source: Path, path: Path) -> dict[str, Any]:
 
     nested = yaml.safe_load(Path(path).read_text()) or {}
     flat = {f"{b}.{k}": v for b, keys in nested.items() for k, v in keys.items()}
-    edit_params(Path(source) / "params.yaml", flat)
+    edit_params(Layout(Path(source)).params, flat)
     return flat
 
 
@@ -422,7 +423,7 @@ def run(source: Path, spec: CompareSpec, trial_deployment: str = TRIAL_DEPLOYMEN
     check_prefect(trial_deployment, run_deployment)
     key = spec.key()
     with stack_env(source):
-        cfg = load_config(source / "params.yaml")
+        cfg = load_config(Layout(source).params)
         tracking = Tracking.of(cfg, source)
         alpha_per_rank = cfg.adapter.alpha / cfg.adapter.r
         url = search.storage_url(source, storage)

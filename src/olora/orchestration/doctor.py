@@ -22,6 +22,7 @@ from olora.core import integrity
 from olora.core.integrity import Problem, VersionFacts
 from olora.orchestration import workspace
 from olora.tracking.client import Tracking
+from olora.tracking.lineage import TAGS
 
 log = logging.getLogger("olora")
 LOADED_ALIASES = ("champion",)  # what `olora serve` follows by default: loaded, not only looked up
@@ -89,7 +90,7 @@ def version_facts(c, mv) -> VersionFacts:
     except ValueError:
         recorded = None
     return VersionFacts(mv.name, str(mv.version), mv.run_id, str(mv.status), state, frozenset(files), recorded,
-                        mv.description or "", (mv.tags or {}).get("olora.git_branch"))
+                        mv.description or "", (mv.tags or {}).get(TAGS["git_branch"]))
 
 
 def load_error(c, mv) -> str | None:

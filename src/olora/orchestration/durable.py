@@ -19,6 +19,7 @@ from pathlib import Path
 
 from olora import dvc
 from olora.errors import OloraError
+from olora.layout import Layout
 from olora.tracking.client import Tracking, redact_uri
 
 log = logging.getLogger("olora")
@@ -185,7 +186,7 @@ def check_deployment(root: Path, cfg) -> str:
         if out.returncode != 0:
             raise DurabilityError(f"{root} could not be cloned as a worker would clone it ({out.stderr.strip()[-300:]}); "
                                   "deployments clone the committed branch: `git init` and commit first")
-        params = clone / "params.yaml"
+        params = Layout(clone).params
         tracking = Tracking.of(load_config(params) if params.is_file() else cfg, clone)
         try:
             check(clone, tracking, run_folders(clone, None), push=True, what="a deployment run of this checkout")

@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from olora.orchestration import durable, workspace
 from olora.stages import STAGES
 from olora.stages.lock import WorkspaceBusyError
 from olora.tracking.client import Tracking, TrackingError
+from olora.tracking.lineage import TAGS, RunRecord
 
 log = logging.getLogger("olora")
 DEFAULT_GRID = {"adapter.init": ["olora", "lora"], "adapter.r": [8, 16, 32]}
@@ -48,7 +50,7 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def train_with_oom_backoff(layout: Layout, tracking: Tracking | None = None) -> dict[str, Any]:
+def train_with_oom_backoff(layout: Layout, tracking: Tracking | None = None) -> dict[str, Any]:  # the train stage's record
     """The train stage; on CUDA out-of-memory, half the micro-batch and twice the accumulation (the same
     effective batch), written back to params.yaml so dvc.lock tells the truth, until it fits."""
     while True:
@@ -64,11 +66,23 @@ def train_with_oom_backoff(layout: Layout, tracking: Tracking | None = None) -> 
                         micro, accumulation)
 
 
-def run_stage(stage: str, layout: Layout, tracking: Tracking | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class StageRun:
+    """One stage of a flow run: whether it ran (or DVC found it up to date) and how long it took."""
+
+    stage: str
+    ran: bool
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stage": self.stage, "ran": self.ran, "seconds": self.seconds}
+
+
+def run_stage(stage: str, layout: Layout, tracking: Tracking | None = None) -> StageRun:
     """Run one stage unless DVC says it is up to date, then record its outputs in dvc.lock (`dvc commit`)."""
     if dvc.up_to_date(layout.root, stage):
         log.info("stage %s is up to date (DVC); skipped", stage)
-        return {"stage": stage, "ran": False, "seconds": 0.0}
+        return StageRun(stage, False, 0.0)
     start = time.perf_counter()
     if stage == "train":
         train_with_oom_backoff(layout, tracking)
@@ -77,7 +91,7 @@ def run_stage(stage: str, layout: Layout, tracking: Tracking | None = None) -> d
     dvc.commit(layout.root, stage)
     seconds = time.perf_counter() - start
     log.info("stage %s finished in %.1f s", stage, seconds)
-    return {"stage": stage, "ran": True, "seconds": round(seconds, 2)}
+    return StageRun(stage, True, round(seconds, 2))
 
 
 def promote(layout: Layout, tracking: Tracking) -> str:
@@ -129,32 +143,43 @@ def not_a_commit(source: Path, commit: str | None) -> Path:
     return source
 
 
-def record(layout: Layout, name: str, overrides: dict[str, Any] | None, push: bool, tracking: Tracking) -> dict[str, Any]:
+def record(layout: Layout, name: str, overrides: dict[str, Any] | None, push: bool, tracking: Tracking) -> Recorded:
     """Commit the run on runs/<name>, push data (DVC) and branch (git); tag the MLflow run and version with it."""
     from olora.tracking import runs
 
     message = f"olora run {name}" + (f": {json.dumps(overrides, sort_keys=True)}" if overrides else "")
     rec = workspace.record(layout.root, name, message, push=push)
-    tags = {"olora.run_name": name, "olora.git_branch": rec.branch, "olora.git_commit": rec.commit,
-            "olora.git_remote": rec.git_remote, "olora.source_commit": rec.source_commit,
-            "olora.dvc_pushed": str(rec.dvc_pushed).lower()}
+    record = RunRecord(git_branch=rec.branch, git_commit=rec.commit, run_name=name, git_remote=rec.git_remote,
+                       source_commit=rec.source_commit, dvc_pushed=rec.dvc_pushed)
     try:  # the data version the run trained on (the event-triggered runs' key): data/raw's content ids at that commit
-        tags["olora.data_version"] = data_version(layout.root, rec.source_commit).hash
-        tags["olora.data_commit"] = rec.source_commit
-        tags["dvc.data_hash"] = dvc.out_hash(layout.root, "prepare", DATA)  # the prepared data, as the run records it
+        record = replace(record, data_version=data_version(layout.root, rec.source_commit).hash,
+                         data_commit=rec.source_commit)
+        record = replace(record, data_hash=dvc.out_hash(layout.root, "prepare", DATA))  # the prepared data, as the run records it
     except OloraError as exc:
         log.warning("no data version recorded: %s", exc)
     reg = json.loads(layout.registration.read_text()) if layout.registration.is_file() else {}
     run = json.loads((layout.adapter / RUN_FILE).read_text()) if (layout.adapter / RUN_FILE).is_file() else {}
     if tracking.enabled and (run or reg.get("registered")):
-        runs.tag_recorded(tracking, tags, run.get("run_id"), reg.get("name"), reg.get("version"))
-    return {**tags, "registered": reg.get("model_uri", "")}
+        runs.tag_recorded(tracking, record.to_tags(), run.get("run_id"), reg.get("name"), reg.get("version"))
+    return Recorded(record, reg.get("model_uri", ""))
 
 
-def summary_markdown(root: Path, results: list[dict[str, Any]], extra: str = "") -> str:
+@dataclass(frozen=True)
+class Recorded:
+    """What `record` did: the run's record (its tags) and the registered model's URI ("" when none)."""
+
+    record: RunRecord
+    registered: str
+
+    def to_json(self) -> dict[str, str]:
+        """The tags and `registered`: what the olora-pipeline flow returns."""
+        return {**self.record.to_tags(), "registered": self.registered}
+
+
+def summary_markdown(root: Path, results: list[StageRun], extra: str = "") -> str:
     layout = Layout(root)
     lines = ["# olora-pipeline run", "", "| stage | ran | seconds |", "|---|---|---|"]
-    lines += [f"| {r['stage']} | {'yes' if r['ran'] else 'cached'} | {r['seconds']} |" for r in results]
+    lines += [f"| {r.stage} | {'yes' if r.ran else 'cached'} | {r.seconds} |" for r in results]
     if layout.registration.is_file():
         reg = json.loads(layout.registration.read_text())
         if reg.get("registered"):
@@ -177,9 +202,9 @@ def variants(source: Path, grid: dict[str, list[Any]] | None) -> list[dict[str, 
 
 def check_overrides(source: Path, overrides: dict[str, Any] | None) -> None:
     """Fail on a bad params file or bad overrides before anything runs (nothing is written)."""
-    load_config(source / "params.yaml")
+    load_config(Layout(source).params)
     if overrides:
-        load_config(source / "params.yaml", overrides)
+        load_config(Layout(source).params, overrides)
 
 
 def preflight(source: Path, overrides: dict[str, Any] | None, commit: str | None = None) -> None:
@@ -191,20 +216,35 @@ def preflight(source: Path, overrides: dict[str, Any] | None, commit: str | None
     check_overrides(source, overrides)
     if commit is not None:  # another commit's params: the flow checks them in its workspace, before any stage
         return
-    stages_preflight(load_config(source / "params.yaml", overrides), source, present=False)
+    stages_preflight(load_config(Layout(source).params, overrides), source, present=False)
 
 
-def variant_result(tracking: Tracking, name: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class VariantResult:
+    """A recorded run's scores and where it is (`-` where no run of that name was found)."""
+
+    mean_acc: float | None
+    final_val_loss: float | None
+    run: str
+    """The MLflow run id."""
+    branch: str
+    """The runs/* branch it was recorded on."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mean_acc": self.mean_acc, "final_val_loss": self.final_val_loss, "run": self.run, "branch": self.branch}
+
+
+def variant_result(tracking: Tracking, name: str) -> VariantResult:
     """A recorded run's scores, looked up in the shared MLflow store by its run name tag."""
     from olora.tracking.client import experiment_id
 
     c = tracking.client()
-    found = c.search_runs([experiment_id(c, tracking.experiment)], filter_string=f"tags.`olora.run_name` = '{name}'")
+    found = c.search_runs([experiment_id(c, tracking.experiment)], filter_string=f"tags.`{TAGS['run_name']}` = '{name}'")
     if not found:
-        return {"mean_acc": None, "final_val_loss": None, "run": "-", "branch": "-"}
+        return VariantResult(None, None, "-", "-")
     run = found[0]
-    return {"mean_acc": run.data.metrics.get("eval/mean_acc"), "final_val_loss": run.data.metrics.get("train/final_val_loss"),
-            "run": run.info.run_id, "branch": run.data.tags.get("olora.git_branch", "-")}
+    return VariantResult(run.data.metrics.get("eval/mean_acc"), run.data.metrics.get("train/final_val_loss"),
+                         run.info.run_id, run.data.tags.get(TAGS["git_branch"], "-"))
 
 
 def sweep_table(keys: list[str], rows: list[dict[str, Any]]) -> str:

@@ -29,10 +29,11 @@ from pathlib import Path
 
 from olora import dvc
 from olora.errors import OloraError
+from olora.layout import DVC_LOCK, PARAMS
 
 log = logging.getLogger("olora")
 RUNS_BRANCH = "runs"  # recorded runs are branches runs/<name>
-RECORDED = ("params.yaml", "dvc.lock", "metrics", "plots", "reports")  # what git holds of a run (DVC holds the rest)
+RECORDED = (PARAMS, DVC_LOCK, "metrics", "plots", "reports")  # what git holds of a run (DVC holds the rest)
 
 
 class WorkspaceError(OloraError):
@@ -44,7 +45,9 @@ class GitPushError(WorkspaceError):
 
 
 @dataclass(frozen=True)
-class RunRecord:
+class GitRecord:
+    """A run committed on its runs/* branch and pushed (`record`): the git side of `olora.tracking.lineage.RunRecord`."""
+
     name: str
     branch: str
     commit: str
@@ -186,7 +189,7 @@ def tracked_inputs(root: Path) -> list[str]:
     return found
 
 
-def record(workspace: Path, name: str, message: str, push: bool = True) -> RunRecord:
+def record(workspace: Path, name: str, message: str, push: bool = True) -> GitRecord:
     """Commit the run's params, lock, metrics and reports on runs/<name>; push its data (DVC, when `push`) and the branch (git).
 
     The branch is always pushed (it is the run's record); `push=False` only skips `dvc push`, for a
@@ -217,7 +220,7 @@ def record(workspace: Path, name: str, message: str, push: bool = True) -> RunRe
                            f"The run is committed in its workspace {workspace} (kept); rerun the flow run, or "
                            f"`git push origin {branch}` there, once the remote is reachable")
     log.info("recorded run %s as %s (%s) in %s", name, branch, commit[:12], remote)
-    return RunRecord(name, branch, commit, source_commit, remote, pushed)
+    return GitRecord(name, branch, commit, source_commit, remote, pushed)
 
 
 def remove(workspace: Path) -> None:

@@ -56,9 +56,10 @@ class Stage:
         """dvc.yaml's command: the stage's own module (`olora.stages.entry`), not the `olora` dispatcher."""
         return f"python -m {self.module}"
 
-    def run(self, layout: Layout = Layout(), overrides: dict[str, Any] | None = None, **kwargs) -> dict[str, Any]:
+    def run(self, layout: Layout = Layout(), overrides: dict[str, Any] | None = None, **kwargs) -> Any:
+        """The stage function's result: its record (a JSON dict), or for the evaluate stages their `EvalResult`."""
         module, name = self.function.split(":")
-        fn: Callable[..., dict[str, Any]] = getattr(importlib.import_module(module), name)
+        fn: Callable[..., Any] = getattr(importlib.import_module(module), name)
         with stage_lock(layout.root, self.name):
             return fn(layout, overrides, **kwargs)
 

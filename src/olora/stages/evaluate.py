@@ -18,15 +18,16 @@ from olora.config import Config
 from olora.evaluation import samples
 from olora.evaluation.harness import load_model_for_eval, run_lm_eval
 from olora.evaluation.report import paired_with_base, report_markdown, with_deltas
+from olora.evaluation.result import EvalResult
 from olora.evaluation.tasks import prepared
 from olora.faults import marker
-from olora.io import read_json, write_json, write_text
+from olora.io import write_text
 from olora.layout import EVALS, Layout
 
 log = logging.getLogger("olora")
 
 
-def evaluate(layout: Layout = Layout(), overrides: dict[str, Any] | None = None, tracking=None) -> dict[str, Any]:
+def evaluate(layout: Layout = Layout(), overrides: dict[str, Any] | None = None, tracking=None) -> EvalResult:
     """The stage `evaluate`: base + exported adapter -> metrics/eval_adapter.json, eval/adapter_samples.csv, reports/eval.md.
 
     The scores are written before they are logged to the adapter's MLflow run, so a tracking outage
@@ -38,9 +39,9 @@ def evaluate(layout: Layout = Layout(), overrides: dict[str, Any] | None = None,
 
     cfg, ref, runtime = setup(layout, overrides, preflight)
     check_adapter_dir(layout.exported)  # the adapter and the base's results, checked before the expensive part
-    base = read_json(layout.metrics("eval_base"))
+    base = EvalResult.read(layout.metrics("eval_base"))
     base_rows = samples.read_samples(layout.samples("base"))
-    samples.check_matches(base_rows, base.get("questions", {}), str(layout.samples("base")))
+    samples.check_matches(base_rows, base.questions or {}, str(layout.samples("base")))
     with prepared(cfg.evaluate, layout.path(EVALS)) as tasks:  # the tasks (stock and evals/) checked before the model loads
         model = load_model_for_eval(ref, runtime, layout.exported)
         result = run_lm_eval(model, load_tokenizer(ref), cfg.evaluate, tasks=tasks)
@@ -48,10 +49,10 @@ def evaluate(layout: Layout = Layout(), overrides: dict[str, Any] | None = None,
     samples.write_samples(layout.samples("adapter"), result.rows)
     metrics = paired_with_base(with_deltas(result.metrics, base), base, base_rows, result.rows, cfg.register)
     write_text(layout.report, report_markdown(base, metrics, f"{cfg.adapter.init} r={cfg.adapter.r} on {ref.name}"))
-    write_json(layout.metrics("eval_adapter"), metrics)
+    metrics.write(layout.metrics("eval_adapter"))
     if cfg.tracking.enabled:
         _log_to_run(cfg, layout, base, metrics, tracking)
-    log.info("evaluate adapter: mean acc %.4f", metrics["mean_acc"])
+    log.info("evaluate adapter: mean acc %.4f", metrics.mean_acc)
     return metrics
 
 
@@ -67,7 +68,7 @@ def preflight(cfg: Config, root: Path, present: bool = True) -> None:
         pass
 
 
-def _log_to_run(cfg: Config, layout: Layout, base: dict[str, Any], tuned: dict[str, Any], tracking) -> None:
+def _log_to_run(cfg: Config, layout: Layout, base: EvalResult, tuned: EvalResult, tracking) -> None:
     """Add the scores, the report and the per-question results to the adapter's MLflow run."""
     from olora.tracking import runs
     from olora.tracking.client import Tracking

@@ -16,9 +16,9 @@ from typing import Any
 from olora.config import Config
 from olora.evaluation import samples
 from olora.evaluation.harness import load_model_for_eval, run_lm_eval
+from olora.evaluation.result import EvalResult
 from olora.evaluation.tasks import prepared
 from olora.faults import marker
-from olora.io import write_json
 from olora.layout import EVALS, Layout
 
 log = logging.getLogger("olora")
@@ -36,7 +36,7 @@ def preflight(cfg: Config, root: Path, present: bool = True) -> None:
         pass
 
 
-def evaluate_base(layout: Layout = Layout(), overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def evaluate_base(layout: Layout = Layout(), overrides: dict[str, Any] | None = None) -> EvalResult:
     """The stage `evaluate_base`: lm-eval on the untouched base -> metrics/eval_base.json, eval/base_samples.csv."""
     from olora.modeling.models import load_tokenizer
     from olora.stages import setup
@@ -47,8 +47,8 @@ def evaluate_base(layout: Layout = Layout(), overrides: dict[str, Any] | None = 
         result = run_lm_eval(model, load_tokenizer(ref), cfg.evaluate, tasks=tasks)
     marker("evaluate_base:scored")
     samples.write_samples(layout.samples("base"), result.rows)
-    write_json(layout.metrics("eval_base"), result.metrics)
-    log.info("evaluate base: mean acc %.4f", result.metrics["mean_acc"])
+    result.metrics.write(layout.metrics("eval_base"))
+    log.info("evaluate base: mean acc %.4f", result.metrics.mean_acc)
     return result.metrics
 
 

@@ -9,7 +9,8 @@ import sys
 from typing import Any
 
 from olora.config import load_config
-from olora.io import read_json, write_json
+from olora.evaluation.result import EvalResult
+from olora.io import write_json
 from olora.layout import Layout
 
 
@@ -23,7 +24,7 @@ def register(layout: Layout = Layout(), overrides: dict[str, Any] | None = None,
         record: dict[str, Any] = {"registered": False, "reason": "tracking.enabled is false"}
     else:
         tracking = tracking or Tracking.of(cfg, layout.root)
-        metrics = read_json(layout.metrics("eval_adapter"))
+        metrics = EvalResult.read(layout.metrics("eval_adapter"))
         reg = registry.register(cfg, tracking, layout.root, layout.adapter, layout.exported, metrics)
         record = {"registered": True, **registry.registration_record(reg, tracking.uri)}
     write_json(layout.registration, record)

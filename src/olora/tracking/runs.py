@@ -16,7 +16,7 @@ from olora import dvc, layout
 from olora.config import Config
 from olora.tracking.client import Tracking, experiment_id
 from olora.tracking.datasets import evaluation_inputs, prepared_inputs
-from olora.tracking.lineage import git_commit, package_versions
+from olora.tracking.lineage import TAGS, git_commit, package_versions
 from olora.tracking.names import run_name
 from olora.tracking.series import history_series, log_metric_series, log_values
 
@@ -76,7 +76,7 @@ def start_training_run(cfg: Config, tracking: Tracking, root: Path, ref_name: st
         "base_model": ref_name,
         "base_model_revision": ref_revision,
         "adapter_init": cfg.adapter.init,
-        "dvc.data_hash": dvc.out_hash(root, "prepare", layout.DATA),
+        TAGS["data_hash"]: dvc.out_hash(root, "prepare", layout.DATA),
         "dvc.init_hash": dvc.out_hash(root, "init", layout.INIT),
         **package_versions(),
     }
@@ -85,7 +85,7 @@ def start_training_run(cfg: Config, tracking: Tracking, root: Path, ref_name: st
     params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in cfg.flat().items()]
     tracking.call("logging parameters",
                   lambda: c.log_batch(run_id, params=params, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
-    datasets = prepared_inputs(root, cfg.data.source, tags["dvc.data_hash"], tags["mlflow.source.git.commit"])
+    datasets = prepared_inputs(root, cfg.data.source, tags[TAGS["data_hash"]], tags["mlflow.source.git.commit"])
     tracking.call("logging the data sets", lambda: c.log_inputs(run_id, datasets=datasets))
     return RunHandle(c, run_id, tracking)
 
@@ -145,30 +145,31 @@ def loss_plot(history: list[dict[str, Any]], path: Path, title: str) -> Path:
     return path
 
 
-def log_evaluation(run: RunHandle, base: dict[str, Any], tuned: dict[str, Any], report: Path,
-                   artifacts: list[Path] = ()) -> None:
-    """Add base and fine-tuned scores, their differences (paired, with intervals) and the report to the adapter's
+def log_evaluation(run: RunHandle, base: olora.evaluation.result.EvalResult,
+                   tuned: olora.evaluation.result.EvalResult, report: Path, artifacts: list[Path] = ()) -> None:
+    """(The result's type is named, not imported: the train stage, which imports this module, runs none of it.)
+
+    Add base and fine-tuned scores, their differences (paired, with intervals) and the report to the adapter's
     run; `artifacts` (the per-question results and the evaluation's metrics) go under `eval/`."""
     values: dict[str, float] = {}
     for prefix, scores in (("eval", tuned), ("base", base)):
-        values[f"{prefix}/mean_acc"] = scores["mean_acc"]
-        values[f"{prefix}/mean_acc_norm"] = scores["mean_acc_norm"]
-        for task, entry in scores["tasks"].items():
+        values[f"{prefix}/mean_acc"] = scores.mean_acc
+        values[f"{prefix}/mean_acc_norm"] = scores.mean_acc_norm
+        for task, entry in scores.tasks.items():
             for key in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr"):
-                if key in entry:
-                    values[f"{prefix}/{task}/{key}"] = entry[key]
-    for task, delta in tuned.get("delta_vs_base", {}).items():
+                if getattr(entry, key) is not None:
+                    values[f"{prefix}/{task}/{key}"] = getattr(entry, key)
+    for task, delta in (tuned.delta_vs_base or {}).items():
         values[f"delta/{task}"] = delta
-    paired = tuned.get("vs_base") or {}
-    for key in ("diff", "low", "high", "mde", "n"):
-        if key in paired:
-            values[f"vs_base/{key}"] = paired[key]
+    if tuned.vs_base is not None:
+        for key in ("diff", "low", "high", "mde", "n"):
+            values[f"vs_base/{key}"] = getattr(tuned.vs_base, key)
     run.call("logging evaluation", lambda: log_values(run.client, run.run_id, values))
     if datasets := evaluation_inputs(tuned):
         run.call("logging the evaluation sets", lambda: run.client.log_inputs(run.run_id, datasets=datasets))
     run.call("uploading the report", lambda: run.client.log_artifact(run.run_id, str(report)))
     for path in artifacts:
-        run.call(f"uploading {Path(path).name}", lambda path=path: run.client.log_artifact(run.run_id, str(path), "eval"))
+        run.call(f"uploading {Path(path).name}", lambda path=path: run.client.log_artifact(run.run_id, str(path), layout.EVAL_ARTIFACTS))
 
 
 def reopen(tracking: Tracking, adapter_dir: Path) -> RunHandle | None:
@@ -179,7 +180,7 @@ def reopen(tracking: Tracking, adapter_dir: Path) -> RunHandle | None:
 
 def tag_recorded(tracking: Tracking, tags: dict[str, str], run_id: str | None,
                  model: str | None = None, version: str | None = None) -> None:
-    """Put a recorded run's git state (`olora.git_branch`, `olora.git_commit`, ...) on its MLflow run and model version."""
+    """Put a recorded run's git state (`RunRecord.to_tags()`: `olora.git_branch`, ...) on its MLflow run and model version."""
     c = tracking.client()
     for key, value in tags.items():
         if run_id:
