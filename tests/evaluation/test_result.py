@@ -33,7 +33,11 @@ def test_the_committed_metrics_round_trip_exactly(name):
 def test_the_committed_adapter_result_is_typed_through():
     base, tuned = (EvalResult.read(REPO / n) for n in COMMITTED)
     paired = tuned.vs_base
-    assert paired.n == 700 and paired.significant and paired.se is None  # written before `se` was kept
+    written = json.loads((REPO / COMMITTED[1]).read_text())
+    assert paired.n == 700 and paired.significant and paired.se == written["vs_base"].get("se")  # absent before `se` was kept
+    assert (tuned.timing is None) == ("timing" not in written)
+    if tuned.timing is not None:
+        assert tuned.timing.requests == written["timing"]["requests"] > 0
     assert paired.tasks["boolq"].better == 24 and tuned.delta_vs_base["mean_acc"] == pytest.approx(0.0443, abs=1e-4)
     assert tuned.mean_acc == pytest.approx(sum(t.acc for t in tuned.tasks.values()) / 7)
     # the committed report is what the typed values render
@@ -42,9 +46,9 @@ def test_the_committed_adapter_result_is_typed_through():
 
 
 OLDER = {  # what older code wrote (as the history of metrics/eval_adapter.json shows), so older registered versions hold
-    "before the fingerprint (7ce3844)": lambda d: [d.pop(k) for k in ("questions", "vs_base")],
-    "before weights and scores (7de7956)": lambda d: [d["vs_base"].pop(k) for k in ("weights", "champion_score",
-                                                                                    "challenger_score")],
+    "before the fingerprint (7ce3844)": lambda d: [d.pop(k, None) for k in ("questions", "vs_base", "timing")],
+    "before weights and scores (7de7956)": lambda d: [d.pop("timing", None)] + [
+        d["vs_base"].pop(k, None) for k in ("weights", "champion_score", "challenger_score", "se")],
 }
 
 
