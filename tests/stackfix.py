@@ -139,6 +139,7 @@ def compose_stack(tmp_path_factory):
     env = {k: v for k, v in harness.env().items() if not k.startswith(("MLFLOW_", "PREFECT_", "AWS_", "OLORA_STACK_", "COMPOSE_"))}
     env.update(DVC_NO_ANALYTICS="1", OLORA_NUM_THREADS="1",  # the workers' flow runs: two at once on two cores
                COMPOSE_PROJECT_NAME=f"olora-s-{uuid.uuid4().hex[:6]}")
+    env[stack.ENGINE_VAR] = "podman"  # the engine harness.py built the images with, even where a docker CLI exists
     env[prefect_api.CRASH_AFTER_VAR] = "60"  # a dead worker's run is marked CRASHED 60 s after its last heartbeat
     for (_, var, _), port in zip(stack.PORTS.values(), free_ports(len(stack.PORTS))):
         env[var] = str(port)

@@ -76,6 +76,23 @@ def test_a_stack_env_of_a_stopped_stack_is_named_in_one_line_within_seconds(tmp_
     assert (tmp_path / "stack.env").is_file()
 
 
+def test_the_env_file_not_the_shell_sets_what_compose_interpolates(tmp_path, monkeypatch):
+    """compose lets the shell win over --env-file: the driver hands the engine no variable the env file sets, so a
+    shell's AWS keys (or another stack's loaded stack.env) never reach the services in place of the generated ones."""
+    env_file = stack.write_env_file(tmp_path / "compose.env", {"AWS_ACCESS_KEY_ID": "generated", "OLORA_STACK_PG_PORT": "5999"})
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "the-users-own-key")
+    monkeypatch.setenv("OLORA_UNRELATED", "kept")
+    echo = [sys.executable, "-c", "import json, os; print(json.dumps(dict(os.environ)))"]
+    seen = json.loads(stack.Compose("p", env_file, command=echo, cli="podman")().stdout)
+    assert "AWS_ACCESS_KEY_ID" not in seen and "OLORA_STACK_PG_PORT" not in seen and seen["OLORA_UNRELATED"] == "kept"
+    slow = stack.Compose("p", env_file, command=[sys.executable, "-c", "import time; time.sleep(5)"], cli="podman")
+    with pytest.raises(stack.ServiceError, match="did not finish within 1 s"):
+        slow(timeout=1)
+    monkeypatch.setenv(stack.ENGINE_VAR, "rkt")
+    with pytest.raises(stack.ServiceError, match="choose docker or podman"):
+        stack.engine()
+
+
 def test_stack_env_example_documents_every_variable():
     text = (REPO / "stack.env.example").read_text()
     documented = {line.split("=", 1)[0] for line in text.splitlines() if "=" in line and not line.startswith("#")}

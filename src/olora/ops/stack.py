@@ -227,6 +227,9 @@ def configure_dvc(config: StackConfig, secret: Mapping[str, str]) -> Path | None
 # ------------------------------------------------------------------ the compose driver
 
 
+ENGINE_VAR = "OLORA_STACK_ENGINE"  # docker or podman: which engine runs the stack (default: docker where it answers)
+
+
 def engine() -> tuple[list[str], str]:
     """(the compose command, the container CLI): docker's where its daemon answers, else podman's."""
     def ok(*argv: str) -> bool:
@@ -235,8 +238,14 @@ def engine() -> tuple[list[str], str]:
         except (OSError, subprocess.TimeoutExpired):
             return False
 
-    if shutil.which("docker") and ok("docker", "compose", "version") and ok("docker", "info"):
+    wanted = os.environ.get(ENGINE_VAR, "").strip()
+    if wanted not in ("", "docker", "podman"):
+        raise ServiceError(f"{ENGINE_VAR}={wanted!r}: choose docker or podman (or unset it to pick the one that answers)")
+    if wanted != "podman" and shutil.which("docker") and ok("docker", "compose", "version") and ok("docker", "info"):
         return ["docker", "compose"], "docker"
+    if wanted == "docker":
+        raise ServiceError(f"{ENGINE_VAR}=docker, but `docker compose version` or `docker info` fails: start Docker's "
+                           f"daemon and install its compose plugin, or unset {ENGINE_VAR}")
     if shutil.which("podman"):
         local = Path(sys.executable).parent / "podman-compose"
         if local.exists() or shutil.which("podman-compose"):
@@ -269,19 +278,38 @@ class Compose:
         argv = [*self.command, "--project-name", self.project, "--env-file", str(self.env_file)]
         for f in self.files:
             argv += ["-f", str(f)]
-        done = subprocess.run([*argv, *args], env=dict(self.env or os.environ), capture_output=True, text=True,
-                              timeout=timeout, cwd=self.cwd)
+        try:
+            done = subprocess.run([*argv, *args], env=self.engine_env(), capture_output=True, text=True,
+                                  timeout=timeout, cwd=self.cwd)
+        except subprocess.TimeoutExpired:
+            raise ServiceError(f"{' '.join(self.command)} {' '.join(args)} did not finish within {timeout:.0f} s "
+                               f"(a first `up` pulls or builds images): run it again, or see `{self.cli} ps -a` and "
+                               "its logs") from None
         if check and done.returncode != 0:
             raise ServiceError(f"{' '.join(self.command)} {' '.join(args)} failed ({done.returncode}):\n"
                                f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         return done
 
     def engine_cli(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-        done = subprocess.run([self.cli, *args], env=dict(self.env or os.environ), capture_output=True, text=True,
-                              timeout=timeout)
+        try:
+            done = subprocess.run([self.cli, *args], env=self.engine_env(), capture_output=True, text=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise ServiceError(f"{self.cli} {' '.join(args[:4])} did not answer within {timeout:.0f} s") from None
         if check and done.returncode != 0:
             raise ServiceError(f"{self.cli} {' '.join(args[:4])} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
         return done
+
+    def engine_env(self) -> dict[str, str]:
+        """The engine's environment without the env file's variables: compose lets the shell win over --env-file,
+        and the services must get the file's values (the generated secrets stack.env hands to clients), never a
+        shell's AWS keys or a loaded stack.env of another stack."""
+        env = dict(self.env or os.environ)
+        if self.env_file.is_file():
+            for line in self.env_file.read_text().splitlines():
+                if "=" in line and not line.lstrip().startswith("#"):
+                    env.pop(line.split("=", 1)[0].strip().removeprefix("export ").strip(), None)
+        return env
 
     def config(self) -> dict:
         import yaml
