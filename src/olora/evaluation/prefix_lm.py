@@ -27,13 +27,13 @@ command line with this backend: `python -m olora.evaluation.prefix_lm run --mode
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+from transformers import DynamicCache
 
 GROUP_COST = 2
 """Token-equivalents charged for each group (its prefix row's padding and bookkeeping) when planning."""
@@ -127,7 +127,7 @@ class PrefixCachedLM(HFLM):
     """The fixed cost of one forward pass in token-equivalents, for batching (`split_sorted`)."""
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
-        if self.backend != "causal" or not isinstance(self.batch_size, int):
+        if self.backend != "causal" or not isinstance(self.batch_size, int) or not self._packs_suffixes():
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         fits = [len(ctx) + len(cont) <= self.max_length + 1 for _, ctx, cont in requests]
         results: list[tuple[float, bool] | None] = [None] * len(requests)
@@ -141,6 +141,12 @@ class PrefixCachedLM(HFLM):
             for i, answer in zip(short, self._shared_prefix_loglikelihoods([requests[i] for i in short], disable_tqdm)):
                 results[i] = answer
         return results
+
+    def _packs_suffixes(self) -> bool:
+        """Whether the model takes a custom 4-D attention mask (sdpa or eager) and attends over its whole window."""
+        config = self.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return config._attn_implementation in ("sdpa", "eager") and not getattr(text, "sliding_window", None)
 
     def _suffix_weight(self) -> float:
         """A suffix token's cost relative to a prefix token's: 1 + the vocabulary projection's share."""
@@ -162,24 +168,17 @@ class PrefixCachedLM(HFLM):
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         progress = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                         desc="Running loglikelihood requests (olora-prefix)")
-        for shared in (False, True):  # groups with a prefix never share a batch with those without
-            chosen = sorted((g for g in groups if bool(g.prefix) == shared), key=lambda g: len(g.prefix))
-            for a, b in split_sorted([len(g.prefix) for g in chosen], budget, self.forward_cost):
-                self._score_chunk(chosen[a:b], inputs, starts, conts, budget, results)
-                progress.update(sum(len(g.members) for g in chosen[a:b]))
+        for window in windows(sorted(groups, key=lambda g: len(g.prefix)), budget):
+            self._score_window(window, inputs, starts, conts, budget, results)
+            progress.update(sum(len(g.members) for g in window))
         progress.close()
         for (request_str, _, _), answer in zip(requests, results):
             if request_str is not None:
                 self.cache_hook.add_partial("loglikelihood", request_str, answer)
         return results  # type: ignore[return-value]
 
-    def _score_chunk(self, chunk: list[Group], inputs, starts, conts, budget: int, results: list) -> None:
-        """Encode the chunk's prefixes once, then its distinct suffixes in length-sorted batches on that cache."""
-        rows: dict[tuple[int, tuple[int, ...]], list[int]] = {}
-        for g_index, g in enumerate(chunk):
-            for m in g.members:
-                rows.setdefault((g_index, tuple(inputs[m][len(g.prefix) :])), []).append(m)
-        ordered = sorted(rows, key=lambda key: len(key[1]))
+    def _score_window(self, window: list[Group], inputs, starts, conts, budget: int, results: list) -> None:
+        """Encode the window's prefixes (length-sorted passes), then its groups' packed suffixes on that cache."""
         with (
             torch.no_grad(),
             torch.autocast(
@@ -188,58 +187,133 @@ class PrefixCachedLM(HFLM):
                 enabled=self.mixed_precision_dtype is not None,
             ),
         ):
-            prefix = self._encode_prefixes([g.prefix for g in chunk])
-            for a, b in split_sorted([len(key[1]) for key in ordered], budget, self.forward_cost):
-                batch = ordered[a:b]
-                logprobs = self._encode_suffixes(prefix, [g for g, _ in batch], [row for _, row in batch])
-                for (g_index, row), row_logprobs in zip(batch, logprobs):
-                    offset = len(chunk[g_index].prefix)
-                    for m in rows[(g_index, row)]:
-                        first = starts[m] - offset
-                        picked = row_logprobs[first : first + len(conts[m])]  # [continuation, vocab]
+            prefix = self._encode_prefixes([g.prefix for g in window], budget)
+            packed = [pack_suffixes(g, inputs) for g in window]
+            order = sorted(range(len(window)), key=lambda i: len(packed[i].tokens))
+            for a, b in split_sorted([len(packed[i].tokens) for i in order], budget, self.forward_cost):
+                chosen = order[a:b]
+                logprobs = self._encode_packed([packed[i] for i in chosen], prefix, chosen)
+                for row, i in enumerate(chosen):
+                    for m, offset in packed[i].offsets.items():
+                        first = offset + starts[m] - len(window[i].prefix)
+                        picked = logprobs[row, first : first + len(conts[m])]  # [continuation, vocab]
                         target = torch.tensor(conts[m], dtype=torch.long, device=picked.device)
                         greedy = bool((picked.argmax(dim=-1) == target).all())
                         results[m] = (float(picked.gather(1, target.unsqueeze(-1)).double().sum()), greedy)
 
-    def _encode_prefixes(self, prefixes: list[list[int]]):
-        """(KV cache, attention mask, lengths) of the left-padded prefixes; None when they are empty."""
-        width = max(len(p) for p in prefixes)
+    def _encode_prefixes(self, prefixes: list[list[int]], budget: int) -> CachedPrefixes | None:
+        """The KV cache of the (length-sorted) prefixes, left-padded to the longest; None when they are empty."""
+        width = len(prefixes[-1])
         if width == 0:
             return None
-        ids = torch.zeros((len(prefixes), width), dtype=torch.long)
-        mask = torch.zeros((len(prefixes), width), dtype=torch.long)
-        for g, p in enumerate(prefixes):  # left-padded: every prefix ends where its suffix starts
-            ids[g, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[g, width - len(p) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        lengths = mask.sum(-1)
-        padded = bool((lengths < width).any())
-        kwargs = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if padded else {}
-        cache = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs).cache
-        return cache, mask, lengths, padded
+        layers: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        for a, b in split_sorted([len(p) for p in prefixes], budget, self.forward_cost):
+            ids, mask = _left_padded(prefixes[a:b], width=len(prefixes[b - 1]))
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            padded = bool((mask == 0).any())
+            kwargs = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if padded else {}
+            cache = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs).cache
+            grow = width - ids.shape[1]  # left-pad this pass's keys and values to the window's width
+            layers.append([(F.pad(layer.keys, (0, 0, grow, 0)), F.pad(layer.values, (0, 0, grow, 0))) for layer in cache.layers])
+        kv = [(torch.cat([p[i][0] for p in layers]), torch.cat([p[i][1] for p in layers])) for i in range(len(layers[0]))]
+        _, mask = _left_padded(prefixes, width)
+        return CachedPrefixes(kv=kv, mask=mask.to(self.device).bool(), lengths=torch.tensor([len(p) for p in prefixes], device=self.device))
 
-    def _encode_suffixes(self, prefix, owners: list[int], rows: list[tuple[int, ...]]) -> list[torch.Tensor]:
-        """Log-probabilities [row length, vocab] of each right-padded suffix row on its owner's prefix cache."""
-        length = max(len(r) for r in rows)
+    def _encode_packed(self, rows: list[Packed], prefix: CachedPrefixes | None, owners: list[int]) -> torch.Tensor:
+        """Log-probabilities [row, position, vocab] of each group's packed suffixes on its cached prefix.
+
+        One row per group: its distinct suffixes side by side, each attending to the group's prefix and
+        causally to itself only (a 4-D mask), at the positions it would have after the prefix.
+        """
+        length = max(len(r.tokens) for r in rows)
         ids = torch.zeros((len(rows), length), dtype=torch.long)
+        positions = torch.zeros((len(rows), length), dtype=torch.long)
+        own = torch.eye(length, dtype=torch.bool).repeat(len(rows), 1, 1)  # padding attends to itself only
         for r, row in enumerate(rows):
-            ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
-        ids = ids.to(self.device)
-        if prefix is None:  # nothing shared: a plain right-padded pass, as `hf` runs it
-            logits = self.model(ids).logits
+            ids[r, : len(row.tokens)] = torch.tensor(row.tokens, dtype=torch.long)
+            for a, b in row.spans:
+                positions[r, a:b] = torch.arange(b - a)
+                own[r, a:b, a:b] = torch.ones((b - a, b - a), dtype=torch.bool).tril()
+        ids, positions, own = ids.to(self.device), positions.to(self.device), own.to(self.device)
+        cache = None
+        if prefix is None:
+            allowed = own
         else:
-            cache, mask, lengths, padded = prefix
-            owner = torch.tensor(owners, dtype=torch.long, device=self.device)
-            cache = copy.deepcopy(cache)
-            cache.batch_select_indices(owner)
-            kwargs = {}
-            if padded:  # right padding of the suffixes needs no mask: causal attention never looks ahead
-                ones = torch.ones((len(rows), length), dtype=torch.long, device=self.device)
-                kwargs["attention_mask"] = torch.cat([mask[owner], ones], dim=1)
-            positions = lengths[owner].unsqueeze(1) + torch.arange(length, device=self.device).unsqueeze(0)
-            logits = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, **kwargs).logits
-        logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
-        return [logprobs[r, : len(row)] for r, row in enumerate(rows)]
+            index = torch.tensor(owners, dtype=torch.long, device=self.device)
+            width = int(prefix.lengths[index].max())  # the window is left-padded: its last `width` columns hold these prefixes
+            real = torch.zeros((len(rows), length), dtype=torch.bool, device=self.device)
+            for r, row in enumerate(rows):
+                real[r, : len(row.tokens)] = True
+            sees_prefix = prefix.mask[index, -width:].unsqueeze(1) & real.unsqueeze(2)
+            allowed = torch.cat([sees_prefix, own], dim=2)
+            positions = positions + prefix.lengths[index].unsqueeze(1)
+            cache = DynamicCache(ddp_cache_data=[(k[index, :, -width:], v[index, :, -width:]) for k, v in prefix.kv])
+        mask = allowed.unsqueeze(1)
+        if self.model.config._attn_implementation != "sdpa":  # eager attention adds its mask
+            mask = torch.zeros(mask.shape, dtype=self.model.dtype, device=self.device).masked_fill(~mask, torch.finfo(self.model.dtype).min)
+        logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=cache, use_cache=cache is not None).logits
+        return F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+
+
+@dataclass
+class CachedPrefixes:
+    """A window's prefix KV cache, left-padded: per layer (keys, values) [group, heads, width, dim], its mask and lengths."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    mask: torch.Tensor
+    lengths: torch.Tensor
+
+
+@dataclass
+class Packed:
+    """A group's distinct suffixes side by side: `spans` [a, b) of each in `tokens`, `offsets` of each member's span."""
+
+    tokens: list[int]
+    spans: list[tuple[int, int]]
+    offsets: dict[int, int]
+
+
+def pack_suffixes(group: Group, inputs: list[list[int]]) -> Packed:
+    """Pure. The group's members' inputs past its prefix, each distinct one once, concatenated."""
+    tokens: list[int] = []
+    spans: list[tuple[int, int]] = []
+    at: dict[tuple[int, ...], int] = {}
+    offsets = {}
+    for m in group.members:
+        rest = tuple(inputs[m][len(group.prefix) :])
+        if rest not in at:
+            at[rest] = len(tokens)
+            spans.append((len(tokens), len(tokens) + len(rest)))
+            tokens.extend(rest)
+        offsets[m] = at[rest]
+    return Packed(tokens=tokens, spans=spans, offsets=offsets)
+
+
+def windows(groups: list[Group], budget: int) -> list[list[Group]]:
+    """Pure. Cut groups sorted by prefix length into runs whose prefixes, padded to the run's longest, hold at most `budget` tokens.
+
+    A window's cached prefixes are what its suffix passes attend to; bounding them by the budget keeps
+    its KV cache within that of `hf`'s largest batch. Groups without a prefix form windows of their own.
+    """
+    out: list[list[Group]] = []
+    for g in groups:
+        last = out[-1] if out else None
+        fits = last is not None and bool(last[0].prefix) == bool(g.prefix) and (len(last) + 1) * len(g.prefix) <= budget
+        if fits:
+            last.append(g)
+        else:
+            out.append([g])
+    return out
+
+
+def _left_padded(rows: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):  # left-padded: every row ends where its suffix starts
+        if row:
+            ids[r, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[r, width - len(row) :] = 1
+    return ids, mask
 
 
 if __name__ == "__main__":  # lm-eval's own command line, with `--model olora-prefix` registered
