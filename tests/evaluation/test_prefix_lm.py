@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from olora.config import PAPER_TASKS, EvaluateConfig
-from olora.evaluation.prefix_lm import Group, pack_suffixes, plan_groups, split_sorted, windows
+from olora.evaluation.prefix_lm import Group, pack_group, plan_groups, split_sorted
 
 # --- the pure planning ---------------------------------------------------------------------------
 
@@ -83,26 +83,19 @@ def test_batches_cover_the_rows_in_order_within_budget_at_least_cost(seed):
     assert _cost(lengths, spans, forward_cost) == best
 
 
-def test_a_groups_distinct_suffixes_are_packed_once_each_and_every_member_finds_its_own():
-    inputs = [[1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 4], [1, 2]]
-    packed = pack_suffixes(Group(prefix=[1, 2], members=[0, 1, 2, 3]), inputs)
-    assert packed.tokens == [3, 4, 5]  # the duplicate and the empty rest add nothing
-    assert packed.spans == [(0, 2), (2, 3), (3, 3)]
-    for m, offset in packed.offsets.items():
-        rest = inputs[m][2:]
-        assert packed.tokens[offset : offset + len(rest)] == rest
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_windows_keep_prefix_order_and_their_padded_prefixes_within_the_budget(seed):
-    rng = random.Random(seed)
-    groups = sorted((Group(prefix=[7] * rng.randrange(0, 40), members=[i]) for i in range(60)), key=lambda g: len(g.prefix))
-    budget = rng.randrange(30, 300)
-    cut = windows(groups, budget)
-    assert [g for w in cut for g in w] == groups
-    for w in cut:
-        assert len({bool(g.prefix) for g in w}) == 1  # groups without a prefix never share a window with those with one
-        assert len(w) == 1 or len(w) * max(len(g.prefix) for g in w) <= budget
+def test_a_group_packs_its_prefix_once_and_each_distinct_rest_once_at_its_own_positions():
+    inputs = [[1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 4], [1, 2, 6, 7, 8]]
+    starts = [3, 2, 2, 4]
+    packed = pack_group(Group(prefix=[1, 2], members=[0, 1, 2, 3]), inputs, starts)
+    assert packed.tokens == [1, 2, 3, 4, 5, 6, 7, 8]  # the duplicate rest adds nothing
+    assert packed.segments == [0, 0, 1, 1, 2, 3, 3, 3]
+    for m, at in packed.needed.items():  # each needed position holds the request's token at its own position
+        segment = packed.segments[at]
+        own = [i for i, s in enumerate(packed.segments) if s in (0, segment)]
+        assert [packed.tokens[i] for i in own] == inputs[m]
+        assert [packed.positions[i] for i in own] == list(range(len(inputs[m])))
+        assert own.index(at) == starts[m]
+    assert packed.first == min(packed.needed.values())
 
 
 def test_a_group_is_a_plain_value():
@@ -186,7 +179,7 @@ def test_requests_longer_than_the_window_are_truncated_as_hf_truncates_them(tiny
 
 
 def test_small_batches_split_questions_windows_and_passes_and_eager_attention_agrees(tiny_model_dir):
-    """Batch 2: a 4-choice question spans two groups, windows hold a few groups, every pass is small; eager masks too."""
+    """Batch 2: a 4-choice question spans two groups and every pass holds a few rows; the eager attention mask too."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()

@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
-from transformers import DynamicCache
 
 GROUP_COST = 2
 """Token-equivalents charged for each group (its prefix row's padding and bookkeeping) when planning."""
@@ -164,21 +163,52 @@ class PrefixCachedLM(HFLM):
         conts = [cont for _, _, cont in requests]
         starts = [len(x) - len(c) for x, c in zip(inputs, conts)]
         groups = plan_groups(inputs, starts, max_members=self.batch_size, suffix_weight=self._suffix_weight())
+        packed = [pack_group(g, inputs, starts) for g in groups]
         budget = self.batch_size * max(len(x) for x in inputs)  # the padded tokens of `hf`'s longest batch
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         progress = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                         desc="Running loglikelihood requests (olora-prefix)")
-        for window in windows(sorted(groups, key=lambda g: len(g.prefix)), budget):
-            self._score_window(window, inputs, starts, conts, budget, results)
-            progress.update(sum(len(g.members) for g in window))
+        order = sorted(range(len(groups)), key=lambda i: len(packed[i].tokens))
+        for a, b in split_sorted([len(packed[i].tokens) for i in order], budget, self.forward_cost):
+            batch = [packed[i] for i in order[a:b]]
+            keep = max(len(row.tokens) - row.first for row in batch)  # the needed logits: every row's last `keep`
+            logprobs = self._forward_packed(batch, keep)
+            for r, row in enumerate(batch):
+                for m, at in row.needed.items():
+                    first = at - len(row.tokens) + keep
+                    picked = logprobs[r, first : first + len(conts[m])]  # [continuation, vocab]
+                    target = torch.tensor(conts[m], dtype=torch.long, device=picked.device)
+                    greedy = bool((picked.argmax(dim=-1) == target).all())
+                    results[m] = (float(picked.gather(1, target.unsqueeze(-1)).double().sum()), greedy)
+                progress.update(len(row.needed))
         progress.close()
         for (request_str, _, _), answer in zip(requests, results):
             if request_str is not None:
                 self.cache_hook.add_partial("loglikelihood", request_str, answer)
         return results  # type: ignore[return-value]
 
-    def _score_window(self, window: list[Group], inputs, starts, conts, budget: int, results: list) -> None:
-        """Encode the window's prefixes (length-sorted passes), then its groups' packed suffixes on that cache."""
+    def _forward_packed(self, batch: list[Packed], keep: int) -> torch.Tensor:
+        """Log-probabilities [row, keep, vocab] of the last `keep` positions of the left-padded packed rows.
+
+        Each row is one group: its prefix, then its distinct rests, each rest attending to the prefix
+        and causally to itself only (a 4-D mask), at the positions it has in its own request.
+        """
+        width = max(len(row.tokens) for row in batch)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        positions = torch.zeros((len(batch), width), dtype=torch.long)
+        segment = torch.full((len(batch), width), -1, dtype=torch.long)  # -1 padding, 0 prefix, k the k-th rest
+        for r, row in enumerate(batch):
+            pad = width - len(row.tokens)
+            ids[r, pad:] = torch.tensor(row.tokens, dtype=torch.long)
+            positions[r, pad:] = torch.tensor(row.positions, dtype=torch.long)
+            segment[r, pad:] = torch.tensor(row.segments, dtype=torch.long)
+        ids, positions, segment = ids.to(self.device), positions.to(self.device), segment.to(self.device)
+        query, key = segment.unsqueeze(2), segment.unsqueeze(1)
+        causal = torch.ones((width, width), dtype=torch.bool, device=self.device).tril()
+        mask = (causal & ((query == key) | ((key == 0) & (query > 0)))).unsqueeze(1)  # padding sees only padding
+        if self.model.config._attn_implementation != "sdpa":  # eager attention adds its mask
+            dtype = self.model.dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=self.device).masked_fill(~mask, torch.finfo(dtype).min)
         with (
             torch.no_grad(),
             torch.autocast(
@@ -187,133 +217,38 @@ class PrefixCachedLM(HFLM):
                 enabled=self.mixed_precision_dtype is not None,
             ),
         ):
-            prefix = self._encode_prefixes([g.prefix for g in window], budget)
-            packed = [pack_suffixes(g, inputs) for g in window]
-            order = sorted(range(len(window)), key=lambda i: len(packed[i].tokens))
-            for a, b in split_sorted([len(packed[i].tokens) for i in order], budget, self.forward_cost):
-                chosen = order[a:b]
-                logprobs = self._encode_packed([packed[i] for i in chosen], prefix, chosen)
-                for row, i in enumerate(chosen):
-                    for m, offset in packed[i].offsets.items():
-                        first = offset + starts[m] - len(window[i].prefix)
-                        picked = logprobs[row, first : first + len(conts[m])]  # [continuation, vocab]
-                        target = torch.tensor(conts[m], dtype=torch.long, device=picked.device)
-                        greedy = bool((picked.argmax(dim=-1) == target).all())
-                        results[m] = (float(picked.gather(1, target.unsqueeze(-1)).double().sum()), greedy)
-
-    def _encode_prefixes(self, prefixes: list[list[int]], budget: int) -> CachedPrefixes | None:
-        """The KV cache of the (length-sorted) prefixes, left-padded to the longest; None when they are empty."""
-        width = len(prefixes[-1])
-        if width == 0:
-            return None
-        layers: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
-        for a, b in split_sorted([len(p) for p in prefixes], budget, self.forward_cost):
-            ids, mask = _left_padded(prefixes[a:b], width=len(prefixes[b - 1]))
-            ids, mask = ids.to(self.device), mask.to(self.device)
-            padded = bool((mask == 0).any())
-            kwargs = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if padded else {}
-            cache = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs).cache
-            grow = width - ids.shape[1]  # left-pad this pass's keys and values to the window's width
-            layers.append([(F.pad(layer.keys, (0, 0, grow, 0)), F.pad(layer.values, (0, 0, grow, 0))) for layer in cache.layers])
-        kv = [(torch.cat([p[i][0] for p in layers]), torch.cat([p[i][1] for p in layers])) for i in range(len(layers[0]))]
-        _, mask = _left_padded(prefixes, width)
-        return CachedPrefixes(kv=kv, mask=mask.to(self.device).bool(), lengths=torch.tensor([len(p) for p in prefixes], device=self.device))
-
-    def _encode_packed(self, rows: list[Packed], prefix: CachedPrefixes | None, owners: list[int]) -> torch.Tensor:
-        """Log-probabilities [row, position, vocab] of each group's packed suffixes on its cached prefix.
-
-        One row per group: its distinct suffixes side by side, each attending to the group's prefix and
-        causally to itself only (a 4-D mask), at the positions it would have after the prefix.
-        """
-        length = max(len(r.tokens) for r in rows)
-        ids = torch.zeros((len(rows), length), dtype=torch.long)
-        positions = torch.zeros((len(rows), length), dtype=torch.long)
-        own = torch.eye(length, dtype=torch.bool).repeat(len(rows), 1, 1)  # padding attends to itself only
-        for r, row in enumerate(rows):
-            ids[r, : len(row.tokens)] = torch.tensor(row.tokens, dtype=torch.long)
-            for a, b in row.spans:
-                positions[r, a:b] = torch.arange(b - a)
-                own[r, a:b, a:b] = torch.ones((b - a, b - a), dtype=torch.bool).tril()
-        ids, positions, own = ids.to(self.device), positions.to(self.device), own.to(self.device)
-        cache = None
-        if prefix is None:
-            allowed = own
-        else:
-            index = torch.tensor(owners, dtype=torch.long, device=self.device)
-            width = int(prefix.lengths[index].max())  # the window is left-padded: its last `width` columns hold these prefixes
-            real = torch.zeros((len(rows), length), dtype=torch.bool, device=self.device)
-            for r, row in enumerate(rows):
-                real[r, : len(row.tokens)] = True
-            sees_prefix = prefix.mask[index, -width:].unsqueeze(1) & real.unsqueeze(2)
-            allowed = torch.cat([sees_prefix, own], dim=2)
-            positions = positions + prefix.lengths[index].unsqueeze(1)
-            cache = DynamicCache(ddp_cache_data=[(k[index, :, -width:], v[index, :, -width:]) for k, v in prefix.kv])
-        mask = allowed.unsqueeze(1)
-        if self.model.config._attn_implementation != "sdpa":  # eager attention adds its mask
-            mask = torch.zeros(mask.shape, dtype=self.model.dtype, device=self.device).masked_fill(~mask, torch.finfo(self.model.dtype).min)
-        logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=cache, use_cache=cache is not None).logits
+            logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, logits_to_keep=keep, use_cache=False).logits
         return F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
 
 
 @dataclass
-class CachedPrefixes:
-    """A window's prefix KV cache, left-padded: per layer (keys, values) [group, heads, width, dim], its mask and lengths."""
-
-    kv: list[tuple[torch.Tensor, torch.Tensor]]
-    mask: torch.Tensor
-    lengths: torch.Tensor
-
-
-@dataclass
 class Packed:
-    """A group's distinct suffixes side by side: `spans` [a, b) of each in `tokens`, `offsets` of each member's span."""
+    """One group in one row: `tokens` (prefix, then each distinct rest once), each token's `positions`
+    (its place in its own request) and `segments` (0 prefix, k the k-th rest); `needed` maps each member
+    to the index in `tokens` of the first position whose logits it needs; `first` is the least of them."""
 
     tokens: list[int]
-    spans: list[tuple[int, int]]
-    offsets: dict[int, int]
+    positions: list[int]
+    segments: list[int]
+    needed: dict[int, int]
+    first: int
 
 
-def pack_suffixes(group: Group, inputs: list[list[int]]) -> Packed:
-    """Pure. The group's members' inputs past its prefix, each distinct one once, concatenated."""
-    tokens: list[int] = []
-    spans: list[tuple[int, int]] = []
+def pack_group(group: Group, inputs: list[list[int]], starts: list[int]) -> Packed:
+    """Pure. The group's prefix, then its members' inputs past the prefix, each distinct rest once."""
+    p = len(group.prefix)
+    tokens, positions, segments = list(group.prefix), list(range(p)), [0] * p
     at: dict[tuple[int, ...], int] = {}
-    offsets = {}
+    needed = {}
     for m in group.members:
-        rest = tuple(inputs[m][len(group.prefix) :])
+        rest = tuple(inputs[m][p:])
         if rest not in at:
             at[rest] = len(tokens)
-            spans.append((len(tokens), len(tokens) + len(rest)))
             tokens.extend(rest)
-        offsets[m] = at[rest]
-    return Packed(tokens=tokens, spans=spans, offsets=offsets)
-
-
-def windows(groups: list[Group], budget: int) -> list[list[Group]]:
-    """Pure. Cut groups sorted by prefix length into runs whose prefixes, padded to the run's longest, hold at most `budget` tokens.
-
-    A window's cached prefixes are what its suffix passes attend to; bounding them by the budget keeps
-    its KV cache within that of `hf`'s largest batch. Groups without a prefix form windows of their own.
-    """
-    out: list[list[Group]] = []
-    for g in groups:
-        last = out[-1] if out else None
-        fits = last is not None and bool(last[0].prefix) == bool(g.prefix) and (len(last) + 1) * len(g.prefix) <= budget
-        if fits:
-            last.append(g)
-        else:
-            out.append([g])
-    return out
-
-
-def _left_padded(rows: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):  # left-padded: every row ends where its suffix starts
-        if row:
-            ids[r, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-            mask[r, width - len(row) :] = 1
-    return ids, mask
+            positions.extend(range(p, p + len(rest)))
+            segments.extend([len(at)] * len(rest))
+        needed[m] = at[rest] + starts[m] - p
+    return Packed(tokens=tokens, positions=positions, segments=segments, needed=needed, first=min(needed.values()))
 
 
 if __name__ == "__main__":  # lm-eval's own command line, with `--model olora-prefix` registered
