@@ -202,6 +202,22 @@ def test_one_token_contexts_share_nothing_and_still_score(tiny_model_dir):
     assert [a[1] for a in hf] == [b[1] for b in ours]
 
 
+def test_a_model_with_sliding_window_attention_is_scored_by_hfs_own_code(tiny_model_dir):
+    """The packed rows' 4-D mask would let every token see past the window: such models take `hf`'s path."""
+    from lm_eval.models.huggingface import HFLM
+
+    from olora.evaluation.prefix_lm import PrefixCachedLM
+
+    model, tokenizer = _tiny(tiny_model_dir)
+    requests = [(("a", "b"), [11, 12, 13], [14, 15]), (("a", "c"), [11, 12, 13], [16])]
+    assert PrefixCachedLM(pretrained=model, tokenizer=tokenizer, batch_size=4)._packs_suffixes()
+    model.config.sliding_window = 2  # as a Mistral-style config declares it
+    ours = PrefixCachedLM(pretrained=model, tokenizer=tokenizer, batch_size=4)
+    assert not ours._packs_suffixes()
+    hf = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4)._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert ours._loglikelihood_tokens(requests, disable_tqdm=True) == hf  # hf's own code: identical
+
+
 def test_the_stage_gives_the_same_per_question_results_with_either_backend(tiny_model_dir):
     from olora.evaluation.harness import run_lm_eval
 
