@@ -40,7 +40,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 GROUP_COST = 2
-"""Token-equivalents charged for each group (its prefix row's padding and bookkeeping) when planning."""
+"""Token-equivalents charged for each group (its row's padding and bookkeeping) when planning."""
 
 
 @dataclass
