@@ -9,7 +9,8 @@ In one run, on the same base, adapter, tasks, limit and batch size, each case in
 - `backends`: lm-eval's `hf` backend against `olora-prefix` (`evaluate.backend: prefix`, the stage's
   default) on the same captured loglikelihood requests, task by task, alternating: requests/s of
   each, the speed-up, the largest log-likelihood difference and whether every question's decision
-  (acc and acc_norm) is the same (its own table, `eval_backends_<device>`).
+  (acc and acc_norm) is the same (its own table, `eval_backends_<device>`); `--repeats` times (default 3), the
+  median ratio reported with the machine's load average, as the machine may be shared.
 Requests are lm-eval's loglikelihood requests (one per answer choice), counted in the stage cases.
 "load s" is model loading (+ merge); "lm-eval s" is lm-eval from its start to its scores (for the
 CLI, lm-eval's own `total_evaluation_time_seconds`, which includes its model loading); "process s"
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -148,7 +150,7 @@ def decisions(requests, results) -> dict:
     return {doc: (max(c, key=lambda x: x[1])[0], max(c, key=lambda x: x[1] / x[2])[0]) for doc, c in by_question.items()}
 
 
-def run_backends_case(adapter: Path, limit: int, batch_size: int) -> dict:
+def run_backends_case(adapter: Path, limit: int, batch_size: int, repeats: int = 3) -> dict:
     import torch
     from lm_eval.models.huggingface import HFLM
 
@@ -170,42 +172,55 @@ def run_backends_case(adapter: Path, limit: int, batch_size: int) -> dict:
         by_task.setdefault(request.task_name.removesuffix("_olora_offline"), []).append(request)
     for lm in backends.values():  # warm-up: first-call allocations and kernel choices
         lm.loglikelihood(requests[:8], disable_tqdm=True)
+    load = [os.getloadavg()[0]]
+    seconds = {(task, name): [] for task in by_task for name in backends}
+    results = {}
+    for rep in range(repeats):  # task by task, alternating which backend goes first: drift hits both alike
+        for t, (task, task_requests) in enumerate(by_task.items()):
+            for name in (("hf", "prefix") if (rep + t) % 2 == 0 else ("prefix", "hf")):
+                sync()
+                start = time.perf_counter()
+                results[task, name] = backends[name].loglikelihood(task_requests, disable_tqdm=True)
+                sync()
+                seconds[task, name].append(time.perf_counter() - start)
+        load.append(os.getloadavg()[0])
+        hf, prefix = (sum(seconds[task, name][rep] for task in by_task) for name in ("hf", "prefix"))
+        print(f"  repeat {rep + 1}: hf {hf:6.1f} s  prefix {prefix:6.1f} s  {hf / prefix:.2f}x  load {load[-1]:.1f}", file=sys.stderr)
     tasks = []
     for task, task_requests in by_task.items():
-        seconds, results = {}, {}
-        for name, lm in backends.items():  # alternating, task by task: drift hits both alike
-            sync()
-            start = time.perf_counter()
-            results[name] = lm.loglikelihood(task_requests, disable_tqdm=True)
-            sync()
-            seconds[name] = time.perf_counter() - start
-        tasks.append({"task": task, "requests": len(task_requests), "hf_seconds": round(seconds["hf"], 3),
-                      "prefix_seconds": round(seconds["prefix"], 3),
-                      "max_abs_loglikelihood_diff": max(abs(a[0] - b[0]) for a, b in zip(results["hf"], results["prefix"])),
-                      "greedy_equal": all(a[1] == b[1] for a, b in zip(results["hf"], results["prefix"])),
-                      "decisions_equal": decisions(task_requests, results["hf"]) == decisions(task_requests, results["prefix"]),
-                      "questions": len({r.doc_id for r in task_requests})})
-        print(f"  {task:<14} hf {seconds['hf']:6.2f} s  prefix {seconds['prefix']:6.2f} s", file=sys.stderr)
+        hf, prefix = results[task, "hf"], results[task, "prefix"]
+        tasks.append({"task": task, "requests": len(task_requests), "questions": len({r.doc_id for r in task_requests}),
+                      "hf_seconds": round(statistics.median(seconds[task, "hf"]), 3),
+                      "prefix_seconds": round(statistics.median(seconds[task, "prefix"]), 3),
+                      "speedup_median": round(statistics.median(a / b for a, b in zip(seconds[task, "hf"], seconds[task, "prefix"])), 3),
+                      "max_abs_loglikelihood_diff": max(abs(a[0] - b[0]) for a, b in zip(hf, prefix)),
+                      "greedy_equal": all(a[1] == b[1] for a, b in zip(hf, prefix)),
+                      "decisions_equal": decisions(task_requests, hf) == decisions(task_requests, prefix)})
+    totals = [sum(seconds[task, "hf"][r] for task in by_task) / sum(seconds[task, "prefix"][r] for task in by_task) for r in range(repeats)]
     return {"case": "backends", "tasks": tasks, "device": str(runtime.device), "dtype": runtime.dtype_name,
-            "threads": torch.get_num_threads(), "batch_size": cfg.evaluate.batch_size, "limit": limit}
+            "threads": torch.get_num_threads(), "batch_size": cfg.evaluate.batch_size, "limit": limit,
+            "repeats": repeats, "speedups": [round(x, 3) for x in totals], "speedup_median": round(statistics.median(totals), 3),
+            "load_average": [round(x, 2) for x in load], "cores": os.cpu_count()}
 
 
 def backends_table(row: dict, adapter: Path) -> str:
     device = device_label(row["device"], row["dtype"], row.get("threads"))
+    load = row.get("load_average", [])
     lines = [f"lm-eval loglikelihood backends on the same requests (base + {adapter}, {row['limit']} questions a task, "
-             f"batch {row['batch_size']}), {device}", "",
+             f"batch {row['batch_size']}), {device}; median of {row.get('repeats', 1)} alternating repeats, 1-minute load "
+             f"average {min(load, default=float('nan')):.1f} to {max(load, default=float('nan')):.1f} on {row.get('cores', '?')} cores", "",
              "| task | questions | requests | hf req/s | olora-prefix req/s | speed-up | max abs loglik diff | same decisions |",
              "|---|---|---|---|---|---|---|---|"]
     for t in row["tasks"]:
         same = "yes" if t["decisions_equal"] and t["greedy_equal"] else "NO"
         lines.append(f"| {t['task']} | {t['questions']} | {t['requests']} | {t['requests'] / t['hf_seconds']:.1f} | "
-                     f"{t['requests'] / t['prefix_seconds']:.1f} | {t['hf_seconds'] / t['prefix_seconds']:.2f}x | "
+                     f"{t['requests'] / t['prefix_seconds']:.1f} | {t.get('speedup_median', t['hf_seconds'] / t['prefix_seconds']):.2f}x | "
                      f"{t['max_abs_loglikelihood_diff']:.1e} | {same} |")
     n = sum(t["requests"] for t in row["tasks"])
     hf, prefix = sum(t["hf_seconds"] for t in row["tasks"]), sum(t["prefix_seconds"] for t in row["tasks"])
     same = all(t["decisions_equal"] and t["greedy_equal"] for t in row["tasks"])
     lines.append(f"| all seven | {sum(t['questions'] for t in row['tasks'])} | {n} | {n / hf:.1f} | {n / prefix:.1f} | "
-                 f"{hf / prefix:.2f}x | {max(t['max_abs_loglikelihood_diff'] for t in row['tasks']):.1e} | {'yes' if same else 'NO'} |")
+                 f"{row.get('speedup_median', hf / prefix):.2f}x | {max(t['max_abs_loglikelihood_diff'] for t in row['tasks']):.1e} | {'yes' if same else 'NO'} |")
     return "\n".join(lines)
 
 
@@ -216,6 +231,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=0, help="0: params.yaml's eval.batch_size")
     parser.add_argument("--model", default="", help="base model (default: params.yaml's model.name)")
     parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
+    parser.add_argument("--repeats", type=int, default=3, help="backends case: alternating repeats (the median ratio is reported)")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -226,7 +242,7 @@ def main() -> int:
         sys.exit(f"{adapter} holds no exported adapter: run `dvc repro` (or `make run`) first, or pass --adapter")
     if args.one:
         row = (run_cli_case(adapter, args.limit, args.batch_size) if args.one == "lm-eval-cli"
-               else run_backends_case(adapter, args.limit, args.batch_size) if args.one == "backends"
+               else run_backends_case(adapter, args.limit, args.batch_size, args.repeats) if args.one == "backends"
                else run_stage_case(args.one, adapter, args.limit, args.batch_size))
         print(json.dumps(row))
         return 0
@@ -234,7 +250,7 @@ def main() -> int:
     rows = []
     for case in args.cases:
         cmd = [sys.executable, __file__, "--one", case, "--adapter", str(adapter), "--limit", str(args.limit),
-               "--batch-size", str(args.batch_size), "--model", args.model]
+               "--batch-size", str(args.batch_size), "--model", args.model, "--repeats", str(args.repeats)]
         start = time.perf_counter()
         row = run_case(cmd)
         if row is None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from olora.config import PAPER_TASKS, EvaluateConfig
-from olora.evaluation.prefix_lm import Group, plan_groups, split_sorted
+from olora.evaluation.prefix_lm import Group, pack_group, plan_groups, split_sorted
 
 # --- the pure planning ---------------------------------------------------------------------------
 
@@ -83,6 +83,21 @@ def test_batches_cover_the_rows_in_order_within_budget_at_least_cost(seed):
     assert _cost(lengths, spans, forward_cost) == best
 
 
+def test_a_group_packs_its_prefix_once_and_each_distinct_rest_once_at_its_own_positions():
+    inputs = [[1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 4], [1, 2, 6, 7, 8]]
+    starts = [3, 2, 2, 4]
+    packed = pack_group(Group(prefix=[1, 2], members=[0, 1, 2, 3]), inputs, starts)
+    assert packed.tokens == [1, 2, 3, 4, 5, 6, 7, 8]  # the duplicate rest adds nothing
+    assert packed.segments == [0, 0, 1, 1, 2, 3, 3, 3]
+    for m, at in packed.needed.items():  # each needed position holds the request's token at its own position
+        segment = packed.segments[at]
+        own = [i for i, s in enumerate(packed.segments) if s in (0, segment)]
+        assert [packed.tokens[i] for i in own] == inputs[m]
+        assert [packed.positions[i] for i in own] == list(range(len(inputs[m])))
+        assert own.index(at) == starts[m]
+    assert packed.first == min(packed.needed.values())
+
+
 def test_a_group_is_a_plain_value():
     assert Group(prefix=[1], members=[0]) == Group(prefix=[1], members=[0])
 
@@ -152,7 +167,6 @@ def test_same_loglikelihoods_and_greedy_flags_as_hf_on_all_seven_tasks(tiny_mode
     assert max(abs(a[0] - b[0]) for a, b in zip(expected, got)) < 1e-4
     assert [a[1] for a in expected] == [b[1] for b in got]
     assert _decisions(requests, expected) == _decisions(requests, got)
-    assert _decisions(requests, expected) == _decisions(requests, got)
 
 
 def test_requests_longer_than_the_window_are_truncated_as_hf_truncates_them(tiny_model_dir):
@@ -162,6 +176,16 @@ def test_requests_longer_than_the_window_are_truncated_as_hf_truncates_them(tiny
     assert max(abs(a[0] - b[0]) for a, b in zip(expected, got)) < 1e-4
     assert [a[1] for a in expected] == [b[1] for b in got]
     assert _decisions(requests, expected) == _decisions(requests, got)
+
+
+def test_small_batches_split_questions_windows_and_passes_and_eager_attention_agrees(tiny_model_dir):
+    """Batch 2: a 4-choice question spans two groups and every pass holds a few rows; the eager attention mask too."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
+    requests, expected, got = _compare(model, AutoTokenizer.from_pretrained(tiny_model_dir), ["arc_easy", "hellaswag", "winogrande"], limit=3, batch_size=2)
+    assert max(abs(a[0] - b[0]) for a, b in zip(expected, got)) < 1e-4
+    assert [a[1] for a in expected] == [b[1] for b in got]
 
 
 def test_one_token_contexts_share_nothing_and_still_score(tiny_model_dir):
@@ -176,6 +200,22 @@ def test_one_token_contexts_share_nothing_and_still_score(tiny_model_dir):
     ours = PrefixCachedLM(pretrained=model, tokenizer=tokenizer, batch_size=4)._loglikelihood_tokens(requests, disable_tqdm=True)
     assert max(abs(a[0] - b[0]) for a, b in zip(hf, ours)) < 1e-5
     assert [a[1] for a in hf] == [b[1] for b in ours]
+
+
+def test_a_model_with_sliding_window_attention_is_scored_by_hfs_own_code(tiny_model_dir):
+    """The packed rows' 4-D mask would let every token see past the window: such models take `hf`'s path."""
+    from lm_eval.models.huggingface import HFLM
+
+    from olora.evaluation.prefix_lm import PrefixCachedLM
+
+    model, tokenizer = _tiny(tiny_model_dir)
+    requests = [(("a", "b"), [11, 12, 13], [14, 15]), (("a", "c"), [11, 12, 13], [16])]
+    assert PrefixCachedLM(pretrained=model, tokenizer=tokenizer, batch_size=4)._packs_suffixes()
+    model.config.sliding_window = 2  # as a Mistral-style config declares it
+    ours = PrefixCachedLM(pretrained=model, tokenizer=tokenizer, batch_size=4)
+    assert not ours._packs_suffixes()
+    hf = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4)._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert ours._loglikelihood_tokens(requests, disable_tqdm=True) == hf  # hf's own code: identical
 
 
 def test_the_stage_gives_the_same_per_question_results_with_either_backend(tiny_model_dir):
