@@ -115,6 +115,7 @@ def register(cfg: Config, tracking: Tracking, root: Path, adapter_dir: Path, exp
 
         def upload_and_register():
             # the same files to the same path each attempt: a re-upload overwrites, it leaves nothing behind
+            marker("register:uploading")
             c.log_artifacts(run_id, str(model_dir), "model")
             try:
                 c.get_registered_model(name)
