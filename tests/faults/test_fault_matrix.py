@@ -52,7 +52,7 @@ class Cell:
 # completes once the fault is over.
 EXPECTED = {
     "postgres-train": Cell("postgres", "train:saved-2", "train", "stop", "completes"),
-    "postgres-register": Cell("postgres", "register:uploaded", "register", "stop", "completes"),
+    "postgres-register": Cell("postgres", "register:created", "register", "stop", "completes"),
     "s3-dvc-push": Cell("seaweedfs", "record:dvc-push", "record_run", "stop", "completes"),
     "s3-artifact-upload": Cell("seaweedfs", "register:uploading", "register", "stop", "completes"),
     "prefect-evaluate": Cell("prefect", "evaluate:scored", "evaluate", "restart", "completes"),
