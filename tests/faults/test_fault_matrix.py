@@ -20,7 +20,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -30,9 +29,7 @@ import pytest
 
 from conftest import BIN, free_port
 from olora.ops import prefect_api, stack
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "containers"))
-import harness  # noqa: E402 - tests/containers/harness.py: podman, stand-in images, compose in depends_on order
+from tests.containers import harness  # podman, the stand-in images, compose in depends_on order
 
 pytestmark = [pytest.mark.stack, pytest.mark.fault, pytest.mark.container]
 OUTAGE = 30.0  # seconds a stopped service stays down
