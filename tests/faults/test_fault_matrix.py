@@ -254,18 +254,16 @@ def _wait_marker(pause: Path, marker: str, s: FaultStack, run_id: str, seconds: 
 def _fill(mount: Path) -> Path:
     """Fill the mount's filesystem to the last block (what a disk filling up leaves)."""
     filler = mount / "filler.bin"
-    with open(filler, "wb") as handle:
+    with open(filler, "wb", buffering=0) as handle:  # unbuffered: each write fails at once, closing flushes nothing
         chunk = b"\0" * (1 << 20)
         try:
             while True:
                 handle.write(chunk)
-                handle.flush()
         except OSError:
             pass
         try:
             while True:
                 handle.write(b"\0" * 4096)
-                handle.flush()
         except OSError:
             pass
     return filler
@@ -394,4 +392,4 @@ def test_after_the_matrix_every_record_is_whole_and_the_champion_loads(fault_sta
     """`olora doctor` once more, the champion downloaded and loaded as `olora serve` would (once: it takes a minute here)."""
     doctor = fault_stack.cli(str(BIN / "olora"), "doctor", check=False, timeout=600)
     assert doctor.returncode == 0 and "OK: checked" in doctor.stdout, f"{doctor.stdout[-3000:]}\n{doctor.stderr[-3000:]}"
-    assert f"{len(EXPECTED)} recorded run(s)" in doctor.stdout, doctor.stdout
+    assert f"{len(MEASURED)} recorded run(s)" in doctor.stdout, doctor.stdout  # one per cell run (`-k` may select some)
