@@ -386,6 +386,10 @@ def test_fault_cell(fault_stack, name, tmp_path):
     print(f"\n{name}: {json.dumps({k: v for k, v in outcome.items() if k != 'logs'})[:1500]}")
     assert outcome["measured"] == EXPECTED[name].expected, f"{name}: {outcome['message']}\n{outcome.get('logs', '')[-4000:]}"
     check_integrity(fault_stack, outcome["name"])
+    if EXPECTED[name].stage == "train" and EXPECTED[name].expected != "completes":  # the rerun resumed from a checkpoint
+        train = subprocess.run(["git", "show", f"runs/{outcome['name']}:metrics/train.json"], cwd=fault_stack.remote,
+                               capture_output=True, text=True, check=True).stdout
+        assert json.loads(train)["resumed"] is True, train
 
 
 def test_after_the_matrix_every_record_is_whole_and_the_champion_loads(fault_stack):
