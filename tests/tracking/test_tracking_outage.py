@@ -138,7 +138,19 @@ def test_outage_at_the_end_of_training_then_register_outage(tmp_path, tiny_model
     assert down.stderr.count("retrying in 1s") == 1 and "retrying in 2s" not in down.stderr, down.stderr[-2000:]
     assert "olora register: error: " in down.stderr and f"MLflow tracking server {server.url} after 2 attempts" in down.stderr
     server.start()
-    sh([str(BIN / "olora"), "register"], layout.root, extra_env=FAST_HTTP_RETRIES)
+    # down again right after the version is created, before its card and alias: the rerun finishes that version
+    paused = PausedRun([str(BIN / "olora"), "register"], layout.root, ["register:created"], tmp_path / "pause-register",
+                       FAST_HTTP_RETRIES)
+    paused.wait("register:created")
+    server.stop()
+    paused.release("register:created")
+    assert paused.finish() == 2, paused.output()[-3000:]
+    server.start()
+    first = json.loads(sh([str(BIN / "olora"), "register"], layout.root, extra_env=FAST_HTTP_RETRIES).stdout)
+    assert first["version"] == "1" and first["created"] is True
+    version = c.get_model_version(first["name"], "1")
+    assert version.description and c.get_model_version_by_alias(first["name"], "challenger").version == "1"
+    assert [f.path for f in c.list_artifacts(version.run_id, "model_card")] == ["model_card/README.md"]
     again = json.loads(sh([str(BIN / "olora"), "register"], layout.root, extra_env=FAST_HTTP_RETRIES).stdout)
     assert again["version"] == "1" and again["created"] is False
     name = again["name"]

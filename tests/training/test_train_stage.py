@@ -138,3 +138,32 @@ def test_gradient_checkpointing_and_accumulation_train(prepared, tmp_path):
     )
     assert metrics["steps"] == 2 and torch.isfinite(torch.tensor(metrics["final_val_loss"]))
     assert metrics["tokens_trained"] > 0
+
+
+def test_a_full_disk_is_named_and_a_truncated_checkpoint_is_not_resumed(tmp_path):
+    """A checkpoint a full disk left with a truncated trainer_state.json is not complete (a resume takes the one
+    before); the failure is worded as the disk being full, naming the folder and the checkpoint a rerun resumes."""
+    import errno
+    import json
+
+    from olora.training import checkpoints
+
+    folder = tmp_path / "checkpoints"
+    for step, state in ((2, json.dumps({"global_step": 2})), (4, '{"global_st')):
+        (folder / f"checkpoint-{step}").mkdir(parents=True)
+        (folder / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    assert [p.name for p in checkpoints.complete(folder)] == ["checkpoint-2"]
+    (folder / checkpoints.FINGERPRINT).write_text(json.dumps({"fingerprint": "fp", "processes": 1}))
+    assert checkpoints.prepare(folder, "fp")
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-2", checkpoints.FINGERPRINT]
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed") from inner
+    except RuntimeError as exc:
+        error = checkpoints.disk_full(folder, exc)
+    assert str(error).startswith(f"No space left on device while training into {folder} (")
+    assert "the last complete checkpoint, checkpoint-2, is kept" in str(error) and "OLORA_RUNS_DIR" in str(error)
+    assert checkpoints.disk_full(folder, ValueError("a bug, not the disk")) is None

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from olora import dvc
 from olora.errors import OloraError
+from olora.faults import marker
 from olora.layout import DVC_LOCK, PARAMS
 
 log = logging.getLogger("olora")
@@ -203,6 +204,7 @@ def record(workspace: Path, name: str, message: str, push: bool = True) -> GitRe
     source_commit = _git(workspace, "rev-parse", "HEAD^" if already else "HEAD").stdout.strip()
     pushed = False
     if push and has_dvc_remote(workspace):
+        marker("record:dvc-push")
         dvc.run(workspace, "push")  # the data first: a ref never points at data the remote lacks
         pushed = True
     _git(workspace, "checkout", "--quiet", "-B", branch)

@@ -130,6 +130,10 @@ class Tracking:
         # our own retries (with_retries) handle transient failures: keep MLflow's inner HTTP retries short
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        # artifacts through the server itself: its presigned S3 URLs name the store as the server reaches it (compose's
+        # http://seaweedfs:8333), which a client on another host cannot resolve (downloads then retried without end)
+        os.environ.setdefault("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
+        os.environ.setdefault("MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD", "false")
         from mlflow import MlflowClient
 
         c = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)

@@ -63,13 +63,17 @@ def register(cfg: Config, tracking: Tracking, root: Path, adapter_dir: Path, exp
     def versions_of_run():
         return c.search_model_versions(f"name='{name}' and run_id='{run_id}'")
 
+    adapter_meta = json.loads((Path(adapter_dir) / layout.INIT_META).read_text())
     existing = tracking.call("searching model versions", versions_of_run)
     if existing:
-        version = str(max(int(v.version) for v in existing))
-        log.info("register: run %s is already %s version %s", run_id, name, version)
-        return Registration(name, version, run_id, created=False)
+        found = max(existing, key=lambda v: int(v.version))
+        log.info("register: run %s is already %s version %s", run_id, name, found.version)
+        if found.description:  # its card is stored: an earlier attempt finished (the alias follows the card)
+            return Registration(name, str(found.version), run_id, created=False)
+        # an earlier attempt created the version and failed before its card and alias (a registry outage): finish it
+        _card_and_alias(c, tracking, cfg, name, str(found.version), run_id, adapter_meta["base_model"], eval_metrics)
+        return Registration(name, str(found.version), run_id, created=True)
 
-    adapter_meta = json.loads((Path(adapter_dir) / layout.INIT_META).read_text())
     template_path = Path(adapter_dir) / layout.TEMPLATE_FILE
     if not template_path.is_file():
         raise OloraError(
@@ -116,6 +120,7 @@ def register(cfg: Config, tracking: Tracking, root: Path, adapter_dir: Path, exp
 
         def upload_and_register():
             # the same files to the same path each attempt: a re-upload overwrites, it leaves nothing behind
+            marker("register:uploading")
             c.log_artifacts(run_id, str(model_dir), "model")
             try:
                 c.get_registered_model(name)
@@ -132,10 +137,17 @@ def register(cfg: Config, tracking: Tracking, root: Path, adapter_dir: Path, exp
             return c.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id, tags=tags)
 
         version = tracking.call("registering the model", upload_and_register)
-    store_card(c, tracking, cfg, name, str(version.version), run_id, adapter_meta["base_model"], eval_metrics)
-    c.set_registered_model_alias(name, CHALLENGER, version.version)
-    log.info("register: %s version %s (alias %s)", name, version.version, CHALLENGER)
+    marker("register:created")
+    _card_and_alias(c, tracking, cfg, name, str(version.version), run_id, adapter_meta["base_model"], eval_metrics)
     return Registration(name, str(version.version), run_id, created=True)
+
+
+def _card_and_alias(c, tracking: Tracking, cfg: Config, name: str, version: str, run_id: str, base_model: str,
+                    eval_metrics: dict[str, Any]) -> None:
+    """A new version's card, then its `challenger` alias: the card present means registering finished."""
+    store_card(c, tracking, cfg, name, version, run_id, base_model, eval_metrics)
+    tracking.call("setting the challenger alias", lambda: c.set_registered_model_alias(name, CHALLENGER, version))
+    log.info("register: %s version %s (alias %s)", name, version, CHALLENGER)
 
 
 def store_card(c, tracking: Tracking, cfg: Config, name: str, version: str, run_id: str, base_model: str,
@@ -146,11 +158,11 @@ def store_card(c, tracking: Tracking, cfg: Config, name: str, version: str, run_
 
     lineage = {**tracking.call("reading the run's lineage", lambda: c.get_run(run_id)).data.tags, "run_id": run_id}
     card = model_card(cfg, name, version, base_model, eval_metrics, lineage)
-    tracking.call("storing the model card", lambda: c.update_model_version(name, version, description=for_registry(card)))
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # the file first: a description in the registry means both are stored
         path = Path(tmp) / "README.md"
         path.write_text(card)
         tracking.call("uploading the model card", lambda: c.log_artifact(run_id, str(path), "model_card"))
+    tracking.call("storing the model card", lambda: c.update_model_version(name, version, description=for_registry(card)))
     return card
 
 

@@ -1,20 +1,21 @@
 """Checkpoints and resume: a checkpoint is resumed only by the exact run that wrote it.
 
 The run's fingerprint covers its training settings, data and initial adapter; a checkpoint folder
-whose fingerprint differs is removed, a half-written checkpoint (no `trainer_state.json`, which
-the Trainer writes last) is dropped, and the MLflow run id stored beside the checkpoints lets a
+whose fingerprint differs is removed, a half-written checkpoint (no readable `trainer_state.json`, which
+the Trainer writes last: a full disk can leave it truncated) is dropped, and the MLflow run id stored beside the checkpoints lets a
 resumed run continue the run it started.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import shutil
 from pathlib import Path
 
 from olora.config import Config
-from olora.errors import ConfigError
+from olora.errors import ConfigError, OloraError
 from olora.io import read_json, write_json
 
 FINGERPRINT = "fingerprint.json"
@@ -46,10 +47,38 @@ def run_fingerprint(cfg: Config, data_dir: Path, init_dir: Path) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def _state_readable(checkpoint: Path) -> bool:
+    try:
+        return isinstance(json.loads((checkpoint / "trainer_state.json").read_text()), dict)
+    except (OSError, ValueError):
+        return False
+
+
 def complete(checkpoint_dir: Path) -> list[Path]:
     """Checkpoints the Trainer finished writing, in step order."""
-    done = [p for p in Path(checkpoint_dir).glob("checkpoint-*") if p.is_dir() and (p / "trainer_state.json").is_file()]
+    done = [p for p in Path(checkpoint_dir).glob("checkpoint-*") if p.is_dir() and _state_readable(p)]
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def disk_full(checkpoint_dir: Path, exc: BaseException) -> OloraError | None:
+    """A training failure for want of disk space (torch and safetensors word it their own ways) as an error naming the
+    folder, what is kept and the fix; None for any other failure."""
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    try:
+        free = shutil.disk_usage(checkpoint_dir).free
+    except OSError:
+        return None
+    if not any(getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) for e in chain) and free >= 1 << 20:
+        return None
+    kept = complete(checkpoint_dir)
+    resume = (f"the last complete checkpoint, {kept[-1].name}, is kept: rerun the stage (or the flow run) to resume from it"
+              if kept else "no complete checkpoint was written: a rerun starts over")
+    return OloraError(f"No space left on device while training into {checkpoint_dir} ({free / 2**20:.1f} MiB free; "
+                      f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}); free "
+                      f"space there or put the run's workspace on a larger disk (OLORA_RUNS_DIR); {resume}")
 
 
 def finished(checkpoint_dir: Path) -> Path | None:
@@ -90,7 +119,7 @@ def prepare(checkpoint_dir: Path, fingerprint: str, processes: int = 1, run_id: 
             )
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     for partial in checkpoint_dir.glob("checkpoint-*"):
-        if partial.is_dir() and not (partial / "trainer_state.json").is_file():
+        if partial.is_dir() and not _state_readable(partial):
             shutil.rmtree(partial)
     write_json(marker, {"fingerprint": fingerprint, "processes": processes, "mlflow_run_id": run_id})
     return bool(complete(checkpoint_dir))

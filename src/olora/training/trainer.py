@@ -394,7 +394,13 @@ def _run_training(trainer, model, meter: "_ThroughputMeter", checkpoint_dir: Pat
     if done is not None:
         _take_finished(trainer, model, done)
     else:
-        trainer.train(resume_from_checkpoint=True if resume else None)
+        try:
+            trainer.train(resume_from_checkpoint=True if resume else None)
+        except Exception as exc:
+            full = checkpoints.disk_full(checkpoint_dir, exc)
+            if full is None:
+                raise
+            raise full from exc
     seconds, tokens = meter.elapsed(trainer.state)
     train_only = seconds - meter.eval_seconds  # before any final evaluation below
     if not any("eval_loss" in h and h.get("step") == trainer.state.global_step for h in trainer.state.log_history):
