@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
 import time
@@ -26,9 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, free_port
+from conftest import BIN
+from ports import free_ports
+from stackfix import ComposeStack, harness  # `make stack` in a test project; podman and the stand-in images
 from olora.ops import prefect_api, stack
-from tests.containers import harness  # podman, the stand-in images, compose in depends_on order
 
 pytestmark = [pytest.mark.stack, pytest.mark.fault, pytest.mark.container]
 OUTAGE = 30.0  # seconds a stopped service stays down
@@ -149,24 +149,14 @@ class FaultStack:
         return done
 
 
-def _compose_stack(folder: Path, env: dict[str, str]):
-    """docker/compose.yaml up (test override: nothing pulled), ports free on loopback; yields (values, containers, down)."""
-    ports = {var: free_port() for _, var, _ in stack.PORTS.values()}
-    config = stack.stack_config(folder / "stack", environ={k: str(v) for k, v in ports.items()})
-    values = stack.client_env(config, {"mlflow_admin_password": secrets.token_urlsafe(18), "prefect_password": secrets.token_urlsafe(18),
-                                       "s3_access_key": secrets.token_hex(10), "s3_secret_key": secrets.token_urlsafe(24)})
-    env_file = folder / "compose.env"
-    env_file.write_text("".join(f"{k}={v}\n" for k, v in {**values, **{k: str(v) for k, v in ports.items()},
-                                                          "OLORA_STACK_PG_PASSWORD": secrets.token_urlsafe(18),
-                                                          "OLORA_STACK_PG_SUPERUSER_PASSWORD": secrets.token_urlsafe(18)}.items()))
-    env_file.chmod(0o600)
-    project = f"olora-faults-{uuid.uuid4().hex[:6]}"
-    compose = harness.Compose(project, env_file, {"OLORA_TEST_GIT_REMOTE": env["OLORA_GIT_REMOTE"]})
-    with harness.healthcheck_ticker(label=f"com.docker.compose.project={project}"):
-        ready = compose.up_in_order()
-    containers = {s: compose.container(s) for s in ("postgres", "seaweedfs", "prefect", "mlflow", "worker")}
-    harness.podman("stop", "-t", "10", containers["worker"])  # the cells' worker runs on the host (SIGKILL, tmpfs)
-    return values, containers, ready, compose
+def _compose_stack(root: Path, env: dict[str, str]) -> ComposeStack:
+    """`make stack` (`python -m olora.ops.stack up --workers 0`, as tests/stackfix.py runs it) in the deploying
+    checkout, on free loopback ports under a compose project of its own: stack.env is the one `up` writes."""
+    ports = {var: str(port) for (_, var, _), port in zip(stack.PORTS.values(), free_ports(len(stack.PORTS)))}
+    compose_stack = ComposeStack(root, {**env, **ports, stack.ENGINE_VAR: "podman",
+                                        "COMPOSE_PROJECT_NAME": f"olora-faults-{uuid.uuid4().hex[:6]}"})
+    compose_stack.run("up")
+    return compose_stack
 
 
 @pytest.fixture(scope="module")
@@ -187,13 +177,13 @@ def fault_stack(tmp_path_factory, tiny_model_dir):
                PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(prefect_api.HEARTBEAT_SECONDS))
     root = team_checkout(folder / "deployer", folder / "team.git", tiny_model_dir, {"evaluate.tasks": ["arc_easy"]}, env)
     start = time.monotonic()
-    values, containers, ready, compose = _compose_stack(folder, env)
+    compose_stack = _compose_stack(root, env)
     try:
-        stack.write_env_file(root / "stack.env", values)  # git-ignored, as `make stack` leaves it
-        env.update(values)
+        env.update(compose_stack.values)
+        containers = {name: compose_stack.compose.container(name) for name in ("postgres", "seaweedfs", "prefect", "mlflow")}
         s = FaultStack(root, env, folder / "team.git", containers, Worker(env, folder / "worker.log"))
         s.timings["stack up"] = round(time.monotonic() - start, 1)
-        print(f"\ncompose stack ready in {s.timings['stack up']} s: {json.dumps(ready)}")
+        print(f"\ncompose stack ready in {s.timings['stack up']} s")
         # a dead worker's run: CRASHED after the stack's default (90 s without a heartbeat; 60 s marked a live run CRASHED
         # during the 30 s PostgreSQL outage, two 30 s heartbeats being lost)
         prefect_api.ensure_crash_automation(s.prefect, s.auth, prefect_api.crash_after_seconds({}))
@@ -203,7 +193,8 @@ def fault_stack(tmp_path_factory, tiny_model_dir):
     finally:
         if "s" in locals():
             s.worker.stop()
-        compose.down()
+        if "compose_stack" in locals():
+            compose_stack.run("down", "--volumes", timeout=300)
         print("\n" + matrix_table())
 
 
