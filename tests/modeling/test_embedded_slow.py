@@ -56,7 +56,7 @@ def test_embedded_model_every_stage(layout):
     assert train["steps"] == 3 and train["final_val_loss"] < 10
     STAGES["evaluate_base"].run(layout)
     tuned = STAGES["evaluate"].run(layout)
-    assert set(tuned["tasks"]) == {"arc_easy", "piqa"}
+    assert set(tuned.tasks) == {"arc_easy", "piqa"}
 
     cfg = load_config(layout.params)
     ref, runtime = resolve_model(cfg.model), resolve_runtime(cfg.model)

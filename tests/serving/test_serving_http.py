@@ -26,6 +26,7 @@ from olora.config import load_config
 from olora.tracking.client import Tracking
 from olora.layout import Layout
 from olora.stages import STAGES
+from olora.evaluation.result import EvalResult
 from olora.tracking import client as tracking
 from olora.tracking import registry
 from olora.tracking import gate
@@ -237,7 +238,8 @@ def test_a_lost_response_is_retried_without_a_second_version(registered, monkeyp
         return version
 
     monkeypatch.setattr(MlflowClient, "create_model_version", created_but_response_lost)
-    reg = registry.register(cfg, Tracking.of(cfg, registered.root), registered.root, registered.adapter, registered.exported, {})
+    reg = registry.register(cfg, Tracking.of(cfg, registered.root), registered.root, registered.adapter, registered.exported,
+                          EvalResult.read(registered.metrics("eval_adapter")))
     assert len(calls) == 1  # the retry found the version the lost call created, and created none
     c = _client(registered)
     assert [str(v.version) for v in c.search_model_versions("name='olora-lost-response'")] == ["1"] == [reg.version]
@@ -262,13 +264,16 @@ def test_a_rerun_after_a_crash_between_upload_and_create_registers_once(register
 
     monkeypatch.setattr(olora.faults, "marker", crash)
     with pytest.raises(Crash):
-        registry.register(cfg, Tracking.of(cfg, registered.root), registered.root, registered.adapter, registered.exported, {})
+        registry.register(cfg, Tracking.of(cfg, registered.root), registered.root, registered.adapter, registered.exported,
+                          EvalResult.read(registered.metrics("eval_adapter")))
     assert not c.search_model_versions("name='olora-crashed'")  # uploaded, not registered
     monkeypatch.undo()
-    reg = registry.register(cfg, Tracking.of(cfg, registered.root), registered.root, registered.adapter, registered.exported, {})
+    reg = registry.register(cfg, Tracking.of(cfg, registered.root), registered.root, registered.adapter, registered.exported,
+                          EvalResult.read(registered.metrics("eval_adapter")))
     assert reg.created and [str(v.version) for v in c.search_model_versions("name='olora-crashed'")] == ["1"]
     assert _version_files(c, run_id) == files  # the re-upload overwrote the same files: no orphans
-    again = registry.register(cfg, Tracking.of(cfg, registered.root), registered.root, registered.adapter, registered.exported, {})
+    again = registry.register(cfg, Tracking.of(cfg, registered.root), registered.root, registered.adapter, registered.exported,
+                          EvalResult.read(registered.metrics("eval_adapter")))
     assert not again.created and again.version == "1"
 
 

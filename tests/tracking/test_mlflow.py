@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from olora.evaluation.result import EvalResult
 from olora.stages import STAGES
 from olora.tracking.client import Tracking
 from olora.tracking import client as tracking
@@ -231,7 +232,8 @@ def test_broken_adapter_is_refused_before_registration(tracked, tmp_path):
     weights = broken / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: len(weights.read_bytes()) // 2])
     with pytest.raises(OloraError, match="unreadable or truncated"):
-        registry.register(load_config(tracked.params), Tracking.of(load_config(tracked.params), tracked.root), tracked.root, tracked.adapter, broken, {})
+        registry.register(load_config(tracked.params), Tracking.of(load_config(tracked.params), tracked.root), tracked.root, tracked.adapter, broken,
+                          EvalResult.read(tracked.metrics("eval_adapter")))
 
 
 def test_unreachable_server_names_the_uri(tracked, monkeypatch, caplog):

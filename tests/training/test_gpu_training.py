@@ -59,7 +59,7 @@ def test_qlora_through_the_pipeline(tmp_path, tiny_model_dir):
     assert exported and all(torch.isfinite(v).all() for v in exported.values())
     STAGES["evaluate_base"].run(layout)
     scores = STAGES["evaluate"].run(layout)
-    assert 0.0 <= scores["mean_acc"] <= 1.0
+    assert 0.0 <= scores.mean_acc <= 1.0
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
