@@ -177,7 +177,7 @@ def test_postgres_takes_the_role_password_and_refuses_a_wrong_one(compose_stack)
     def connect(user: str, password: str, database: str):
         return psycopg2.connect(host="127.0.0.1", port=port, user=user, password=password, dbname=database, connect_timeout=5)
 
-    for database in ("mlflow", "mlflow_auth", "prefect"):
+    for database in ("mlflow", "mlflow_auth", "prefect", "optuna"):
         connect("olora", secret["postgres_password"], database).close()
     for user, password in (("olora", "wrong-" + secret["postgres_password"]), ("postgres", secret["postgres_password"])):
         with pytest.raises(psycopg2.OperationalError, match=f'password authentication failed for user "{user}"'):
@@ -186,13 +186,15 @@ def test_postgres_takes_the_role_password_and_refuses_a_wrong_one(compose_stack)
 
 
 @pytest.mark.stack
-def test_optuna_studies_live_in_the_stacks_postgres_shared_by_the_host_and_the_workers(compose_stack, monkeypatch, tmp_path):
+def test_optuna_studies_live_in_the_stacks_postgres_shared_by_the_host_and_the_workers(compose_stack, monkeypatch):
     """`up` makes the `optuna` database, owned by the role `olora`, also on a volume from before it existed (dropped
-    here, then `up` again), and stack.env names it; a study `olora compare`'s code opens from the host through that
-    URL is read, with its told trial, in a worker container through the URL compose gives the workers."""
+    here, then `up` again), and stack.env names it; a study made from the host through the URL `olora compare`
+    resolves (search.storage_url) is read, with its told trial, in a worker container through the URL compose gives
+    the workers."""
     import tempfile
     import uuid
 
+    import optuna
     import psycopg2
 
     from olora.orchestration import compare, search
@@ -226,7 +228,7 @@ def test_optuna_studies_live_in_the_stacks_postgres_shared_by_the_host_and_the_w
         clone.rmdir()
 
     name = f"stack-check-{uuid.uuid4().hex[:8]}"
-    study = search.open_study(url, name, search.SearchSettings())
+    study = optuna.create_study(study_name=name, storage=search.storage_url(s.root))
     trial = study.ask()
     rate = trial.suggest_float(search.PARAM, 1e-5, 3e-3, log=True)
     study.tell(trial, 0.25)
