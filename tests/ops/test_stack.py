@@ -214,7 +214,7 @@ def test_optuna_studies_live_in_the_stacks_postgres_shared_by_the_host_and_the_w
             assert cur.fetchall() == [("olora", "{olora=CTc/olora}")]  # PUBLIC revoked, as for mlflow and prefect
     finally:
         su.close()
-    url = s.values["OLORA_OPTUNA_STORAGE"]
+    url = s.values[search.STORAGE_ENV]  # the variable olora compare reads
     assert url == f"postgresql+psycopg2://olora:{secret['postgres_password']}@127.0.0.1:{port}/optuna"
     monkeypatch.setenv(search.STORAGE_ENV, url)
     assert search.storage_url(s.root) == url
@@ -234,10 +234,12 @@ def test_optuna_studies_live_in_the_stacks_postgres_shared_by_the_host_and_the_w
     study.tell(trial, 0.25)
     code = ("import json, os, optuna; url = os.environ['OLORA_OPTUNA_STORAGE']; "
             f"t = optuna.load_study(study_name={name!r}, storage=url).trials; "
-            "print('STUDY', json.dumps([url.split('@')[1], [(x.state.name, x.value, x.params) for x in t]]))")
+            "print('STUDY', json.dumps([url, [(x.state.name, x.value, x.params) for x in t]]))")
     done = s.compose("run", "--rm", "--no-deps", "-T", stack.WORKER, "python", "-c", code, timeout=300)
     seen = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("STUDY ")).split(" ", 1)[1])
-    assert seen == ["postgres:5432/optuna", [["COMPLETE", 0.25, {search.PARAM: rate}]]], done.stdout[-2000:]
+    # the in-network address, the password from PGPASSWORD (none in the URL); the host's trial, as told
+    assert seen == ["postgresql+psycopg2://olora@postgres:5432/optuna", [["COMPLETE", 0.25, {search.PARAM: rate}]]], \
+        done.stdout[-2000:]
     compose_stack.optuna_study = (name, rate)
 
 

@@ -187,7 +187,7 @@ def client_env(config: StackConfig, secret: Mapping[str, str]) -> dict[str, str]
         # address inside the compose network (seaweedfs:8333), which clients outside it cannot resolve
         "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
         "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false",
-        # compose.yaml gives the workers the same database by its in-network address (postgres:5432)
+        # compose.yaml gives the workers the same database by its in-network address (postgres:5432; PGPASSWORD)
         "OLORA_OPTUNA_STORAGE": f"postgresql+psycopg2://{PG_ROLE}:{urllib.parse.quote(secret['postgres_password'], safe='')}"
                                 f"@{LOOPBACK}:{config.ports['postgres']}/{OPTUNA_DB}",
     }
