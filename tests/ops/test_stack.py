@@ -177,12 +177,70 @@ def test_postgres_takes_the_role_password_and_refuses_a_wrong_one(compose_stack)
     def connect(user: str, password: str, database: str):
         return psycopg2.connect(host="127.0.0.1", port=port, user=user, password=password, dbname=database, connect_timeout=5)
 
-    for database in ("mlflow", "mlflow_auth", "prefect"):
+    for database in ("mlflow", "mlflow_auth", "prefect", "optuna"):
         connect("olora", secret["postgres_password"], database).close()
     for user, password in (("olora", "wrong-" + secret["postgres_password"]), ("postgres", secret["postgres_password"])):
         with pytest.raises(psycopg2.OperationalError, match=f'password authentication failed for user "{user}"'):
             connect(user, password, "postgres")
     connect("postgres", secret["postgres_superuser_password"], "postgres").close()
+
+
+@pytest.mark.stack
+def test_optuna_studies_live_in_the_stacks_postgres_shared_by_the_host_and_the_workers(compose_stack, monkeypatch):
+    """`up` makes the `optuna` database, owned by the role `olora`, also on a volume from before it existed (dropped
+    here, then `up` again), and stack.env names it; a study made from the host through the URL `olora compare`
+    resolves (search.storage_url) is read, with its told trial, in a worker container through the URL compose gives
+    the workers."""
+    import tempfile
+    import uuid
+
+    import optuna
+    import psycopg2
+
+    from olora.orchestration import compare, search
+    from olora.orchestration.durable import DurabilityError
+
+    s, secret = compose_stack, compose_stack.secret
+    port = s.config.ports["postgres"]
+    su = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", password=secret["postgres_superuser_password"],
+                          dbname="postgres", connect_timeout=5)
+    su.autocommit = True
+    owner = "SELECT pg_get_userbyid(datdba), datacl::text FROM pg_database WHERE datname = 'optuna'"
+    try:
+        with su.cursor() as cur:
+            cur.execute("DROP DATABASE optuna WITH (FORCE)")  # as on a volume made before this database was added
+            s.run("up")
+            cur.execute(owner)
+            assert cur.fetchall() == [("olora", "{olora=CTc/olora}")]  # PUBLIC revoked, as for mlflow and prefect
+    finally:
+        su.close()
+    url = s.values[search.STORAGE_ENV]  # the variable olora compare reads
+    assert url == f"postgresql+psycopg2://olora:{secret['postgres_password']}@127.0.0.1:{port}/optuna"
+    monkeypatch.setenv(search.STORAGE_ENV, url)
+    assert search.storage_url(s.root) == url
+    # a deployment run's temporary clone: the database outlives it, a SQLite file inside it would not
+    clone = Path(tempfile.mkdtemp(suffix="prefect"))
+    try:
+        compare.check_durable(clone, None, url, push=False)
+        with pytest.raises(DurabilityError, match="OLORA_OPTUNA_STORAGE"):
+            compare.check_durable(clone, None, f"sqlite:///{clone}/optuna.db", push=False)
+    finally:
+        clone.rmdir()
+
+    name = f"stack-check-{uuid.uuid4().hex[:8]}"
+    study = optuna.create_study(study_name=name, storage=search.storage_url(s.root))
+    trial = study.ask()
+    rate = trial.suggest_float(search.PARAM, 1e-5, 3e-3, log=True)
+    study.tell(trial, 0.25)
+    code = ("import json, os, optuna; url = os.environ['OLORA_OPTUNA_STORAGE']; "
+            f"t = optuna.load_study(study_name={name!r}, storage=url).trials; "
+            "print('STUDY', json.dumps([url, [(x.state.name, x.value, x.params) for x in t]]))")
+    done = s.compose("run", "--rm", "--no-deps", "-T", stack.WORKER, "python", "-c", code, timeout=300)
+    seen = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("STUDY ")).split(" ", 1)[1])
+    # the in-network address, the password from PGPASSWORD (none in the URL); the host's trial, as told
+    assert seen == ["postgresql+psycopg2://olora@postgres:5432/optuna", [["COMPLETE", 0.25, {search.PARAM: rate}]]], \
+        done.stdout[-2000:]
+    compose_stack.optuna_study = (name, rate)
 
 
 @pytest.mark.stack
@@ -562,6 +620,12 @@ def test_down_removes_the_containers_and_data_survives_up_again(compose_stack, m
     assert run.data.metrics["loss"] == 0.5
     s3 = stack.s3_client(compose_stack.config, before["AWS_ACCESS_KEY_ID"], before["AWS_SECRET_ACCESS_KEY"])
     assert s3.get_object(Bucket=stack.BUCKET, Key="checks/hello.txt")["Body"].read() == b"hello"
+    import optuna
+
+    name, rate = getattr(compose_stack, "optuna_study", (None, None))
+    assert name, "the Optuna test did not run first"
+    assert [t.params for t in optuna.load_study(study_name=name, storage=before["OLORA_OPTUNA_STORAGE"]).trials] == \
+        [{"learning_rate": rate}]
 
 
 def _free(port: int) -> bool:

@@ -12,8 +12,10 @@ compose honours them (default: docker/compose.yaml, project `olora`).
 
 `up` also: generates the credentials on the first run and keeps them in `.stack/secrets.json` (0600, git-ignored;
 OLORA_STACK_DIR moves it), hands them to compose through `.stack/compose.env` (0600), creates the Prefect work pool
-and the crashed-run automation, writes `stack.env` for clients (KEY=value, 0600, git-ignored) and makes the S3 DVC
-remote `stack` the default in `.dvc/config.local`. Published ports bind 127.0.0.1 (OLORA_STACK_*_PORT).
+and the crashed-run automation, makes sure PostgreSQL's databases exist (docker/postgres/init-databases.sh, run
+again in the container: a volume made before a database was added gets it), writes `stack.env` for clients
+(KEY=value, 0600, git-ignored; OLORA_OPTUNA_STORAGE names the `optuna` database the workers share) and makes the
+S3 DVC remote `stack` the default in `.dvc/config.local`. Published ports bind 127.0.0.1 (OLORA_STACK_*_PORT).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import string
 import subprocess
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -47,6 +50,9 @@ REGION = "us-east-1"  # SeaweedFS accepts any region; clients need one
 PROJECT = "olora"  # compose.yaml's `name:`
 COMPOSE_FILE = Path(__file__).resolve().parents[3] / "docker" / "compose.yaml"
 WORKER = "worker"  # the compose service `--workers` scales
+PG_ROLE = "olora"  # the application role docker/postgres/init-databases.sh makes; it owns every database below
+OPTUNA_DB = "optuna"  # Optuna's studies (olora.orchestration.search), shared by the host and the workers
+PG_INIT = "/docker-entrypoint-initdb.d/10-olora-databases.sh"  # where compose.yaml mounts init-databases.sh
 
 # what compose publishes on 127.0.0.1: key -> (compose service, environment variable, default port)
 PORTS: dict[str, tuple[str, str, int]] = {
@@ -62,7 +68,7 @@ ENV_VARS = (
     "PREFECT_API_URL", "PREFECT_API_AUTH_STRING",
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL",
     "OLORA_S3_BUCKET", "OLORA_DVC_REMOTE", "OLORA_DVC_REMOTE_URL", "OLORA_PREFECT_WORK_POOL",
-    "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD",
+    "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD", "OLORA_OPTUNA_STORAGE",
 )
 
 
@@ -181,6 +187,9 @@ def client_env(config: StackConfig, secret: Mapping[str, str]) -> dict[str, str]
         # address inside the compose network (seaweedfs:8333), which clients outside it cannot resolve
         "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
         "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false",
+        # compose.yaml gives the workers the same database by its in-network address (postgres:5432; PGPASSWORD)
+        "OLORA_OPTUNA_STORAGE": f"postgresql+psycopg2://{PG_ROLE}:{urllib.parse.quote(secret['postgres_password'], safe='')}"
+                                f"@{LOOPBACK}:{config.ports['postgres']}/{OPTUNA_DB}",
     }
 
 
@@ -433,6 +442,16 @@ def check_ports(config: StackConfig) -> None:
                                    f"stop what listens there or set {var} to a free port") from None
 
 
+def ensure_databases(compose: Compose) -> None:
+    """Run init-databases.sh (idempotent) in the running PostgreSQL container: the image runs it only on an empty
+    volume, so a stack whose volume predates a database gets that database here."""
+    container = compose.container("postgres")
+    done = compose.engine_cli("exec", container, "sh", PG_INIT, check=False, timeout=120)
+    if done.returncode != 0:
+        raise ServiceError(f"creating the stack's PostgreSQL databases in {container} failed ({done.returncode}): "
+                           f"{(done.stdout + done.stderr).strip()[-2000:]}\nsee `{compose.cli} logs {container}`")
+
+
 def compose_of(config: StackConfig, env: Mapping[str, str] | None = None) -> Compose:
     return Compose(config.project, config.state_dir / "compose.env", config.files, env=env, cwd=config.root)
 
@@ -459,6 +478,7 @@ def up(config: StackConfig, log: Callable[[str], None] = _say) -> dict[str, str]
         check_ports(config)
     log(f"{' '.join(compose.command)}: project {config.project}, {', '.join(str(f) for f in config.files)}")
     compose.up({WORKER: config.workers}, log=log)
+    ensure_databases(compose)
     auth = prefect_api.headers(secret)
     prefect_api.ensure_work_pool(config.prefect_url, auth, WORK_POOL)
     prefect_api.ensure_crash_automation(config.prefect_url, auth, crash_within)
