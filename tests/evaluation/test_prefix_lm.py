@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import tempfile
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from olora.config import PAPER_TASKS, EvaluateConfig
-from olora.evaluation.prefix_lm import Group, pack_group, plan_groups, split_sorted
+from olora.evaluation.prefix_lm import Group, pack_group, pack_rows, plan_groups, split_sorted
 
 # --- the pure planning ---------------------------------------------------------------------------
 
@@ -30,7 +31,7 @@ def _requests(seed: int, n_docs: int = 30):
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_groups_partition_the_requests_and_stop_before_every_needed_logit(seed):
+def test_groups_partition_the_requests_and_share_their_prefix(seed):
     inputs, starts = _requests(seed)
     groups = plan_groups(inputs, starts, max_members=6, suffix_weight=1.3)
     members = sorted(m for g in groups for m in g.members)
@@ -39,7 +40,8 @@ def test_groups_partition_the_requests_and_stop_before_every_needed_logit(seed):
         assert 1 <= len(g.members) <= 6
         for m in g.members:
             assert inputs[m][: len(g.prefix)] == g.prefix  # the prefix is shared by every member
-            assert len(g.prefix) <= starts[m]  # ...and ends before the first logit that member needs
+        if len(g.members) > 1:  # ...and is their whole common prefix
+            assert len(g.prefix) == len(os.path.commonprefix([inputs[m] for m in g.members]))
 
 
 def test_the_choices_of_one_question_share_its_context():
@@ -49,7 +51,7 @@ def test_the_choices_of_one_question_share_its_context():
     starts = [len(ctx) - 1] * 3 + [len(other) - 1] * 2
     groups = plan_groups(inputs, starts, max_members=16)
     assert sorted(sorted(g.members) for g in groups) == [[0, 1, 2], [3, 4]]
-    assert {tuple(g.prefix) for g in groups} == {tuple(ctx[:-1]), tuple(other[:-1])}
+    assert {tuple(g.prefix) for g in groups} == {tuple(ctx), tuple(other)}  # the logit of the context's last token: once
 
 
 def test_unrelated_questions_that_share_a_first_word_stay_apart():
@@ -62,40 +64,78 @@ def test_unrelated_questions_that_share_a_first_word_stay_apart():
 
 
 def _cost(lengths, spans, forward_cost):
-    return sum(forward_cost + (b - a) * lengths[b - 1] for a, b in spans)
+    return sum(forward_cost + len(pack_rows(lengths[a:b], lengths[b - 1])) * lengths[b - 1] for a, b in spans)
+
+
+def _fits(lengths, a, b, budget):
+    rows = len(pack_rows(lengths[a:b], lengths[b - 1]))
+    return rows == 1 or rows * lengths[b - 1] <= budget
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_batches_cover_the_rows_in_order_within_budget_at_least_cost(seed):
+def test_batches_cover_the_groups_in_order_within_budget_at_least_cost(seed):
     rng = random.Random(seed)
     lengths = sorted(rng.randrange(1, 30) for _ in range(rng.randrange(1, 9)))
     budget, forward_cost = rng.randrange(20, 120), rng.randrange(0, 40)
     spans = split_sorted(lengths, budget, forward_cost)
     assert [a for a, _ in spans] == [0] + [b for _, b in spans[:-1]] and spans[-1][1] == len(lengths)
-    assert all(b - a == 1 or (b - a) * lengths[b - 1] <= budget for a, b in spans)
-    best = None  # brute force over every way to cut the sorted rows
+    assert all(_fits(lengths, a, b, budget) for a, b in spans)
+    best = None  # brute force over every way to cut the sorted groups
+    for cuts in itertools.product([False, True], repeat=len(lengths) - 1):
+        bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [len(lengths)]
+        candidate = list(zip(bounds, bounds[1:]))
+        if all(_fits(lengths, a, b, budget) for a, b in candidate):
+            cost = _cost(lengths, candidate, forward_cost)
+            best = cost if best is None else min(best, cost)
+    assert _cost(lengths, spans, forward_cost) == best
+    unpacked = sum(forward_cost + (b - a) * lengths[b - 1] for a, b in split_sorted_unpacked(lengths, budget, forward_cost))
+    assert best <= unpacked  # packing several groups in a row never costs more than a row each
+
+
+def split_sorted_unpacked(lengths, budget, forward_cost):
+    """The previous batching, one group per row padded to the batch's longest, by brute force."""
+    best, spans = None, None
     for cuts in itertools.product([False, True], repeat=len(lengths) - 1):
         bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [len(lengths)]
         candidate = list(zip(bounds, bounds[1:]))
         if all(b - a == 1 or (b - a) * lengths[b - 1] <= budget for a, b in candidate):
-            cost = _cost(lengths, candidate, forward_cost)
-            best = cost if best is None else min(best, cost)
-    assert _cost(lengths, spans, forward_cost) == best
+            cost = sum(forward_cost + (b - a) * lengths[b - 1] for a, b in candidate)
+            if best is None or cost < best:
+                best, spans = cost, candidate
+    return spans
+
+
+def test_rows_are_packed_best_fit_decreasing_and_a_group_that_does_not_fit_opens_a_row():
+    assert pack_rows([6, 5, 4, 3, 2], 8) == [[0, 4], [1, 3], [2]]  # 3 fills 5's row; 2 fills 6's; 4 fits no row's space
+    assert pack_rows([3, 12, 2], 8) == [[1], [0, 2]]  # a group longer than the width gets a row of its own
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_every_group_is_in_one_row_within_its_width_and_no_two_rows_could_be_one(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randrange(1, 40) for _ in range(rng.randrange(1, 30))]
+    width = max(lengths)
+    rows = pack_rows(lengths, width)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    loads = [sum(lengths[i] for i in row) for row in rows]
+    assert max(loads) <= width
+    assert all(a + b > width for a, b in itertools.combinations(loads, 2))
 
 
 def test_a_group_packs_its_prefix_once_and_each_distinct_rest_once_at_its_own_positions():
-    inputs = [[1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 4], [1, 2, 6, 7, 8]]
-    starts = [3, 2, 2, 4]
-    packed = pack_group(Group(prefix=[1, 2], members=[0, 1, 2, 3]), inputs, starts)
-    assert packed.tokens == [1, 2, 3, 4, 5, 6, 7, 8]  # the duplicate rest adds nothing
+    inputs = [[1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 4], [1, 2, 6, 7, 8], [1, 2]]
+    starts = [3, 1, 2, 4, 1]
+    packed = pack_group(Group(prefix=[1, 2], members=[0, 1, 2, 3, 4]), inputs, starts)
+    assert packed.tokens == [1, 2, 3, 4, 5, 6, 7, 8]  # the duplicate rest adds nothing, nor the empty one
     assert packed.segments == [0, 0, 1, 1, 2, 3, 3, 3]
-    for m, at in packed.needed.items():  # each needed position holds the request's token at its own position
-        segment = packed.segments[at]
+    for m, needed in packed.needed.items():  # each needed position holds the request's token at its own position
+        assert len(needed) == len(inputs[m]) - starts[m]
+        segment = max(packed.segments[i] for i in needed)
         own = [i for i, s in enumerate(packed.segments) if s in (0, segment)]
         assert [packed.tokens[i] for i in own] == inputs[m]
         assert [packed.positions[i] for i in own] == list(range(len(inputs[m])))
-        assert own.index(at) == starts[m]
-    assert packed.first == min(packed.needed.values())
+        assert [own.index(i) for i in needed] == list(range(starts[m], len(inputs[m])))
+    assert packed.needed[1][0] == packed.needed[4][0] == 1  # a logit in the prefix serves every member that needs it
 
 
 def test_a_group_is_a_plain_value():

@@ -32,6 +32,7 @@ attention or an attention kernel that takes no 4-D mask go to `hf`'s own code.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import torch
@@ -64,11 +65,12 @@ def plan_groups(inputs: list[list[int]], starts: list[int], max_members: int, su
 
     Pure. Inputs sorted lexicographically put every set sharing a prefix side by side; a dynamic
     programme then cuts that order into runs of at most `max_members` that minimise the tokens
-    encoded: a run's prefix p is the common prefix of its inputs (capped by each member's start, so
-    all needed logits come from the suffix pass), and it costs p + w · Σ over its distinct inputs of
-    (length − p) + GROUP_COST, w = `suffix_weight`, the cost of a suffix token (which also goes
-    through the vocabulary projection) relative to a prefix token. Optimal among contiguous runs,
-    O(n · max_members).
+    encoded: a run's prefix p is the common prefix of its inputs (the logits of a needed position in it,
+    such as the context's last token that predicts every choice's first, are computed once for all
+    members), and it costs p + (w − 1) · (p − s)⁺ + w · Σ over its distinct inputs of (length − p)
+    + GROUP_COST, s the members' least start and w = `suffix_weight`, the cost of a token that also goes
+    through the vocabulary projection relative to one that does not (a rest's tokens are charged as
+    projected). Optimal among contiguous runs, O(n · max_members).
     """
     order = sorted(range(len(inputs)), key=lambda i: inputs[i])
     n = len(order)
@@ -76,14 +78,14 @@ def plan_groups(inputs: list[list[int]], starts: list[int], max_members: int, su
     best = [0.0] + [float("inf")] * n  # best[j]: cheapest plan of the first j sorted requests
     cut = [0] * (n + 1)
     for j in range(1, n + 1):  # the run order[i:j], grown leftwards from j-1
-        p, distinct, total = len(inputs[order[j - 1]]), 0, 0
+        p, distinct, total, least = len(inputs[order[j - 1]]), 0, 0, starts[order[j - 1]]
         for i in range(j - 1, max(j - 1 - max_members, -1), -1):
             x = order[i]
-            p = min(p, starts[x]) if i == j - 1 else min(p, starts[x], lcp[i + 1])
+            p, least = (p, least) if i == j - 1 else (min(p, lcp[i + 1]), min(least, starts[x]))
             if i == j - 1 or inputs[x] != inputs[order[i + 1]]:
                 distinct += 1
                 total += len(inputs[x])
-            cost = best[i] + p + suffix_weight * (total - distinct * p) + GROUP_COST
+            cost = best[i] + p + (suffix_weight - 1) * max(p - least, 0) + suffix_weight * (total - distinct * p) + GROUP_COST
             if cost < best[j]:
                 best[j], cut[j] = cost, i
     groups: list[Group] = []
@@ -91,26 +93,56 @@ def plan_groups(inputs: list[list[int]], starts: list[int], max_members: int, su
     while j > 0:
         i = cut[j]
         members = order[i:j]
-        p = min(min(starts[m] for m in members), min(lcp[k] for k in range(i + 1, j)) if j - i > 1 else len(inputs[members[0]]))
+        p = min(lcp[k] for k in range(i + 1, j)) if j - i > 1 else len(inputs[members[0]])
         groups.append(Group(prefix=list(inputs[members[0]][:p]), members=members))
         j = i
     return groups[::-1]
 
 
-def split_sorted(lengths: list[int], budget: int, forward_cost: int) -> list[tuple[int, int]]:
-    """Cut ascending row lengths into batches [a, b) minimising Σ (forward_cost + rows · longest).
+def _best_fit(free: list[tuple[int, int]], length: int, width: int) -> int:
+    """Place `length` in the open row with the least free space that holds it, else a new row; return the row.
 
-    Pure. Each batch pads its rows to its longest and holds at most `budget` padded tokens (a row
-    longer than the budget gets a batch of its own); `forward_cost` is the fixed cost of one forward
-    pass in token-equivalents, so short rows are not split into many tiny passes. O(n · rows per batch).
+    `free` holds (free space, row) pairs in ascending order and is updated in place.
+    """
+    k = bisect.bisect_left(free, (length, -1))
+    if k == len(free):
+        row = len(free)
+        free.insert(bisect.bisect_left(free, (width - length, row)), (width - length, row))
+        return row
+    space, row = free.pop(k)
+    bisect.insort(free, (space - length, row))
+    return row
+
+
+def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
+    """Pure. Best-fit decreasing: the indices of `lengths` in rows of at most `width` tokens (a longer one alone)."""
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = _best_fit(free, lengths[i], max(width, lengths[i]))
+        if row == len(rows):
+            rows.append([])
+        rows[row].append(i)
+    return rows
+
+
+def split_sorted(lengths: list[int], budget: int, forward_cost: int) -> list[tuple[int, int]]:
+    """Cut ascending group lengths into batches [a, b) minimising Σ (forward_cost + rows · longest).
+
+    Pure. A batch's groups are packed into rows as wide as its longest group (`pack_rows`: best-fit
+    decreasing, so short groups fill the space beside long ones instead of padding); it holds at most
+    `budget` tokens of rows (one row longer than the budget gets a batch of its own); `forward_cost` is
+    the fixed cost of one forward pass in token-equivalents, so short rows are not split into many tiny
+    passes. Optimal among contiguous cuts for that packing, O(n · groups per batch · log rows).
     """
     n = len(lengths)
     best = [0] + [None] * n
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
-        longest = lengths[j - 1]
-        for i in range(j - 1, -1, -1):
-            rows = j - i
+        longest, free = lengths[j - 1], []
+        for i in range(j - 1, -1, -1):  # groups added longest first: best-fit decreasing, incrementally
+            _best_fit(free, lengths[i], longest)
+            rows = len(free)
             if rows > 1 and rows * longest > budget:
                 break
             cost = best[i] + forward_cost + rows * longest
@@ -175,43 +207,55 @@ class PrefixCachedLM(HFLM):
         progress = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                         desc="Running loglikelihood requests (olora-prefix)")
         order = sorted(range(len(groups)), key=lambda i: len(packed[i].tokens))
-        for a, b in split_sorted([len(packed[i].tokens) for i in order], budget, self.forward_cost):
-            batch = [packed[i] for i in order[a:b]]
-            keep = max(len(row.tokens) - row.first for row in batch)  # the needed logits: every row's last `keep`
-            logprobs = self._forward_packed(batch, keep)
-            for r, row in enumerate(batch):
-                for m, at in row.needed.items():
-                    first = at - len(row.tokens) + keep
-                    picked = logprobs[r, first : first + len(conts[m])]  # [continuation, vocab]
-                    target = torch.tensor(conts[m], dtype=torch.long, device=picked.device)
-                    greedy = bool((picked.argmax(dim=-1) == target).all())
-                    results[m] = (float(picked.gather(1, target.unsqueeze(-1)).double().sum()), greedy)
-                progress.update(len(row.needed))
+        lengths = [len(packed[i].tokens) for i in order]
+        for a, b in split_sorted(lengths, budget, self.forward_cost):
+            rows = [[packed[order[a + k]] for k in row] for row in pack_rows(lengths[a:b], lengths[b - 1])]
+            logprobs, where = self._forward_packed(rows, lengths[b - 1])
+            for r, row in enumerate(rows):
+                offset = 0
+                for group in row:
+                    for m, at in group.needed.items():
+                        picked = logprobs[where[r, [offset + k for k in at]]]  # [continuation, vocab]
+                        target = torch.tensor(conts[m], dtype=torch.long, device=picked.device)
+                        greedy = bool((picked.argmax(dim=-1) == target).all())
+                        results[m] = (float(picked.gather(1, target.unsqueeze(-1)).double().sum()), greedy)
+                    progress.update(len(group.needed))
+                    offset += len(group.tokens)
         progress.close()
         for (request_str, _, _), answer in zip(requests, results):
             if request_str is not None:
                 self.cache_hook.add_partial("loglikelihood", request_str, answer)
         return results  # type: ignore[return-value]
 
-    def _forward_packed(self, batch: list[Packed], keep: int) -> torch.Tensor:
-        """Log-probabilities [row, keep, vocab] of the last `keep` positions of the left-padded packed rows.
+    def _forward_packed(self, rows: list[list[Packed]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities [needed position, vocab] of rows of packed groups, and each (row, column)'s index in them.
 
-        Each row is one group: its prefix, then its distinct rests, each rest attending to the prefix
-        and causally to itself only (a 4-D mask), at the positions it has in its own request.
+        A row holds several groups side by side, then right padding: each group's prefix, then its
+        distinct rests, each rest attending to its group's prefix and causally to itself only (a 4-D
+        mask), every token at the position it has in its own request. Only the positions some request
+        needs are projected onto the vocabulary (`logits_to_keep` as a boolean mask).
         """
-        width = max(len(row.tokens) for row in batch)
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        positions = torch.zeros((len(batch), width), dtype=torch.long)
-        segment = torch.full((len(batch), width), -1, dtype=torch.long)  # -1 padding, 0 prefix, k the k-th rest
-        for r, row in enumerate(batch):
-            pad = width - len(row.tokens)
-            ids[r, pad:] = torch.tensor(row.tokens, dtype=torch.long)
-            positions[r, pad:] = torch.tensor(row.positions, dtype=torch.long)
-            segment[r, pad:] = torch.tensor(row.segments, dtype=torch.long)
-        ids, positions, segment = ids.to(self.device), positions.to(self.device), segment.to(self.device)
-        query, key = segment.unsqueeze(2), segment.unsqueeze(1)
+        shape = (len(rows), width)
+        ids = torch.zeros(shape, dtype=torch.long)
+        positions = torch.zeros(shape, dtype=torch.long)
+        segment = torch.full(shape, -1, dtype=torch.long)  # unique per prefix and per rest in a row; -1 padding
+        prefix = torch.full(shape, -1, dtype=torch.long)  # the segment of each token's group's prefix
+        keep = torch.zeros(shape, dtype=torch.bool)
+        for r, row in enumerate(rows):
+            offset, base = 0, 0
+            for group in row:
+                end = offset + len(group.tokens)
+                ids[r, offset:end] = torch.tensor(group.tokens, dtype=torch.long)
+                positions[r, offset:end] = torch.tensor(group.positions, dtype=torch.long)
+                segment[r, offset:end] = torch.tensor(group.segments, dtype=torch.long) + base
+                prefix[r, offset:end] = base
+                for at in group.needed.values():
+                    keep[r, [offset + k for k in at]] = True
+                offset, base = end, base + group.segments[-1] + 1
+        where = keep.flatten().cumsum(0).view(shape) - 1  # (row, column) -> its index among the kept positions
+        ids, positions, segment, prefix = (t.to(self.device) for t in (ids, positions, segment, prefix))
         causal = torch.ones((width, width), dtype=torch.bool, device=self.device).tril()
-        mask = (causal & ((query == key) | ((key == 0) & (query > 0)))).unsqueeze(1)  # padding sees only padding
+        mask = (causal & ((segment.unsqueeze(2) == segment.unsqueeze(1)) | (segment.unsqueeze(1) == prefix.unsqueeze(2)))).unsqueeze(1)
         if self.model.config._attn_implementation != "sdpa":  # eager attention adds its mask
             dtype = self.model.dtype
             mask = torch.zeros(mask.shape, dtype=dtype, device=self.device).masked_fill(~mask, torch.finfo(dtype).min)
@@ -223,21 +267,22 @@ class PrefixCachedLM(HFLM):
                 enabled=self.mixed_precision_dtype is not None,
             ),
         ):
-            logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, logits_to_keep=keep, use_cache=False).logits
-        return F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+            logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask,
+                                logits_to_keep=keep.to(self.device), use_cache=False).logits
+        return F.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1, dtype=self.softmax_dtype), where
 
 
 @dataclass
 class Packed:
     """One group in one row: `tokens` (prefix, then each distinct rest once), each token's `positions`
     (its place in its own request) and `segments` (0 prefix, k the k-th rest); `needed` maps each member
-    to the index in `tokens` of the first position whose logits it needs; `first` is the least of them."""
+    to the indices in `tokens` of the positions whose logits it needs, in order (in the prefix, then in
+    its rest)."""
 
     tokens: list[int]
     positions: list[int]
     segments: list[int]
-    needed: dict[int, int]
-    first: int
+    needed: dict[int, list[int]]
 
 
 def pack_group(group: Group, inputs: list[list[int]], starts: list[int]) -> Packed:
@@ -253,8 +298,8 @@ def pack_group(group: Group, inputs: list[list[int]], starts: list[int]) -> Pack
             tokens.extend(rest)
             positions.extend(range(p, p + len(rest)))
             segments.extend([len(at)] * len(rest))
-        needed[m] = at[rest] + starts[m] - p
-    return Packed(tokens=tokens, positions=positions, segments=segments, needed=needed, first=min(needed.values()))
+        needed[m] = list(range(starts[m], p)) + [at[rest] + k - p for k in range(max(starts[m], p), len(inputs[m]))]
+    return Packed(tokens=tokens, positions=positions, segments=segments, needed=needed)
 
 
 if __name__ == "__main__":  # lm-eval's own command line, with `--model olora-prefix` registered
