@@ -228,6 +228,36 @@ def test_small_batches_split_questions_windows_and_passes_and_eager_attention_ag
     assert [a[1] for a in expected] == [b[1] for b in got]
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_several_groups_share_a_row_and_score_as_hf_does(tiny_model_dir, attention):
+    """Four questions in one pass of three rows: the longest alone, two side by side, and one that fits no row's space.
+
+    Each group's positions restart at 0 and its tokens see only their own prefix and rest (sdpa's boolean
+    mask, eager attention's additive one).
+    """
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from olora.evaluation.prefix_lm import PrefixCachedLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rng = random.Random(0)
+    requests = []
+    for n_ctx in (28, 18, 7, 5):  # packed groups of 31, 21, 10 and 8 tokens: rows [31], [21, 10], [8] at width 31
+        ctx = [rng.randrange(100, 5000) for _ in range(n_ctx)]
+        requests += [((str(n_ctx), str(k)), ctx, [rng.randrange(100, 5000) for _ in range(k)]) for k in (2, 3)]
+    shapes = []
+    forward = model.forward
+    model.forward = lambda *a, **kw: shapes.append(tuple(kw["input_ids"].shape)) or forward(*a, **kw)
+    ours = PrefixCachedLM(pretrained=model, tokenizer=tokenizer, batch_size=8)._loglikelihood_tokens(requests, disable_tqdm=True)
+    model.forward = forward
+    assert shapes == [(3, 31)]
+    hf = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8)._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert max(abs(a[0] - b[0]) for a, b in zip(hf, ours)) < 1e-4
+    assert [a[1] for a in hf] == [b[1] for b in ours]
+
+
 def test_one_token_contexts_share_nothing_and_still_score(tiny_model_dir):
     """A context of one token leaves no prefix to cache: those requests take the plain pass."""
     from lm_eval.models.huggingface import HFLM
