@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import random
 import tempfile
@@ -63,46 +64,39 @@ def test_unrelated_questions_that_share_a_first_word_stay_apart():
     assert sorted(sorted(g.members) for g in groups) == [[0, 1], [2, 3]]
 
 
-def _cost(lengths, spans, forward_cost):
-    return sum(forward_cost + len(pack_rows(lengths[a:b], lengths[b - 1])) * lengths[b - 1] for a, b in spans)
+def _cost(lengths, spans, forward_cost, span):
+    total = 0.0
+    for a, b, width in spans:
+        total += forward_cost + len(pack_rows(lengths[a:b], width)) * width * (1 + width / span)
+    return total
 
 
-def _fits(lengths, a, b, budget):
-    rows = len(pack_rows(lengths[a:b], lengths[b - 1]))
-    return rows == 1 or rows * lengths[b - 1] <= budget
+def _fits(lengths, a, b, width, budget):
+    rows = len(pack_rows(lengths[a:b], width))
+    return rows == 1 or rows * width <= budget
 
 
 @pytest.mark.parametrize("seed", range(20))
 def test_batches_cover_the_groups_in_order_within_budget_at_least_cost(seed):
     rng = random.Random(seed)
-    lengths = sorted(rng.randrange(1, 30) for _ in range(rng.randrange(1, 9)))
-    budget, forward_cost = rng.randrange(20, 120), rng.randrange(0, 40)
-    spans = split_sorted(lengths, budget, forward_cost)
-    assert [a for a, _ in spans] == [0] + [b for _, b in spans[:-1]] and spans[-1][1] == len(lengths)
-    assert all(_fits(lengths, a, b, budget) for a, b in spans)
-    best = None  # brute force over every way to cut the sorted groups
+    lengths = sorted(rng.randrange(1, 30) for _ in range(rng.randrange(1, 7)))
+    budget, forward_cost, span, widths = rng.randrange(20, 120), rng.randrange(0, 40), rng.choice([10, 100, math.inf]), rng.randrange(1, 4)
+    spans = split_sorted(lengths, budget, forward_cost, span, widths)
+    assert [a for a, _, _ in spans] == [0] + [b for _, b, _ in spans[:-1]] and spans[-1][1] == len(lengths)
+    assert all(_fits(lengths, a, b, width, budget) for a, b, width in spans)
+    assert all(width in {lengths[b - 1] * k for k in range(1, widths + 1)} for a, b, width in spans)
+    best = None  # brute force over every way to cut the sorted groups and every row width
     for cuts in itertools.product([False, True], repeat=len(lengths) - 1):
         bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [len(lengths)]
-        candidate = list(zip(bounds, bounds[1:]))
-        if all(_fits(lengths, a, b, budget) for a, b in candidate):
-            cost = _cost(lengths, candidate, forward_cost)
-            best = cost if best is None else min(best, cost)
-    assert _cost(lengths, spans, forward_cost) == best
-    unpacked = sum(forward_cost + (b - a) * lengths[b - 1] for a, b in split_sorted_unpacked(lengths, budget, forward_cost))
-    assert best <= unpacked  # packing several groups in a row never costs more than a row each
-
-
-def split_sorted_unpacked(lengths, budget, forward_cost):
-    """The previous batching, one group per row padded to the batch's longest, by brute force."""
-    best, spans = None, None
-    for cuts in itertools.product([False, True], repeat=len(lengths) - 1):
-        bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [len(lengths)]
-        candidate = list(zip(bounds, bounds[1:]))
-        if all(b - a == 1 or (b - a) * lengths[b - 1] <= budget for a, b in candidate):
-            cost = sum(forward_cost + (b - a) * lengths[b - 1] for a, b in candidate)
-            if best is None or cost < best:
-                best, spans = cost, candidate
-    return spans
+        for ks in itertools.product(range(1, widths + 1), repeat=len(bounds) - 1):
+            candidate = [(a, b, lengths[b - 1] * k) for (a, b), k in zip(zip(bounds, bounds[1:]), ks)]
+            if all(_fits(lengths, a, b, width, budget) and (width == lengths[b - 1] or width <= budget) for a, b, width in candidate):
+                cost = _cost(lengths, candidate, forward_cost, span)
+                best = cost if best is None else min(best, cost)
+                if ks == (1,) * len(ks) and all(b - a == 1 or (b - a) * lengths[b - 1] <= budget for a, b, _ in candidate):
+                    unpacked = sum(forward_cost + (b - a) * w * (1 + w / span) for a, b, w in candidate)
+                    assert cost <= unpacked  # packing several groups in a row never costs more than a row each
+    assert _cost(lengths, spans, forward_cost, span) == pytest.approx(best)
 
 
 def test_rows_are_packed_best_fit_decreasing_and_a_group_that_does_not_fit_opens_a_row():

@@ -6,18 +6,19 @@ context position go through the vocabulary projection and a log-softmax only to 
 This backend is `hf` with one method replaced, `_loglikelihood_tokens`:
 
 1. Requests are sorted by their input tokens (context + continuation, less the last token), so
-   inputs that share a prefix are neighbours, and grouped greedily where sharing saves tokens: the
-   choices of one question share its context; WinoGrande's two filled-in sentences share the words
-   before the blank; BoolQ's one-token answers share everything. A group's prefix stops before the
-   first position whose logits any member needs.
-2. Each group becomes one row: its prefix, then each distinct rest of its members' inputs once,
-   every rest at the positions it has in its own request and attending to the prefix and causally to
-   itself only (a 4-D attention mask; sdpa or eager attention). Rows are sorted by length and cut
-   into batches (`split_sorted`) within the padded tokens of `hf`'s largest batch, one forward pass
-   each, no KV cache: a profile on the embedded model put 86 % of the time in the linear layers, so
-   the work is the tokens encoded, padding included, and the size of each pass. Rows are
-   left-padded so that every needed logit lies in the last `keep` positions: only those are
-   projected onto the vocabulary (`logits_to_keep`) and log-softmaxed.
+   inputs that share a prefix are neighbours, and grouped where sharing saves tokens (`plan_groups`):
+   the choices of one question share its context, and the logit of its last token, which predicts
+   every choice's first, is computed once; WinoGrande's two filled-in sentences share the words
+   before the blank; BoolQ's one-token answers share everything.
+2. Each group is packed (`pack_group`): its prefix, then each distinct rest of its members' inputs
+   once, every token at the position it has in its own request, each rest attending to the prefix
+   and causally to itself only. Groups are sorted by length and cut into batches (`split_sorted`)
+   within the padded tokens of `hf`'s largest batch, one forward pass each, no KV cache; within a
+   batch several groups share a row (`pack_rows`, best-fit decreasing) instead of padding, under a
+   block-diagonal 4-D attention mask (sdpa or eager attention). A profile on the embedded model put
+   86 % of the time in the linear layers, so the work is the tokens encoded, padding included, and
+   the size of each pass. Only the positions some request needs are projected onto the vocabulary
+   (a boolean `logits_to_keep`) and log-softmaxed.
 3. The answer per request is lm-eval's: (sum of the continuation's log-probabilities, whether the
    greedy tokens equal the continuation), stored through lm-eval's cache hook.
 
@@ -33,6 +34,7 @@ attention or an attention kernel that takes no 4-D mask go to `hf`'s own code.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -46,7 +48,7 @@ GROUP_COST = 2
 
 @dataclass
 class Group:
-    """Requests encoded on one cached prefix: `prefix` tokens shared, one suffix row per distinct rest."""
+    """Requests encoded on one shared prefix: `prefix` tokens once, then each distinct rest of `members`' inputs."""
 
     prefix: list[int]
     members: list[int] = field(default_factory=list)
@@ -126,38 +128,48 @@ def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
     return rows
 
 
-def split_sorted(lengths: list[int], budget: int, forward_cost: int) -> list[tuple[int, int]]:
-    """Cut ascending group lengths into batches [a, b) minimising Σ (forward_cost + rows · longest).
+def split_sorted(lengths: list[int], budget: int, forward_cost: int, attention_span: float = math.inf,
+                 widths: int = 1) -> list[tuple[int, int, int]]:
+    """Cut ascending group lengths into batches (a, b, width) minimising Σ (forward_cost + rows · row cost).
 
-    Pure. A batch's groups are packed into rows as wide as its longest group (`pack_rows`: best-fit
-    decreasing, so short groups fill the space beside long ones instead of padding); it holds at most
-    `budget` tokens of rows (one row longer than the budget gets a batch of its own); `forward_cost` is
-    the fixed cost of one forward pass in token-equivalents, so short rows are not split into many tiny
-    passes. Optimal among contiguous cuts for that packing, O(n · groups per batch · log rows).
+    Pure. A batch's groups [a, b) are packed into rows of `width` tokens (`pack_rows`: best-fit
+    decreasing, so short groups fill the space beside long ones instead of padding), the width being
+    1 to `widths` times its longest group; it holds at most `budget` tokens of rows (one row longer than
+    the budget gets a batch of its own). A row of w tokens costs w · (1 + w / `attention_span`): its
+    tokens, plus attention, whose work per token grows with the row's width; `forward_cost` is the fixed
+    cost of one forward pass in token-equivalents, so short rows are not split into many tiny passes.
+    Optimal among contiguous cuts for that packing, O(n · widths · groups per batch · log rows).
     """
     n = len(lengths)
-    best = [0] + [None] * n
-    cut = [0] * (n + 1)
+    best = [0.0] + [math.inf] * n
+    cut = [(0, 0)] * (n + 1)
     for j in range(1, n + 1):
-        longest, free = lengths[j - 1], []
-        for i in range(j - 1, -1, -1):  # groups added longest first: best-fit decreasing, incrementally
-            _best_fit(free, lengths[i], longest)
-            rows = len(free)
-            if rows > 1 and rows * longest > budget:
-                break
-            cost = best[i] + forward_cost + rows * longest
-            if best[j] is None or cost < best[j]:
-                best[j], cut[j] = cost, i
+        longest = lengths[j - 1]
+        for width in [longest * k for k in range(1, widths + 1) if k == 1 or longest * k <= budget]:
+            free: list[tuple[int, int]] = []
+            row_cost = width * (1 + width / attention_span)
+            for i in range(j - 1, -1, -1):  # groups added longest first: best-fit decreasing, incrementally
+                _best_fit(free, lengths[i], width)
+                rows = len(free)
+                if rows > 1 and rows * width > budget:
+                    break
+                cost = best[i] + forward_cost + rows * row_cost
+                if cost < best[j]:
+                    best[j], cut[j] = cost, (i, width)
     spans, j = [], n
     while j > 0:
-        spans.append((cut[j], j))
-        j = cut[j]
+        i, width = cut[j]
+        spans.append((i, j, width))
+        j = i
     return spans[::-1]
 
 
 @register_model("olora-prefix")
 class PrefixCachedLM(HFLM):
-    """lm-eval's `hf` backend whose log-likelihood requests share their common prefixes' KV cache."""
+    """lm-eval's `hf` backend whose log-likelihood requests encode their common prefixes once, packed in shared rows."""
+
+    widths = 4
+    """The widest row `split_sorted` may pack, in multiples of the batch's longest group (1: as wide as it)."""
 
     forward_cost = 64
     """The fixed cost of one forward pass in token-equivalents, for batching (`split_sorted`): 64 encoded the
@@ -187,12 +199,25 @@ class PrefixCachedLM(HFLM):
 
     def _suffix_weight(self) -> float:
         """A suffix token's cost relative to a prefix token's: 1 + the vocabulary projection's share."""
-        model = self.model
-        head = model.get_output_embeddings()
-        embed = model.get_input_embeddings()
-        total = sum(p.numel() for p in model.parameters())
-        body = total - embed.weight.numel() - (0 if head.weight is embed.weight else head.weight.numel())
-        return 1.0 + head.weight.numel() / max(body, 1)
+        return 1.0 + self.model.get_output_embeddings().weight.numel() / max(self._body_parameters(), 1)
+
+    def _body_parameters(self) -> int:
+        """The parameters a token goes through: all but the input embeddings and the vocabulary projection."""
+        head, embed = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        total = sum(p.numel() for p in self.model.parameters())
+        return total - embed.weight.numel() - (0 if head.weight is embed.weight else head.weight.numel())
+
+    def _attention_span(self) -> float:
+        """The row width at which attention's work per token equals the linear layers' (for `split_sorted`).
+
+        Per token and layer, the linear layers do about 2 · (the layer's parameters) multiply-adds and
+        attention about 4 · width · heads · head_dim (scores and values), dense over the packed row.
+        """
+        config = self.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        return self._body_parameters() / (2 * text.num_hidden_layers * heads * head_dim)
 
     def _shared_prefix_loglikelihoods(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         from tqdm import tqdm
@@ -208,9 +233,9 @@ class PrefixCachedLM(HFLM):
                         desc="Running loglikelihood requests (olora-prefix)")
         order = sorted(range(len(groups)), key=lambda i: len(packed[i].tokens))
         lengths = [len(packed[i].tokens) for i in order]
-        for a, b in split_sorted(lengths, budget, self.forward_cost):
-            rows = [[packed[order[a + k]] for k in row] for row in pack_rows(lengths[a:b], lengths[b - 1])]
-            logprobs, where = self._forward_packed(rows, lengths[b - 1])
+        for a, b, width in split_sorted(lengths, budget, self.forward_cost, self._attention_span(), self.widths):
+            rows = [[packed[order[a + k]] for k in row] for row in pack_rows(lengths[a:b], width)]
+            logprobs, where = self._forward_packed(rows, max(sum(len(g.tokens) for g in row) for row in rows))
             for r, row in enumerate(rows):
                 offset = 0
                 for group in row:
