@@ -172,8 +172,8 @@ class PrefixCachedLM(HFLM):
     """The widest row `split_sorted` may pack, in multiples of the batch's longest group (1: as wide as it)."""
 
     forward_cost = 64
-    """The fixed cost of one forward pass in token-equivalents, for batching (`split_sorted`): 64 encoded the
-    fewest tokens at fewer than 50 passes for the bench's 1,100 requests (0: 357 passes; 256: 8 % more tokens)."""
+    """The fixed cost of one forward pass in token-equivalents, for batching (`split_sorted`): chosen before rows
+    were packed (64 encoded the fewest tokens at fewer than 50 passes for the bench's 1,100 requests; 25 passes now)."""
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         if self.backend != "causal" or not isinstance(self.batch_size, int) or not self._packs_suffixes():
