@@ -150,6 +150,24 @@ def decisions(requests, results) -> dict:
     return {doc: (max(c, key=lambda x: x[1])[0], max(c, key=lambda x: x[1] / x[2])[0]) for doc, c in by_question.items()}
 
 
+def count_work(model) -> dict:
+    """Count the forward passes, the tokens they encode (padding included) and the positions projected onto the vocabulary."""
+    import torch
+
+    work = {"passes": 0, "tokens": 0, "projected": 0}
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        keep = kwargs.get("logits_to_keep", 0)
+        work["passes"] += 1
+        work["tokens"] += ids.numel()
+        work["projected"] += (int(keep.sum()) if keep.dtype == torch.bool else keep.numel() * ids.shape[0]) \
+            if isinstance(keep, torch.Tensor) else ids.shape[0] * (keep or ids.shape[1])
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return work
+
+
 def run_backends_case(adapter: Path, limit: int, batch_size: int, repeats: int = 3) -> dict:
     import torch
     from lm_eval.models.huggingface import HFLM
@@ -172,6 +190,8 @@ def run_backends_case(adapter: Path, limit: int, batch_size: int, repeats: int =
         by_task.setdefault(request.task_name.removesuffix("_olora_offline"), []).append(request)
     for lm in backends.values():  # warm-up: first-call allocations and kernel choices
         lm.loglikelihood(requests[:8], disable_tqdm=True)
+    work = count_work(model)
+    counted: dict[str, dict] = {}
     load = [os.getloadavg()[0]]
     seconds = {(task, name): [] for task in by_task for name in backends}
     results = {}
@@ -179,10 +199,15 @@ def run_backends_case(adapter: Path, limit: int, batch_size: int, repeats: int =
         for t, (task, task_requests) in enumerate(by_task.items()):
             for name in (("hf", "prefix") if (rep + t) % 2 == 0 else ("prefix", "hf")):
                 sync()
+                before = dict(work)
                 start = time.perf_counter()
                 results[task, name] = backends[name].loglikelihood(task_requests, disable_tqdm=True)
                 sync()
                 seconds[task, name].append(time.perf_counter() - start)
+                if rep == 0:
+                    total = counted.setdefault(name, dict.fromkeys(work, 0))
+                    for key in work:
+                        total[key] += work[key] - before[key]
         load.append(os.getloadavg()[0])
         hf, prefix = (sum(seconds[task, name][rep] for task in by_task) for name in ("hf", "prefix"))
         print(f"  repeat {rep + 1}: hf {hf:6.1f} s  prefix {prefix:6.1f} s  {hf / prefix:.2f}x  load {load[-1]:.1f}", file=sys.stderr)
@@ -200,7 +225,7 @@ def run_backends_case(adapter: Path, limit: int, batch_size: int, repeats: int =
     return {"case": "backends", "tasks": tasks, "device": str(runtime.device), "dtype": runtime.dtype_name,
             "threads": torch.get_num_threads(), "batch_size": cfg.evaluate.batch_size, "limit": limit,
             "repeats": repeats, "speedups": [round(x, 3) for x in totals], "speedup_median": round(statistics.median(totals), 3),
-            "load_average": [round(x, 2) for x in load], "cores": os.cpu_count()}
+            "load_average": [round(x, 2) for x in load], "cores": os.cpu_count(), "work": counted}
 
 
 def backends_table(row: dict, adapter: Path) -> str:
@@ -221,6 +246,11 @@ def backends_table(row: dict, adapter: Path) -> str:
     same = all(t["decisions_equal"] and t["greedy_equal"] for t in row["tasks"])
     lines.append(f"| all seven | {sum(t['questions'] for t in row['tasks'])} | {n} | {n / hf:.1f} | {n / prefix:.1f} | "
                  f"{row.get('speedup_median', hf / prefix):.2f}x | {max(t['max_abs_loglikelihood_diff'] for t in row['tasks']):.1e} | {'yes' if same else 'NO'} |")
+    if row.get("work"):
+        lines += ["", "| backend | forward passes | tokens encoded (padding included) | positions projected onto the vocabulary |",
+                  "|---|---|---|---|"]
+        lines += [f"| {'olora-prefix' if name == 'prefix' else name} | {w['passes']} | {w['tokens']:,} | {w['projected']:,} |"
+                  for name, w in row["work"].items()]
     return "\n".join(lines)
 
 

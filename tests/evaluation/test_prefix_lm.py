@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import math
+import os
 import random
 import tempfile
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from olora.config import PAPER_TASKS, EvaluateConfig
-from olora.evaluation.prefix_lm import Group, pack_group, plan_groups, split_sorted
+from olora.evaluation.prefix_lm import Group, pack_group, pack_rows, plan_groups, split_sorted
 
 # --- the pure planning ---------------------------------------------------------------------------
 
@@ -30,7 +32,7 @@ def _requests(seed: int, n_docs: int = 30):
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_groups_partition_the_requests_and_stop_before_every_needed_logit(seed):
+def test_groups_partition_the_requests_and_share_their_prefix(seed):
     inputs, starts = _requests(seed)
     groups = plan_groups(inputs, starts, max_members=6, suffix_weight=1.3)
     members = sorted(m for g in groups for m in g.members)
@@ -39,7 +41,8 @@ def test_groups_partition_the_requests_and_stop_before_every_needed_logit(seed):
         assert 1 <= len(g.members) <= 6
         for m in g.members:
             assert inputs[m][: len(g.prefix)] == g.prefix  # the prefix is shared by every member
-            assert len(g.prefix) <= starts[m]  # ...and ends before the first logit that member needs
+        if len(g.members) > 1:  # ...and is their whole common prefix
+            assert len(g.prefix) == len(os.path.commonprefix([inputs[m] for m in g.members]))
 
 
 def test_the_choices_of_one_question_share_its_context():
@@ -49,7 +52,7 @@ def test_the_choices_of_one_question_share_its_context():
     starts = [len(ctx) - 1] * 3 + [len(other) - 1] * 2
     groups = plan_groups(inputs, starts, max_members=16)
     assert sorted(sorted(g.members) for g in groups) == [[0, 1, 2], [3, 4]]
-    assert {tuple(g.prefix) for g in groups} == {tuple(ctx[:-1]), tuple(other[:-1])}
+    assert {tuple(g.prefix) for g in groups} == {tuple(ctx), tuple(other)}  # the logit of the context's last token: once
 
 
 def test_unrelated_questions_that_share_a_first_word_stay_apart():
@@ -61,41 +64,72 @@ def test_unrelated_questions_that_share_a_first_word_stay_apart():
     assert sorted(sorted(g.members) for g in groups) == [[0, 1], [2, 3]]
 
 
-def _cost(lengths, spans, forward_cost):
-    return sum(forward_cost + (b - a) * lengths[b - 1] for a, b in spans)
+def _cost(lengths, spans, forward_cost, span):
+    total = 0.0
+    for a, b, width in spans:
+        total += forward_cost + len(pack_rows(lengths[a:b], width)) * width * (1 + width / span)
+    return total
+
+
+def _fits(lengths, a, b, width, budget):
+    rows = len(pack_rows(lengths[a:b], width))
+    return rows == 1 or rows * width <= budget
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_batches_cover_the_rows_in_order_within_budget_at_least_cost(seed):
+def test_batches_cover_the_groups_in_order_within_budget_at_least_cost(seed):
     rng = random.Random(seed)
-    lengths = sorted(rng.randrange(1, 30) for _ in range(rng.randrange(1, 9)))
-    budget, forward_cost = rng.randrange(20, 120), rng.randrange(0, 40)
-    spans = split_sorted(lengths, budget, forward_cost)
-    assert [a for a, _ in spans] == [0] + [b for _, b in spans[:-1]] and spans[-1][1] == len(lengths)
-    assert all(b - a == 1 or (b - a) * lengths[b - 1] <= budget for a, b in spans)
-    best = None  # brute force over every way to cut the sorted rows
+    lengths = sorted(rng.randrange(1, 30) for _ in range(rng.randrange(1, 7)))
+    budget, forward_cost, span, widths = rng.randrange(20, 120), rng.randrange(0, 40), rng.choice([10, 100, math.inf]), rng.randrange(1, 4)
+    spans = split_sorted(lengths, budget, forward_cost, span, widths)
+    assert [a for a, _, _ in spans] == [0] + [b for _, b, _ in spans[:-1]] and spans[-1][1] == len(lengths)
+    assert all(_fits(lengths, a, b, width, budget) for a, b, width in spans)
+    assert all(width in {lengths[b - 1] * k for k in range(1, widths + 1)} for a, b, width in spans)
+    best = None  # brute force over every way to cut the sorted groups and every row width
     for cuts in itertools.product([False, True], repeat=len(lengths) - 1):
         bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [len(lengths)]
-        candidate = list(zip(bounds, bounds[1:]))
-        if all(b - a == 1 or (b - a) * lengths[b - 1] <= budget for a, b in candidate):
-            cost = _cost(lengths, candidate, forward_cost)
-            best = cost if best is None else min(best, cost)
-    assert _cost(lengths, spans, forward_cost) == best
+        for ks in itertools.product(range(1, widths + 1), repeat=len(bounds) - 1):
+            candidate = [(a, b, lengths[b - 1] * k) for (a, b), k in zip(zip(bounds, bounds[1:]), ks)]
+            if all(_fits(lengths, a, b, width, budget) and (width == lengths[b - 1] or width <= budget) for a, b, width in candidate):
+                cost = _cost(lengths, candidate, forward_cost, span)
+                best = cost if best is None else min(best, cost)
+                if ks == (1,) * len(ks) and all(b - a == 1 or (b - a) * lengths[b - 1] <= budget for a, b, _ in candidate):
+                    unpacked = sum(forward_cost + (b - a) * w * (1 + w / span) for a, b, w in candidate)
+                    assert cost <= unpacked  # packing several groups in a row never costs more than a row each
+    assert _cost(lengths, spans, forward_cost, span) == pytest.approx(best)
+
+
+def test_rows_are_packed_best_fit_decreasing_and_a_group_that_does_not_fit_opens_a_row():
+    assert pack_rows([6, 5, 4, 3, 2], 8) == [[0, 4], [1, 3], [2]]  # 3 fills 5's row; 2 fills 6's; 4 fits no row's space
+    assert pack_rows([3, 12, 2], 8) == [[1], [0, 2]]  # a group longer than the width gets a row of its own
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_every_group_is_in_one_row_within_its_width_and_no_two_rows_could_be_one(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randrange(1, 40) for _ in range(rng.randrange(1, 30))]
+    width = max(lengths)
+    rows = pack_rows(lengths, width)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    loads = [sum(lengths[i] for i in row) for row in rows]
+    assert max(loads) <= width
+    assert all(a + b > width for a, b in itertools.combinations(loads, 2))
 
 
 def test_a_group_packs_its_prefix_once_and_each_distinct_rest_once_at_its_own_positions():
-    inputs = [[1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 4], [1, 2, 6, 7, 8]]
-    starts = [3, 2, 2, 4]
-    packed = pack_group(Group(prefix=[1, 2], members=[0, 1, 2, 3]), inputs, starts)
-    assert packed.tokens == [1, 2, 3, 4, 5, 6, 7, 8]  # the duplicate rest adds nothing
+    inputs = [[1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 4], [1, 2, 6, 7, 8], [1, 2]]
+    starts = [3, 1, 2, 4, 1]
+    packed = pack_group(Group(prefix=[1, 2], members=[0, 1, 2, 3, 4]), inputs, starts)
+    assert packed.tokens == [1, 2, 3, 4, 5, 6, 7, 8]  # the duplicate rest adds nothing, nor the empty one
     assert packed.segments == [0, 0, 1, 1, 2, 3, 3, 3]
-    for m, at in packed.needed.items():  # each needed position holds the request's token at its own position
-        segment = packed.segments[at]
+    for m, needed in packed.needed.items():  # each needed position holds the request's token at its own position
+        assert len(needed) == len(inputs[m]) - starts[m]
+        segment = max(packed.segments[i] for i in needed)
         own = [i for i, s in enumerate(packed.segments) if s in (0, segment)]
         assert [packed.tokens[i] for i in own] == inputs[m]
         assert [packed.positions[i] for i in own] == list(range(len(inputs[m])))
-        assert own.index(at) == starts[m]
-    assert packed.first == min(packed.needed.values())
+        assert [own.index(i) for i in needed] == list(range(starts[m], len(inputs[m])))
+    assert packed.needed[1][0] == packed.needed[4][0] == 1  # a logit in the prefix serves every member that needs it
 
 
 def test_a_group_is_a_plain_value():
@@ -186,6 +220,36 @@ def test_small_batches_split_questions_windows_and_passes_and_eager_attention_ag
     requests, expected, got = _compare(model, AutoTokenizer.from_pretrained(tiny_model_dir), ["arc_easy", "hellaswag", "winogrande"], limit=3, batch_size=2)
     assert max(abs(a[0] - b[0]) for a, b in zip(expected, got)) < 1e-4
     assert [a[1] for a in expected] == [b[1] for b in got]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_several_groups_share_a_row_and_score_as_hf_does(tiny_model_dir, attention):
+    """Four questions in one pass of three rows: the longest alone, two side by side, and one that fits no row's space.
+
+    Each group's positions restart at 0 and its tokens see only their own prefix and rest (sdpa's boolean
+    mask, eager attention's additive one).
+    """
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from olora.evaluation.prefix_lm import PrefixCachedLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rng = random.Random(0)
+    requests = []
+    for n_ctx in (28, 18, 7, 5):  # packed groups of 31, 21, 10 and 8 tokens: rows [31], [21, 10], [8] at width 31
+        ctx = [rng.randrange(100, 5000) for _ in range(n_ctx)]
+        requests += [((str(n_ctx), str(k)), ctx, [rng.randrange(100, 5000) for _ in range(k)]) for k in (2, 3)]
+    shapes = []
+    forward = model.forward
+    model.forward = lambda *a, **kw: shapes.append(tuple(kw["input_ids"].shape)) or forward(*a, **kw)
+    ours = PrefixCachedLM(pretrained=model, tokenizer=tokenizer, batch_size=8)._loglikelihood_tokens(requests, disable_tqdm=True)
+    model.forward = forward
+    assert shapes == [(3, 31)]
+    hf = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8)._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert max(abs(a[0] - b[0]) for a, b in zip(hf, ours)) < 1e-4
+    assert [a[1] for a in hf] == [b[1] for b in ours]
 
 
 def test_one_token_contexts_share_nothing_and_still_score(tiny_model_dir):

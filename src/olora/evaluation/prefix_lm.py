@@ -6,18 +6,19 @@ context position go through the vocabulary projection and a log-softmax only to 
 This backend is `hf` with one method replaced, `_loglikelihood_tokens`:
 
 1. Requests are sorted by their input tokens (context + continuation, less the last token), so
-   inputs that share a prefix are neighbours, and grouped greedily where sharing saves tokens: the
-   choices of one question share its context; WinoGrande's two filled-in sentences share the words
-   before the blank; BoolQ's one-token answers share everything. A group's prefix stops before the
-   first position whose logits any member needs.
-2. Each group becomes one row: its prefix, then each distinct rest of its members' inputs once,
-   every rest at the positions it has in its own request and attending to the prefix and causally to
-   itself only (a 4-D attention mask; sdpa or eager attention). Rows are sorted by length and cut
-   into batches (`split_sorted`) within the padded tokens of `hf`'s largest batch, one forward pass
-   each, no KV cache: a profile on the embedded model put 86 % of the time in the linear layers, so
-   the work is the tokens encoded, padding included, and the size of each pass. Rows are
-   left-padded so that every needed logit lies in the last `keep` positions: only those are
-   projected onto the vocabulary (`logits_to_keep`) and log-softmaxed.
+   inputs that share a prefix are neighbours, and grouped where sharing saves tokens (`plan_groups`):
+   the choices of one question share its context, and the logit of its last token, which predicts
+   every choice's first, is computed once; WinoGrande's two filled-in sentences share the words
+   before the blank; BoolQ's one-token answers share everything.
+2. Each group is packed (`pack_group`): its prefix, then each distinct rest of its members' inputs
+   once, every token at the position it has in its own request, each rest attending to the prefix
+   and causally to itself only. Groups are sorted by length and cut into batches (`split_sorted`)
+   within the padded tokens of `hf`'s largest batch, one forward pass each, no KV cache; within a
+   batch several groups share a row (`pack_rows`, best-fit decreasing) instead of padding, under a
+   block-diagonal 4-D attention mask (sdpa or eager attention). A profile on the embedded model put
+   86 % of the time in the linear layers, so the work is the tokens encoded, padding included, and
+   the size of each pass. Only the positions some request needs are projected onto the vocabulary
+   (a boolean `logits_to_keep`) and log-softmaxed.
 3. The answer per request is lm-eval's: (sum of the continuation's log-probabilities, whether the
    greedy tokens equal the continuation), stored through lm-eval's cache hook.
 
@@ -32,6 +33,8 @@ attention or an attention kernel that takes no 4-D mask go to `hf`'s own code.
 
 from __future__ import annotations
 
+import bisect
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -45,7 +48,7 @@ GROUP_COST = 2
 
 @dataclass
 class Group:
-    """Requests encoded on one cached prefix: `prefix` tokens shared, one suffix row per distinct rest."""
+    """Requests encoded on one shared prefix: `prefix` tokens once, then each distinct rest of `members`' inputs."""
 
     prefix: list[int]
     members: list[int] = field(default_factory=list)
@@ -64,11 +67,12 @@ def plan_groups(inputs: list[list[int]], starts: list[int], max_members: int, su
 
     Pure. Inputs sorted lexicographically put every set sharing a prefix side by side; a dynamic
     programme then cuts that order into runs of at most `max_members` that minimise the tokens
-    encoded: a run's prefix p is the common prefix of its inputs (capped by each member's start, so
-    all needed logits come from the suffix pass), and it costs p + w · Σ over its distinct inputs of
-    (length − p) + GROUP_COST, w = `suffix_weight`, the cost of a suffix token (which also goes
-    through the vocabulary projection) relative to a prefix token. Optimal among contiguous runs,
-    O(n · max_members).
+    encoded: a run's prefix p is the common prefix of its inputs (the logits of a needed position in it,
+    such as the context's last token that predicts every choice's first, are computed once for all
+    members), and it costs p + (w − 1) · (p − s)⁺ + w · Σ over its distinct inputs of (length − p)
+    + GROUP_COST, s the members' least start and w = `suffix_weight`, the cost of a token that also goes
+    through the vocabulary projection relative to one that does not (a rest's tokens are charged as
+    projected). Optimal among contiguous runs, O(n · max_members).
     """
     order = sorted(range(len(inputs)), key=lambda i: inputs[i])
     n = len(order)
@@ -76,14 +80,14 @@ def plan_groups(inputs: list[list[int]], starts: list[int], max_members: int, su
     best = [0.0] + [float("inf")] * n  # best[j]: cheapest plan of the first j sorted requests
     cut = [0] * (n + 1)
     for j in range(1, n + 1):  # the run order[i:j], grown leftwards from j-1
-        p, distinct, total = len(inputs[order[j - 1]]), 0, 0
+        p, distinct, total, least = len(inputs[order[j - 1]]), 0, 0, starts[order[j - 1]]
         for i in range(j - 1, max(j - 1 - max_members, -1), -1):
             x = order[i]
-            p = min(p, starts[x]) if i == j - 1 else min(p, starts[x], lcp[i + 1])
+            p, least = (p, least) if i == j - 1 else (min(p, lcp[i + 1]), min(least, starts[x]))
             if i == j - 1 or inputs[x] != inputs[order[i + 1]]:
                 distinct += 1
                 total += len(inputs[x])
-            cost = best[i] + p + suffix_weight * (total - distinct * p) + GROUP_COST
+            cost = best[i] + p + (suffix_weight - 1) * max(p - least, 0) + suffix_weight * (total - distinct * p) + GROUP_COST
             if cost < best[j]:
                 best[j], cut[j] = cost, i
     groups: list[Group] = []
@@ -91,45 +95,85 @@ def plan_groups(inputs: list[list[int]], starts: list[int], max_members: int, su
     while j > 0:
         i = cut[j]
         members = order[i:j]
-        p = min(min(starts[m] for m in members), min(lcp[k] for k in range(i + 1, j)) if j - i > 1 else len(inputs[members[0]]))
+        p = min(lcp[k] for k in range(i + 1, j)) if j - i > 1 else len(inputs[members[0]])
         groups.append(Group(prefix=list(inputs[members[0]][:p]), members=members))
         j = i
     return groups[::-1]
 
 
-def split_sorted(lengths: list[int], budget: int, forward_cost: int) -> list[tuple[int, int]]:
-    """Cut ascending row lengths into batches [a, b) minimising Σ (forward_cost + rows · longest).
+def _best_fit(free: list[tuple[int, int]], length: int, width: int) -> int:
+    """Place `length` in the open row with the least free space that holds it, else a new row; return the row.
 
-    Pure. Each batch pads its rows to its longest and holds at most `budget` padded tokens (a row
-    longer than the budget gets a batch of its own); `forward_cost` is the fixed cost of one forward
-    pass in token-equivalents, so short rows are not split into many tiny passes. O(n · rows per batch).
+    `free` holds (free space, row) pairs in ascending order and is updated in place.
+    """
+    k = bisect.bisect_left(free, (length, -1))
+    if k == len(free):
+        row = len(free)
+        free.insert(bisect.bisect_left(free, (width - length, row)), (width - length, row))
+        return row
+    space, row = free.pop(k)
+    bisect.insort(free, (space - length, row))
+    return row
+
+
+def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
+    """Pure. Best-fit decreasing: the indices of `lengths` in rows of at most `width` tokens (a longer one alone)."""
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = _best_fit(free, lengths[i], max(width, lengths[i]))
+        if row == len(rows):
+            rows.append([])
+        rows[row].append(i)
+    return rows
+
+
+def split_sorted(lengths: list[int], budget: int, forward_cost: int, attention_span: float = math.inf,
+                 widths: int = 1) -> list[tuple[int, int, int]]:
+    """Cut ascending group lengths into batches (a, b, width) minimising Σ (forward_cost + rows · row cost).
+
+    Pure. A batch's groups [a, b) are packed into rows of `width` tokens (`pack_rows`: best-fit
+    decreasing, so short groups fill the space beside long ones instead of padding), the width being
+    1 to `widths` times its longest group; it holds at most `budget` tokens of rows (one row longer than
+    the budget gets a batch of its own). A row of w tokens costs w · (1 + w / `attention_span`): its
+    tokens, plus attention, whose work per token grows with the row's width; `forward_cost` is the fixed
+    cost of one forward pass in token-equivalents, so short rows are not split into many tiny passes.
+    Optimal among contiguous cuts for that packing, O(n · widths · groups per batch · log rows).
     """
     n = len(lengths)
-    best = [0] + [None] * n
-    cut = [0] * (n + 1)
+    best = [0.0] + [math.inf] * n
+    cut = [(0, 0)] * (n + 1)
     for j in range(1, n + 1):
         longest = lengths[j - 1]
-        for i in range(j - 1, -1, -1):
-            rows = j - i
-            if rows > 1 and rows * longest > budget:
-                break
-            cost = best[i] + forward_cost + rows * longest
-            if best[j] is None or cost < best[j]:
-                best[j], cut[j] = cost, i
+        for width in [longest * k for k in range(1, widths + 1) if k == 1 or longest * k <= budget]:
+            free: list[tuple[int, int]] = []
+            row_cost = width * (1 + width / attention_span)
+            for i in range(j - 1, -1, -1):  # groups added longest first: best-fit decreasing, incrementally
+                _best_fit(free, lengths[i], width)
+                rows = len(free)
+                if rows > 1 and rows * width > budget:
+                    break
+                cost = best[i] + forward_cost + rows * row_cost
+                if cost < best[j]:
+                    best[j], cut[j] = cost, (i, width)
     spans, j = [], n
     while j > 0:
-        spans.append((cut[j], j))
-        j = cut[j]
+        i, width = cut[j]
+        spans.append((i, j, width))
+        j = i
     return spans[::-1]
 
 
 @register_model("olora-prefix")
 class PrefixCachedLM(HFLM):
-    """lm-eval's `hf` backend whose log-likelihood requests share their common prefixes' KV cache."""
+    """lm-eval's `hf` backend whose log-likelihood requests encode their common prefixes once, packed in shared rows."""
+
+    widths = 4
+    """The widest row `split_sorted` may pack, in multiples of the batch's longest group (1: as wide as it)."""
 
     forward_cost = 64
-    """The fixed cost of one forward pass in token-equivalents, for batching (`split_sorted`): 64 encoded the
-    fewest tokens at fewer than 50 passes for the bench's 1,100 requests (0: 357 passes; 256: 8 % more tokens)."""
+    """The fixed cost of one forward pass in token-equivalents, for batching (`split_sorted`): chosen before rows
+    were packed (64 encoded the fewest tokens at fewer than 50 passes for the bench's 1,100 requests; 25 passes now)."""
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         if self.backend != "causal" or not isinstance(self.batch_size, int) or not self._packs_suffixes():
@@ -155,12 +199,25 @@ class PrefixCachedLM(HFLM):
 
     def _suffix_weight(self) -> float:
         """A suffix token's cost relative to a prefix token's: 1 + the vocabulary projection's share."""
-        model = self.model
-        head = model.get_output_embeddings()
-        embed = model.get_input_embeddings()
-        total = sum(p.numel() for p in model.parameters())
-        body = total - embed.weight.numel() - (0 if head.weight is embed.weight else head.weight.numel())
-        return 1.0 + head.weight.numel() / max(body, 1)
+        return 1.0 + self.model.get_output_embeddings().weight.numel() / max(self._body_parameters(), 1)
+
+    def _body_parameters(self) -> int:
+        """The parameters a token goes through: all but the input embeddings and the vocabulary projection."""
+        head, embed = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        total = sum(p.numel() for p in self.model.parameters())
+        return total - embed.weight.numel() - (0 if head.weight is embed.weight else head.weight.numel())
+
+    def _attention_span(self) -> float:
+        """The row width at which attention's work per token equals the linear layers' (for `split_sorted`).
+
+        Per token and layer, the linear layers do about 2 · (the layer's parameters) multiply-adds and
+        attention about 4 · width · heads · head_dim (scores and values), dense over the packed row.
+        """
+        config = self.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        return self._body_parameters() / (2 * text.num_hidden_layers * heads * head_dim)
 
     def _shared_prefix_loglikelihoods(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         from tqdm import tqdm
@@ -175,43 +232,55 @@ class PrefixCachedLM(HFLM):
         progress = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                         desc="Running loglikelihood requests (olora-prefix)")
         order = sorted(range(len(groups)), key=lambda i: len(packed[i].tokens))
-        for a, b in split_sorted([len(packed[i].tokens) for i in order], budget, self.forward_cost):
-            batch = [packed[i] for i in order[a:b]]
-            keep = max(len(row.tokens) - row.first for row in batch)  # the needed logits: every row's last `keep`
-            logprobs = self._forward_packed(batch, keep)
-            for r, row in enumerate(batch):
-                for m, at in row.needed.items():
-                    first = at - len(row.tokens) + keep
-                    picked = logprobs[r, first : first + len(conts[m])]  # [continuation, vocab]
-                    target = torch.tensor(conts[m], dtype=torch.long, device=picked.device)
-                    greedy = bool((picked.argmax(dim=-1) == target).all())
-                    results[m] = (float(picked.gather(1, target.unsqueeze(-1)).double().sum()), greedy)
-                progress.update(len(row.needed))
+        lengths = [len(packed[i].tokens) for i in order]
+        for a, b, width in split_sorted(lengths, budget, self.forward_cost, self._attention_span(), self.widths):
+            rows = [[packed[order[a + k]] for k in row] for row in pack_rows(lengths[a:b], width)]
+            logprobs, where = self._forward_packed(rows, max(sum(len(g.tokens) for g in row) for row in rows))
+            for r, row in enumerate(rows):
+                offset = 0
+                for group in row:
+                    for m, at in group.needed.items():
+                        picked = logprobs[where[r, [offset + k for k in at]]]  # [continuation, vocab]
+                        target = torch.tensor(conts[m], dtype=torch.long, device=picked.device)
+                        greedy = bool((picked.argmax(dim=-1) == target).all())
+                        results[m] = (float(picked.gather(1, target.unsqueeze(-1)).double().sum()), greedy)
+                    progress.update(len(group.needed))
+                    offset += len(group.tokens)
         progress.close()
         for (request_str, _, _), answer in zip(requests, results):
             if request_str is not None:
                 self.cache_hook.add_partial("loglikelihood", request_str, answer)
         return results  # type: ignore[return-value]
 
-    def _forward_packed(self, batch: list[Packed], keep: int) -> torch.Tensor:
-        """Log-probabilities [row, keep, vocab] of the last `keep` positions of the left-padded packed rows.
+    def _forward_packed(self, rows: list[list[Packed]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities [needed position, vocab] of rows of packed groups, and each (row, column)'s index in them.
 
-        Each row is one group: its prefix, then its distinct rests, each rest attending to the prefix
-        and causally to itself only (a 4-D mask), at the positions it has in its own request.
+        A row holds several groups side by side, then right padding: each group's prefix, then its
+        distinct rests, each rest attending to its group's prefix and causally to itself only (a 4-D
+        mask), every token at the position it has in its own request. Only the positions some request
+        needs are projected onto the vocabulary (`logits_to_keep` as a boolean mask).
         """
-        width = max(len(row.tokens) for row in batch)
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        positions = torch.zeros((len(batch), width), dtype=torch.long)
-        segment = torch.full((len(batch), width), -1, dtype=torch.long)  # -1 padding, 0 prefix, k the k-th rest
-        for r, row in enumerate(batch):
-            pad = width - len(row.tokens)
-            ids[r, pad:] = torch.tensor(row.tokens, dtype=torch.long)
-            positions[r, pad:] = torch.tensor(row.positions, dtype=torch.long)
-            segment[r, pad:] = torch.tensor(row.segments, dtype=torch.long)
-        ids, positions, segment = ids.to(self.device), positions.to(self.device), segment.to(self.device)
-        query, key = segment.unsqueeze(2), segment.unsqueeze(1)
+        shape = (len(rows), width)
+        ids = torch.zeros(shape, dtype=torch.long)
+        positions = torch.zeros(shape, dtype=torch.long)
+        segment = torch.full(shape, -1, dtype=torch.long)  # unique per prefix and per rest in a row; -1 padding
+        prefix = torch.full(shape, -1, dtype=torch.long)  # the segment of each token's group's prefix
+        keep = torch.zeros(shape, dtype=torch.bool)
+        for r, row in enumerate(rows):
+            offset, base = 0, 0
+            for group in row:
+                end = offset + len(group.tokens)
+                ids[r, offset:end] = torch.tensor(group.tokens, dtype=torch.long)
+                positions[r, offset:end] = torch.tensor(group.positions, dtype=torch.long)
+                segment[r, offset:end] = torch.tensor(group.segments, dtype=torch.long) + base
+                prefix[r, offset:end] = base
+                for at in group.needed.values():
+                    keep[r, [offset + k for k in at]] = True
+                offset, base = end, base + group.segments[-1] + 1
+        where = keep.flatten().cumsum(0).view(shape) - 1  # (row, column) -> its index among the kept positions
+        ids, positions, segment, prefix = (t.to(self.device) for t in (ids, positions, segment, prefix))
         causal = torch.ones((width, width), dtype=torch.bool, device=self.device).tril()
-        mask = (causal & ((query == key) | ((key == 0) & (query > 0)))).unsqueeze(1)  # padding sees only padding
+        mask = (causal & ((segment.unsqueeze(2) == segment.unsqueeze(1)) | (segment.unsqueeze(1) == prefix.unsqueeze(2)))).unsqueeze(1)
         if self.model.config._attn_implementation != "sdpa":  # eager attention adds its mask
             dtype = self.model.dtype
             mask = torch.zeros(mask.shape, dtype=dtype, device=self.device).masked_fill(~mask, torch.finfo(dtype).min)
@@ -223,21 +292,22 @@ class PrefixCachedLM(HFLM):
                 enabled=self.mixed_precision_dtype is not None,
             ),
         ):
-            logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, logits_to_keep=keep, use_cache=False).logits
-        return F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+            logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask,
+                                logits_to_keep=keep.to(self.device), use_cache=False).logits
+        return F.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1, dtype=self.softmax_dtype), where
 
 
 @dataclass
 class Packed:
     """One group in one row: `tokens` (prefix, then each distinct rest once), each token's `positions`
     (its place in its own request) and `segments` (0 prefix, k the k-th rest); `needed` maps each member
-    to the index in `tokens` of the first position whose logits it needs; `first` is the least of them."""
+    to the indices in `tokens` of the positions whose logits it needs, in order (in the prefix, then in
+    its rest)."""
 
     tokens: list[int]
     positions: list[int]
     segments: list[int]
-    needed: dict[int, int]
-    first: int
+    needed: dict[int, list[int]]
 
 
 def pack_group(group: Group, inputs: list[list[int]], starts: list[int]) -> Packed:
@@ -253,8 +323,8 @@ def pack_group(group: Group, inputs: list[list[int]], starts: list[int]) -> Pack
             tokens.extend(rest)
             positions.extend(range(p, p + len(rest)))
             segments.extend([len(at)] * len(rest))
-        needed[m] = at[rest] + starts[m] - p
-    return Packed(tokens=tokens, positions=positions, segments=segments, needed=needed, first=min(needed.values()))
+        needed[m] = list(range(starts[m], p)) + [at[rest] + k - p for k in range(max(starts[m], p), len(inputs[m]))]
+    return Packed(tokens=tokens, positions=positions, segments=segments, needed=needed)
 
 
 if __name__ == "__main__":  # lm-eval's own command line, with `--model olora-prefix` registered
