@@ -207,8 +207,9 @@ class TrainConfig:
     """Examples per device per forward pass."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step."""
-    learning_rate: float = 3e-4
-    """Peak learning rate (> 0); YAML's `3e-4` (read as a string by YAML 1.1) is accepted."""
+    learning_rate: float = 2.7e-4
+    """Peak learning rate (> 0; the default is OLoRA's rate at r = 8 from the method-choice study in docs/results.md);
+    YAML's `3e-4` (read as a string by YAML 1.1) is accepted."""
     lr_scheduler: str = "cosine"
     """linear | cosine | constant | constant_with_warmup | cosine_with_restarts | polynomial."""
     warmup_steps: int = 4
