@@ -65,12 +65,14 @@ bench: install
 	$(BENCH_ENV) $(BIN)/python bench/bench_continuous.py
 	$(BIN)/python bench/report.py
 
-# Which method wins here (`olora compare`): an Optuna learning-rate search per method, then olora and lora at
-# ranks 8 and 32 with 3 seeds through the whole pipeline, one report in reports/compare/ (resumes where it stopped).
+# Which method wins here (`olora compare`): an Optuna learning-rate search per (method, rank), then olora, lora,
+# pissa and lora_ga at ranks 8 and 32 with 3 seeds through the whole pipeline, one report in reports/compare/
+# (resumes where it stopped); the study in docs/results.md, with the budget set in params.yaml (train.*, evaluate.limit).
 # Runs on Prefect workers: needs PREFECT_API_URL (`make stack` writes it to stack.env), `prefect deploy --all`
 # and a worker (`prefect worker start --pool olora-process`). The 2026 grid study: experiments/convergence.py.
 study: install
-	$(BENCH_ENV) $(BIN)/olora compare --methods olora,lora --ranks 8,32 --seeds 0,1,2
+	$(BENCH_ENV) $(BIN)/olora compare --methods olora,lora,pissa,lora_ga --ranks 8,32 --seeds 0,1,2 \
+		--trials 4 --startup-trials 1 --steps 20 --eval-steps 5 --lr-range 3e-5,3e-3
 
 # The team's shared services (PostgreSQL, S3, MLflow, Prefect + WORKERS worker containers) from docker/compose.yaml,
 # with docker compose or podman-compose; secrets in .stack/, client settings in stack.env. See docs/stack.md.

@@ -105,7 +105,8 @@ def markdown(summary: dict) -> str:
         "",
         "`python experiments/convergence.py --report-only` rebuilds this page from the recorded runs in "
         "`docs/results/convergence_runs.json` (the grid driver that ran them is retired); a new study, with a "
-        "learning-rate search per method: `make study` (`olora compare`, docs/orchestration.md).",
+        "learning-rate search per method: `make study` (`olora compare`, docs/orchestration.md); the 2026-12 study of "
+        "olora, lora, pissa and lora_ga with it: [results/method-choice.md](results/method-choice.md).",
         "",
         "## Setup",
         "",
