@@ -216,3 +216,35 @@ def test_compare_needs_tracking(source):
             compare.check(source, compare.CompareSpec(ranks=(4,)))
     finally:
         (source / "params.yaml").write_text(params)
+
+
+@pytest.mark.integration
+def test_a_stopped_comparison_takes_over_its_waiting_flow_runs_instead_of_starting_them_twice(tmp_path):
+    """`olora compare` (and a sweep) stopped after starting its pipeline runs, then run again while no worker has
+    picked them up: the same flow runs are waited for, not duplicated; a cancelled or running one is started anew."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Cancelled, Running
+
+    from olora.orchestration import pipeline as P
+
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    command = lambda p: [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(p)]  # noqa: E731
+    with running_server(command, tmp_path, "/api/health", env, seconds=90, port=port, log_path=tmp_path / "server.log"), \
+            temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{port}/api"}), get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name("olora-pipeline")
+        client.create_deployment(flow_id, "on-demand", parameters={"promote": True, "push": True, "commit": None})  # no worker
+        variants = [{"adapter.init": m, "adapter.r": 8, "train.learning_rate": 1e-4} for m in ("olora", "lora")]
+        names = ["cmp-k-olora-r8-s0", "cmp-k-lora-r8-s0"]
+        first = P.start_runs("olora-pipeline/on-demand", variants, names, push=False)
+        assert P.start_runs("olora-pipeline/on-demand", variants, names, push=False) == first  # taken over, none new
+        assert len(client.read_flow_runs()) == 2
+        client.set_flow_run_state(first[names[0]], Cancelled(), force=True)
+        client.set_flow_run_state(first[names[1]], Running(), force=True)
+        third = P.start_runs("olora-pipeline/on-demand", variants, names, push=False)
+        assert set(third.values()).isdisjoint(first.values()) and len(client.read_flow_runs()) == 4
+        other = P.start_runs("olora-pipeline/on-demand", [{**variants[0], "train.learning_rate": 2e-4}], names[:1], push=False)
+        assert other[names[0]] != third[names[0]]  # same name, other parameters: not the same run
+        assert P.start_runs("olora-pipeline/on-demand", variants, names, push=True).keys() == set(names)
+        assert len(client.read_flow_runs()) == 7  # push differs: two more, never a takeover of another variant's run

@@ -1,8 +1,8 @@
 """What the Prefect flows do, as plain functions: run a stage under DVC's judgement, the retry rule, the
 CUDA out-of-memory back-off, recording a run, and the sweep's variants, deployment runs and table.
 
-The flows (`flows/olora_pipeline.py`) wrap these in tasks and flows; only `run_on_deployment` talks
-to Prefect, so each rule is testable without it.
+The flows (`flows/olora_pipeline.py`) wrap these in tasks and flows; only `run_on_deployment` (and its
+`start_runs`, `wait_final`) talk to Prefect, so each rule is testable without it.
 """
 
 from __future__ import annotations
@@ -260,11 +260,41 @@ def sweep_table(keys: list[str], rows: list[dict[str, Any]]) -> str:
 def run_on_deployment(deployment: str, variants: list[dict[str, Any]], names: list[str], push: bool,
                       poll: float = 2.0) -> dict[str, str]:
     """Start one flow run of `deployment` per variant and wait until all are final; returns name -> final state."""
+    return wait_final(start_runs(deployment, variants, names, push), poll,
+                      lambda name, state: log.info("variant %s: %s", name, state))
+
+
+def start_runs(deployment: str, variants: list[dict[str, Any]], names: list[str], push: bool) -> dict[str, Any]:
+    """One flow run per variant (name -> flow run id). A run of the deployment with the same parameters that has not
+    started yet (Scheduled, Late, AwaitingConcurrencySlot, Pending: left by an earlier call that was stopped) is
+    taken over, not started twice. A Running one is not: its worker may be gone, and waiting on it could never end."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState,
+                                                FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
     from prefect.deployments import run_deployment
 
-    started = {n: run_deployment(deployment, parameters={"overrides": v, "name": n, "promote": False, "push": push},
-                                 timeout=0).id for v, n in zip(variants, names)}
-    return wait_final(started, poll, lambda name, state: log.info("variant %s: %s", name, state))
+    wanted = {n: {"overrides": v, "name": n, "promote": False, "push": push} for v, n in zip(variants, names)}
+    waiting: dict[str, Any] = {}
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name(deployment)
+        for state_type in (StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING):
+            offset = 0
+            while page := client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])), offset=offset, limit=200,
+                    flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[state_type])))):
+                offset += len(page)
+                for run in page:
+                    name = (run.parameters or {}).get("name")
+                    if name in wanted and all(run.parameters.get(k) == v for k, v in wanted[name].items()):
+                        if state_type is StateType.RUNNING:
+                            log.warning("variant %s: flow run %s is already Running; a new one starts (if its worker is "
+                                        "gone, `prefect flow-run cancel %s`)", name, run.id, run.id)
+                        else:
+                            waiting.setdefault(name, run.id)
+    if waiting:
+        log.info("%s variant(s) already have a flow run waiting to start, taken over: %s", len(waiting), sorted(waiting))
+    return {n: waiting.get(n) or run_deployment(deployment, parameters=p, timeout=0).id for n, p in wanted.items()}
 
 
 def wait_final(flow_run_ids: dict[str, Any], poll: float = 2.0, on_final=None) -> dict[str, str]:
