@@ -881,6 +881,11 @@ CASES: list[Case] = [
          "olora init: error: adapter.r=33 is larger than the smaller dimension of target layer model.layers.0.self_attn.k_proj (32, 64); choose r <= 32",
          "Use r <= the bound named, or leave that layer out of target_modules.",
          lambda ctx: (ctx.project(), cli(ctx.root, "--set", "adapter.r=33", "init"))[1]),
+    Case("eva-batches-too-small", "model",
+         "`adapter.init: eva` with `adapter.r` above the response tokens of every calibration batch (`olora init`)",
+         "olora init: error: adapter.init=eva: every calibration batch has fewer response tokens (at most 10) than the 32 components of each layer's SVD (adapter.r x adapter.eva_rho), and PEFT skips such batches, so EVA could never converge; use a larger adapter.calibration_batch, a lower adapter.r, or another adapter.init",
+         "Raise `adapter.calibration_batch`, lower `adapter.r`, or choose another init (docs/architecture.md, EVA's cost).",
+         lambda ctx: _eva_short_batches(ctx)),
     # ---- adapter folders
     Case("adapter-folder-missing", "adapter",
          "`olora evaluate adapter` before train wrote models/exported",
@@ -1313,6 +1318,13 @@ def _register_without_run(ctx: Ctx) -> str:
     adapter_dir(ctx)
     (ctx.root / "models" / "adapter").mkdir(parents=True)
     return cli(ctx.root, "register")
+
+
+def _eva_short_batches(ctx: Ctx) -> str:
+    """EVA at r=32 on a prepared split of short answers, two examples (up to 10 response tokens) per batch."""
+    ctx.project()
+    ctx.file("data/prepared/train.jsonl", jsonl(*({"prompt": r["instruction"] + "\n", "response": r["output"]} for r in ROWS)))
+    return cli(ctx.root, "--set", "adapter.init=eva", "--set", "adapter.r=32", "--set", "adapter.calibration_batch=2", "init")
 
 
 def _train_before_prepare(ctx: Ctx) -> str:

@@ -147,7 +147,7 @@ class AdapterConfig:
     calibration_samples: int = 64
     """eva, corda, lora_ga: training examples (the first of the prepared train split) the init reads."""
     calibration_batch: int = 8
-    """eva, corda, lora_ga: examples per forward pass over the calibration sample."""
+    """eva, corda, lora_ga: examples per forward pass over the calibration sample. eva reads only their response tokens, and a batch with fewer than r·eva_rho of them is skipped (docs/architecture.md, EVA's cost)."""
     eva_rho: float = 1.0
     """eva only: a layer may get up to rho·r ranks when EVA redistributes them (1 = every layer keeps r, the same size as the other inits)."""
 

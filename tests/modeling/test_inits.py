@@ -158,21 +158,50 @@ def test_data_driven_init_without_calibration_is_refused(tiny_model_dir):
         peft_glue.initialise(AutoModelForCausalLM.from_pretrained(tiny_model_dir), AdapterConfig(init="corda", r=4))
 
 
-def test_eva_that_does_not_converge_stops_with_the_setting_to_change(tiny_model_dir, tiny):
-    """PEFT's EVA cycles over the sample until every layer's SVD converges; two small batches take it hundreds of
-    passes here, so the init stops after `EVA_MAX_PASSES` and names adapter.calibration_samples."""
-    from transformers import AutoModelForCausalLM
-
-    from olora.errors import ConfigError
-
-    g, small = torch.Generator().manual_seed(1), []  # two batches of 4 x 24 tokens: about 500 forwards to converge
+def _small_sample(response_tokens: int) -> list[dict[str, torch.Tensor]]:
+    """Two batches of 4 x 24 random tokens, all but the last `response_tokens` of each labelled -100 (a prompt)."""
+    g, small = torch.Generator().manual_seed(1), []
     for _ in range(2):
         ids = torch.randint(0, 49152, (4, 24), generator=g)
         labels = ids.clone()
-        labels[:, :8] = -100
+        labels[:, :24 - response_tokens] = -100
         small.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    with pytest.raises(ConfigError, match=f"did not converge in {peft_glue.EVA_MAX_PASSES} passes over adapter.calibration_samples"):
-        peft_glue.initialise(AutoModelForCausalLM.from_pretrained(tiny_model_dir), AdapterConfig(init="eva", r=4), small)
+    return small
+
+
+def _counting_base(tiny_model_dir):
+    """The tiny Llama and a list that grows by one at each of its forward passes."""
+    from transformers import AutoModelForCausalLM
+
+    base, forwards = AutoModelForCausalLM.from_pretrained(tiny_model_dir), []
+    base.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    return base, forwards
+
+
+def test_eva_that_does_not_converge_stops_with_the_setting_to_change(tiny_model_dir):
+    """PEFT's EVA cycles over the sample until every layer's SVD converges; two small batches (16 response tokens
+    per sequence) take it 253 passes here, so the init stops after `EVA_MAX_PASSES` passes, says how far it got,
+    and names the settings to change."""
+    from olora.errors import ConfigError
+
+    base, forwards = _counting_base(tiny_model_dir)
+    with pytest.raises(ConfigError, match=rf"did not converge in {peft_glue.EVA_MAX_PASSES} passes over adapter.calibration_samples "
+                                          r"\(\d of 8 layer inputs converged; 0 of 2 batches .* the 4 components and are skipped\); "
+                                          "lower adapter.r"):
+        peft_glue.initialise(base, AdapterConfig(init="eva", r=4), _small_sample(16))
+    assert len(forwards) == peft_glue.EVA_MAX_PASSES * 2  # PEFT's hashing forward, then 50 passes less one batch
+
+
+def test_eva_refuses_a_sample_it_could_never_converge_on(tiny_model_dir):
+    """PEFT's EVA skips a batch with fewer response tokens than a layer's components (r x rho) and then cycles
+    forever: with 3 response tokens per sequence (12 per batch) and r=16, the init is refused before any pass."""
+    from olora.errors import ConfigError
+
+    base, forwards = _counting_base(tiny_model_dir)
+    with pytest.raises(ConfigError, match=r"every calibration batch has fewer response tokens \(at most 12\) than the 16 "
+                                          "components .* use a larger adapter.calibration_batch"):
+        peft_glue.initialise(base, AdapterConfig(init="eva", r=16), _small_sample(3))
+    assert forwards == []
 
 
 @pytest.mark.parametrize("init, line", [

@@ -121,19 +121,8 @@ def initialise(base, cfg: AdapterConfig, calibration: list[dict] | None = None):
     elif cfg.init == "eva":
         from peft import EvaConfig, initialize_lora_eva_weights
 
+        forward = EvaBound(cfg, calibration, lean)  # refuses a sample EVA could never converge on
         model = _peft_init(base, lora_config(cfg, "eva", causal_lm, eva_config=EvaConfig(rho=cfg.eva_rho)), cfg)
-        calls = [0]
-        limit = EVA_MAX_PASSES * len(calibration)
-
-        def forward(model, inputs):  # PEFT cycles over the sample until every layer's SVD converges: bound it
-            calls[0] += 1
-            if calls[0] > limit:
-                raise ConfigError(
-                    f"adapter.init=eva: the layers' input SVD did not converge in {EVA_MAX_PASSES} passes over "
-                    f"adapter.calibration_samples; use more calibration samples, or another adapter.init")
-            # the hooks need only the target layers' inputs: no loss, and logits for one position only
-            return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **lean)
-
         with torch.no_grad():
             initialize_lora_eva_weights(model, dataloader=calibration, forward_fn=forward, show_progress_bar=False)
     elif cfg.init == "corda":
@@ -166,6 +155,53 @@ def initialise(base, cfg: AdapterConfig, calibration: list[dict] | None = None):
     else:  # unreachable through validated config
         raise ConfigError(f"adapter.init={cfg.init!r} is not an init this pipeline knows")
     return model
+
+
+def eva_rows(batch: dict) -> int:
+    """Rows a calibration batch gives each layer's SVD in PEFT's EVA: tokens with attention and a label (its
+    use_label_mask; prompt tokens are labelled -100)."""
+    mask = batch["attention_mask"].bool()
+    if "labels" in batch:
+        mask = mask & (batch["labels"] != -100)
+    return int(mask.sum())
+
+
+class EvaBound:
+    """The forward_fn for PEFT's EVA, which cycles over the sample until every layer's incremental SVD converges.
+
+    PEFT skips a batch with fewer rows than a layer's components (round(r·rho)): a sample with no batch that large
+    can never converge, so it is refused before any pass. Otherwise the init stops after EVA_MAX_PASSES passes. No
+    earlier stop: on the tiny Llama, runs that converged within 50 passes went up to 30 passes with no new layer
+    converging (docs/architecture.md, EVA's cost)."""
+
+    def __init__(self, cfg: AdapterConfig, calibration: list[dict], lean: dict) -> None:
+        self.rows, self.lean, self.calls = [eva_rows(b) for b in calibration], lean, 0
+        self.components, self.layers = round(cfg.r * cfg.eva_rho), 0
+        self.short = sum(rows < self.components for rows in self.rows)
+        if cfg.eva_rho <= 1000 and self.short == len(self.rows):  # PEFT lowers rho above 1000: not checked then
+            raise ConfigError(
+                f"adapter.init=eva: every calibration batch has fewer response tokens (at most {max(self.rows)}) than "
+                f"the {self.components} components of each layer's SVD (adapter.r x adapter.eva_rho), and PEFT skips "
+                "such batches, so EVA could never converge; use a larger adapter.calibration_batch, a lower adapter.r, or "
+                "another adapter.init")
+
+    def __call__(self, model, inputs):
+        from peft.tuners.lora.eva import SVDHook
+
+        self.calls += 1  # call 1 is PEFT's hashing forward; from call 2 each target layer input has an SVD hook
+        if self.calls == 2 or self.calls > EVA_MAX_PASSES * len(self.rows):
+            active = sum(isinstance(h, SVDHook) for m in model.modules() for h in m._forward_hooks.values())
+            if self.calls == 2:
+                self.layers = active  # PEFT removes a layer's hook while its SVD counts as converged
+            else:
+                raise ConfigError(
+                    f"adapter.init=eva: the layers' input SVD did not converge in {EVA_MAX_PASSES} passes over "
+                    f"adapter.calibration_samples ({self.layers - active} of {self.layers} layer inputs converged; "
+                    f"{self.short} of {len(self.rows)} batches have fewer response tokens than the {self.components} "
+                    f"components and are skipped); lower adapter.r (docs/architecture.md, EVA's cost), or use another "
+                    "adapter.init")
+        # the hooks need only the target layers' inputs: no loss, and logits for one position only
+        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **self.lean)
 
 
 def _peft_init(base, config, cfg: AdapterConfig):
