@@ -207,7 +207,7 @@ class TrainConfig:
     """Examples per device per forward pass."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step."""
-    learning_rate: float = 2.7e-4
+    learning_rate: float = 1e-4
     """Peak learning rate (> 0; the default is OLoRA's rate at r = 8 from the method-choice study in docs/results.md);
     YAML's `3e-4` (read as a string by YAML 1.1) is accepted."""
     lr_scheduler: str = "cosine"
