@@ -506,6 +506,43 @@ def test_the_sequential_gate_looks_again_only_while_unclear(tracked, tmp_path):
     assert rows[0].split(" | ")[4] == "2" and rows[2].split(" | ")[4] == "6" and rows[1].split(" | ")[3] == "2"
     assert str(c.get_model_version_by_alias(name, "champion").version) == champion  # nothing promoted
 
+    # from two evaluations' files (--evaluations: a pair with no registered side, the base model): the same looks
+    import shutil
+
+    from olora.core.paired import compare
+    from olora.evaluation import samples
+
+    folders = {}
+    for side, metrics in (("adapter", "eval_adapter"), ("base", "eval_base")):
+        folders[side] = tmp_path / "evaluations" / side
+        folders[side].mkdir(parents=True)
+        shutil.copy(tracked.samples(side), folders[side] / "samples.csv")
+        shutil.copy(tracked.metrics(metrics), folders[side] / "metrics.json")
+    held = len(samples.read_samples(tracked.samples("base")))
+    per_task = held // 2
+    out = subprocess.run([str(BIN / "python"), str(repo / "experiments" / "gate_designs.py"), "--evaluations",
+                          str(folders["adapter"]), str(folders["base"]), "--root", str(tracked.root), "--stages",
+                          f"1,{per_task}", "--metrics", "mean_acc"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split(" | ") for line in out.stdout.splitlines() if line.startswith("| mean_acc |")]
+    assert [r[1] for r in rows] == ["fixed, 1 a task", f"sequential [1, {per_task}]", f"fixed, {per_task} a task"]
+    assert rows[0][4] == "2" and rows[2][4] == str(held)
+    direct = compare(samples.table(samples.read_samples(tracked.samples("base"))),
+                     samples.table(samples.read_samples(tracked.samples("adapter"))), 0.95, 1000)
+    assert rows[2][6] == f"{direct.diff * 100:+.2f}"  # the whole-set design is the plain paired comparison
+    assert 0 < float(rows[0][5]) < float(rows[2][5])  # seconds at the measured rates: more questions cost more
+
+    # experiments/whole_splits.py (item 4's tables) on the same files: each evaluation's rate, the pair against the base
+    out = subprocess.run([str(BIN / "python"), str(repo / "experiments" / "whole_splits.py"), str(tmp_path / "evaluations"),
+                          "--root", str(tracked.root)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    paired = [line.split(" | ") for line in out.stdout.splitlines() if line.startswith("| adapter | mean_acc |")]
+    assert len(paired) == 1 and paired[0][2] == str(held) and paired[0][3] == f"{direct.diff * 100:+.2f}"
+    timing = json.loads(tracked.metrics("eval_base").read_text())["timing"]
+    assert f"| base | {json.loads(tracked.metrics('eval_base').read_text())['limit']} | {held} | {timing['requests']} |" in out.stdout
+    assert "on the same questions" in (folders["adapter"] / "report.md").read_text()
+
 
 def test_eval_plan_from_the_base_models_per_question_results(tracked, tmp_path):
     """`olora eval-plan --mde 1.5` on an evaluated project: per metric the questions per task, whether the splits hold

@@ -202,12 +202,25 @@ def sequential_comparison(cfg: Config, c, name: str, challenger: str, champion: 
     until one decides. Returns (comparison at the deciding look with its adjusted interval, the set and the looks in
     words, the looks). `whole_set=False` (for experiments comparing designs only) looks at the stages alone, even
     where the sides hold more."""
+    ours, theirs = _load(c, name, challenger, champion, root)
+    final = comparison_set(cfg, ours[1], theirs[1] if theirs else None)
+    found = {challenger: ours, champion: theirs}
+
+    def sides_at(target: dict[str, Any]):
+        sides, rescored, seconds = _on_set(cfg, c, name, found, challenger, champion, target, root)
+        return sides[champion][0], sides[challenger][0], rescored, seconds
+
+    return run_looks(cfg, final, look_plan(cfg, final, root, whole_set), sides_at)
+
+
+def look_plan(cfg: Config, final: dict[str, Any], root: Path, whole_set: bool = True) -> tuple[list[int], list[float]]:
+    """The looks of the sequential gate on the comparison set `final`: (questions per task at each look, 0 the whole
+    split; the critical value of each), from `register.stages`, `register.spending` and the split sizes under
+    `root`'s evals/. A look that adds no question is dropped; with `whole_set` the last look is at least `final`."""
     from olora.core import sequential as seq
     from olora.evaluation.tasks import split_sizes
     from olora.layout import EVALS
 
-    ours, theirs = _load(c, name, challenger, champion, root)
-    final = comparison_set(cfg, ours[1], theirs[1] if theirs else None)
     limits = list(cfg.register.stages)
     if whole_set and limits[-1] != 0 and (final["limit"] == 0 or final["limit"] > limits[-1]):
         limits.append(final["limit"])  # never decide on less than the whole comparison set
@@ -224,15 +237,24 @@ def sequential_comparison(cfg: Config, c, name: str, challenger: str, champion: 
                {t: w / sum(named.values()) for t, w in named.items()})
     bounds = seq.boundaries(seq.information_fractions(sizes, weights), seq.false_promotion_rate(cfg.register.confidence),
                             cfg.register.spending)
-    found = {challenger: ours, champion: theirs}
+    return looks_at, bounds
+
+
+def run_looks(cfg: Config, final: dict[str, Any], plan: tuple[list[int], list[float]], sides_at):
+    """Look at each planned set in turn until one decides. `sides_at(target)` gives both sides on the set `target`
+    describes: (champion rows, challenger rows, {version: questions re-scored}, seconds spent scoring). Returns what
+    `sequential_comparison` returns."""
+    from olora.core import sequential as seq
+
+    looks_at, bounds = plan
     looks, rescored_all = [], {}
     for k, limit in enumerate(looks_at):
         spec = {**{key: final[key] for key in ("tasks", "num_fewshot", "seed", "source")}, "limit": limit}
         target = {**spec, "sha256": hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()}
-        sides, rescored, seconds = _on_set(cfg, c, name, found, challenger, champion, target, root)
+        champion_rows, challenger_rows, rescored, seconds = sides_at(target)
         for v, n in rescored.items():
             rescored_all[v] = rescored_all.get(v, 0) + n
-        comparison = _compare(cfg, sides[champion][0], sides[challenger][0])
+        comparison = _compare(cfg, champion_rows, challenger_rows)
         now = seq.look(comparison.diff, comparison.se, bounds[k], cfg.register.min_improvement, comparison.n,
                        last=k == len(looks_at) - 1, seconds=seconds)
         looks.append(now)
