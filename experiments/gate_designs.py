@@ -16,7 +16,8 @@ and its seconds count only what it scored itself (run the designs in a fresh reg
 so that a pair with no registered version (the base model) or no registry is compared too: the same looks and
 decisions (`olora.tracking.gate.look_plan`, `run_looks`), each look on the first N questions of each task as
 lm-eval's limit takes them. Its seconds are what the gate would spend scoring both sides from nothing (each look
-scores its whole set, as `olora promote` does), at each evaluation's measured seconds per request.
+scores the questions the previous look lacked, as `olora promote` does for a zero-shot set; a few-shot set's looks
+are scored whole), at each evaluation's measured seconds per request.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def table_from_files(root: Path, challenger: Path, champion: Path, stages: list[
 
     ours, theirs = _evaluation(challenger), _evaluation(champion)
     lines = [f"Challenger {challenger} against champion {champion} (seconds: scoring both sides at their measured "
-             "rates, each look its whole set).", "",
+             "rates, each look the questions the one before lacked).", "",
              "| metric | design | decision | looks | questions per side | scoring s | gain | interval (level) | MDE |",
              "|---|---|---|---|---|---|---|---|---|"]
     for metric in metrics:
@@ -82,10 +83,17 @@ def table_from_files(root: Path, challenger: Path, champion: Path, stages: list[
             cfg = load_config(root / "params.yaml", {"register.stages": design, "register.promote_metric": metric})
             final = gate.comparison_set(cfg, ours[1], theirs[1])
 
-            def sides_at(target):
+            held: list[set] = [set(), set()]  # what each side was scored on at the looks before
+
+            def sides_at(target, held=held):
                 cut = [[r for r in samples.first(side[:2], target["limit"])[0] if r["task"] in target["tasks"]]
                        for side in (theirs, ours)]
-                seconds = sum(len(r["loglik"]) * side[2] for rows, side in zip(cut, (theirs, ours)) for r in rows)
+                for done in held if final["num_fewshot"] else ():  # a few-shot set is scored whole at each look
+                    done.clear()
+                seconds = sum(len(r["loglik"]) * side[2] for rows, side, done in zip(cut, (theirs, ours), held)
+                              for r in rows if (r["task"], r["doc_id"]) not in done)
+                for rows, done in zip(cut, held):
+                    done.update((r["task"], r["doc_id"]) for r in rows)
                 return cut[0], cut[1], {}, seconds
 
             comparison, _, looks = gate.run_looks(cfg, final, gate.look_plan(cfg, final, root, whole_set=False), sides_at)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from olora.config import Config, EvaluateConfig
@@ -48,3 +50,46 @@ def test_pooled_acc_weighs_every_question_the_same():
     pooled = gate._compare(cfg, champion, challenger)
     assert pooled.diff == pytest.approx(0.1) and pooled.weights == {"big": 0.9, "small": 0.1}
     assert pooled.challenger_score == pytest.approx(0.1) and pooled.n == 100
+
+
+def test_a_side_holding_each_tasks_first_questions_is_scored_only_on_the_rest():
+    """`rescore.extendable`: the questions a zero-shot side lacks of a larger set, per task up to its split; the
+    whole set when its questions are not each task's first, its settings differ, or the set is few-shot."""
+    from olora.tracking.rescore import extendable, merged_result
+
+    def held(tasks: dict[str, int], limit: int, **settings):
+        rows = [{"task": t, "doc_id": i, "doc_hash": f"{t}{i}", "acc": i % 2, "acc_norm": None} for t, n in tasks.items()
+                for i in range(n)]
+        return rows, asked(tasks, limit, **settings)
+
+    splits = {"arc_challenge": 299, "boolq": 3270}
+    side = held({"arc_challenge": 100, "boolq": 100}, 100)
+    target = {"tasks": ["arc_challenge", "boolq"], "limit": 400, "num_fewshot": 0, "seed": 1234, "source": "offline"}
+    missing = extendable(side, target, splits)
+    assert missing == {"arc_challenge": list(range(100, 299)), "boolq": list(range(100, 400))}
+    assert extendable(side, {**target, "limit": 0}, splits)["boolq"] == list(range(100, 3270))  # 0: the whole split
+    at_400 = held({"arc_challenge": 299, "boolq": 400}, 400)
+    assert extendable(at_400, {**target, "limit": 0}, splits) == {"boolq": list(range(400, 3270))}  # arc has all
+    assert extendable(side, {**target, "limit": 100}, splits) is None  # nothing lacked
+    assert extendable(side, {**target, "num_fewshot": 5}, splits) is None  # few-shot: scored whole
+    assert extendable(side, {**target, "seed": 1}, splits) is None
+    assert extendable(side, {**target, "tasks": ["arc_challenge", "boolq", "piqa"]}, {**splits, "piqa": 1838}) is None
+    gap = ([r for r in side[0] if r["doc_id"] != 7], side[1])
+    assert extendable(gap, target, splits) is None  # not each task's first questions
+    assert extendable(held({"arc_challenge": 100, "boolq": 100}, 0), target, splits) is None  # the whole split holds all
+
+    # the union is one evaluation of the set: its scores over all its questions, its fingerprint the full run's
+    from olora.evaluation.harness import Evaluation
+    from olora.evaluation.result import TaskScore, Timing, summary
+
+    new_rows = [{"task": t, "doc_id": i, "doc_hash": f"{t}{i}", "acc": 1, "acc_norm": None} for t, ids in missing.items()
+                for i in ids]
+    new = Evaluation(replace(summary({t: TaskScore(n=len(ids), split="validation", acc=1.0) for t, ids in missing.items()},
+                                     None), timing=Timing(len(new_rows), 2.0)), new_rows)
+    rows, result = merged_result(side, new, {**target}, {"arc_challenge": "test", "boolq": "validation"})
+    assert [(r["task"], r["doc_id"]) for r in rows] == sorted((r["task"], r["doc_id"]) for r in side[0] + new_rows)
+    assert result.tasks["boolq"].n == 400 and result.tasks["boolq"].acc == pytest.approx((50 + 300) / 400)
+    assert result.tasks["arc_challenge"].split == "test" and result.timing.requests == len(new_rows)
+    whole = samples.fingerprint(rows, EvaluateConfig(tasks=["arc_challenge", "boolq"], limit=400), {t: 1.0 for t in splits})
+    assert result.questions == whole  # as if the 400 a task had been scored in one run
+    samples.check_matches(rows, result.questions, "merged")

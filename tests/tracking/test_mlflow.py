@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -488,10 +489,26 @@ def test_the_sequential_gate_looks_again_only_while_unclear(tracked, tmp_path):
     assert looks[0]["seconds"] == 0 and looks[1]["seconds"] > 0  # look 1 from held results; look 2 scored both
     assert looks[0]["level"] > looks[1]["level"] > 0.95  # the error is spent: stricter early, near 95 % at the end
     assert looks[1]["low"] == pytest.approx(d.comparison.low) and d.comparison.confidence == looks[1]["level"]
-    assert f"6 questions of 2 tasks (limit 3 a task); v{champion} re-scored on 6; v{seed} re-scored on 6; look 2 of 2" \
+    # each side held the first 2 of each task (its own evaluation): look 2 scored only the third of each
+    assert f"6 questions of 2 tasks (limit 3 a task); v{champion} re-scored on 2; v{seed} re-scored on 2; look 2 of 2" \
         " (obrien-fleming spending; looks: n = 2: [" in d.reason
     assert json.loads(c.get_model_version(name, seed).tags["promotion.looks"])[1]["n"] == 6
     assert str(c.get_model_version_by_alias(name, "champion").version) == champion
+
+    # what the look scored is what scoring the whole set at once gives: the held rows kept, the new ones the same
+    from olora.tracking import rescore
+
+    target = gate.comparison_set(staged, *(gate.version_questions(c, name, v)[1] for v in (seed, champion)))
+    target = {**target, "limit": 3}
+    target["sha256"] = hashlib.sha256(json.dumps({k: v for k, v in target.items() if k != "sha256"},
+                                                 sort_keys=True).encode()).hexdigest()
+    rows, fingerprint, scored = rescore.rescore(staged, c, name, seed, target, tracked.root)  # the look's, cached
+    assert scored == 2 and len(rows) == 6
+    whole, whole_fp, scored = rescore.rescore(staged, c, name, seed, {**target, "sha256": "whole-in-one-run"}, tracked.root)
+    assert scored == 6 and whole_fp == fingerprint
+    for a, b in zip(rows, whole):
+        assert (a["task"], a["doc_id"], a["doc_hash"], a["acc"]) == (b["task"], b["doc_id"], b["doc_hash"], b["acc"])
+        assert a["loglik"] == pytest.approx(b["loglik"], abs=1e-4)
 
     # the designs side by side (experiments/gate_designs.py, issue 32's tables): the scores cached above are reused
     from conftest import BIN

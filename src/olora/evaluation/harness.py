@@ -58,28 +58,31 @@ def backend_class(backend: str):
 
 
 def run_lm_eval(model, tokenizer, cfg: EvaluateConfig, evals: Path | None = None,
-                tasks: PreparedTasks | None = None) -> Evaluation:
+                tasks: PreparedTasks | None = None, only: dict[str, list[int]] | None = None) -> Evaluation:
     """Score an in-memory model with lm-eval's simple_evaluate: the summary and every question's outcome.
 
     `evals`: the folder of the team's own tasks (`<project>/evals`); `tasks`: the tasks already prepared
     and checked (`olora.evaluation.tasks.prepared`, which the stage runs before loading the model).
+    `only` (task -> question indices in its split, instead of `cfg.limit`): just those questions, through
+    lm-eval's `samples`; each row keeps its question's index in the split as its doc_id, as a limited run does.
     """
     if tasks is None:
         with prepared(cfg, evals) as tasks:
-            return run_lm_eval(model, tokenizer, cfg, tasks=tasks)
+            return run_lm_eval(model, tokenizer, cfg, tasks=tasks, only=only)
     import time
 
     from lm_eval import simple_evaluate
 
     lm = backend_class(cfg.backend)(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=2048)
-    names = tasks.names
+    names = {t: n for t, n in tasks.names.items() if only is None or only.get(t)}
     start = time.monotonic()
     raw = simple_evaluate(
         model=lm,
         tasks=list(names.values()),
         task_manager=tasks.manager,
         num_fewshot=cfg.num_fewshot,
-        limit=cfg.limit or None,
+        limit=None if only is not None else cfg.limit or None,
+        samples=None if only is None else {names[t]: sorted(only[t]) for t in names},
         random_seed=cfg.seed,
         numpy_random_seed=cfg.seed,
         torch_random_seed=cfg.seed,
@@ -89,6 +92,8 @@ def run_lm_eval(model, tokenizer, cfg: EvaluateConfig, evals: Path | None = None
     )
     seconds = time.monotonic() - start
     rows = samples.rows_from_lm_eval(raw, names, tasks.scoring)
+    if only is not None:
+        rows = _in_split(rows, only)
     # what `olora eval-plan` times from: lm-eval's requests (one a choice) and the seconds they took, here
     asked = {(name, s["doc_id"]): len(s["arguments"]) for name in names.values() for s in raw["samples"][name]}
     metrics = replace(summarise(raw, names, tasks.split, cfg.limit, tasks.scoring),
@@ -96,6 +101,23 @@ def run_lm_eval(model, tokenizer, cfg: EvaluateConfig, evals: Path | None = None
                       questions=samples.fingerprint(rows, cfg, {stock: raw["versions"].get(name) for stock, name in names.items()},
                                                     tasks.definitions))
     return Evaluation(metrics, rows)
+
+
+def _in_split(rows: list[dict[str, Any]], only: dict[str, list[int]]) -> list[dict[str, Any]]:
+    """Rows of a run on `only`'s questions with each doc_id its question's index in the split: lm-eval 0.4 numbers
+    the questions it was given from 0 (a version that keeps their indices is taken as it is)."""
+    out = []
+    for task in sorted({r["task"] for r in rows}):
+        wanted = sorted(set(only[task]))
+        mine = [r for r in rows if r["task"] == task]
+        ids = sorted(r["doc_id"] for r in mine)
+        if ids == list(range(len(wanted))):
+            out += [{**r, "doc_id": wanted[r["doc_id"]]} for r in mine]
+        elif ids == wanted:
+            out += mine
+        else:
+            raise RuntimeError(f"lm-eval returned questions {ids[:5]}... of {task}, not the {len(wanted)} asked for")
+    return out
 
 
 def load_model_for_eval(ref: models.ModelRef, runtime: Runtime, adapter_dir: Path | None):

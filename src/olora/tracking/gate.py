@@ -131,20 +131,19 @@ def _on_set(cfg: Config, c, name: str, found: dict[str, Any], challenger: str, c
 
     sides, rescored, seconds = {}, {}, 0.0
 
-    def score(version: str):
+    def score(version: str, held=None):
         nonlocal seconds
         from olora.tracking.rescore import rescore
 
         start = time.monotonic()
-        side = rescore(cfg, c, name, version, target, Path(root))
+        rows, asked, rescored[version] = rescore(cfg, c, name, version, target, Path(root), held)
         seconds += time.monotonic() - start
-        rescored[version] = len(side[0])
-        return side
+        return rows, asked
 
     for version in (champion, challenger):
         side = _restricted(found[version], target["tasks"])
         if _covers(side, target) and root is not None:
-            side = score(version)
+            side = score(version, side)
         sides[version] = samples.first(side, target["limit"]) if side is not None and not _covers(side, target) else side
 
     def differ() -> list[str]:
@@ -208,6 +207,8 @@ def sequential_comparison(cfg: Config, c, name: str, challenger: str, champion: 
 
     def sides_at(target: dict[str, Any]):
         sides, rescored, seconds = _on_set(cfg, c, name, found, challenger, champion, target, root)
+        for version in rescored:  # the next look scores only the questions this one lacks
+            found[version] = sides[version]
         return sides[champion][0], sides[challenger][0], rescored, seconds
 
     return run_looks(cfg, final, look_plan(cfg, final, root, whole_set), sides_at)
